@@ -1,0 +1,9 @@
+DROP TABLE tidemark_capture_guard;
+DROP TABLE tidemark_capture_queue;
+DROP TABLE tidemark_peer_progress;
+DROP TABLE tidemark_conflicts;
+DROP TABLE tidemark_record_versions;
+DROP TABLE tidemark_datatypes;
+DROP TABLE tidemark_nodes;
+DROP TABLE tidemark_meta;
+DROP TABLE change_events;
