@@ -411,7 +411,11 @@ mod tests {
         assert_eq!(h.wall_ms(), 1_764_000_000_123);
         assert_eq!(h.counter(), 42);
         assert_eq!(Hlc::decode(h.encode()).unwrap(), h);
-        assert_eq!(h.to_string().parse::<Hlc>().ok(), None, "display is not the parse form");
+        assert_eq!(
+            h.to_string().parse::<Hlc>().ok(),
+            None,
+            "display is not the parse form"
+        );
         assert_eq!(h.encode().to_string().parse::<Hlc>().unwrap(), h);
     }
 

@@ -128,7 +128,10 @@ fn counter_overflow_carries_into_wall_and_stays_increasing() {
         assert!(ts > prev);
         prev = ts;
     }
-    assert!(prev.wall_ms() > BASE_MS, "counter overflow must borrow from the next ms");
+    assert!(
+        prev.wall_ms() > BASE_MS,
+        "counter overflow must borrow from the next ms"
+    );
 }
 
 #[test]

@@ -1,1 +1,211 @@
-//! placeholder
+//! Tidemark's persistence: the schema and its migrations per backend, capture of
+//! direct writes, the `change_events` log, stamped writes, idempotent apply of
+//! remote events, and per-peer progress.
+//!
+//! Main types:
+//! * [`Store`], the one handle the daemon uses, over SQLite ([`sqlite`]) or
+//!   PostgreSQL ([`postgres`]), chosen by URL at start;
+//! * [`Engine`], the algorithms, written once over the [`Backend`] primitives each
+//!   backend implements;
+//! * [`rules`], the pure replication rules (winner by `(hlc, node_id, event_id)`,
+//!   version-vector causality) shared by every backend;
+//! * [`model`], plain data: [`ChangeEvent`], [`Version`], [`VersionVector`]...
+//!
+//! Invariants the store keeps:
+//! * every committed direct write to a registered table is stamped into
+//!   `change_events` exactly once, in commit order, with strictly increasing HLCs;
+//! * the daemon's own writes are never captured;
+//! * per origin, `change_events` holds a prefix of that origin's events in HLC order,
+//!   and `tidemark_nodes.max_hlc` is its last HLC (the node's applied vector);
+//! * applying an event already present changes nothing.
+//!
+//! This crate has no networking and no gRPC types.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod ident;
+pub mod model;
+pub mod postgres;
+mod rows;
+pub mod rules;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use tidemark_hlc::Clock;
+use ulid::Ulid;
+
+pub use backend::Backend;
+pub use engine::{Engine, STAMP_COLUMNS};
+pub use error::{Result, StoreError};
+pub use model::{
+    ApplyOutcome, ChangeEvent, ConflictPolicy, DrainOutcome, Operation, TableInfo, Values, Version,
+    VersionVector,
+};
+pub use postgres::{PostgresBackend, PostgresOptions};
+pub use sqlite::{SqliteBackend, SqliteOptions};
+
+/// Where the store lives, parsed from a URL: `sqlite://PATH` or
+/// `postgres://USER:PASSWORD@HOST:PORT/DB`.
+#[derive(Debug, Clone)]
+pub enum StoreUrl {
+    Sqlite(SqliteOptions),
+    Postgres(PostgresOptions),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreError;
+
+    fn from_str(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(StoreUrl::Sqlite(url.parse()?))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreUrl::Postgres(url.parse()?))
+        } else {
+            Err(StoreError::BadUrl {
+                url: postgres::redact(url),
+                reason: "expected sqlite://PATH or postgres://USER@HOST:PORT/DB".into(),
+            })
+        }
+    }
+}
+
+/// The store handle: one backend, chosen at start.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(Arc<Engine<SqliteBackend>>),
+    Postgres(Arc<Engine<PostgresBackend>>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $e:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite($e) => $body,
+            Store::Postgres($e) => $body,
+        }
+    };
+}
+
+impl Store {
+    /// Connects, migrates, checks this database belongs to the clock's node, and
+    /// seeds the clock from the highest persisted HLC.
+    pub async fn open(url: &StoreUrl, clock: Arc<Clock>) -> Result<Store> {
+        Ok(match url {
+            StoreUrl::Sqlite(o) => Store::Sqlite(Arc::new(
+                Engine::open(SqliteBackend::connect(o).await?, clock).await?,
+            )),
+            StoreUrl::Postgres(o) => Store::Postgres(Arc::new(
+                Engine::open(PostgresBackend::connect(o).await?, clock).await?,
+            )),
+        })
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn kind(&self) -> &'static str {
+        dispatch!(self, e => e.backend().kind())
+    }
+
+    pub fn node_id(&self) -> Ulid {
+        dispatch!(self, e => e.node_id())
+    }
+
+    pub fn clock(&self) -> &Arc<Clock> {
+        dispatch!(self, e => e.clock())
+    }
+
+    pub async fn bind_cluster(&self, cluster_id: &str) -> Result<()> {
+        dispatch!(self, e => e.bind_cluster(cluster_id).await)
+    }
+
+    pub async fn register_table(&self, name: &str, policy: ConflictPolicy) -> Result<TableInfo> {
+        dispatch!(self, e => e.register_table(name, policy).await)
+    }
+
+    pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<()> {
+        dispatch!(self, e => e.set_policy(table, policy).await)
+    }
+
+    pub fn tables(&self) -> Vec<Arc<TableInfo>> {
+        dispatch!(self, e => e.tables())
+    }
+
+    pub fn table(&self, name: &str) -> Result<Arc<TableInfo>> {
+        dispatch!(self, e => e.table(name))
+    }
+
+    pub async fn drain(&self) -> Result<DrainOutcome> {
+        dispatch!(self, e => e.drain().await)
+    }
+
+    pub async fn put(&self, table: &str, id: Ulid, values: &Values) -> Result<ChangeEvent> {
+        dispatch!(self, e => e.put(table, id, values).await)
+    }
+
+    pub async fn delete(&self, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {
+        dispatch!(self, e => e.delete(table, id).await)
+    }
+
+    pub async fn get(&self, table: &str, id: Ulid) -> Result<Option<Values>> {
+        dispatch!(self, e => e.get(table, id).await)
+    }
+
+    pub async fn version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
+        dispatch!(self, e => e.version(table, id).await)
+    }
+
+    pub async fn history(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
+        dispatch!(self, e => e.history(table, id).await)
+    }
+
+    pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
+        dispatch!(self, e => e.apply_remote(events).await)
+    }
+
+    pub async fn vector(&self) -> Result<VersionVector> {
+        dispatch!(self, e => e.vector().await)
+    }
+
+    pub async fn events_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<ChangeEvent>> {
+        dispatch!(self, e => e.events_after(have, limit).await)
+    }
+
+    pub async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
+        dispatch!(self, e => e.record_ack(peer, vector).await)
+    }
+
+    pub async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {
+        dispatch!(self, e => e.peer_progress(peer).await)
+    }
+
+    pub async fn mark_synced(&self, peers: &[Ulid]) -> Result<u64> {
+        dispatch!(self, e => e.mark_synced(peers).await)
+    }
+
+    pub async fn count_unsynced(&self) -> Result<u64> {
+        dispatch!(self, e => e.count_unsynced().await)
+    }
+
+    pub async fn pending_captures(&self) -> Result<u64> {
+        dispatch!(self, e => e.pending_captures().await)
+    }
+
+    pub async fn applied_migrations(&self) -> Result<Vec<i64>> {
+        dispatch!(self, e => e.backend().applied_migrations().await)
+    }
+
+    /// Reverts every migration: drops Tidemark's tables and capture triggers. User
+    /// tables keep their rows and their `node_id`/`hlc_modified` columns.
+    pub async fn migrate_down(&self) -> Result<()> {
+        dispatch!(self, e => e.backend().migrate_down().await)
+    }
+
+    /// Applies pending migrations (again after [`Store::migrate_down`]).
+    pub async fn migrate_up(&self) -> Result<()> {
+        dispatch!(self, e => e.backend().migrate().await)
+    }
+
+    pub async fn close(&self) {
+        dispatch!(self, e => e.close().await)
+    }
+}

@@ -120,8 +120,8 @@ BEGIN
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         new_row := to_jsonb(NEW) - 'hlc_modified' - 'node_id';
         new_id := new_row ->> pk;
-        IF new_id IS NULL OR length(new_id) <> 26 THEN
-            RAISE EXCEPTION 'tidemark: %.% must be a 26-character ULID, got %', TG_TABLE_NAME, pk, coalesce(quote_literal(new_id), 'NULL')
+        IF new_id IS NULL OR new_id !~ '^[0-7][0-9A-HJKMNP-TV-Z]{25}$' THEN
+            RAISE EXCEPTION 'tidemark: %.% must be a ULID in canonical form (26 uppercase Crockford base32 characters), got %', TG_TABLE_NAME, pk, coalesce(quote_literal(new_id), 'NULL')
                 USING ERRCODE = 'check_violation';
         END IF;
     END IF;
@@ -138,6 +138,21 @@ BEGIN
         VALUES (TG_TABLE_NAME, coalesce(new_id, old_id), TG_OP, old_row, new_row);
     END IF;
     PERFORM pg_notify('tidemark_capture', '');
+    RETURN NULL;
+END
+$$;
+
+-- Statement trigger of every replicated table, run BEFORE any row of the statement
+-- is locked: it takes the capture queue's ROW EXCLUSIVE lock up front. The daemon's
+-- write transactions take SHARE ROW EXCLUSIVE on the queue first thing, so they wait
+-- for in-flight writers that captured and hold off new ones until they commit; a
+-- writer never holds a row lock the daemon needs while waiting for the queue.
+CREATE FUNCTION tidemark_capture_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('tidemark.applying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    LOCK TABLE tidemark_capture_queue IN ROW EXCLUSIVE MODE;
     RETURN NULL;
 END
 $$;

@@ -1,0 +1,204 @@
+//! The primitives each backend provides. The algorithms built on them (drain,
+//! stamped writes, remote apply) live once in [`crate::engine`], so SQLite and
+//! PostgreSQL behave the same by construction.
+//!
+//! Every `&mut Self::Tx` method runs inside one daemon write transaction, begun by
+//! [`Backend::begin`]: the backend guarantees that inside it no capture trigger
+//! fires for the daemon's own writes, that every direct write committed before it
+//! began is visible to [`Backend::take_captures`], and that no direct write to a
+//! replicated table commits while it is open (SQLite: the single write lock;
+//! PostgreSQL: the capture-queue lock, see the migration).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+
+use tidemark_hlc::Hlc;
+use ulid::Ulid;
+
+use crate::error::Result;
+use crate::ident::Ident;
+use crate::model::{
+    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+};
+
+/// What a backend found when inspecting a table before registering it.
+#[derive(Debug, Clone)]
+pub struct TableShape {
+    pub name: Ident,
+    /// `(column, declared type)` in table order.
+    pub columns: Vec<(String, String)>,
+    /// Primary key columns.
+    pub primary_key: Vec<String>,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    type Tx: Send;
+
+    /// `"sqlite"` or `"postgres"`.
+    fn kind(&self) -> &'static str;
+
+    // ---- schema -------------------------------------------------------------
+
+    /// Applies every pending migration.
+    fn migrate(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Reverts every migration (capture triggers on user tables removed first).
+    fn migrate_down(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Applied migration versions, ascending.
+    fn applied_migrations(&self) -> impl Future<Output = Result<Vec<i64>>> + Send;
+
+    fn meta_get(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+    fn meta_set(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Columns and primary key of a table, `None` when no such table exists.
+    fn inspect_table(
+        &self,
+        name: &Ident,
+    ) -> impl Future<Output = Result<Option<TableShape>>> + Send;
+
+    /// Registers (or re-registers) a table in one transaction: adds `node_id` and
+    /// `hlc_modified` when missing, checks existing keys are ULIDs, (re)installs the
+    /// capture triggers, writes the registry row. On first registration, every
+    /// existing row is queued as a captured INSERT so it replicates.
+    fn register(
+        &self,
+        info: &TableInfo,
+        first_time: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    fn set_policy(
+        &self,
+        table: &str,
+        policy: ConflictPolicy,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    fn load_tables(&self) -> impl Future<Output = Result<Vec<TableInfo>>> + Send;
+
+    // ---- the daemon's write transaction ----------------------------------------
+
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+    fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// Oldest captured direct writes, in commit order (by `seq`).
+    fn take_captures(
+        &self,
+        tx: &mut Self::Tx,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Capture>>> + Send;
+    fn delete_captures(
+        &self,
+        tx: &mut Self::Tx,
+        seqs: &[i64],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    fn versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        ids: &[Ulid],
+    ) -> impl Future<Output = Result<HashMap<Ulid, Version>>> + Send;
+    fn put_version(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+        version: &Version,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Current replicated values of existing rows.
+    fn rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        ids: &[Ulid],
+    ) -> impl Future<Output = Result<HashMap<Ulid, Values>>> + Send;
+    /// Inserts or updates a row with the given columns (a subset of the table's,
+    /// primary key included) and stamps it with `hlc`/`node_id`.
+    fn upsert_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        values: &Values,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn delete_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Sets only `hlc_modified`/`node_id` of a row (after a captured direct write).
+    fn stamp_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Which of these event ids are already in `change_events`.
+    fn existing_events(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+    ) -> impl Future<Output = Result<HashSet<Ulid>>> + Send;
+    fn insert_events(
+        &self,
+        tx: &mut Self::Tx,
+        events: &[ChangeEvent],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Raises each origin's applied-vector entry to at least the given HLC.
+    fn raise_vector(
+        &self,
+        tx: &mut Self::Tx,
+        vector: &VersionVector,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    // ---- reads and progress -------------------------------------------------------
+
+    fn get_row(
+        &self,
+        table: &TableInfo,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Option<Values>>> + Send;
+    fn get_version(
+        &self,
+        table: &str,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Option<Version>>> + Send;
+    /// The applied vector: per origin, the highest HLC present.
+    fn vector(&self) -> impl Future<Output = Result<VersionVector>> + Send;
+    /// Highest HLC in `change_events` (zero when empty).
+    fn max_hlc(&self) -> impl Future<Output = Result<Hlc>> + Send;
+    /// Events of `origin` with HLC above `after`, ascending, at most `limit`.
+    fn events_of_origin_after(
+        &self,
+        origin: Ulid,
+        after: Hlc,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
+    /// Events of one record, in the total order.
+    fn record_events(
+        &self,
+        table: &str,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
+    /// Number of captured direct writes not yet drained.
+    fn pending_captures(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Records that `peer` has durably applied everything up to `vector`.
+    fn record_ack(
+        &self,
+        peer: Ulid,
+        vector: &VersionVector,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn peer_progress(&self, peer: Ulid) -> impl Future<Output = Result<VersionVector>> + Send;
+    /// Sets `synced_at` on events of `origin` up to `upto` that have none yet.
+    fn mark_synced(&self, origin: Ulid, upto: Hlc) -> impl Future<Output = Result<u64>> + Send;
+    /// Events with `synced_at` still NULL.
+    fn count_unsynced(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}

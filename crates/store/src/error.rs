@@ -1,0 +1,112 @@
+//! Errors of the store. Variants say what was wrong and name the thing (table,
+//! column, field, value) so a caller can show them to an operator as they are.
+
+use std::path::PathBuf;
+
+use tidemark_hlc::ClockError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Input that does not satisfy a contract: a malformed id, operation, JSON...
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+
+    /// A table name that is not registered for replication.
+    #[error("table {table:?} is not a replicated table (registered: {registered})")]
+    UnknownTable { table: String, registered: String },
+
+    /// A column that the replicated table does not have.
+    #[error("table {table:?} has no replicated column {column:?}")]
+    UnknownColumn { table: String, column: String },
+
+    /// A table cannot be registered for replication.
+    #[error("cannot replicate table {table:?}: {reason}")]
+    Unregistrable { table: String, reason: String },
+
+    /// The SQLite database file's directory does not exist.
+    #[error("SQLite database directory {} does not exist (database file {})", .dir.display(), .file.display())]
+    MissingDirectory { dir: PathBuf, file: PathBuf },
+
+    /// The store URL is not one Tidemark understands.
+    #[error("store url {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+
+    /// The database could not be reached or opened.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The database belongs to another node (or cluster) than the configuration says.
+    #[error(
+        "database identity mismatch: {key} is {stored} in the database but {configured} in the configuration"
+    )]
+    IdentityMismatch {
+        key: &'static str,
+        stored: String,
+        configured: String,
+    },
+
+    /// A schema migration failed.
+    #[error("schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// A timestamp was refused by the clock.
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+
+    /// Stored data that does not decode: the database was changed behind our back.
+    #[error("corrupt stored data in {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether the error is a transient condition of the database (locked, busy,
+    /// connection lost, disk full) that a retry after a pause may clear.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Db(e) | StoreError::Connect { source: e, .. } => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(db) => {
+                    let msg = db.message();
+                    // SQLite: SQLITE_BUSY / SQLITE_LOCKED / SQLITE_FULL; PostgreSQL:
+                    // serialization, deadlock, disk full, admin shutdown classes.
+                    msg.contains("database is locked")
+                        || msg.contains("database table is locked")
+                        || msg.contains("database or disk is full")
+                        || matches!(
+                            db.code().as_deref(),
+                            Some("40001" | "40P01" | "53100" | "57P01" | "57P03")
+                        )
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,320 @@
+//! Plain data types shared by every backend.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+use tidemark_hlc::{Hlc, WriteOrder};
+use ulid::Ulid;
+
+use crate::error::StoreError;
+
+/// Column values of one record, keyed by column name (primary key included,
+/// `node_id` and `hlc_modified` excluded).
+pub type Values = Map<String, Value>;
+
+/// The kind of write an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    /// The text stored in `change_events.operation`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "INSERT",
+            Operation::Update => "UPDATE",
+            Operation::Delete => "DELETE",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Operation {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "INSERT" => Ok(Operation::Insert),
+            "UPDATE" => Ok(Operation::Update),
+            "DELETE" => Ok(Operation::Delete),
+            other => Err(StoreError::invalid(
+                "operation",
+                format!("{other:?} is not one of INSERT, UPDATE, DELETE"),
+            )),
+        }
+    }
+}
+
+/// Conflict policy of a replicated table (the seed's `conflict_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ConflictPolicy {
+    /// Last write wins by `(hlc, node_id)`.
+    #[default]
+    Lww,
+    /// Same deterministic winner everywhere, and the conflict is kept open for a human.
+    Manual,
+}
+
+impl ConflictPolicy {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::Lww => "lww",
+            ConflictPolicy::Manual => "manual",
+        }
+    }
+}
+
+impl fmt::Display for ConflictPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ConflictPolicy {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lww" => Ok(ConflictPolicy::Lww),
+            "manual" => Ok(ConflictPolicy::Manual),
+            other => Err(StoreError::invalid(
+                "conflict_policy",
+                format!("{other:?} is not one of lww, manual"),
+            )),
+        }
+    }
+}
+
+/// Per origin node, the highest HLC seen. Used both as a node's applied vector
+/// (every event of that origin up to the HLC is present) and as a record's causal
+/// version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionVector(pub BTreeMap<Ulid, Hlc>);
+
+impl VersionVector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The entry for `origin`, zero when absent.
+    pub fn get(&self, origin: Ulid) -> Hlc {
+        self.0.get(&origin).copied().unwrap_or(Hlc::ZERO)
+    }
+
+    /// Raises the entry for `origin` to at least `hlc`.
+    pub fn observe(&mut self, origin: Ulid, hlc: Hlc) {
+        let entry = self.0.entry(origin).or_insert(Hlc::ZERO);
+        if hlc > *entry {
+            *entry = hlc;
+        }
+    }
+
+    /// Pointwise maximum.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (origin, hlc) in &other.0 {
+            self.observe(*origin, *hlc);
+        }
+    }
+
+    /// Whether every entry of `other` is at most the matching entry of `self`.
+    pub fn covers(&self, other: &VersionVector) -> bool {
+        other
+            .0
+            .iter()
+            .all(|(origin, hlc)| self.get(*origin) >= *hlc)
+    }
+
+    /// JSON form: `{"<origin ulid>": <hlc as integer>, ...}`.
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::from(v.encode())))
+                .collect(),
+        )
+    }
+
+    /// Parses the JSON form; `what` names the field in errors.
+    pub fn from_json(value: &Value, what: &str) -> Result<Self, StoreError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| StoreError::invalid(what, "version vector must be a JSON object"))?;
+        let mut vv = VersionVector::new();
+        for (k, v) in obj {
+            let origin = parse_ulid(what, k)?;
+            let raw = v.as_i64().ok_or_else(|| {
+                StoreError::invalid(what, format!("entry {k} is not a 64-bit integer"))
+            })?;
+            let hlc = Hlc::decode(raw)
+                .map_err(|e| StoreError::invalid(what, format!("entry {k}: {e}")))?;
+            vv.observe(origin, hlc);
+        }
+        Ok(vv)
+    }
+}
+
+/// Parses a ULID, naming `what` in the error.
+pub fn parse_ulid(what: &str, text: &str) -> Result<Ulid, StoreError> {
+    if text.len() != 26 {
+        return Err(StoreError::invalid(
+            what,
+            format!(
+                "{:?} is not a ULID (must be 26 characters, got {})",
+                truncate(text),
+                text.len()
+            ),
+        ));
+    }
+    Ulid::from_string(text)
+        .map_err(|e| StoreError::invalid(what, format!("{:?} is not a ULID: {e}", truncate(text))))
+}
+
+pub(crate) fn truncate(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.chars().count() <= MAX {
+        text.to_owned()
+    } else {
+        let mut t: String = text.chars().take(MAX).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// One row of `change_events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    pub event_id: Ulid,
+    pub hlc: Hlc,
+    /// Wall time of the write at its origin, ms since the Unix epoch.
+    pub wall_ms: i64,
+    /// Origin node.
+    pub node_id: Ulid,
+    pub table_name: String,
+    pub record_id: Ulid,
+    pub operation: Operation,
+    pub action: Option<String>,
+    pub user_id: Option<Ulid>,
+    pub old_values: Option<Values>,
+    pub new_values: Option<Values>,
+    /// Replication metadata; holds the record's version vector under `"vv"`.
+    pub metadata: Option<Value>,
+}
+
+impl ChangeEvent {
+    /// Position in the total order of writes.
+    pub fn order(&self) -> WriteOrder {
+        WriteOrder {
+            hlc: self.hlc,
+            node_id: self.node_id,
+            event_id: self.event_id,
+        }
+    }
+
+    /// The record's version vector this event carries (`metadata.vv`), or the
+    /// vector holding just this event when absent.
+    pub fn vector(&self) -> Result<VersionVector, StoreError> {
+        match self.metadata.as_ref().and_then(|m| m.get("vv")) {
+            Some(vv) => {
+                let mut vv = VersionVector::from_json(vv, "metadata.vv")?;
+                vv.observe(self.node_id, self.hlc);
+                Ok(vv)
+            }
+            None => {
+                let mut vv = VersionVector::new();
+                vv.observe(self.node_id, self.hlc);
+                Ok(vv)
+            }
+        }
+    }
+
+    /// The version this event gives its record.
+    pub fn version(&self) -> Result<Version, StoreError> {
+        Ok(Version {
+            hlc: self.hlc,
+            node_id: self.node_id,
+            event_id: self.event_id,
+            deleted: self.operation == Operation::Delete,
+            vv: self.vector()?,
+        })
+    }
+}
+
+/// The current version of a record (also kept for deleted records: a tombstone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub hlc: Hlc,
+    pub node_id: Ulid,
+    pub event_id: Ulid,
+    pub deleted: bool,
+    pub vv: VersionVector,
+}
+
+impl Version {
+    pub fn order(&self) -> WriteOrder {
+        WriteOrder {
+            hlc: self.hlc,
+            node_id: self.node_id,
+            event_id: self.event_id,
+        }
+    }
+}
+
+/// A registered replicated table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    pub datatype_id: Ulid,
+    pub table_name: String,
+    pub primary_key: String,
+    /// Replicated columns, primary key first.
+    pub columns: Vec<String>,
+    pub conflict_policy: ConflictPolicy,
+}
+
+impl TableInfo {
+    pub fn has_column(&self, name: &str) -> bool {
+        self.columns.iter().any(|c| c == name)
+    }
+}
+
+/// A direct write recorded by a capture trigger, not yet stamped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capture {
+    pub seq: i64,
+    pub table_name: String,
+    pub record_id: String,
+    pub operation: Operation,
+    pub old_values: Option<Values>,
+    pub new_values: Option<Values>,
+}
+
+/// What one apply of remote events did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// New events whose version became the record's current version.
+    pub applied: u64,
+    /// New events kept in the log but superseded by a newer local version.
+    pub superseded: u64,
+    /// Events already present (same event_id): nothing changed.
+    pub duplicates: u64,
+    /// Pending direct writes drained (stamped) before applying.
+    pub drained: u64,
+}
+
+/// What one drain of the capture queue did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Events appended to `change_events`.
+    pub events: u64,
+    /// Captured updates that changed no replicated column (dropped).
+    pub unchanged: u64,
+}

@@ -1,0 +1,745 @@
+//! PostgreSQL backend. The daemon's write transactions run with
+//! `SET LOCAL tidemark.applying = 'on'` (capture triggers skip them) and start by
+//! locking the capture queue in SHARE ROW EXCLUSIVE mode, which waits for in-flight
+//! writers that captured a change and holds off new ones until commit (see the
+//! migration for why that cannot deadlock on a row the daemon writes).
+//!
+//! `CHAR(26)` parameters are cast to `bpchar` so comparisons use the indexes.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use tidemark_hlc::Hlc;
+use ulid::Ulid;
+
+use crate::backend::{Backend, TableShape};
+use crate::error::{Result, StoreError};
+use crate::ident::{Ident, q};
+use crate::model::{
+    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+};
+use crate::rows::{
+    CaptureRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST, ULID_REST, VersionRow,
+    vector_from_rows,
+};
+
+const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
+const WALL_MS: &str = "CAST(round(extract(epoch FROM wall_timestamp) * 1000) AS BIGINT) AS wall_ms";
+
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations/postgres");
+    m.dangerous_set_table_name(MIGRATIONS_TABLE);
+    m
+}
+
+/// The URL with its password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Connection settings of the PostgreSQL backend.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    pub url: String,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+    /// How long a daemon write transaction waits for writers holding the capture
+    /// queue before giving up (and retrying later).
+    pub lock_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &redact(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .finish()
+    }
+}
+
+impl FromStr for PostgresOptions {
+    type Err = StoreError;
+
+    fn from_str(url: &str) -> Result<Self> {
+        PgConnectOptions::from_str(url).map_err(|e| StoreError::BadUrl {
+            url: redact(url),
+            reason: e.to_string(),
+        })?;
+        Ok(PostgresOptions {
+            url: url.to_owned(),
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct PostgresBackend {
+    pool: PgPool,
+    lock_timeout_ms: u64,
+    /// Per registered table: whether its primary key is `character(n)` (bpchar).
+    bpchar_keys: RwLock<HashMap<String, bool>>,
+}
+
+fn ids_text(ids: &[Ulid]) -> Vec<String> {
+    ids.iter().map(Ulid::to_string).collect()
+}
+
+async fn exec(tx: &mut Transaction<'static, Postgres>, sql: String) -> Result<()> {
+    sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn project(table: &TableInfo, raw: Value) -> Result<Values> {
+    match raw {
+        Value::Object(m) => Ok(m.into_iter().filter(|(k, _)| table.has_column(k)).collect()),
+        other => Err(StoreError::corrupt(
+            &table.table_name,
+            format!("row JSON is not an object: {other}"),
+        )),
+    }
+}
+
+impl PostgresBackend {
+    pub async fn connect(opts: &PostgresOptions) -> Result<Self> {
+        let connect = PgConnectOptions::from_str(&opts.url).map_err(|e| StoreError::BadUrl {
+            url: redact(&opts.url),
+            reason: e.to_string(),
+        })?;
+        let target = format!(
+            "PostgreSQL at {}:{} (database {:?})",
+            connect.get_host(),
+            connect.get_port(),
+            connect.get_database().unwrap_or("")
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(2))
+            .acquire_timeout(opts.connect_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|source| StoreError::Connect { target, source })?;
+        Ok(PostgresBackend {
+            pool,
+            lock_timeout_ms: opts.lock_timeout.as_millis().max(1) as u64,
+            bpchar_keys: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn key_cast(&self, table: &str) -> &'static str {
+        let map = self.bpchar_keys.read().unwrap_or_else(|p| p.into_inner());
+        if map.get(table).copied().unwrap_or(false) {
+            "bpchar"
+        } else {
+            "text"
+        }
+    }
+}
+
+impl Backend for PostgresBackend {
+    type Tx = Transaction<'static, Postgres>;
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn migrate_down(&self) -> Result<()> {
+        migrator().undo(&self.pool, 0).await?;
+        Ok(())
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<i64>> {
+        let exists: (bool,) =
+            sqlx::query_as("SELECT to_regclass('tidemark_schema_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists.0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT version FROM tidemark_schema_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM tidemark_meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidemark_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn inspect_table(&self, name: &Ident) -> Result<Option<TableShape>> {
+        let rel: Option<(String,)> = sqlx::query_as(
+            "SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
+        )
+        .bind(name.quoted())
+        .fetch_optional(&self.pool)
+        .await?;
+        if rel.is_none() {
+            return Ok(None);
+        }
+        let cols: Vec<(String, String)> = sqlx::query_as(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        )
+        .bind(name.quoted())
+        .fetch_all(&self.pool)
+        .await?;
+        let pk: Vec<(String,)> = sqlx::query_as(
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
+             ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary ORDER BY a.attnum",
+        )
+        .bind(name.quoted())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(TableShape {
+            name: name.clone(),
+            columns: cols,
+            primary_key: pk.into_iter().map(|p| p.0).collect(),
+        }))
+    }
+
+    async fn register(&self, info: &TableInfo, first_time: bool) -> Result<()> {
+        let t = q(&info.table_name);
+        let pk = q(&info.primary_key);
+        let mut tx = self.begin().await?;
+        exec(
+            &mut tx,
+            format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS node_id CHAR(26)"),
+        )
+        .await?;
+        exec(
+            &mut tx,
+            format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS hlc_modified BIGINT NOT NULL DEFAULT 0"
+            ),
+        )
+        .await?;
+        exec(
+            &mut tx,
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {t}(node_id)",
+                q(&format!("idx_{}_node", info.table_name))
+            ),
+        )
+        .await?;
+        let bad: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {pk}::text FROM {t} WHERE {pk} IS NULL OR {pk}::text !~ '^[{ULID_FIRST}][{ULID_REST}]{{25}}$' LIMIT 1"
+        )))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((value,)) = bad {
+            return Err(StoreError::Unregistrable {
+                table: info.table_name.clone(),
+                reason: format!(
+                    "primary key {} holds {} which is not a ULID in canonical form (26 uppercase Crockford base32 characters)",
+                    info.primary_key,
+                    value.map_or("NULL".to_owned(), |v| format!(
+                        "{:?}",
+                        crate::model::truncate(&v)
+                    ))
+                ),
+            });
+        }
+        let pk_lit = info.primary_key.replace('\'', "''");
+        for sql in [
+            format!("DROP TRIGGER IF EXISTS tidemark_capture ON {t}"),
+            format!(
+                "CREATE TRIGGER tidemark_capture AFTER INSERT OR UPDATE OR DELETE ON {t} \
+                 FOR EACH ROW EXECUTE FUNCTION tidemark_capture('{pk_lit}')"
+            ),
+            format!("DROP TRIGGER IF EXISTS tidemark_capture_lock ON {t}"),
+            format!(
+                "CREATE TRIGGER tidemark_capture_lock BEFORE INSERT OR UPDATE OR DELETE ON {t} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION tidemark_capture_lock()"
+            ),
+            format!("DROP TRIGGER IF EXISTS tidemark_refuse_truncate ON {t}"),
+            format!(
+                "CREATE TRIGGER tidemark_refuse_truncate BEFORE TRUNCATE ON {t} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION tidemark_refuse_truncate()"
+            ),
+        ] {
+            exec(&mut tx, sql).await?;
+        }
+        sqlx::query(
+            "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, conflict_policy) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET \
+             primary_key = excluded.primary_key, columns = excluded.columns, conflict_policy = excluded.conflict_policy",
+        )
+        .bind(info.datatype_id.to_string())
+        .bind(&info.table_name)
+        .bind(&info.primary_key)
+        .bind(Json(&info.columns))
+        .bind(info.conflict_policy.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if first_time {
+            exec(
+                &mut tx,
+                format!(
+                    "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, old_values, new_values) \
+                     SELECT '{}', {pk}::text, 'INSERT', NULL, to_jsonb(x) - 'node_id' - 'hlc_modified' \
+                     FROM {t} AS x ORDER BY {pk}",
+                    info.table_name.replace('\'', "''"),
+                ),
+            )
+            .await?;
+        }
+        self.commit(tx).await
+    }
+
+    async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<()> {
+        sqlx::query("UPDATE tidemark_datatypes SET conflict_policy = $1 WHERE table_name = $2")
+            .bind(policy.as_str())
+            .bind(table)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn load_tables(&self) -> Result<Vec<TableInfo>> {
+        let rows: Vec<TableRow> = sqlx::query_as(
+            "SELECT datatype_id::text AS datatype_id, table_name::text AS table_name, \
+             primary_key::text AS primary_key, columns, conflict_policy::text AS conflict_policy \
+             FROM tidemark_datatypes ORDER BY table_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let tables: Vec<TableInfo> = rows
+            .into_iter()
+            .map(TableInfo::try_from)
+            .collect::<Result<_>>()?;
+        let mut keys = HashMap::new();
+        for t in &tables {
+            let (ty,): (String,) = sqlx::query_as(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
+            )
+            .bind(q(&t.table_name))
+            .bind(&t.primary_key)
+            .fetch_one(&self.pool)
+            .await?;
+            keys.insert(t.table_name.clone(), ty.starts_with("character("));
+        }
+        *self.bpchar_keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(tables)
+    }
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('tidemark.applying', 'on', true), set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", self.lock_timeout_ms))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("LOCK TABLE tidemark_capture_queue IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<()> {
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn take_captures(&self, tx: &mut Self::Tx, limit: u32) -> Result<Vec<Capture>> {
+        let rows: Vec<CaptureRow> = sqlx::query_as(
+            "SELECT seq, table_name::text AS table_name, record_id, operation::text AS operation, old_values, new_values \
+             FROM tidemark_capture_queue ORDER BY seq LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(Capture::try_from).collect()
+    }
+
+    async fn delete_captures(&self, tx: &mut Self::Tx, seqs: &[i64]) -> Result<()> {
+        sqlx::query("DELETE FROM tidemark_capture_queue WHERE seq = ANY($1)")
+            .bind(seqs)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Version>> {
+        let rows: Vec<VersionRow> = sqlx::query_as(
+            "SELECT record_id::text AS record_id, hlc, node_id::text AS node_id, event_id::text AS event_id, deleted, vv \
+             FROM tidemark_record_versions WHERE table_name = $1 AND record_id = ANY($2::bpchar[])",
+        )
+        .bind(table)
+        .bind(ids_text(ids))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(VersionRow::into_version).collect()
+    }
+
+    async fn put_version(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+        v: &Version,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
+             hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
+             deleted = excluded.deleted, vv = excluded.vv",
+        )
+        .bind(table)
+        .bind(id.to_string())
+        .bind(v.hlc.encode())
+        .bind(v.node_id.to_string())
+        .bind(v.event_id.to_string())
+        .bind(v.deleted)
+        .bind(Json(v.vv.to_json()))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Values>> {
+        let sql = format!(
+            "SELECT {pk}::text, to_jsonb(x) FROM {t} AS x WHERE {pk} = ANY($1::{cast}[])",
+            pk = q(&table.primary_key),
+            t = q(&table.table_name),
+            cast = self.key_cast(&table.table_name),
+        );
+        let rows: Vec<(String, Json<Value>)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(ids_text(ids))
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.into_iter()
+            .map(|(id, raw)| {
+                let id = Ulid::from_string(id.trim())
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))?;
+                Ok((id, project(table, raw.0)?))
+            })
+            .collect()
+    }
+
+    async fn upsert_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        values: &Values,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> Result<()> {
+        let mut cols: Vec<&String> = table
+            .columns
+            .iter()
+            .filter(|c| values.contains_key(c.as_str()))
+            .collect();
+        if !cols.contains(&&table.primary_key) {
+            cols.insert(0, &table.primary_key);
+        }
+        let names: Vec<String> = cols.iter().map(|c| q(c)).collect();
+        let updates: Vec<String> = cols
+            .iter()
+            .filter(|c| **c != &table.primary_key)
+            .map(|c| format!("{0} = excluded.{0}", q(c)))
+            .chain([
+                "node_id = excluded.node_id".to_owned(),
+                "hlc_modified = excluded.hlc_modified".to_owned(),
+            ])
+            .collect();
+        let sql = format!(
+            "INSERT INTO {t} ({names}, node_id, hlc_modified) \
+             SELECT {names}, $2, $3 FROM jsonb_populate_record(NULL::{t}, $1) \
+             ON CONFLICT ({pk}) DO UPDATE SET {updates}",
+            t = q(&table.table_name),
+            names = names.join(", "),
+            pk = q(&table.primary_key),
+            updates = updates.join(", "),
+        );
+        let mut values = values.clone();
+        values.insert(table.primary_key.clone(), Value::String(id.to_string()));
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(Json(Value::Object(values)))
+            .bind(node_id.to_string())
+            .bind(hlc.encode())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
+        let sql = format!(
+            "DELETE FROM {} WHERE {} = $1::{}",
+            q(&table.table_name),
+            q(&table.primary_key),
+            self.key_cast(&table.table_name)
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn stamp_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE {} SET node_id = $1, hlc_modified = $2 WHERE {} = $3::{}",
+            q(&table.table_name),
+            q(&table.primary_key),
+            self.key_cast(&table.table_name)
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(node_id.to_string())
+            .bind(hlc.encode())
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn existing_events(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<HashSet<Ulid>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT event_id::text FROM change_events WHERE event_id = ANY($1::bpchar[])",
+        )
+        .bind(ids_text(ids))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter()
+            .map(|(id,)| {
+                Ulid::from_string(id.trim())
+                    .map_err(|e| StoreError::corrupt("change_events", e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
+        for e in events {
+            sqlx::query(
+                "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
+                 operation, action, user_id, old_values, new_values, metadata) \
+                 VALUES ($1, $2, to_timestamp($3::double precision / 1000.0), $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.event_id.to_string())
+            .bind(e.hlc.encode())
+            .bind(e.wall_ms)
+            .bind(e.node_id.to_string())
+            .bind(&e.table_name)
+            .bind(e.record_id.to_string())
+            .bind(e.operation.as_str())
+            .bind(e.action.as_deref())
+            .bind(e.user_id.map(|u| u.to_string()))
+            .bind(e.old_values.as_ref().map(Json))
+            .bind(e.new_values.as_ref().map(Json))
+            .bind(e.metadata.as_ref().map(Json))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn raise_vector(&self, tx: &mut Self::Tx, vector: &VersionVector) -> Result<()> {
+        for (origin, hlc) in &vector.0 {
+            sqlx::query(
+                "INSERT INTO tidemark_nodes (node_id, max_hlc) VALUES ($1, $2) \
+                 ON CONFLICT (node_id) DO UPDATE SET max_hlc = GREATEST(tidemark_nodes.max_hlc, excluded.max_hlc)",
+            )
+            .bind(origin.to_string())
+            .bind(hlc.encode())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn get_row(&self, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
+        let sql = format!(
+            "SELECT to_jsonb(x) FROM {t} AS x WHERE {pk} = $1::{cast}",
+            pk = q(&table.primary_key),
+            t = q(&table.table_name),
+            cast = self.key_cast(&table.table_name),
+        );
+        let row: Option<(Json<Value>,)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(raw,)| project(table, raw.0)).transpose()
+    }
+
+    async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
+        let row: Option<VersionRow> = sqlx::query_as(
+            "SELECT record_id::text AS record_id, hlc, node_id::text AS node_id, event_id::text AS event_id, deleted, vv \
+             FROM tidemark_record_versions WHERE table_name = $1 AND record_id = $2::bpchar",
+        )
+        .bind(table)
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.into_version().map(|(_, v)| v)).transpose()
+    }
+
+    async fn vector(&self) -> Result<VersionVector> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT node_id::text, max_hlc FROM tidemark_nodes WHERE max_hlc > 0")
+                .fetch_all(&self.pool)
+                .await?;
+        vector_from_rows(rows, "tidemark_nodes")
+    }
+
+    async fn max_hlc(&self) -> Result<Hlc> {
+        let (raw,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MAX(hlc_timestamp), 0)::bigint FROM change_events")
+                .fetch_one(&self.pool)
+                .await?;
+        Hlc::decode(raw).map_err(|e| StoreError::corrupt("change_events", e.to_string()))
+    }
+
+    async fn events_of_origin_after(
+        &self,
+        origin: Ulid,
+        after: Hlc,
+        limit: u32,
+    ) -> Result<Vec<ChangeEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+             WHERE node_id = $1::bpchar AND hlc_timestamp > $2 ORDER BY hlc_timestamp, event_id LIMIT $3"
+        );
+        let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(origin.to_string())
+            .bind(after.encode())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(ChangeEvent::try_from).collect()
+    }
+
+    async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+             WHERE table_name = $1 AND record_id = $2::bpchar ORDER BY hlc_timestamp, node_id, event_id"
+        );
+        let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(table)
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(ChangeEvent::try_from).collect()
+    }
+
+    async fn pending_captures(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_capture_queue")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (origin, hlc) in &vector.0 {
+            sqlx::query(
+                "INSERT INTO tidemark_peer_progress (peer_id, origin_id, acked_hlc) VALUES ($1, $2, $3) \
+                 ON CONFLICT (peer_id, origin_id) DO UPDATE SET \
+                 acked_hlc = GREATEST(tidemark_peer_progress.acked_hlc, excluded.acked_hlc), updated_at = CURRENT_TIMESTAMP",
+            )
+            .bind(peer.to_string())
+            .bind(origin.to_string())
+            .bind(hlc.encode())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT origin_id::text, acked_hlc FROM tidemark_peer_progress WHERE peer_id = $1::bpchar",
+        )
+        .bind(peer.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        vector_from_rows(rows, "tidemark_peer_progress")
+    }
+
+    async fn mark_synced(&self, origin: Ulid, upto: Hlc) -> Result<u64> {
+        let res = sqlx::query(
+            "UPDATE change_events SET synced_at = CURRENT_TIMESTAMP \
+             WHERE synced_at IS NULL AND node_id = $1::bpchar AND hlc_timestamp <= $2",
+        )
+        .bind(origin.to_string())
+        .bind(upto.encode())
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn count_unsynced(&self) -> Result<u64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM change_events WHERE synced_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

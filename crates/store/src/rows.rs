@@ -1,0 +1,174 @@
+//! Row shapes shared by the SQL backends, decoded with `sqlx::FromRow` and turned
+//! into model types (with errors naming the stored value that did not decode).
+
+use serde_json::Value;
+use sqlx::types::Json;
+use tidemark_hlc::Hlc;
+use ulid::Ulid;
+
+use crate::error::{Result, StoreError};
+use crate::model::{
+    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+};
+
+fn ulid(what: &str, text: &str) -> Result<Ulid> {
+    Ulid::from_string(text.trim())
+        .map_err(|e| StoreError::corrupt(what, format!("{text:?} is not a ULID: {e}")))
+}
+
+fn hlc(what: &str, raw: i64) -> Result<Hlc> {
+    Hlc::decode(raw).map_err(|e| StoreError::corrupt(what, e.to_string()))
+}
+
+fn object(what: &str, v: Option<Json<Value>>) -> Result<Option<Values>> {
+    match v.map(|j| j.0) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(other) => Err(StoreError::corrupt(
+            what,
+            format!("expected a JSON object, found {other}"),
+        )),
+    }
+}
+
+/// Column list matching [`EventRow`]; `{wall_ms}` is the backend's expression for
+/// `wall_timestamp` in ms since the epoch.
+pub const EVENT_COLUMNS: &str = "event_id, hlc_timestamp, node_id, table_name, record_id, operation, action, user_id, old_values, new_values, metadata";
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct EventRow {
+    pub event_id: String,
+    pub hlc_timestamp: i64,
+    pub wall_ms: i64,
+    pub node_id: String,
+    pub table_name: String,
+    pub record_id: String,
+    pub operation: String,
+    pub action: Option<String>,
+    pub user_id: Option<String>,
+    pub old_values: Option<Json<Value>>,
+    pub new_values: Option<Json<Value>>,
+    pub metadata: Option<Json<Value>>,
+}
+
+impl TryFrom<EventRow> for ChangeEvent {
+    type Error = StoreError;
+
+    fn try_from(r: EventRow) -> Result<Self> {
+        let what = "change_events";
+        Ok(ChangeEvent {
+            event_id: ulid(what, &r.event_id)?,
+            hlc: hlc(what, r.hlc_timestamp)?,
+            wall_ms: r.wall_ms,
+            node_id: ulid(what, &r.node_id)?,
+            table_name: r.table_name,
+            record_id: ulid(what, &r.record_id)?,
+            operation: r
+                .operation
+                .parse()
+                .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?,
+            action: r.action,
+            user_id: r.user_id.as_deref().map(|u| ulid(what, u)).transpose()?,
+            old_values: object(what, r.old_values)?,
+            new_values: object(what, r.new_values)?,
+            metadata: r.metadata.map(|j| j.0),
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct VersionRow {
+    pub record_id: String,
+    pub hlc: i64,
+    pub node_id: String,
+    pub event_id: String,
+    pub deleted: bool,
+    pub vv: Json<Value>,
+}
+
+impl VersionRow {
+    pub fn into_version(self) -> Result<(Ulid, Version)> {
+        let what = "tidemark_record_versions";
+        let vv = VersionVector::from_json(&self.vv.0, "tidemark_record_versions.vv")
+            .map_err(|e| StoreError::corrupt(what, e.to_string()))?;
+        Ok((
+            ulid(what, &self.record_id)?,
+            Version {
+                hlc: hlc(what, self.hlc)?,
+                node_id: ulid(what, &self.node_id)?,
+                event_id: ulid(what, &self.event_id)?,
+                deleted: self.deleted,
+                vv,
+            },
+        ))
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct CaptureRow {
+    pub seq: i64,
+    pub table_name: String,
+    pub record_id: String,
+    pub operation: String,
+    pub old_values: Option<Json<Value>>,
+    pub new_values: Option<Json<Value>>,
+}
+
+impl TryFrom<CaptureRow> for Capture {
+    type Error = StoreError;
+
+    fn try_from(r: CaptureRow) -> Result<Self> {
+        let what = "tidemark_capture_queue";
+        Ok(Capture {
+            seq: r.seq,
+            table_name: r.table_name,
+            record_id: r.record_id.trim().to_owned(),
+            operation: r
+                .operation
+                .parse()
+                .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?,
+            old_values: object(what, r.old_values)?,
+            new_values: object(what, r.new_values)?,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct TableRow {
+    pub datatype_id: String,
+    pub table_name: String,
+    pub primary_key: String,
+    pub columns: Json<Vec<String>>,
+    pub conflict_policy: String,
+}
+
+impl TryFrom<TableRow> for TableInfo {
+    type Error = StoreError;
+
+    fn try_from(r: TableRow) -> Result<Self> {
+        let what = "tidemark_datatypes";
+        Ok(TableInfo {
+            datatype_id: ulid(what, &r.datatype_id)?,
+            table_name: r.table_name,
+            primary_key: r.primary_key,
+            columns: r.columns.0,
+            conflict_policy: r
+                .conflict_policy
+                .parse::<ConflictPolicy>()
+                .map_err(|e| StoreError::corrupt(what, e.to_string()))?,
+        })
+    }
+}
+
+/// Builds a vector from `(origin, hlc)` rows.
+pub fn vector_from_rows(rows: Vec<(String, i64)>, what: &str) -> Result<VersionVector> {
+    let mut vv = VersionVector::new();
+    for (origin, raw) in rows {
+        vv.observe(ulid(what, &origin)?, hlc(what, raw)?);
+    }
+    Ok(vv)
+}
+
+/// The regular expression / GLOB class of a canonical ULID's characters.
+pub const ULID_FIRST: &str = "0-7";
+pub const ULID_REST: &str = "0-9A-HJKMNP-TV-Z";

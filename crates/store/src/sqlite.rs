@@ -1,0 +1,807 @@
+//! SQLite backend (WAL mode). One writer at a time is SQLite's own rule; the
+//! daemon's write transactions start with `BEGIN IMMEDIATE` and raise the capture
+//! guard so triggers skip the daemon's own writes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Sqlite, Transaction};
+use tidemark_hlc::Hlc;
+use ulid::Ulid;
+
+use crate::backend::{Backend, TableShape};
+use crate::error::{Result, StoreError};
+use crate::ident::{Ident, q};
+use crate::model::{
+    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+};
+use crate::rows::{
+    CaptureRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST, ULID_REST, VersionRow,
+    vector_from_rows,
+};
+
+const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
+const WALL_MS: &str =
+    "CAST(round(unixepoch(wall_timestamp, 'subsec') * 1000) AS INTEGER) AS wall_ms";
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+/// SQLite caps function arguments; json_object gets at most this many columns per call.
+const JSON_OBJECT_CHUNK: usize = 40;
+
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations/sqlite");
+    m.dangerous_set_table_name(MIGRATIONS_TABLE);
+    m
+}
+
+/// Connection settings of the SQLite backend.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub path: PathBuf,
+    pub busy_timeout: Duration,
+    pub max_connections: u32,
+    /// `PRAGMA synchronous`: NORMAL (default; durable against process crashes) or FULL
+    /// (also against power loss).
+    pub synchronous_full: bool,
+}
+
+impl SqliteOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteOptions {
+            path: path.into(),
+            busy_timeout: Duration::from_secs(5),
+            max_connections: 4,
+            synchronous_full: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteBackend {
+    pool: SqlitePool,
+}
+
+impl SqliteBackend {
+    /// Opens (creating if missing) the database file. The directory must exist.
+    pub async fn connect(opts: &SqliteOptions) -> Result<Self> {
+        let dir = match opts.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(StoreError::MissingDirectory {
+                dir,
+                file: opts.path.clone(),
+            });
+        }
+        let connect = SqliteConnectOptions::new()
+            .filename(&opts.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if opts.synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(opts.busy_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(opts.max_connections.max(2))
+            .connect_with(connect)
+            .await
+            .map_err(|source| StoreError::Connect {
+                target: format!("SQLite database {}", opts.path.display()),
+                source,
+            })?;
+        Ok(SqliteBackend { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub fn path_of(url: &str) -> Option<&Path> {
+        url.strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .map(Path::new)
+    }
+}
+
+fn ids_json(ids: &[Ulid]) -> String {
+    Value::Array(ids.iter().map(|i| Value::String(i.to_string())).collect()).to_string()
+}
+
+/// `json_object('a', "a", ...)` over the given columns of row alias `row` (e.g. `NEW`),
+/// split into `json_patch` of chunks to stay under SQLite's argument limit.
+fn json_object_sql(columns: &[String], row: &str) -> String {
+    let prefix = if row.is_empty() {
+        String::new()
+    } else {
+        format!("{row}.")
+    };
+    let parts: Vec<String> = columns
+        .chunks(JSON_OBJECT_CHUNK)
+        .map(|chunk| {
+            let args: Vec<String> = chunk
+                .iter()
+                .map(|c| format!("'{c}', {prefix}{}", q(c)))
+                .collect();
+            format!("json_object({})", args.join(", "))
+        })
+        .collect();
+    parts
+        .into_iter()
+        .reduce(|acc, p| format!("json_patch({acc}, {p})"))
+        .unwrap_or_else(|| "json_object()".into())
+}
+
+fn ulid_glob() -> String {
+    let mut g = format!("[{ULID_FIRST}]");
+    for _ in 0..25 {
+        g.push_str(&format!("[{ULID_REST}]"));
+    }
+    g
+}
+
+fn trigger_names(table: &str) -> [String; 3] {
+    [
+        format!("tidemark_capture_{table}_insert"),
+        format!("tidemark_capture_{table}_update"),
+        format!("tidemark_capture_{table}_delete"),
+    ]
+}
+
+fn trigger_sql(info: &TableInfo) -> Vec<String> {
+    let t = &info.table_name;
+    let pk = q(&info.primary_key);
+    let guard = "(SELECT active FROM tidemark_capture_guard WHERE id = 1) = 0";
+    let check = format!(
+        "SELECT RAISE(ABORT, 'tidemark: {t}.{} must be a ULID in canonical form (26 uppercase Crockford base32 characters)') WHERE NEW.{pk} IS NULL OR NOT (NEW.{pk} GLOB '{}');",
+        info.primary_key,
+        ulid_glob()
+    );
+    let new_obj = json_object_sql(&info.columns, "NEW");
+    let old_obj = json_object_sql(&info.columns, "OLD");
+    let insert_q = "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, old_values, new_values)";
+    let [ins, upd, del] = trigger_names(t);
+    vec![
+        format!(
+            "CREATE TRIGGER {} AFTER INSERT ON {} WHEN {guard} BEGIN {check} {insert_q} VALUES ('{t}', NEW.{pk}, 'INSERT', NULL, {new_obj}); END",
+            q(&ins),
+            q(t)
+        ),
+        format!(
+            "CREATE TRIGGER {} AFTER UPDATE ON {} WHEN {guard} BEGIN {check} \
+             {insert_q} SELECT '{t}', NEW.{pk}, 'UPDATE', {old_obj}, {new_obj} WHERE OLD.{pk} IS NEW.{pk}; \
+             {insert_q} SELECT '{t}', OLD.{pk}, 'DELETE', {old_obj}, NULL WHERE OLD.{pk} IS NOT NEW.{pk}; \
+             {insert_q} SELECT '{t}', NEW.{pk}, 'INSERT', NULL, {new_obj} WHERE OLD.{pk} IS NOT NEW.{pk}; END",
+            q(&upd),
+            q(t)
+        ),
+        format!(
+            "CREATE TRIGGER {} AFTER DELETE ON {} WHEN {guard} BEGIN {insert_q} VALUES ('{t}', OLD.{pk}, 'DELETE', {old_obj}, NULL); END",
+            q(&del),
+            q(t)
+        ),
+    ]
+}
+
+async fn exec(tx: &mut Transaction<'static, Sqlite>, sql: String) -> Result<()> {
+    sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn parse_values(table: &TableInfo, raw: &str) -> Result<Values> {
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(StoreError::corrupt(
+            &table.table_name,
+            format!("row JSON is not an object: {other}"),
+        )),
+        Err(e) => Err(StoreError::corrupt(&table.table_name, e.to_string())),
+    }
+}
+
+impl Backend for SqliteBackend {
+    type Tx = Transaction<'static, Sqlite>;
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn migrate_down(&self) -> Result<()> {
+        let has_registry: Option<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tidemark_datatypes'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if has_registry.is_some() {
+            let mut tx = self.pool.begin().await?;
+            for t in self.load_tables().await? {
+                for name in trigger_names(&t.table_name) {
+                    exec(&mut tx, format!("DROP TRIGGER IF EXISTS {}", q(&name))).await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        migrator().undo(&self.pool, 0).await?;
+        Ok(())
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<i64>> {
+        let exists: Option<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tidemark_schema_migrations'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT version FROM tidemark_schema_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM tidemark_meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidemark_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn inspect_table(&self, name: &Ident) -> Result<Option<TableShape>> {
+        let kind: Option<(String,)> =
+            sqlx::query_as("SELECT type FROM sqlite_master WHERE name = $1 AND type = 'table'")
+                .bind(name.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        if kind.is_none() {
+            return Ok(None);
+        }
+        let cols: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT name, type, pk FROM pragma_table_info($1) ORDER BY cid")
+                .bind(name.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        let mut pk: Vec<(i64, String)> = cols
+            .iter()
+            .filter(|c| c.2 > 0)
+            .map(|c| (c.2, c.0.clone()))
+            .collect();
+        pk.sort();
+        Ok(Some(TableShape {
+            name: name.clone(),
+            columns: cols.into_iter().map(|(n, t, _)| (n, t)).collect(),
+            primary_key: pk.into_iter().map(|p| p.1).collect(),
+        }))
+    }
+
+    async fn register(&self, info: &TableInfo, first_time: bool) -> Result<()> {
+        let t = q(&info.table_name);
+        let pk = q(&info.primary_key);
+        let existing: Vec<(String,)> = sqlx::query_as("SELECT name FROM pragma_table_info($1)")
+            .bind(&info.table_name)
+            .fetch_all(&self.pool)
+            .await?;
+        let has = |c: &str| existing.iter().any(|e| e.0 == c);
+        let mut tx = self.begin().await?;
+        if !has("node_id") {
+            exec(
+                &mut tx,
+                format!("ALTER TABLE {t} ADD COLUMN node_id TEXT CHECK (node_id IS NULL OR length(node_id) = 26)"),
+            )
+            .await?;
+        }
+        if !has("hlc_modified") {
+            exec(
+                &mut tx,
+                format!("ALTER TABLE {t} ADD COLUMN hlc_modified INTEGER NOT NULL DEFAULT 0"),
+            )
+            .await?;
+        }
+        exec(
+            &mut tx,
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {t}(node_id)",
+                q(&format!("idx_{}_node", info.table_name))
+            ),
+        )
+        .await?;
+        let bad: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {pk} FROM {t} WHERE {pk} IS NULL OR NOT ({pk} GLOB '{}') LIMIT 1",
+            ulid_glob()
+        )))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((value,)) = bad {
+            return Err(StoreError::Unregistrable {
+                table: info.table_name.clone(),
+                reason: format!(
+                    "primary key {} holds {} which is not a ULID in canonical form (26 uppercase Crockford base32 characters)",
+                    info.primary_key,
+                    value.map_or("NULL".to_owned(), |v| format!(
+                        "{:?}",
+                        crate::model::truncate(&v)
+                    ))
+                ),
+            });
+        }
+        for name in trigger_names(&info.table_name) {
+            exec(&mut tx, format!("DROP TRIGGER IF EXISTS {}", q(&name))).await?;
+        }
+        for sql in trigger_sql(info) {
+            exec(&mut tx, sql).await?;
+        }
+        sqlx::query(
+            "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, conflict_policy) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET \
+             primary_key = excluded.primary_key, columns = excluded.columns, conflict_policy = excluded.conflict_policy",
+        )
+        .bind(info.datatype_id.to_string())
+        .bind(&info.table_name)
+        .bind(&info.primary_key)
+        .bind(Json(&info.columns))
+        .bind(info.conflict_policy.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if first_time {
+            exec(
+                &mut tx,
+                format!(
+                    "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, old_values, new_values) \
+                     SELECT '{}', {pk}, 'INSERT', NULL, {} FROM {t} ORDER BY {pk}",
+                    info.table_name,
+                    json_object_sql(&info.columns, "")
+                ),
+            )
+            .await?;
+        }
+        self.commit(tx).await
+    }
+
+    async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<()> {
+        sqlx::query("UPDATE tidemark_datatypes SET conflict_policy = $1 WHERE table_name = $2")
+            .bind(policy.as_str())
+            .bind(table)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn load_tables(&self) -> Result<Vec<TableInfo>> {
+        let rows: Vec<TableRow> = sqlx::query_as(
+            "SELECT datatype_id, table_name, primary_key, columns, conflict_policy FROM tidemark_datatypes ORDER BY table_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TableInfo::try_from).collect()
+    }
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    async fn commit(&self, mut tx: Self::Tx) -> Result<()> {
+        sqlx::query("UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn take_captures(&self, tx: &mut Self::Tx, limit: u32) -> Result<Vec<Capture>> {
+        let rows: Vec<CaptureRow> = sqlx::query_as(
+            "SELECT seq, table_name, record_id, operation, old_values, new_values \
+             FROM tidemark_capture_queue ORDER BY seq LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(Capture::try_from).collect()
+    }
+
+    async fn delete_captures(&self, tx: &mut Self::Tx, seqs: &[i64]) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM tidemark_capture_queue WHERE seq IN (SELECT value FROM json_each($1))",
+        )
+        .bind(Json(seqs))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Version>> {
+        let rows: Vec<VersionRow> = sqlx::query_as(
+            "SELECT record_id, hlc, node_id, event_id, deleted, vv FROM tidemark_record_versions \
+             WHERE table_name = $1 AND record_id IN (SELECT value FROM json_each($2))",
+        )
+        .bind(table)
+        .bind(ids_json(ids))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(VersionRow::into_version).collect()
+    }
+
+    async fn put_version(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+        v: &Version,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
+             hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
+             deleted = excluded.deleted, vv = excluded.vv",
+        )
+        .bind(table)
+        .bind(id.to_string())
+        .bind(v.hlc.encode())
+        .bind(v.node_id.to_string())
+        .bind(v.event_id.to_string())
+        .bind(v.deleted)
+        .bind(Json(v.vv.to_json()))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Values>> {
+        let sql = format!(
+            "SELECT {pk}, {obj} FROM {t} WHERE {pk} IN (SELECT value FROM json_each($1))",
+            pk = q(&table.primary_key),
+            obj = json_object_sql(&table.columns, ""),
+            t = q(&table.table_name)
+        );
+        let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(ids_json(ids))
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.into_iter()
+            .map(|(id, raw)| {
+                let id = Ulid::from_string(&id)
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))?;
+                Ok((id, parse_values(table, &raw)?))
+            })
+            .collect()
+    }
+
+    async fn upsert_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        values: &Values,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> Result<()> {
+        let mut cols: Vec<&String> = table
+            .columns
+            .iter()
+            .filter(|c| values.contains_key(c.as_str()))
+            .collect();
+        if !cols.contains(&&table.primary_key) {
+            cols.insert(0, &table.primary_key);
+        }
+        let names: Vec<String> = cols.iter().map(|c| q(c)).collect();
+        let exprs: Vec<String> = cols
+            .iter()
+            .map(|c| format!("json_extract($1, '$.\"{c}\"')"))
+            .collect();
+        let updates: Vec<String> = cols
+            .iter()
+            .filter(|c| **c != &table.primary_key)
+            .map(|c| format!("{0} = excluded.{0}", q(c)))
+            .chain([
+                "node_id = excluded.node_id".to_owned(),
+                "hlc_modified = excluded.hlc_modified".to_owned(),
+            ])
+            .collect();
+        let sql = format!(
+            "INSERT INTO {t} ({names}, node_id, hlc_modified) SELECT {exprs}, $2, $3 WHERE true \
+             ON CONFLICT ({pk}) DO UPDATE SET {updates}",
+            t = q(&table.table_name),
+            names = names.join(", "),
+            exprs = exprs.join(", "),
+            pk = q(&table.primary_key),
+            updates = updates.join(", "),
+        );
+        let mut values = values.clone();
+        values.insert(table.primary_key.clone(), Value::String(id.to_string()));
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(Value::Object(values).to_string())
+            .bind(node_id.to_string())
+            .bind(hlc.encode())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
+        let sql = format!(
+            "DELETE FROM {} WHERE {} = $1",
+            q(&table.table_name),
+            q(&table.primary_key)
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn stamp_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE {} SET node_id = $1, hlc_modified = $2 WHERE {} = $3",
+            q(&table.table_name),
+            q(&table.primary_key)
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(node_id.to_string())
+            .bind(hlc.encode())
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn existing_events(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<HashSet<Ulid>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT event_id FROM change_events WHERE event_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(ids_json(ids))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter()
+            .map(|(id,)| {
+                Ulid::from_string(&id)
+                    .map_err(|e| StoreError::corrupt("change_events", e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
+        for e in events {
+            sqlx::query(
+                "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
+                 operation, action, user_id, old_values, new_values, metadata) \
+                 VALUES ($1, $2, strftime('%Y-%m-%dT%H:%M:%fZ', $3 / 1000.0, 'unixepoch'), $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.event_id.to_string())
+            .bind(e.hlc.encode())
+            .bind(e.wall_ms)
+            .bind(e.node_id.to_string())
+            .bind(&e.table_name)
+            .bind(e.record_id.to_string())
+            .bind(e.operation.as_str())
+            .bind(e.action.as_deref())
+            .bind(e.user_id.map(|u| u.to_string()))
+            .bind(e.old_values.as_ref().map(Json))
+            .bind(e.new_values.as_ref().map(Json))
+            .bind(e.metadata.as_ref().map(Json))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn raise_vector(&self, tx: &mut Self::Tx, vector: &VersionVector) -> Result<()> {
+        for (origin, hlc) in &vector.0 {
+            sqlx::query(
+                "INSERT INTO tidemark_nodes (node_id, max_hlc) VALUES ($1, $2) \
+                 ON CONFLICT (node_id) DO UPDATE SET max_hlc = max(max_hlc, excluded.max_hlc)",
+            )
+            .bind(origin.to_string())
+            .bind(hlc.encode())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn get_row(&self, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
+        let sql = format!(
+            "SELECT {obj} FROM {t} WHERE {pk} = $1",
+            pk = q(&table.primary_key),
+            obj = json_object_sql(&table.columns, ""),
+            t = q(&table.table_name)
+        );
+        let row: Option<(String,)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(raw,)| parse_values(table, &raw)).transpose()
+    }
+
+    async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
+        let row: Option<VersionRow> = sqlx::query_as(
+            "SELECT record_id, hlc, node_id, event_id, deleted, vv FROM tidemark_record_versions \
+             WHERE table_name = $1 AND record_id = $2",
+        )
+        .bind(table)
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.into_version().map(|(_, v)| v)).transpose()
+    }
+
+    async fn vector(&self) -> Result<VersionVector> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT node_id, max_hlc FROM tidemark_nodes WHERE max_hlc > 0")
+                .fetch_all(&self.pool)
+                .await?;
+        vector_from_rows(rows, "tidemark_nodes")
+    }
+
+    async fn max_hlc(&self) -> Result<Hlc> {
+        let (raw,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MAX(hlc_timestamp), 0) FROM change_events")
+                .fetch_one(&self.pool)
+                .await?;
+        Hlc::decode(raw).map_err(|e| StoreError::corrupt("change_events", e.to_string()))
+    }
+
+    async fn events_of_origin_after(
+        &self,
+        origin: Ulid,
+        after: Hlc,
+        limit: u32,
+    ) -> Result<Vec<ChangeEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+             WHERE node_id = $1 AND hlc_timestamp > $2 ORDER BY hlc_timestamp, event_id LIMIT $3"
+        );
+        let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(origin.to_string())
+            .bind(after.encode())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(ChangeEvent::try_from).collect()
+    }
+
+    async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+             WHERE table_name = $1 AND record_id = $2 ORDER BY hlc_timestamp, node_id, event_id"
+        );
+        let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(table)
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(ChangeEvent::try_from).collect()
+    }
+
+    async fn pending_captures(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_capture_queue")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (origin, hlc) in &vector.0 {
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO tidemark_peer_progress (peer_id, origin_id, acked_hlc) VALUES ($1, $2, $3) \
+                 ON CONFLICT (peer_id, origin_id) DO UPDATE SET acked_hlc = max(acked_hlc, excluded.acked_hlc), \
+                 updated_at = {NOW}"
+            )))
+            .bind(peer.to_string())
+            .bind(origin.to_string())
+            .bind(hlc.encode())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT origin_id, acked_hlc FROM tidemark_peer_progress WHERE peer_id = $1",
+        )
+        .bind(peer.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        vector_from_rows(rows, "tidemark_peer_progress")
+    }
+
+    async fn mark_synced(&self, origin: Ulid, upto: Hlc) -> Result<u64> {
+        let res = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE change_events SET synced_at = {NOW} \
+             WHERE synced_at IS NULL AND node_id = $1 AND hlc_timestamp <= $2"
+        )))
+        .bind(origin.to_string())
+        .bind(upto.encode())
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn count_unsynced(&self) -> Result<u64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM change_events WHERE synced_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl FromStr for SqliteOptions {
+    type Err = StoreError;
+
+    /// Parses `sqlite://PATH` or `sqlite:PATH`.
+    fn from_str(url: &str) -> Result<Self> {
+        let path = SqliteBackend::path_of(url).ok_or_else(|| StoreError::BadUrl {
+            url: url.to_owned(),
+            reason: "expected sqlite://PATH".into(),
+        })?;
+        let path = path
+            .to_str()
+            .map(|p| p.split('?').next().unwrap_or(p))
+            .unwrap_or_default();
+        if path.is_empty() {
+            return Err(StoreError::BadUrl {
+                url: url.to_owned(),
+                reason: "the database file path is empty".into(),
+            });
+        }
+        Ok(SqliteOptions::new(path))
+    }
+}

@@ -1,0 +1,904 @@
+//! The store suite: every test runs against SQLite and against a real PostgreSQL
+//! started by the test setup. Direct writes go through the real `sqlite3` and
+//! `psql` clients.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tidemark_hlc::{Clock, Hlc, WallClock};
+use tidemark_store::{
+    ChangeEvent, ConflictPolicy, Operation, Store, StoreError, StoreUrl, Values, VersionVector,
+};
+use tidemark_tests::TestDb;
+use ulid::Ulid;
+
+fn clock(node: Ulid) -> Arc<Clock> {
+    Arc::new(Clock::new(node, 5_000, WallClock::System).expect("clock"))
+}
+
+async fn open(db: &TestDb, node: Ulid) -> Store {
+    let url: StoreUrl = db.url().parse().expect("url");
+    Store::open(&url, clock(node)).await.expect("open store")
+}
+
+fn notes_ddl(db: &TestDb) -> String {
+    format!(
+        "CREATE TABLE notes (id {} PRIMARY KEY, title TEXT NOT NULL, body TEXT, stars INTEGER DEFAULT 0)",
+        db.ulid_type()
+    )
+}
+
+async fn with_notes(db: &TestDb, node: Ulid) -> Store {
+    db.sql(&notes_ddl(db));
+    let store = open(db, node).await;
+    store
+        .register_table("notes", ConflictPolicy::Lww)
+        .await
+        .expect("register notes");
+    store
+}
+
+fn obj(v: Value) -> Values {
+    v.as_object().expect("object").clone()
+}
+
+fn id(n: u128) -> Ulid {
+    // Deterministic, valid ULIDs (timestamp part non-zero).
+    Ulid::from_parts(1_764_000_000_000, n)
+}
+
+/// Events in `change_events`, in the total order.
+async fn all_events(store: &Store) -> Vec<ChangeEvent> {
+    store
+        .events_after(&VersionVector::new(), 1_000_000)
+        .await
+        .expect("events")
+}
+
+/// A remote event from `origin`, as a peer would send it.
+fn remote_event(
+    origin: Ulid,
+    hlc: Hlc,
+    record: Ulid,
+    op: Operation,
+    new_values: Option<Value>,
+) -> ChangeEvent {
+    ChangeEvent {
+        event_id: Ulid::generate(),
+        hlc,
+        wall_ms: hlc.wall_ms(),
+        node_id: origin,
+        table_name: "notes".into(),
+        record_id: record,
+        operation: op,
+        action: None,
+        user_id: None,
+        old_values: None,
+        new_values: new_values.map(obj),
+        metadata: Some(json!({ "vv": { origin.to_string(): hlc.encode() } })),
+    }
+}
+
+fn hlc_at(offset_ms: i64, counter: u16) -> Hlc {
+    Hlc::from_parts(tidemark_hlc::system_wall_ms() + offset_ms, counter).expect("hlc")
+}
+
+// ---------------------------------------------------------------------------------
+
+async fn migrations_up_down_up(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    assert_eq!(store.applied_migrations().await.expect("applied"), vec![1]);
+    store.migrate_down().await.expect("down");
+    assert_eq!(
+        store.applied_migrations().await.expect("applied"),
+        Vec::<i64>::new()
+    );
+    assert!(
+        db.client("SELECT COUNT(*) FROM change_events").is_err(),
+        "change_events must be gone after down"
+    );
+    // The user's table still takes writes (no trigger left pointing at dropped tables).
+    db.sql(&format!(
+        "INSERT INTO notes (id, title) VALUES ('{}', 'after down')",
+        id(1)
+    ));
+    store.migrate_up().await.expect("up again");
+    assert_eq!(store.applied_migrations().await.expect("applied"), vec![1]);
+    assert_eq!(db.sql("SELECT COUNT(*) FROM change_events"), "0");
+    store.close().await;
+}
+
+async fn direct_writes_are_captured_exactly_once(db: TestDb) {
+    let node = Ulid::generate();
+    let store = with_notes(&db, node).await;
+    let (a, b) = (id(1), id(2));
+    db.sql(&format!(
+        "INSERT INTO notes (id, title, body, stars) VALUES ('{a}', 'first', 'hello', 3)"
+    ));
+    db.sql(&format!(
+        "INSERT INTO notes (id, title) VALUES ('{b}', 'second')"
+    ));
+    db.sql(&format!(
+        "UPDATE notes SET title = 'first!', stars = 4 WHERE id = '{a}'"
+    ));
+    db.sql(&format!("DELETE FROM notes WHERE id = '{b}'"));
+    // An update that changes nothing replicated is dropped.
+    db.sql(&format!(
+        "UPDATE notes SET title = 'first!' WHERE id = '{a}'"
+    ));
+    assert_eq!(store.pending_captures().await.expect("pending"), 5);
+
+    let drained = store.drain().await.expect("drain");
+    assert_eq!(drained.events, 4);
+    assert_eq!(drained.unchanged, 1);
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+    // Draining again adds nothing: exactly once.
+    assert_eq!(store.drain().await.expect("drain").events, 0);
+
+    let events = all_events(&store).await;
+    assert_eq!(events.len(), 4);
+    let ops: Vec<_> = events.iter().map(|e| (e.record_id, e.operation)).collect();
+    assert_eq!(
+        ops,
+        vec![
+            (a, Operation::Insert),
+            (b, Operation::Insert),
+            (a, Operation::Update),
+            (b, Operation::Delete)
+        ]
+    );
+    for w in events.windows(2) {
+        assert!(
+            w[0].hlc < w[1].hlc,
+            "hlc must strictly increase in commit order"
+        );
+    }
+    assert!(events.iter().all(|e| e.node_id == node));
+    let expect_first = json!({"id": a.to_string(), "title": "first", "body": "hello", "stars": 3});
+    let expect_updated =
+        json!({"id": a.to_string(), "title": "first!", "body": "hello", "stars": 4});
+    assert_eq!(events[0].old_values, None);
+    assert_eq!(events[0].new_values, Some(obj(expect_first.clone())));
+    assert_eq!(events[2].old_values, Some(obj(expect_first)));
+    assert_eq!(events[2].new_values, Some(obj(expect_updated.clone())));
+    assert_eq!(
+        events[3].old_values,
+        Some(obj(
+            json!({"id": b.to_string(), "title": "second", "body": null, "stars": 0})
+        ))
+    );
+    assert_eq!(events[3].new_values, None);
+
+    // The row carries the stamp of its last event; the version is recorded.
+    let stamp = db.sql(&format!(
+        "SELECT hlc_modified || ',' || node_id FROM notes WHERE id = '{a}'"
+    ));
+    assert_eq!(stamp, format!("{},{}", events[2].hlc.encode(), node));
+    let va = store.version("notes", a).await.expect("v").expect("some");
+    assert_eq!((va.event_id, va.deleted), (events[2].event_id, false));
+    let vb = store
+        .version("notes", b)
+        .await
+        .expect("v")
+        .expect("tombstone");
+    assert!(vb.deleted, "a delete leaves a tombstone");
+    assert_eq!(
+        store.get("notes", a).await.expect("get"),
+        Some(obj(expect_updated))
+    );
+    assert_eq!(store.get("notes", b).await.expect("get"), None);
+    // Every stored HLC is above every earlier one, and the vector says so.
+    assert_eq!(store.vector().await.expect("vv").get(node), events[3].hlc);
+    store.close().await;
+}
+
+async fn key_change_is_delete_plus_insert(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let (a, b) = (id(1), id(2));
+    db.sql(&format!(
+        "INSERT INTO notes (id, title) VALUES ('{a}', 'x')"
+    ));
+    db.sql(&format!("UPDATE notes SET id = '{b}' WHERE id = '{a}'"));
+    store.drain().await.expect("drain");
+    let ops: Vec<_> = all_events(&store)
+        .await
+        .iter()
+        .map(|e| (e.record_id, e.operation))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (a, Operation::Insert),
+            (a, Operation::Delete),
+            (b, Operation::Insert)
+        ]
+    );
+    store.close().await;
+}
+
+async fn non_ulid_keys_are_refused_by_the_trigger(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    for bad in [
+        "not-a-ulid",
+        "01ARZ3NDEKTSV4RRFFQ69G5fav",
+        "81ARZ3NDEKTSV4RRFFQ69G5FAV",
+    ] {
+        let err = db
+            .client(&format!(
+                "INSERT INTO notes (id, title) VALUES ('{bad}', 'x')"
+            ))
+            .expect_err(bad);
+        assert!(err.contains("must be a ULID in canonical form"), "{err}");
+    }
+    assert_eq!(db.sql("SELECT COUNT(*) FROM notes"), "0");
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+    store.close().await;
+}
+
+async fn own_writes_are_not_captured(db: TestDb) {
+    let node = Ulid::generate();
+    let store = with_notes(&db, node).await;
+    let a = id(7);
+    let put = store
+        .put("notes", a, &obj(json!({"title": "api", "stars": 9})))
+        .await
+        .expect("put");
+    assert_eq!(put.operation, Operation::Insert);
+    assert_eq!(
+        put.new_values,
+        Some(obj(
+            json!({"id": a.to_string(), "title": "api", "body": null, "stars": 9})
+        ))
+    );
+    let upd = store
+        .put("notes", a, &obj(json!({"body": "more"})))
+        .await
+        .expect("put again");
+    assert_eq!(upd.operation, Operation::Update);
+    assert_eq!(upd.old_values, put.new_values);
+    assert_eq!(
+        upd.new_values.as_ref().and_then(|v| v.get("body")),
+        Some(&json!("more"))
+    );
+    assert_eq!(
+        upd.new_values.as_ref().and_then(|v| v.get("title")),
+        Some(&json!("api"))
+    );
+    let del = store
+        .delete("notes", a)
+        .await
+        .expect("delete")
+        .expect("existed");
+    assert_eq!(del.operation, Operation::Delete);
+    assert_eq!(del.old_values, upd.new_values);
+    assert!(store.delete("notes", a).await.expect("delete").is_none());
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+    assert_eq!(store.drain().await.expect("drain").events, 0);
+    let events = all_events(&store).await;
+    assert_eq!(
+        events.len(),
+        3,
+        "each API write is one event, never captured again"
+    );
+    assert!(events.windows(2).all(|w| w[0].hlc < w[1].hlc));
+    store.close().await;
+}
+
+async fn api_input_is_checked(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let a = id(1);
+    let err = store
+        .put("nope", a, &Values::new())
+        .await
+        .expect_err("unknown table");
+    assert!(matches!(err, StoreError::UnknownTable { .. }), "{err}");
+    assert!(err.to_string().contains("\"nope\""), "{err}");
+    let err = store
+        .put("notes", a, &obj(json!({"title": "x", "colour": "red"})))
+        .await
+        .expect_err("unknown column");
+    assert!(
+        err.to_string().contains("no replicated column \"colour\""),
+        "{err}"
+    );
+    let err = store
+        .put(
+            "notes",
+            a,
+            &obj(json!({"title": "x\"; DROP TABLE notes; --", "\"; DROP TABLE notes; --": 1})),
+        )
+        .await
+        .expect_err("hostile column");
+    assert!(matches!(err, StoreError::UnknownColumn { .. }), "{err}");
+    let err = store
+        .put("notes", a, &obj(json!({"hlc_modified": 5})))
+        .await
+        .expect_err("stamp column");
+    assert!(err.to_string().contains("maintained by Tidemark"), "{err}");
+    let err = store
+        .put("notes", a, &obj(json!({"id": id(2).to_string()})))
+        .await
+        .expect_err("pk mismatch");
+    assert!(
+        err.to_string().contains("does not match record id"),
+        "{err}"
+    );
+    assert!(all_events(&store).await.is_empty(), "nothing was written");
+    assert_eq!(db.sql("SELECT COUNT(*) FROM notes"), "0");
+    store.close().await;
+}
+
+async fn registration_checks_the_key(db: TestDb) {
+    let store = open(&db, Ulid::generate()).await;
+    db.sql("CREATE TABLE intkey (id INTEGER PRIMARY KEY, v TEXT)");
+    db.sql("CREATE TABLE nokey (id TEXT, v TEXT)");
+    db.sql("CREATE TABLE twokeys (a TEXT, b TEXT, PRIMARY KEY (a, b))");
+    db.sql(&format!(
+        "CREATE TABLE badrows (id {} PRIMARY KEY, v TEXT)",
+        db.ulid_type()
+    ));
+    db.sql("INSERT INTO badrows (id, v) VALUES ('short', 'x')");
+    let cases = [
+        ("intkey", "primary key id has type"),
+        ("nokey", "primary key is missing"),
+        ("twokeys", "primary key is (a, b)"),
+        ("missing_table", "no such table"),
+        ("badrows", "holds \"short\" which is not a ULID"),
+        ("tidemark_nodes", "reserved"),
+        ("change_events", "reserved"),
+        ("bad-name", "not a plain SQL identifier"),
+    ];
+    for (table, expect) in cases {
+        let err = store
+            .register_table(table, ConflictPolicy::Lww)
+            .await
+            .expect_err(table)
+            .to_string();
+        assert!(err.contains(expect), "{table}: {err}");
+    }
+    // A refused registration changed nothing: no columns added, no trigger installed.
+    let cols = match db.kind() {
+        "sqlite" => db.sql("SELECT group_concat(name) FROM pragma_table_info('badrows')"),
+        _ => db.sql("SELECT string_agg(column_name, ',' ORDER BY ordinal_position) FROM information_schema.columns WHERE table_name = 'badrows'"),
+    };
+    assert_eq!(cols, "id,v");
+    db.sql("INSERT INTO badrows (id, v) VALUES ('alsoshort', 'y')");
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+    assert!(store.tables().is_empty());
+    store.close().await;
+}
+
+async fn registration_snapshots_existing_rows(db: TestDb) {
+    db.sql(&notes_ddl(&db));
+    let (a, b) = (id(1), id(2));
+    db.sql(&format!(
+        "INSERT INTO notes (id, title) VALUES ('{a}', 'old a'), ('{b}', 'old b')"
+    ));
+    let store = open(&db, Ulid::generate()).await;
+    let info = store
+        .register_table("notes", ConflictPolicy::Manual)
+        .await
+        .expect("register");
+    assert_eq!(info.columns, vec!["id", "title", "body", "stars"]);
+    assert_eq!(info.primary_key, "id");
+    assert_eq!(store.drain().await.expect("drain").events, 2);
+    let events = all_events(&store).await;
+    assert!(events.iter().all(|e| e.operation == Operation::Insert));
+    assert_eq!(
+        events[0].new_values.as_ref().and_then(|v| v.get("title")),
+        Some(&json!("old a"))
+    );
+    // Registering again (e.g. at every start) keeps the id, updates the policy,
+    // and does not snapshot again.
+    let again = store
+        .register_table("notes", ConflictPolicy::Lww)
+        .await
+        .expect("again");
+    assert_eq!(again.datatype_id, info.datatype_id);
+    assert_eq!(
+        store.table("notes").expect("t").conflict_policy,
+        ConflictPolicy::Lww
+    );
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+    // A column added later is picked up by re-registration.
+    db.sql("ALTER TABLE notes ADD COLUMN tag TEXT");
+    let re = store
+        .register_table("notes", ConflictPolicy::Lww)
+        .await
+        .expect("re");
+    assert_eq!(re.columns, vec!["id", "title", "body", "stars", "tag"]);
+    db.sql(&format!("UPDATE notes SET tag = 'x' WHERE id = '{a}'"));
+    store.drain().await.expect("drain");
+    let last = all_events(&store).await.pop().expect("event");
+    assert_eq!(
+        last.new_values.as_ref().and_then(|v| v.get("tag")),
+        Some(&json!("x"))
+    );
+    store.close().await;
+}
+
+async fn remote_apply_is_idempotent_and_lww(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let (peer1, peer2) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
+    let r = id(5);
+    let v1 = remote_event(
+        peer1,
+        hlc_at(-3_000, 0),
+        r,
+        Operation::Insert,
+        Some(json!({"id": r.to_string(), "title": "from peer1", "body": null, "stars": 1})),
+    );
+    let out = store
+        .apply_remote(std::slice::from_ref(&v1))
+        .await
+        .expect("apply");
+    assert_eq!((out.applied, out.duplicates), (1, 0));
+    let row = store.get("notes", r).await.expect("get").expect("row");
+    assert_eq!(row.get("title"), Some(&json!("from peer1")));
+    // The same event again changes nothing.
+    let before = db.sql("SELECT id || title || hlc_modified || node_id FROM notes");
+    let out = store
+        .apply_remote(std::slice::from_ref(&v1))
+        .await
+        .expect("apply again");
+    assert_eq!((out.applied, out.duplicates), (0, 1));
+    assert_eq!(
+        db.sql("SELECT id || title || hlc_modified || node_id FROM notes"),
+        before
+    );
+    assert_eq!(all_events(&store).await.len(), 1);
+    // The daemon's apply was not captured.
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+
+    // A newer delete from peer2, then a late older update from peer1: stays deleted.
+    let del = remote_event(peer2, hlc_at(-1_000, 0), r, Operation::Delete, None);
+    let late = remote_event(
+        peer1,
+        hlc_at(-2_000, 0),
+        r,
+        Operation::Update,
+        Some(json!({"id": r.to_string(), "title": "late", "body": null, "stars": 2})),
+    );
+    let out = store.apply_remote(&[del.clone()]).await.expect("delete");
+    assert_eq!(out.applied, 1);
+    let out = store.apply_remote(&[late.clone()]).await.expect("late");
+    assert_eq!((out.applied, out.superseded), (0, 1));
+    assert_eq!(
+        store.get("notes", r).await.expect("get"),
+        None,
+        "no resurrection"
+    );
+    let v = store
+        .version("notes", r)
+        .await
+        .expect("v")
+        .expect("tombstone");
+    assert_eq!(v.event_id, del.event_id);
+    // Every event is kept for audit and relay.
+    assert_eq!(store.history("notes", r).await.expect("history").len(), 3);
+    let vv = store.vector().await.expect("vv");
+    assert_eq!(vv.get(peer1), late.hlc);
+    assert_eq!(vv.get(peer2), del.hlc);
+    // The clock moved past what it observed.
+    assert!(store.clock().now() > del.hlc);
+    store.close().await;
+}
+
+async fn concurrent_versions_converge_in_any_order(db: TestDb) {
+    // Two stores on the same backend kind receive the same events in opposite orders.
+    let other = match db.kind() {
+        "sqlite" => TestDb::sqlite(),
+        _ => TestDb::postgres(),
+    };
+    let s1 = with_notes(&db, Ulid::generate()).await;
+    let s2 = with_notes(&other, Ulid::generate()).await;
+    let (p1, p2, p3) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+    );
+    let r = id(9);
+    let same = hlc_at(-500, 0);
+    let events = vec![
+        remote_event(
+            p1,
+            hlc_at(-900, 0),
+            r,
+            Operation::Insert,
+            Some(json!({"id": r.to_string(), "title": "a", "body": null, "stars": 1})),
+        ),
+        remote_event(
+            p2,
+            same,
+            r,
+            Operation::Update,
+            Some(json!({"id": r.to_string(), "title": "b", "body": null, "stars": 2})),
+        ),
+        remote_event(
+            p3,
+            same,
+            r,
+            Operation::Update,
+            Some(json!({"id": r.to_string(), "title": "c", "body": null, "stars": 3})),
+        ),
+    ];
+    for e in &events {
+        s1.apply_remote(std::slice::from_ref(e))
+            .await
+            .expect("apply s1");
+    }
+    for e in events.iter().rev() {
+        s2.apply_remote(std::slice::from_ref(e))
+            .await
+            .expect("apply s2");
+    }
+    let g1 = s1.get("notes", r).await.expect("g1");
+    let g2 = s2.get("notes", r).await.expect("g2");
+    assert_eq!(g1, g2);
+    // Same hlc: the greater node id (p3) wins.
+    assert_eq!(g1.expect("row").get("title"), Some(&json!("c")));
+    let v1 = s1.version("notes", r).await.expect("v").expect("v");
+    let v2 = s2.version("notes", r).await.expect("v").expect("v");
+    assert_eq!(v1, v2);
+    s1.close().await;
+    s2.close().await;
+}
+
+async fn bad_remote_events_change_nothing(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let peer = Ulid::from_parts(1, 1);
+    let r = id(3);
+    let good = remote_event(
+        peer,
+        hlc_at(-100, 0),
+        r,
+        Operation::Insert,
+        Some(json!({"id": r.to_string(), "title": "ok", "body": null, "stars": 1})),
+    );
+    let mut unknown_table = remote_event(
+        peer,
+        hlc_at(-90, 0),
+        r,
+        Operation::Insert,
+        Some(json!({"id": r.to_string(), "title": "x"})),
+    );
+    unknown_table.table_name = "users; DROP TABLE notes".into();
+    let unknown_column = remote_event(
+        peer,
+        hlc_at(-80, 0),
+        r,
+        Operation::Update,
+        Some(json!({"id": r.to_string(), "title\" = 'pwned' --": "x"})),
+    );
+    let delete_with_values = remote_event(
+        peer,
+        hlc_at(-70, 0),
+        r,
+        Operation::Delete,
+        Some(json!({"id": r.to_string()})),
+    );
+    let future = remote_event(
+        peer,
+        hlc_at(3_600_000, 0),
+        r,
+        Operation::Update,
+        Some(json!({"id": r.to_string(), "title": "future"})),
+    );
+    let wrong_pk = remote_event(
+        peer,
+        hlc_at(-60, 0),
+        r,
+        Operation::Update,
+        Some(json!({"id": id(4).to_string(), "title": "x"})),
+    );
+    let mut bad_vv = remote_event(
+        peer,
+        hlc_at(-50, 0),
+        r,
+        Operation::Update,
+        Some(json!({"id": r.to_string(), "title": "x"})),
+    );
+    bad_vv.metadata = Some(json!({"vv": {"not-a-ulid": 1}}));
+    let cases: Vec<(ChangeEvent, &str)> = vec![
+        (unknown_table, "is not a replicated table"),
+        (unknown_column, "has no replicated column"),
+        (delete_with_values, "a DELETE carries no new values"),
+        (future, "ahead of local wall clock"),
+        (wrong_pk, "does not match record id"),
+        (bad_vv, "is not a ULID"),
+    ];
+    for (bad, expect) in cases {
+        // The good event travels in the same batch: the whole batch is refused.
+        let err = store
+            .apply_remote(&[good.clone(), bad])
+            .await
+            .expect_err(expect)
+            .to_string();
+        assert!(err.contains(expect), "{expect}: {err}");
+        assert!(all_events(&store).await.is_empty());
+        assert_eq!(db.sql("SELECT COUNT(*) FROM notes"), "0");
+    }
+    // Out-of-order events of one origin are refused too.
+    let later = remote_event(
+        peer,
+        hlc_at(-10, 0),
+        id(8),
+        Operation::Insert,
+        Some(json!({"id": id(8).to_string(), "title": "later"})),
+    );
+    let err = store
+        .apply_remote(&[later, good.clone()])
+        .await
+        .expect_err("order");
+    assert!(err.to_string().contains("out of order"), "{err}");
+    // Malformed ids and operations are named when parsed.
+    let err = tidemark_store::model::parse_ulid("event_id", "01ARZ3NDEK").expect_err("short");
+    assert_eq!(
+        err.to_string(),
+        "invalid event_id: \"01ARZ3NDEK\" is not a ULID (must be 26 characters, got 10)"
+    );
+    let err = "UPSERT".parse::<Operation>().expect_err("op");
+    assert_eq!(
+        err.to_string(),
+        "invalid operation: \"UPSERT\" is not one of INSERT, UPDATE, DELETE"
+    );
+    // And the good event alone still applies.
+    store.apply_remote(&[good]).await.expect("good alone");
+    assert_eq!(db.sql("SELECT title FROM notes"), "ok");
+    store.close().await;
+}
+
+async fn events_after_a_vector(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let peer = Ulid::from_parts(1, 1);
+    let mut remote = Vec::new();
+    for i in 0..5u16 {
+        let r = id(100 + u128::from(i));
+        remote.push(remote_event(
+            peer,
+            hlc_at(-5_000, i),
+            r,
+            Operation::Insert,
+            Some(json!({"id": r.to_string(), "title": format!("p{i}")})),
+        ));
+    }
+    store.apply_remote(&remote).await.expect("apply");
+    for i in 0..3 {
+        store
+            .put("notes", id(200 + i), &obj(json!({"title": "mine"})))
+            .await
+            .expect("put");
+    }
+    let all = all_events(&store).await;
+    assert_eq!(all.len(), 8);
+    assert!(
+        all.windows(2).all(|w| w[0].order() < w[1].order()),
+        "oldest first"
+    );
+    // A receiver that has peer's first two events and none of ours.
+    let mut have = VersionVector::new();
+    have.observe(peer, remote[1].hlc);
+    let got = store.events_after(&have, 100).await.expect("after");
+    assert_eq!(got.len(), 6);
+    assert_eq!(got.iter().filter(|e| e.node_id == peer).count(), 3);
+    assert_eq!(got[0].event_id, remote[2].event_id);
+    // The limit cuts in the total order.
+    let two = store.events_after(&have, 2).await.expect("limit");
+    assert_eq!(
+        two.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        got[..2].iter().map(|e| e.event_id).collect::<Vec<_>>()
+    );
+    // A receiver with everything gets nothing.
+    let full = store.vector().await.expect("vv");
+    assert!(
+        store
+            .events_after(&full, 100)
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    store.close().await;
+}
+
+async fn synced_when_every_peer_acked(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let (p1, p2) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
+    let e1 = store
+        .put("notes", id(1), &obj(json!({"title": "1"})))
+        .await
+        .expect("put");
+    let e2 = store
+        .put("notes", id(2), &obj(json!({"title": "2"})))
+        .await
+        .expect("put");
+    assert_eq!(store.count_unsynced().await.expect("n"), 2);
+    assert_eq!(
+        store.mark_synced(&[]).await.expect("none"),
+        0,
+        "no peers: nothing is synced"
+    );
+    let mut acked = VersionVector::new();
+    acked.observe(me, e1.hlc);
+    store.record_ack(p1, &acked).await.expect("ack p1");
+    assert_eq!(
+        store.mark_synced(&[p1, p2]).await.expect("mark"),
+        0,
+        "p2 has not acked"
+    );
+    store.record_ack(p2, &acked).await.expect("ack p2");
+    assert_eq!(store.mark_synced(&[p1, p2]).await.expect("mark"), 1);
+    assert_eq!(store.count_unsynced().await.expect("n"), 1);
+    let mut all = VersionVector::new();
+    all.observe(me, e2.hlc);
+    store.record_ack(p1, &all).await.expect("ack");
+    // An older ack never lowers progress.
+    store.record_ack(p1, &acked).await.expect("old ack");
+    assert_eq!(store.peer_progress(p1).await.expect("p").get(me), e2.hlc);
+    store.record_ack(p2, &all).await.expect("ack");
+    assert_eq!(store.mark_synced(&[p1, p2]).await.expect("mark"), 1);
+    assert_eq!(store.count_unsynced().await.expect("n"), 0);
+    let synced = db.sql("SELECT COUNT(*) FROM change_events WHERE synced_at IS NOT NULL");
+    assert_eq!(synced, "2");
+    store.close().await;
+}
+
+async fn identity_and_clock_survive_restart(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let mut last = Hlc::ZERO;
+    for i in 0..20 {
+        last = store
+            .put("notes", id(i), &obj(json!({"title": "x"})))
+            .await
+            .expect("put")
+            .hlc;
+    }
+    store.close().await;
+    // Another node id on the same database is refused.
+    let url: StoreUrl = db.url().parse().expect("url");
+    let err = Store::open(&url, clock(Ulid::generate()))
+        .await
+        .expect_err("mismatch");
+    assert!(
+        matches!(err, StoreError::IdentityMismatch { key: "node_id", .. }),
+        "{err}"
+    );
+    // The same node restarts with a fresh clock that continues above the log.
+    let store = open(&db, me).await;
+    assert!(store.clock().now() > last);
+    let next = store
+        .put("notes", id(99), &obj(json!({"title": "y"})))
+        .await
+        .expect("put");
+    assert!(next.hlc > last);
+    store.bind_cluster("alpha").await.expect("bind");
+    store.bind_cluster("alpha").await.expect("same cluster");
+    let err = store.bind_cluster("beta").await.expect_err("other cluster");
+    assert!(
+        err.to_string()
+            .contains("cluster_id is alpha in the database but beta"),
+        "{err}"
+    );
+    store.close().await;
+}
+
+async fn restart_with_persisted_hlc_far_ahead_is_refused(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    // An event applied while this node tolerated a large drift...
+    let peer = Ulid::from_parts(1, 1);
+    let ahead = hlc_at(4_000, 0);
+    store
+        .apply_remote(&[remote_event(
+            peer,
+            ahead,
+            id(1),
+            Operation::Insert,
+            Some(json!({"id": id(1).to_string(), "title": "ahead"})),
+        )])
+        .await
+        .expect("apply");
+    store.close().await;
+    // ...then a restart with a tighter bound: the clock cannot start below it.
+    let url: StoreUrl = db.url().parse().expect("url");
+    let tight = Arc::new(Clock::new(me, 100, WallClock::System).expect("clock"));
+    let err = Store::open(&url, tight).await.expect_err("persisted ahead");
+    assert!(
+        err.to_string().contains("highest persisted timestamp"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(tidemark_tests::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(tidemark_tests::TestDb::postgres()).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    migrations_up_down_up,
+    direct_writes_are_captured_exactly_once,
+    key_change_is_delete_plus_insert,
+    non_ulid_keys_are_refused_by_the_trigger,
+    own_writes_are_not_captured,
+    api_input_is_checked,
+    registration_checks_the_key,
+    registration_snapshots_existing_rows,
+    remote_apply_is_idempotent_and_lww,
+    concurrent_versions_converge_in_any_order,
+    bad_remote_events_change_nothing,
+    events_after_a_vector,
+    synced_when_every_peer_acked,
+    identity_and_clock_survive_restart,
+    restart_with_persisted_hlc_far_ahead_is_refused,
+);
+
+#[tokio::test]
+async fn sqlite_missing_directory_is_named() {
+    let url: StoreUrl = "sqlite:///nonexistent-dir-xyz/node.db"
+        .parse()
+        .expect("url");
+    let err = Store::open(&url, clock(Ulid::generate()))
+        .await
+        .expect_err("missing dir");
+    assert_eq!(
+        err.to_string(),
+        "SQLite database directory /nonexistent-dir-xyz does not exist (database file /nonexistent-dir-xyz/node.db)"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_named() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut opts: tidemark_store::PostgresOptions =
+        format!("postgres://u:secret@127.0.0.1:{port}/db")
+            .parse()
+            .expect("url");
+    opts.connect_timeout = std::time::Duration::from_secs(2);
+    let err = Store::open(&StoreUrl::Postgres(opts), clock(Ulid::generate()))
+        .await
+        .expect_err("unreachable");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}")),
+        "{msg}"
+    );
+    assert!(!msg.contains("secret"), "password leaked: {msg}");
+}
+
+#[test]
+fn bad_urls_are_named() {
+    let err = "mysql://x".parse::<StoreUrl>().expect_err("mysql");
+    assert!(
+        err.to_string()
+            .contains("expected sqlite://PATH or postgres://"),
+        "{err}"
+    );
+    let err = "postgres://u:pw@host:notaport/db"
+        .parse::<StoreUrl>()
+        .expect_err("port");
+    assert!(!err.to_string().contains("pw@"), "{err}");
+}
