@@ -460,9 +460,15 @@ async fn remote_apply_is_idempotent_and_lww(db: TestDb) {
         Operation::Update,
         Some(json!({"id": r.to_string(), "title": "late", "body": null, "stars": 2})),
     );
-    let out = store.apply_remote(&[del.clone()]).await.expect("delete");
+    let out = store
+        .apply_remote(std::slice::from_ref(&del))
+        .await
+        .expect("delete");
     assert_eq!(out.applied, 1);
-    let out = store.apply_remote(&[late.clone()]).await.expect("late");
+    let out = store
+        .apply_remote(std::slice::from_ref(&late))
+        .await
+        .expect("late");
     assert_eq!((out.applied, out.superseded), (0, 1));
     assert_eq!(
         store.get("notes", r).await.expect("get"),

@@ -1,1 +1,113 @@
-fn main() {}
+//! `tidemark`: the replication daemon and its tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tidemark::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidemark",
+    version,
+    about = "Change-data-capture replication for SQLite and PostgreSQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// The node's TOML config; keys can be overridden by TIDEMARK_<SECTION>__<KEY>.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and print the settings it gives, without starting.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a three-node cluster on local SQLite files, write to it, and show it converge.
+    Demo {
+        /// Keep the demo's databases and configs in this directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print a new ULID (for node.id).
+    NewId,
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = EnvFilter::try_from_env("TIDEMARK_LOG")
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<tidemark::Settings, String> {
+    let config =
+        Config::load(path).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+    config.validate().map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
+        format!("invalid config {}:\n{}", path.display(), lines.join("\n"))
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Run { config } => match load(&config) {
+            Ok(settings) => {
+                init_logging(&settings.log.level, settings.log.format == "json");
+                runtime.block_on(tidemark::run(settings))
+            }
+            Err(msg) => {
+                eprintln!("tidemark: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(settings) => {
+                println!("{settings:#?}");
+                Ok(())
+            }
+            Err(msg) => {
+                eprintln!("tidemark: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Demo { dir } => {
+            init_logging("error", false);
+            runtime.block_on(tidemark::demo::run(dir))
+        }
+        Command::NewId => {
+            println!("{}", ulid::Ulid::generate());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

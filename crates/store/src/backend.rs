@@ -187,6 +187,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
     /// Number of captured direct writes not yet drained.
     fn pending_captures(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// Whether any captured direct write waits to be drained (cheap).
+    fn has_captures(&self) -> impl Future<Output = Result<bool>> + Send;
 
     /// Records that `peer` has durably applied everything up to `vector`.
     fn record_ack(

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
 use tidemark_hlc::{Clock, Hlc};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use ulid::Ulid;
 
 use crate::backend::Backend;
@@ -35,6 +35,8 @@ pub struct Engine<B: Backend> {
     /// Serialises the daemon's write transactions, so this node's events enter the
     /// log in HLC order per origin (the invariant version vectors rely on).
     writer: Mutex<()>,
+    /// Bumped after every commit that added events, so senders wake at once.
+    commits: watch::Sender<u64>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -69,6 +71,7 @@ impl<B: Backend> Engine<B> {
             clock,
             tables: RwLock::new(HashMap::new()),
             writer: Mutex::new(()),
+            commits: watch::Sender::new(0),
         };
         let persisted = engine.backend.max_hlc().await?;
         engine.clock.seed(persisted)?;
@@ -86,6 +89,15 @@ impl<B: Backend> Engine<B> {
 
     pub fn clock(&self) -> &Arc<Clock> {
         &self.clock
+    }
+
+    /// A receiver that changes after every commit that added events to the log.
+    pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    fn committed(&self) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Checks the cluster id stored in the database against `cluster_id`, storing it
@@ -227,6 +239,9 @@ impl<B: Backend> Engine<B> {
         let outcome = self.drain_in(&mut tx).await?;
         if outcome.events > 0 || outcome.unchanged > 0 {
             self.backend.commit(tx).await?;
+        }
+        if outcome.events > 0 {
+            self.committed();
         }
         Ok(outcome)
     }
@@ -433,6 +448,9 @@ impl<B: Backend> Engine<B> {
             if drained.events > 0 || drained.unchanged > 0 {
                 self.backend.commit(tx).await?;
             }
+            if drained.events > 0 {
+                self.committed();
+            }
             return Ok(None);
         };
         let local = self
@@ -469,6 +487,7 @@ impl<B: Backend> Engine<B> {
         own.observe(self.node_id, event.hlc);
         self.backend.raise_vector(&mut tx, &own).await?;
         self.backend.commit(tx).await?;
+        self.committed();
         Ok(event)
     }
 
@@ -635,6 +654,7 @@ impl<B: Backend> Engine<B> {
         }
         if !fresh.is_empty() || outcome.drained > 0 {
             self.backend.commit(tx).await?;
+            self.committed();
         }
         Ok(outcome)
     }
@@ -710,6 +730,10 @@ impl<B: Backend> Engine<B> {
 
     pub async fn pending_captures(&self) -> Result<u64> {
         self.backend.pending_captures().await
+    }
+
+    pub async fn has_captures(&self) -> Result<bool> {
+        self.backend.has_captures().await
     }
 
     pub async fn close(&self) {

@@ -71,6 +71,30 @@ impl std::str::FromStr for StoreUrl {
     }
 }
 
+/// Waits for direct writes to drain; see [`Store::capture_waiter`].
+#[derive(Debug)]
+pub struct CaptureWaiter {
+    listener: Option<sqlx::postgres::PgListener>,
+    poll: std::time::Duration,
+}
+
+impl CaptureWaiter {
+    /// Returns when captures may be pending: on a notification, or after the poll
+    /// interval. Never errors: a lost listener connection degrades to polling
+    /// until sqlx reconnects it.
+    pub async fn wait(&mut self) {
+        match &mut self.listener {
+            Some(l) => {
+                if let Ok(Err(e)) = tokio::time::timeout(self.poll, l.recv()).await {
+                    tracing::debug!(error = %e, "capture listener interrupted");
+                    tokio::time::sleep(self.poll).await;
+                }
+            }
+            None => tokio::time::sleep(self.poll).await,
+        }
+    }
+}
+
 /// The store handle: one backend, chosen at start.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -188,6 +212,29 @@ impl Store {
 
     pub async fn pending_captures(&self) -> Result<u64> {
         dispatch!(self, e => e.pending_captures().await)
+    }
+
+    pub async fn has_captures(&self) -> Result<bool> {
+        dispatch!(self, e => e.has_captures().await)
+    }
+
+    /// A receiver that changes after every commit that added events to the log.
+    pub fn subscribe_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        dispatch!(self, e => e.subscribe_commits())
+    }
+
+    /// Something to wait on for new direct writes: PostgreSQL's LISTEN/NOTIFY (with
+    /// `poll` as a fallback), or polling every `poll` on SQLite.
+    pub async fn capture_waiter(&self, poll: std::time::Duration) -> Result<CaptureWaiter> {
+        let listener = match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(e) => {
+                let mut l = sqlx::postgres::PgListener::connect_with(e.backend().pool()).await?;
+                l.listen(postgres::CAPTURE_CHANNEL).await?;
+                Some(l)
+            }
+        };
+        Ok(CaptureWaiter { listener, poll })
     }
 
     pub async fn applied_migrations(&self) -> Result<Vec<i64>> {

@@ -30,6 +30,8 @@ use crate::rows::{
 };
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
+/// The NOTIFY channel capture triggers signal.
+pub const CAPTURE_CHANNEL: &str = "tidemark_capture";
 const WALL_MS: &str = "CAST(round(extract(epoch FROM wall_timestamp) * 1000) AS BIGINT) AS wall_ms";
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -689,6 +691,13 @@ impl Backend for PostgresBackend {
             .fetch_one(&self.pool)
             .await?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn has_captures(&self) -> Result<bool> {
+        let (b,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM tidemark_capture_queue)")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(b)
     }
 
     async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {

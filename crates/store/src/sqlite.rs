@@ -730,6 +730,13 @@ impl Backend for SqliteBackend {
         Ok(n.max(0) as u64)
     }
 
+    async fn has_captures(&self) -> Result<bool> {
+        let (b,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM tidemark_capture_queue)")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(b)
+    }
+
     async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         for (origin, hlc) in &vector.0 {

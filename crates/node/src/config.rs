@@ -1,0 +1,631 @@
+//! The daemon's configuration: a TOML file, every key overridable by an
+//! environment variable `TIDEMARK_<SECTION>__<KEY>` (e.g. `TIDEMARK_STORE__URL`,
+//! `TIDEMARK_SERVER__LISTEN_ADDR`), validated at start with errors that name the
+//! key and the bad value.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use tidemark_replicator::{LocalNode, Peer, ReplicationOptions};
+use tidemark_store::{ConflictPolicy, StoreUrl};
+use ulid::Ulid;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "TIDEMARK_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id, a ULID (`tidemark new-id` prints one).
+    pub id: String,
+    /// A human-readable name, for logs.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Nodes only replicate with nodes of the same cluster.
+    pub cluster_id: String,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    pub url: String,
+    #[serde(default = "StoreConfig::default_max_connections")]
+    pub max_connections: u32,
+    /// SQLite: how long to wait for another writer's lock.
+    #[serde(default = "StoreConfig::default_busy_timeout_ms")]
+    pub busy_timeout_ms: u64,
+    /// SQLite `PRAGMA synchronous`: `normal` (durable across process crashes) or
+    /// `full` (also across power loss).
+    #[serde(default = "StoreConfig::default_sqlite_synchronous")]
+    pub sqlite_synchronous: String,
+    /// PostgreSQL: how long to wait for a connection.
+    #[serde(default = "StoreConfig::default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// PostgreSQL: how long a daemon transaction waits for application writers
+    /// holding the capture queue before it is retried.
+    #[serde(default = "StoreConfig::default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &tidemark_store::postgres::redact(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("lock_timeout_ms", &self.lock_timeout_ms)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    const fn default_max_connections() -> u32 {
+        4
+    }
+    const fn default_busy_timeout_ms() -> u64 {
+        5_000
+    }
+    fn default_sqlite_synchronous() -> String {
+        "normal".into()
+    }
+    const fn default_connect_timeout_ms() -> u64 {
+        10_000
+    }
+    const fn default_lock_timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockConfig {
+    /// Remote timestamps further ahead of the local wall clock are refused.
+    #[serde(default = "ClockConfig::default_max_drift_ms")]
+    pub max_drift_ms: u64,
+}
+
+impl ClockConfig {
+    const fn default_max_drift_ms() -> u64 {
+        tidemark_hlc::Clock::DEFAULT_MAX_DRIFT_MS
+    }
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig {
+            max_drift_ms: Self::default_max_drift_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listener for peers and the write API.
+    #[serde(default = "ServerConfig::default_listen_addr")]
+    pub listen_addr: String,
+    /// Most concurrent gRPC streams per connection.
+    #[serde(default = "ServerConfig::default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Deadline for unary requests (the write API).
+    #[serde(default = "ServerConfig::default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+impl ServerConfig {
+    fn default_listen_addr() -> String {
+        "127.0.0.1:7070".into()
+    }
+    const fn default_max_concurrent_streams() -> u32 {
+        64
+    }
+    const fn default_request_timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen_addr: Self::default_listen_addr(),
+            max_concurrent_streams: Self::default_max_concurrent_streams(),
+            request_timeout_ms: Self::default_request_timeout_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    pub batch_size: u32,
+    pub max_batch_bytes: usize,
+    pub max_unacked_batches: usize,
+    pub max_batch_events: usize,
+    pub max_message_bytes: usize,
+    pub connect_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// SQLite: how often to look for direct writes to capture (PostgreSQL is woken
+    /// by NOTIFY and polls at this interval only as a fallback, at least 1 s).
+    pub capture_poll_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        let o = ReplicationOptions::default();
+        ReplicationConfig {
+            batch_size: o.batch_size,
+            max_batch_bytes: o.max_batch_bytes,
+            max_unacked_batches: o.max_unacked_batches,
+            max_batch_events: o.max_batch_events,
+            max_message_bytes: o.max_message_bytes,
+            connect_timeout_ms: o.connect_timeout_ms,
+            ack_timeout_ms: o.ack_timeout_ms,
+            reconnect_initial_ms: o.reconnect_initial_ms,
+            reconnect_max_ms: o.reconnect_max_ms,
+            capture_poll_ms: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's node id (ULID); the peer must answer with it.
+    pub node_id: String,
+    /// The peer's gRPC address, `http://HOST:PORT`.
+    pub address: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// A table with a single-column ULID primary key.
+    pub name: String,
+    /// `lww` (default) or `manual`.
+    #[serde(default = "TableConfig::default_policy")]
+    pub conflict_policy: String,
+}
+
+impl TableConfig {
+    fn default_policy() -> String {
+        "lww".into()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `tidemark=debug,info`...
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The checked form of a configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub local: LocalNode,
+    pub name: String,
+    pub store_url: StoreUrl,
+    pub max_drift_ms: u64,
+    pub listen_addr: SocketAddr,
+    pub max_concurrent_streams: u32,
+    pub request_timeout: Duration,
+    pub replication: ReplicationOptions,
+    pub capture_poll: Duration,
+    pub peers: Vec<Peer>,
+    pub tables: Vec<(String, ConflictPolicy)>,
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Reads `path`, then applies `TIDEMARK_*` environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(err(
+                "--config",
+                format!("{} does not exist or is not a file", path.display()),
+            ));
+        }
+        Self::from_figment(Figment::from(Toml::file_exact(path)))
+    }
+
+    /// Parses TOML text, then applies `TIDEMARK_*` environment overrides.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    fn from_figment(f: Figment) -> Result<Config, ConfigError> {
+        f.merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .extract()
+            .map_err(|e| {
+                let key = if e.path.is_empty() {
+                    "config".to_owned()
+                } else {
+                    e.path.join(".")
+                };
+                let source = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| format!(" (from {})", m.name))
+                    .unwrap_or_default();
+                err(key, format!("{}{source}", e.kind))
+            })
+    }
+
+    /// Checks every value; all problems are reported at once.
+    pub fn validate(&self) -> Result<Settings, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let node_id = match Ulid::from_string(&self.node.id) {
+            Ok(id) if id.0 != 0 => Some(id),
+            _ => {
+                errors.push(err(
+                    "node.id",
+                    format!("{:?} is not a ULID (26 Crockford base32 characters; `tidemark new-id` prints one)", self.node.id),
+                ));
+                None
+            }
+        };
+        if self.node.cluster_id.trim().is_empty() || self.node.cluster_id.len() > 128 {
+            errors.push(err(
+                "node.cluster_id",
+                format!("{:?} must be 1 to 128 characters", self.node.cluster_id),
+            ));
+        }
+        let store_url = match self.store.url.parse::<StoreUrl>() {
+            Ok(mut url) => {
+                match &mut url {
+                    StoreUrl::Sqlite(o) => {
+                        o.busy_timeout = Duration::from_millis(self.store.busy_timeout_ms);
+                        o.max_connections = self.store.max_connections;
+                        match self.store.sqlite_synchronous.as_str() {
+                            "normal" => o.synchronous_full = false,
+                            "full" => o.synchronous_full = true,
+                            other => errors.push(err(
+                                "store.sqlite_synchronous",
+                                format!("{other:?} is not one of normal, full"),
+                            )),
+                        }
+                    }
+                    StoreUrl::Postgres(o) => {
+                        o.max_connections = self.store.max_connections;
+                        o.connect_timeout = Duration::from_millis(self.store.connect_timeout_ms);
+                        o.lock_timeout = Duration::from_millis(self.store.lock_timeout_ms);
+                    }
+                }
+                Some(url)
+            }
+            Err(e) => {
+                errors.push(err("store.url", e.to_string()));
+                None
+            }
+        };
+        if !(1..=1024).contains(&self.store.max_connections) {
+            errors.push(err(
+                "store.max_connections",
+                format!("{} must be between 1 and 1024", self.store.max_connections),
+            ));
+        }
+        if self.clock.max_drift_ms == 0 || self.clock.max_drift_ms > 86_400_000 {
+            errors.push(err(
+                "clock.max_drift_ms",
+                format!(
+                    "{} must be between 1 and 86400000 (one day)",
+                    self.clock.max_drift_ms
+                ),
+            ));
+        }
+        let listen_addr = match self.server.listen_addr.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(err(
+                    "server.listen_addr",
+                    format!("{:?} is not an IP:PORT address", self.server.listen_addr),
+                ));
+                None
+            }
+        };
+        if self.server.max_concurrent_streams == 0 {
+            errors.push(err("server.max_concurrent_streams", "0 must be at least 1"));
+        }
+        let r = &self.replication;
+        let ranges: [(&str, u64, u64, u64); 9] = [
+            (
+                "replication.batch_size",
+                u64::from(r.batch_size),
+                1,
+                100_000,
+            ),
+            (
+                "replication.max_batch_bytes",
+                r.max_batch_bytes as u64,
+                1024,
+                256 << 20,
+            ),
+            (
+                "replication.max_unacked_batches",
+                r.max_unacked_batches as u64,
+                1,
+                1024,
+            ),
+            (
+                "replication.max_batch_events",
+                r.max_batch_events as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "replication.max_message_bytes",
+                r.max_message_bytes as u64,
+                64 << 10,
+                1 << 30,
+            ),
+            (
+                "replication.connect_timeout_ms",
+                r.connect_timeout_ms,
+                1,
+                600_000,
+            ),
+            ("replication.ack_timeout_ms", r.ack_timeout_ms, 1, 3_600_000),
+            (
+                "replication.reconnect_initial_ms",
+                r.reconnect_initial_ms,
+                1,
+                600_000,
+            ),
+            ("replication.capture_poll_ms", r.capture_poll_ms, 1, 60_000),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                errors.push(err(key, format!("{value} must be between {lo} and {hi}")));
+            }
+        }
+        if r.reconnect_max_ms < r.reconnect_initial_ms {
+            errors.push(err(
+                "replication.reconnect_max_ms",
+                format!(
+                    "{} must be at least replication.reconnect_initial_ms ({})",
+                    r.reconnect_max_ms, r.reconnect_initial_ms
+                ),
+            ));
+        }
+        if r.max_batch_bytes >= r.max_message_bytes {
+            errors.push(err(
+                "replication.max_batch_bytes",
+                format!(
+                    "{} must be below replication.max_message_bytes ({})",
+                    r.max_batch_bytes, r.max_message_bytes
+                ),
+            ));
+        }
+        let mut peers = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let key = format!("peers[{i}]");
+            match Ulid::from_string(&p.node_id) {
+                Ok(id) if Some(id) == node_id => errors.push(err(
+                    format!("{key}.node_id"),
+                    format!("{} is this node's own id", p.node_id),
+                )),
+                Ok(id) if !seen.insert(id) => errors.push(err(
+                    format!("{key}.node_id"),
+                    format!("{} is listed twice", p.node_id),
+                )),
+                Ok(id) => {
+                    let ok_scheme =
+                        p.address.starts_with("http://") || p.address.starts_with("https://");
+                    if !ok_scheme
+                        || tonic::transport::Endpoint::from_shared(p.address.clone()).is_err()
+                    {
+                        errors.push(err(
+                            format!("{key}.address"),
+                            format!("{:?} is not an http://HOST:PORT address", p.address),
+                        ));
+                    } else {
+                        peers.push(Peer {
+                            node_id: id,
+                            address: p.address.clone(),
+                        });
+                    }
+                }
+                Err(_) => errors.push(err(
+                    format!("{key}.node_id"),
+                    format!("{:?} is not a ULID", p.node_id),
+                )),
+            }
+        }
+        let mut tables = Vec::new();
+        let mut names = HashSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            let key = format!("tables[{i}]");
+            if let Err(e) = tidemark_store::ident::Ident::parse("name", &t.name) {
+                errors.push(err(format!("{key}.name"), e.to_string()));
+                continue;
+            }
+            if !names.insert(t.name.clone()) {
+                errors.push(err(
+                    format!("{key}.name"),
+                    format!("{} is listed twice", t.name),
+                ));
+            }
+            match t.conflict_policy.parse::<ConflictPolicy>() {
+                Ok(p) => tables.push((t.name.clone(), p)),
+                Err(_) => errors.push(err(
+                    format!("{key}.conflict_policy"),
+                    format!("{:?} is not one of lww, manual", t.conflict_policy),
+                )),
+            }
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            errors.push(err(
+                "log.format",
+                format!("{:?} is not one of text, json", self.log.format),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errors.push(err(
+                "log.level",
+                format!("{:?} is not a valid log filter", self.log.level),
+            ));
+        }
+        let (Some(node_id), Some(store_url), Some(listen_addr), true) =
+            (node_id, store_url, listen_addr, errors.is_empty())
+        else {
+            return Err(errors);
+        };
+        Ok(Settings {
+            local: LocalNode {
+                node_id,
+                cluster_id: self.node.cluster_id.clone(),
+            },
+            name: self
+                .node
+                .name
+                .clone()
+                .unwrap_or_else(|| node_id.to_string()),
+            store_url,
+            max_drift_ms: self.clock.max_drift_ms,
+            listen_addr,
+            max_concurrent_streams: self.server.max_concurrent_streams,
+            request_timeout: Duration::from_millis(self.server.request_timeout_ms),
+            replication: ReplicationOptions {
+                batch_size: r.batch_size,
+                max_batch_bytes: r.max_batch_bytes,
+                max_unacked_batches: r.max_unacked_batches,
+                max_batch_events: r.max_batch_events,
+                max_message_bytes: r.max_message_bytes,
+                connect_timeout_ms: r.connect_timeout_ms,
+                ack_timeout_ms: r.ack_timeout_ms,
+                reconnect_initial_ms: r.reconnect_initial_ms,
+                reconnect_max_ms: r.reconnect_max_ms,
+            },
+            capture_poll: Duration::from_millis(r.capture_poll_ms),
+            peers,
+            tables,
+            log: self.log.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [node]
+        id = "01JD0000000000000000000001"
+        cluster_id = "test"
+        [store]
+        url = "sqlite:///tmp/x.db"
+        [[peers]]
+        node_id = "01JD0000000000000000000002"
+        address = "http://127.0.0.1:7071"
+        [[tables]]
+        name = "notes"
+    "#;
+
+    #[test]
+    fn good_config_validates() {
+        let s = Config::from_toml(GOOD)
+            .expect("parse")
+            .validate()
+            .expect("valid");
+        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.tables, vec![("notes".to_owned(), ConflictPolicy::Lww)]);
+        assert_eq!(s.listen_addr.port(), 7070);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml(&GOOD.replace("cluster_id", "clusterid")).expect_err("unknown");
+        assert!(e.to_string().contains("clusterid"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_all_named() {
+        let text = GOOD
+            .replace("01JD0000000000000000000001", "nope")
+            .replace("http://127.0.0.1:7071", "127.0.0.1:7071")
+            .replace(
+                "name = \"notes\"",
+                "name = \"bad-name\"\nconflict_policy = \"newest\"",
+            )
+            .replace("sqlite:///tmp/x.db", "mysql://x");
+        let errs = Config::from_toml(&text)
+            .expect("parse")
+            .validate()
+            .expect_err("invalid");
+        let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        let joined = all.join("\n");
+        for expect in [
+            "node.id: \"nope\" is not a ULID",
+            "store.url: store url \"mysql://x\"",
+            "peers[0].address: \"127.0.0.1:7071\" is not an http://HOST:PORT address",
+            "tables[0].name: invalid name: \"bad-name\" is not a plain SQL identifier",
+        ] {
+            assert!(joined.contains(expect), "missing {expect:?} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let e = Config::from_toml(&format!("{GOOD}\n[replication]\nbatch_size = \"many\""))
+            .expect_err("type");
+        assert!(e.to_string().starts_with("replication.batch_size:"), "{e}");
+    }
+}

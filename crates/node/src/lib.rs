@@ -1,0 +1,251 @@
+//! The `tidemark` daemon: configuration, the gRPC server (replication and the
+//! write API), the capture loop, peer sessions, and an ordered shutdown.
+//!
+//! Start-up, in order: open the store (migrate, check identity, seed the clock),
+//! bind the cluster id, register the configured tables, drain captures left from
+//! before, bind the gRPC listener, start the capture loop and one session per
+//! peer. Shutdown, in order: stop accepting and cancel every task (a receiver
+//! finishes the batch in hand: commit, then ack), wait for the tasks, close the
+//! store.
+
+pub mod config;
+pub mod demo;
+pub mod records;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tidemark_hlc::{Clock, WallClock};
+use tidemark_replicator::{ReceiverService, Sender};
+use tidemark_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+pub use config::{Config, Settings};
+
+/// How long shutdown waits for tasks before closing the store anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A started node.
+#[derive(Debug)]
+pub struct Node {
+    /// The address the gRPC server listens on.
+    pub grpc_addr: SocketAddr,
+    pub store: Store,
+    pub sender: Sender,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Node {
+    /// Starts a node; it runs until `shutdown` is cancelled, then call
+    /// [`Node::stopped`].
+    pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Node> {
+        let node_id = settings.local.node_id;
+        let clock = Arc::new(
+            Clock::new(node_id, settings.max_drift_ms, WallClock::System)
+                .context("clock.max_drift_ms")?,
+        );
+        let store = Store::open(&settings.store_url, clock)
+            .await
+            .context("opening the store (store.url)")?;
+        store
+            .bind_cluster(&settings.local.cluster_id)
+            .await
+            .context("node.cluster_id")?;
+        for (table, policy) in &settings.tables {
+            let info = store
+                .register_table(table, *policy)
+                .await
+                .with_context(|| format!("registering table {table} (tables)"))?;
+            debug!(table, columns = ?info.columns, policy = %policy, "table registered");
+        }
+        let drained = store.drain().await.context("draining captured writes")?;
+        if drained.events > 0 {
+            info!(
+                events = drained.events,
+                "stamped direct writes captured while stopped"
+            );
+        }
+
+        let cancel = shutdown.child_token();
+        let tracker = TaskTracker::new();
+        let listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "server.listen_addr: cannot listen on {}",
+                    settings.listen_addr
+                )
+            })?;
+        let grpc_addr = listener.local_addr()?;
+
+        let receiver = ReceiverService::new(
+            store.clone(),
+            settings.local.clone(),
+            settings.replication.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        );
+        let records = records::RecordsService::new(store.clone());
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            .timeout(settings.request_timeout)
+            .add_service(receiver.into_server())
+            .add_service(records.into_server(settings.replication.max_message_bytes))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                cancel.clone().cancelled_owned(),
+            );
+        tracker.spawn(async move {
+            if let Err(e) = server.await {
+                error!(error = %e, "gRPC server failed");
+            }
+        });
+
+        tracker.spawn(capture_loop(
+            store.clone(),
+            settings.capture_poll,
+            cancel.clone(),
+        ));
+
+        let sender = Sender::new(
+            store.clone(),
+            settings.local.clone(),
+            settings.replication.clone(),
+            &settings.peers,
+        );
+        for peer in &settings.peers {
+            tracker.spawn(sender.clone().run_peer(peer.clone(), cancel.clone()));
+        }
+        info!(
+            node = %node_id,
+            name = %settings.name,
+            cluster = %settings.local.cluster_id,
+            store = store.kind(),
+            grpc = %grpc_addr,
+            peers = settings.peers.len(),
+            tables = settings.tables.len(),
+            "tidemark ready"
+        );
+        Ok(Node {
+            grpc_addr,
+            store,
+            sender,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// Waits for shutdown, lets every task finish, and closes the store.
+    pub async fn stopped(self) {
+        self.cancel.cancelled().await;
+        info!("shutting down");
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace = ?SHUTDOWN_GRACE, "tasks still running after the grace period; closing the store anyway");
+        }
+        self.store.close().await;
+        info!("stopped");
+    }
+}
+
+/// Drains the capture queue whenever direct writes may be pending.
+async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
+    let fallback = if store.kind() == "postgres" {
+        poll.max(Duration::from_secs(1))
+    } else {
+        poll
+    };
+    let mut waiter = loop {
+        match store.capture_waiter(fallback).await {
+            Ok(w) => break w,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for captured writes; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let mut failures = 0u32;
+    loop {
+        let pending = match store.has_captures().await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read the capture queue");
+                false
+            }
+        };
+        if pending {
+            match store.drain().await {
+                Ok(out) => {
+                    failures = 0;
+                    debug!(
+                        events = out.events,
+                        unchanged = out.unchanged,
+                        "captured writes stamped"
+                    );
+                }
+                Err(e) => {
+                    failures += 1;
+                    if e.is_transient() {
+                        warn!(error = %e, failures, "capture drain failed; retrying");
+                    } else {
+                        error!(error = %e, failures, "capture drain failed; retrying");
+                    }
+                    let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = waiter.wait() => {}
+        }
+    }
+}
+
+/// Runs a node until SIGINT or SIGTERM.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let node = Node::start(settings, shutdown.clone()).await?;
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    node.stopped().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+    }
+}

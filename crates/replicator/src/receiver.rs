@@ -1,0 +1,280 @@
+//! The receiving side of a replication session: the `Replication` gRPC service.
+//!
+//! Each stream is served by a task that applies batches one at a time: a batch is
+//! applied in one store transaction and acknowledged only after it committed. On
+//! shutdown the task finishes the batch in hand (commit, then ack) and ends the
+//! stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tidemark_store::{ChangeEvent, Store};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+use ulid::Ulid;
+
+use crate::convert::{
+    event_from_pb, schema_difference, tables_to_pb, vector_from_pb, vector_to_pb,
+};
+use crate::pb::{self, receiver_message, sender_message};
+use crate::{LocalNode, PROTOCOL_VERSION, ReplicationOptions, status};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `Replication` service.
+#[derive(Debug, Clone)]
+pub struct ReceiverService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    local: LocalNode,
+    opts: ReplicationOptions,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ReceiverService {
+    /// Streams are served by tasks spawned on `tracker` and stop at `cancel`.
+    pub fn new(
+        store: Store,
+        local: LocalNode,
+        opts: ReplicationOptions,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        ReceiverService {
+            inner: Arc::new(Inner {
+                store,
+                local,
+                opts,
+                cancel,
+                tracker,
+            }),
+        }
+    }
+
+    /// The tonic server for this service, with message size limits set.
+    pub fn into_server(self) -> pb::replication_server::ReplicationServer<Self> {
+        let max = self.inner.opts.max_message_bytes;
+        pb::replication_server::ReplicationServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+}
+
+impl Inner {
+    /// Checks a Hello; the error names what does not match.
+    fn check_hello(&self, hello: &pb::Hello) -> Result<Ulid, Status> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported: node {} speaks version {PROTOCOL_VERSION}",
+                hello.protocol_version, self.local.node_id
+            )));
+        }
+        if hello.cluster_id != self.local.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster id mismatch: sender is in cluster {:?}, node {} is in cluster {:?}",
+                hello.cluster_id, self.local.node_id, self.local.cluster_id
+            )));
+        }
+        let sender = Ulid::from_string(&hello.sender_node_id).map_err(|_| {
+            Status::invalid_argument(format!(
+                "hello.sender_node_id: {:?} is not a ULID",
+                hello.sender_node_id
+            ))
+        })?;
+        if hello.receiver_node_id != self.local.node_id.to_string() {
+            return Err(Status::failed_precondition(format!(
+                "wrong node: sender expected node {}, this is node {}",
+                hello.receiver_node_id, self.local.node_id
+            )));
+        }
+        if sender == self.local.node_id {
+            return Err(Status::failed_precondition(format!(
+                "sender claims this node's own id {sender}"
+            )));
+        }
+        let mine = tables_to_pb(&self.store.tables());
+        if let Some(diff) = schema_difference(&mine, &hello.tables) {
+            return Err(Status::failed_precondition(format!(
+                "replicated schema differs from sender {sender}: {diff}"
+            )));
+        }
+        Ok(sender)
+    }
+
+    async fn apply_batch(&self, batch: pb::Batch) -> Result<pb::Ack, Status> {
+        if batch.events.len() > self.opts.max_batch_events {
+            return Err(Status::invalid_argument(format!(
+                "batch {} has {} events, more than the limit of {}",
+                batch.batch_id,
+                batch.events.len(),
+                self.opts.max_batch_events
+            )));
+        }
+        let events: Vec<ChangeEvent> = batch
+            .events
+            .into_iter()
+            .map(event_from_pb)
+            .collect::<Result<_, _>>()
+            .map_err(|e| status::from_field(&e))?;
+        let outcome = self
+            .store
+            .apply_remote(&events)
+            .await
+            .map_err(|e| status::from_store(&e))?;
+        let vector = self
+            .store
+            .vector()
+            .await
+            .map_err(|e| status::from_store(&e))?;
+        debug!(
+            batch_id = batch.batch_id,
+            applied = outcome.applied,
+            superseded = outcome.superseded,
+            duplicates = outcome.duplicates,
+            "batch applied"
+        );
+        Ok(pb::Ack {
+            batch_id: batch.batch_id,
+            vector: Some(vector_to_pb(&vector)),
+            applied: outcome.applied,
+            superseded: outcome.superseded,
+            duplicates: outcome.duplicates,
+        })
+    }
+
+    /// Serves one accepted stream until the sender closes it, an error, or shutdown.
+    async fn serve(
+        self: Arc<Self>,
+        mut inbound: Streaming<pb::SenderMessage>,
+        out: mpsc::Sender<Result<pb::ReceiverMessage, Status>>,
+    ) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    debug!("shutting down: closing stream");
+                    return;
+                }
+                msg = inbound.message() => msg,
+            };
+            let batch = match msg {
+                Ok(Some(pb::SenderMessage {
+                    kind: Some(sender_message::Kind::Batch(b)),
+                })) => b,
+                Ok(Some(_)) => {
+                    let _ = out
+                        .send(Err(Status::invalid_argument(
+                            "expected a batch: hello is only the first message",
+                        )))
+                        .await;
+                    return;
+                }
+                Ok(None) => {
+                    debug!("sender closed the stream");
+                    return;
+                }
+                Err(status) => {
+                    debug!(%status, "stream from sender failed");
+                    return;
+                }
+            };
+            let batch_id = batch.batch_id;
+            let reply = match self.apply_batch(batch).await {
+                Ok(ack) => Ok(pb::ReceiverMessage {
+                    kind: Some(receiver_message::Kind::Ack(ack)),
+                }),
+                Err(status) => {
+                    warn!(batch_id, code = ?status.code(), message = status.message(), "batch refused");
+                    Err(status)
+                }
+            };
+            let failed = reply.is_err();
+            if out.send(reply).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+type ReplicateStream = Pin<Box<dyn Stream<Item = Result<pb::ReceiverMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::replication_server::Replication for ReceiverService {
+    type ReplicateStream = ReplicateStream;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::SenderMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let peer_addr = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let hello = match first {
+            Some(pb::SenderMessage {
+                kind: Some(sender_message::Kind::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        let sender = match self.inner.check_hello(&hello) {
+            Ok(s) => s,
+            Err(status) => {
+                warn!(?peer_addr, sender = %hello.sender_node_id, message = status.message(), "handshake refused");
+                return Err(status);
+            }
+        };
+        if let Ok(remote) = tidemark_hlc::Hlc::decode(hello.hlc)
+            && let Err(e) = self.inner.store.clock().check_drift(remote)
+        {
+            warn!(%sender, error = %e, "peer clock is ahead beyond max drift; its events will be refused until it is fixed");
+        }
+        let vector = self
+            .inner
+            .store
+            .vector()
+            .await
+            .map_err(|e| status::from_store(&e))?;
+        info!(%sender, ?peer_addr, "replication session accepted");
+        let (tx, rx) = mpsc::channel(self.inner.opts.max_unacked_batches.max(1) + 1);
+        let welcome = pb::ReceiverMessage {
+            kind: Some(receiver_message::Kind::Welcome(pb::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                receiver_node_id: self.inner.local.node_id.to_string(),
+                vector: Some(vector_to_pb(&vector)),
+                hlc: self.inner.store.clock().now().encode(),
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("sender went away"))?;
+        let inner = self.inner.clone();
+        let span = info_span!("receive", %sender);
+        self.inner
+            .tracker
+            .spawn(inner.serve(inbound, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Decodes a vector from a peer's message, as a status on error.
+pub fn peer_vector(
+    field: &str,
+    v: Option<pb::VersionVector>,
+) -> Result<tidemark_store::VersionVector, Status> {
+    vector_from_pb(field, v).map_err(|e| status::from_field(&e))
+}

@@ -1,0 +1,402 @@
+//! The sending side: one long-lived session per configured peer.
+//!
+//! A session connects, says Hello, learns the peer's applied vector from its
+//! Welcome, then streams every event the peer lacks (oldest first, in batches of
+//! at most `batch_size` events and about `max_batch_bytes`), keeping at most
+//! `max_unacked_batches` batches unacknowledged. It wakes on every local commit, so
+//! new events (local or relayed) go out at once. Each Ack records the peer's
+//! progress and marks `synced_at` on events every peer now has. Any failure ends the
+//! session; it reconnects with exponential backoff and jitter, restarting from the
+//! peer's vector, so nothing is lost and nothing is applied twice.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use rand::Rng;
+use tidemark_store::{Store, StoreError, VersionVector};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{Instrument, debug, info, info_span, warn};
+use ulid::Ulid;
+
+use crate::convert::{event_to_pb, tables_to_pb};
+use crate::pb::{self, receiver_message, sender_message};
+use crate::receiver::peer_vector;
+use crate::{LocalNode, PROTOCOL_VERSION, Peer, ReplicationOptions};
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid peer address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("peer refused: {} ({:?})", .0.message(), .0.code())]
+    Refused(tonic::Status),
+    #[error("peer {expected} answered as node {actual}")]
+    WrongPeer { expected: Ulid, actual: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("no ack from the peer within {0:?}")]
+    AckTimeout(Duration),
+    #[error("peer closed the stream")]
+    Closed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Observable state of one peer session (for status and metrics).
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    pub connected: bool,
+    /// Events sent and not yet acknowledged.
+    pub unacked_events: u64,
+    /// Last successful ack, ms since the epoch.
+    pub last_ack_wall_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// Runs the sessions to every peer of this node.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    inner: Arc<SenderInner>,
+}
+
+#[derive(Debug)]
+struct SenderInner {
+    store: Store,
+    local: LocalNode,
+    opts: ReplicationOptions,
+    /// Every configured peer: `synced_at` needs all of their acks.
+    all_peers: Vec<Ulid>,
+    states: std::sync::Mutex<std::collections::HashMap<Ulid, PeerState>>,
+}
+
+impl Sender {
+    pub fn new(store: Store, local: LocalNode, opts: ReplicationOptions, peers: &[Peer]) -> Self {
+        Sender {
+            inner: Arc::new(SenderInner {
+                store,
+                local,
+                opts,
+                all_peers: peers.iter().map(|p| p.node_id).collect(),
+                states: Default::default(),
+            }),
+        }
+    }
+
+    /// A snapshot of every peer session's state.
+    pub fn states(&self) -> Vec<(Ulid, PeerState)> {
+        let map = self.inner.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, s)| (*k, s.clone())).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// Runs the session to `peer` until `cancel`, reconnecting after failures.
+    pub async fn run_peer(self, peer: Peer, cancel: CancellationToken) {
+        let span = info_span!("send", peer = %peer.node_id, address = %peer.address);
+        async move {
+            let mut backoff = Backoff::new(
+                Duration::from_millis(self.inner.opts.reconnect_initial_ms),
+                Duration::from_millis(self.inner.opts.reconnect_max_ms),
+            );
+            let mut failures = 0u32;
+            loop {
+                let result = self.inner.session(&peer, &cancel, &mut backoff).await;
+                self.inner.update(peer.node_id, |s| {
+                    s.connected = false;
+                    s.unacked_events = 0;
+                });
+                if cancel.is_cancelled() {
+                    break;
+                }
+                if let Err(e) = result {
+                    failures += 1;
+                    // First failure and then every 10th at WARN: a peer that stays
+                    // down must not flood the log.
+                    if failures == 1 || failures % 10 == 0 {
+                        warn!(error = %e, failures, "replication session failed; reconnecting with backoff");
+                    } else {
+                        debug!(error = %e, failures, "replication session failed");
+                    }
+                    self.inner.update(peer.node_id, |s| s.last_error = Some(e.to_string()));
+                } else {
+                    failures = 0;
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            debug!("peer session stopped");
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl SenderInner {
+    fn update(&self, peer: Ulid, f: impl FnOnce(&mut PeerState)) {
+        let mut map = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(peer).or_default());
+    }
+
+    async fn connect(&self, peer: &Peer) -> Result<Channel, SessionError> {
+        let endpoint = Endpoint::from_shared(peer.address.clone())
+            .map_err(|e| SessionError::Address {
+                address: peer.address.clone(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_millis(self.opts.connect_timeout_ms))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| SessionError::Connect {
+                address: peer.address.clone(),
+                source,
+            })
+    }
+
+    /// Records an ack: the peer's vector, then `synced_at` where every peer has it.
+    async fn acked(&self, peer: Ulid, vector: &VersionVector) -> Result<(), SessionError> {
+        self.store.record_ack(peer, vector).await?;
+        self.store.mark_synced(&self.all_peers).await?;
+        self.update(peer, |s| {
+            s.last_ack_wall_ms = Some(tidemark_hlc::system_wall_ms())
+        });
+        Ok(())
+    }
+
+    async fn session(
+        &self,
+        peer: &Peer,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), SessionError> {
+        let channel = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            c = self.connect(peer) => c?,
+        };
+        let mut client = pb::replication_client::ReplicationClient::new(channel)
+            .max_decoding_message_size(self.opts.max_message_bytes)
+            .max_encoding_message_size(self.opts.max_message_bytes);
+        let window = self.opts.max_unacked_batches.max(1);
+        let (tx, rx) = mpsc::channel::<pb::SenderMessage>(window + 1);
+        let hello = pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster_id: self.local.cluster_id.clone(),
+            sender_node_id: self.local.node_id.to_string(),
+            receiver_node_id: peer.node_id.to_string(),
+            tables: tables_to_pb(&self.store.tables()),
+            hlc: self.store.clock().now().encode(),
+        };
+        tx.send(pb::SenderMessage {
+            kind: Some(sender_message::Kind::Hello(hello)),
+        })
+        .await
+        .map_err(|_| SessionError::Closed)?;
+        let mut inbound = client
+            .replicate(ReceiverStream::new(rx))
+            .await
+            .map_err(SessionError::Refused)?
+            .into_inner();
+        let welcome = match inbound.message().await.map_err(SessionError::Refused)? {
+            Some(pb::ReceiverMessage {
+                kind: Some(receiver_message::Kind::Welcome(w)),
+            }) => w,
+            Some(_) => return Err(SessionError::Protocol("expected a welcome".into())),
+            None => return Err(SessionError::Closed),
+        };
+        if welcome.receiver_node_id != peer.node_id.to_string() {
+            return Err(SessionError::WrongPeer {
+                expected: peer.node_id,
+                actual: welcome.receiver_node_id,
+            });
+        }
+        let mut cursor = peer_vector("welcome.vector", welcome.vector)
+            .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        self.acked(peer.node_id, &cursor).await?;
+        backoff.reset();
+        self.update(peer.node_id, |s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        info!("replication session established");
+
+        let mut commits = self.store.subscribe_commits();
+        // (batch id, events, sent at)
+        let mut inflight: VecDeque<(u64, u64, Instant)> = VecDeque::new();
+        let mut next_batch = 0u64;
+        let ack_timeout = Duration::from_millis(self.opts.ack_timeout_ms);
+        loop {
+            // Fill the window with what the peer lacks.
+            let mut sent_any = false;
+            while inflight.len() < window {
+                let events = self
+                    .store
+                    .events_after(&cursor, self.opts.batch_size)
+                    .await?;
+                if events.is_empty() {
+                    break;
+                }
+                let mut batch = pb::Batch {
+                    batch_id: next_batch + 1,
+                    events: Vec::with_capacity(events.len()),
+                };
+                let mut bytes = 0usize;
+                for e in &events {
+                    let pe = event_to_pb(e);
+                    let len = pe.encoded_len();
+                    if !batch.events.is_empty() && bytes + len > self.opts.max_batch_bytes {
+                        break;
+                    }
+                    bytes += len;
+                    cursor.observe(e.node_id, e.hlc);
+                    batch.events.push(pe);
+                }
+                next_batch += 1;
+                let n = batch.events.len() as u64;
+                tx.send(pb::SenderMessage {
+                    kind: Some(sender_message::Kind::Batch(batch)),
+                })
+                .await
+                .map_err(|_| SessionError::Closed)?;
+                inflight.push_back((next_batch, n, Instant::now()));
+                sent_any = true;
+            }
+            if sent_any {
+                let unacked: u64 = inflight.iter().map(|b| b.1).sum();
+                self.update(peer.node_id, |s| s.unacked_events = unacked);
+            }
+            let deadline = inflight
+                .front()
+                .map(|b| b.2 + ack_timeout)
+                .unwrap_or_else(|| Instant::now() + ack_timeout);
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    // Close our side; acks still in flight are not waited for: the
+                    // peer's vector on the next session says what it has.
+                    drop(tx);
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(deadline), if !inflight.is_empty() => {
+                    return Err(SessionError::AckTimeout(ack_timeout));
+                }
+                msg = inbound.message() => {
+                    self.on_reply(peer, msg, &mut inflight).await?;
+                }
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        return Err(SessionError::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_reply(
+        &self,
+        peer: &Peer,
+        msg: Result<Option<pb::ReceiverMessage>, tonic::Status>,
+        inflight: &mut VecDeque<(u64, u64, Instant)>,
+    ) -> Result<(), SessionError> {
+        let ack = match msg.map_err(SessionError::Refused)? {
+            Some(pb::ReceiverMessage {
+                kind: Some(receiver_message::Kind::Ack(a)),
+            }) => a,
+            Some(_) => return Err(SessionError::Protocol("expected an ack".into())),
+            None => return Err(SessionError::Closed),
+        };
+        match inflight.pop_front() {
+            Some((id, _, _)) if id == ack.batch_id => {}
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "ack for batch {} but batch {:?} was next",
+                    ack.batch_id,
+                    other.map(|o| o.0)
+                )));
+            }
+        }
+        let vector = peer_vector("ack.vector", ack.vector)
+            .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        self.acked(peer.node_id, &vector).await?;
+        let unacked: u64 = inflight.iter().map(|b| b.1).sum();
+        self.update(peer.node_id, |s| s.unacked_events = unacked);
+        debug!(
+            batch_id = ack.batch_id,
+            applied = ack.applied,
+            superseded = ack.superseded,
+            duplicates = ack.duplicates,
+            "ack"
+        );
+        Ok(())
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [d/2, d], where d
+/// doubles from `initial` up to `max` and returns to `initial` after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(Duration::from_millis(1));
+        Backoff {
+            initial,
+            max: max.max(initial),
+            current: initial,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let mut ceiling = 100u64;
+        for _ in 0..10 {
+            let d = b.next_delay().as_millis() as u64;
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d} not in [{}, {ceiling}]",
+                ceiling / 2
+            );
+            ceiling = (ceiling * 2).min(1000);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,71 @@
+//! The one place errors become `tonic::Status`. Client mistakes keep their message
+//! (it names what was wrong); internal failures are logged here and reach the
+//! client as a generic message, never with database details.
+
+use tidemark_hlc::ClockError;
+use tidemark_store::StoreError;
+use tonic::{Code, Status};
+
+use crate::convert::FieldError;
+
+/// Maps a store error to a status for a client.
+pub fn from_store(err: &StoreError) -> Status {
+    match err {
+        StoreError::UnknownTable { .. } => Status::not_found(err.to_string()),
+        StoreError::Invalid { .. } | StoreError::UnknownColumn { .. } => {
+            Status::invalid_argument(err.to_string())
+        }
+        StoreError::Clock(ClockError::DriftExceeded { .. }) => {
+            Status::out_of_range(err.to_string())
+        }
+        StoreError::Unregistrable { .. } => Status::failed_precondition(err.to_string()),
+        StoreError::Db(sqlx_err) if constraint_message(sqlx_err).is_some() => {
+            Status::failed_precondition(format!(
+                "the write violates a constraint of the table: {}",
+                constraint_message(sqlx_err).unwrap_or_default()
+            ))
+        }
+        e if e.is_transient() => {
+            tracing::warn!(error = %e, "store busy or unreachable");
+            Status::unavailable("store is busy or unreachable; retry")
+        }
+        e => {
+            tracing::error!(error = %e, "store failure");
+            Status::internal("internal store error (see the node's log)")
+        }
+    }
+}
+
+/// The database's message when `err` is a constraint violation (NOT NULL, CHECK,
+/// UNIQUE, FOREIGN KEY): it names the table and column and is safe to show.
+fn constraint_message(err: &sqlx::Error) -> Option<String> {
+    use sqlx::error::ErrorKind;
+    match err {
+        sqlx::Error::Database(db) => match db.kind() {
+            ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation => Some(db.message().to_owned()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+pub fn from_field(err: &FieldError) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+/// Whether a status a peer sent means "try again later" rather than "this input is
+/// wrong".
+pub fn is_retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+    )
+}
