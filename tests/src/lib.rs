@@ -2,6 +2,7 @@
 //! throwaway PostgreSQL cluster, SQLite files in temp dirs) and their real command
 //! line clients (`psql`, `sqlite3`).
 
+pub mod daemon;
 pub mod pg;
 
 use std::path::PathBuf;

@@ -125,6 +125,7 @@ impl Node {
         for peer in &settings.peers {
             tracker.spawn(sender.clone().run_peer(peer.clone(), cancel.clone()));
         }
+        tracker.spawn(sender.clone().run_sync_marker(cancel.clone()));
         info!(
             node = %node_id,
             name = %settings.name,

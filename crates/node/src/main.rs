@@ -42,9 +42,8 @@ enum Command {
 }
 
 fn init_logging(level: &str, json: bool) {
-    let filter = EnvFilter::try_from_env("TIDEMARK_LOG")
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // The level comes from log.level (override: TIDEMARK_LOG__LEVEL).
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -29,6 +29,9 @@ use crate::pb::{self, receiver_message, sender_message};
 use crate::receiver::peer_vector;
 use crate::{LocalNode, PROTOCOL_VERSION, Peer, ReplicationOptions};
 
+/// Pause between two synced_at passes, to coalesce bursts.
+const SYNC_MARK_DEBOUNCE: Duration = Duration::from_millis(10);
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -79,6 +82,8 @@ struct SenderInner {
     /// Every configured peer: `synced_at` needs all of their acks.
     all_peers: Vec<Ulid>,
     states: std::sync::Mutex<std::collections::HashMap<Ulid, PeerState>>,
+    /// Signalled after every recorded ack; wakes the synced_at marker.
+    acks: tokio::sync::Notify,
 }
 
 impl Sender {
@@ -90,6 +95,7 @@ impl Sender {
                 opts,
                 all_peers: peers.iter().map(|p| p.node_id).collect(),
                 states: Default::default(),
+                acks: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -100,6 +106,43 @@ impl Sender {
         let mut v: Vec<_> = map.iter().map(|(k, s)| (*k, s.clone())).collect();
         v.sort_by_key(|(k, _)| *k);
         v
+    }
+
+    /// Sets `synced_at` on events every peer has acknowledged, whenever an ack is
+    /// recorded or new events are committed (a relayed event can arrive after
+    /// every peer already acknowledged having it). Runs until `cancel`.
+    pub async fn run_sync_marker(self, cancel: CancellationToken) {
+        if self.inner.all_peers.is_empty() {
+            return;
+        }
+        let mut commits = self.inner.store.subscribe_commits();
+        let mut failures = 0u32;
+        loop {
+            match self.inner.store.mark_synced(&self.inner.all_peers).await {
+                Ok(n) => {
+                    failures = 0;
+                    if n > 0 {
+                        debug!(events = n, "marked synced");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 10 == 0 {
+                        warn!(error = %e, failures, "cannot mark events synced; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.inner.acks.notified() => {}
+                changed = commits.changed() => if changed.is_err() { return },
+            }
+            // Coalesce bursts of acks and commits into one pass.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(SYNC_MARK_DEBOUNCE) => {}
+            }
+        }
     }
 
     /// Runs the session to `peer` until `cancel`, reconnecting after failures.
@@ -172,10 +215,10 @@ impl SenderInner {
             })
     }
 
-    /// Records an ack: the peer's vector, then `synced_at` where every peer has it.
+    /// Records an ack (the peer's vector) and wakes the synced_at marker.
     async fn acked(&self, peer: Ulid, vector: &VersionVector) -> Result<(), SessionError> {
         self.store.record_ack(peer, vector).await?;
-        self.store.mark_synced(&self.all_peers).await?;
+        self.acks.notify_one();
         self.update(peer, |s| {
             s.last_ack_wall_ms = Some(tidemark_hlc::system_wall_ms())
         });

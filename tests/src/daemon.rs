@@ -1,0 +1,529 @@
+//! Whole `tidemark` daemons as real processes on 127.0.0.1, their databases, and
+//! convergence checks.
+//!
+//! The binary is built once per test process with `cargo build -p tidemark` (or
+//! taken from `$TIDEMARK_BIN`). Each node gets its own database (SQLite file or a
+//! fresh PostgreSQL database), a config file, a log file and a gRPC port. When a
+//! test panics, the last lines of every node's log are printed.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+use tidemark_replicator::pb::{self, records_client::RecordsClient};
+use tonic::transport::Channel;
+use ulid::Ulid;
+
+use crate::TestDb;
+
+/// Path of the `tidemark` binary, built on first use.
+pub fn tidemark_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(bin) = std::env::var("TIDEMARK_BIN") {
+            return PathBuf::from(bin);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "tidemark", "--bin", "tidemark"])
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build -p tidemark");
+        assert!(status.success(), "cargo build -p tidemark failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace.join("target"));
+        target.join("debug").join("tidemark")
+    })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The test application's table, as created on every node.
+pub fn notes_ddl(db: &TestDb) -> String {
+    format!(
+        "CREATE TABLE notes (id {} PRIMARY KEY, title TEXT, body TEXT, stars INTEGER)",
+        db.ulid_type()
+    )
+}
+
+/// A read-side connection to a node's database for checks.
+#[derive(Debug, Clone)]
+pub enum Reader {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A node's state as the checks compare it: rows by id, event ids, unsynced count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub rows: BTreeMap<String, String>,
+    pub events: Vec<String>,
+    pub unsynced: i64,
+}
+
+impl Reader {
+    pub async fn connect(db: &TestDb) -> Reader {
+        match db {
+            TestDb::Sqlite { path, .. } => Reader::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(
+                        SqliteConnectOptions::new()
+                            .filename(path)
+                            .busy_timeout(Duration::from_secs(10)),
+                    )
+                    .await
+                    .expect("open sqlite for checks"),
+            ),
+            TestDb::Postgres { url } => Reader::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(url)
+                    .await
+                    .expect("open postgres for checks"),
+            ),
+        }
+    }
+
+    /// Rows of `notes` normalised to JSON text, by id.
+    pub async fn rows(&self) -> BTreeMap<String, String> {
+        const SQL: &str = "SELECT id, title, body, CAST(stars AS BIGINT) FROM notes ORDER BY id";
+        let rows: Vec<(String, Option<String>, Option<String>, Option<i64>)> = match self {
+            Reader::Sqlite(p) => sqlx::query_as(SQL).fetch_all(p).await,
+            Reader::Postgres(p) => sqlx::query_as(SQL).fetch_all(p).await,
+        }
+        .expect("read notes");
+        rows.into_iter()
+            .map(|(id, title, body, stars)| {
+                let v = json!({"id": id, "title": title, "body": body, "stars": stars});
+                (id, v.to_string())
+            })
+            .collect()
+    }
+
+    pub async fn snapshot(&self) -> Snapshot {
+        const EVENTS: &str = "SELECT event_id FROM change_events ORDER BY event_id";
+        const UNSYNCED: &str = "SELECT COUNT(*) FROM change_events WHERE synced_at IS NULL";
+        let (events, (unsynced,)): (Vec<(String,)>, (i64,)) = match self {
+            Reader::Sqlite(p) => (
+                sqlx::query_as(EVENTS).fetch_all(p).await.expect("events"),
+                sqlx::query_as(UNSYNCED)
+                    .fetch_one(p)
+                    .await
+                    .expect("unsynced"),
+            ),
+            Reader::Postgres(p) => (
+                sqlx::query_as(EVENTS).fetch_all(p).await.expect("events"),
+                sqlx::query_as(UNSYNCED)
+                    .fetch_one(p)
+                    .await
+                    .expect("unsynced"),
+            ),
+        };
+        Snapshot {
+            rows: self.rows().await,
+            events: events.into_iter().map(|e| e.0).collect(),
+            unsynced,
+        }
+    }
+
+    /// Every event of `notes` as (record, hlc, node, event, operation, new values).
+    pub async fn events(&self) -> Vec<(String, i64, String, String, String, Option<String>)> {
+        const SQL: &str = "SELECT record_id, hlc_timestamp, node_id, event_id, operation, CAST(new_values AS TEXT) \
+                           FROM change_events WHERE table_name = 'notes' ORDER BY hlc_timestamp, node_id, event_id";
+        match self {
+            Reader::Sqlite(p) => sqlx::query_as(SQL).fetch_all(p).await,
+            Reader::Postgres(p) => sqlx::query_as(SQL).fetch_all(p).await,
+        }
+        .expect("read events")
+    }
+
+    /// Whether a given event id is still unsynced.
+    pub async fn is_unsynced(&self, event_id: &str) -> bool {
+        const SQL: &str =
+            "SELECT COUNT(*) FROM change_events WHERE event_id = $1 AND synced_at IS NULL";
+        let (n,): (i64,) = match self {
+            Reader::Sqlite(p) => sqlx::query_as(SQL).bind(event_id).fetch_one(p).await,
+            Reader::Postgres(p) => sqlx::query_as(SQL).bind(event_id).fetch_one(p).await,
+        }
+        .expect("unsynced check");
+        n == 1
+    }
+
+    /// The last-writer-wins state implied by the log: per record, the event that is
+    /// greatest by `(hlc, node_id, event_id)`; deleted records are absent.
+    pub async fn lww_from_log(&self) -> BTreeMap<String, Value> {
+        let mut last: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+        for (record, _hlc, _node, _event, op, new_values) in self.events().await {
+            // Events come in the total order: the last one per record wins.
+            last.insert(record.trim().to_owned(), (op, new_values));
+        }
+        last.into_iter()
+            .filter_map(|(record, (op, new))| {
+                (op != "DELETE").then(|| {
+                    let v: Value = serde_json::from_str(new.as_deref().unwrap_or("null"))
+                        .expect("new_values JSON");
+                    (record, v)
+                })
+            })
+            .collect()
+    }
+}
+
+/// One daemon of a test cluster.
+#[derive(Debug)]
+pub struct TestNode {
+    pub name: String,
+    pub id: Ulid,
+    pub port: u16,
+    pub db: TestDb,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    reader: Option<Reader>,
+}
+
+impl TestNode {
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.toml", self.name))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
+    }
+
+    /// Writes this node's config with the given peers and extra TOML.
+    pub fn write_config(&self, cluster_id: &str, peers: &[(Ulid, u16)], extra: &str) {
+        let mut text = format!(
+            "[node]\nid = \"{}\"\nname = \"{}\"\ncluster_id = \"{cluster_id}\"\n\n\
+             [store]\nurl = \"{}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{}\"\n\n\
+             [replication]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\ncapture_poll_ms = 5\n\n\
+             [[tables]]\nname = \"notes\"\n\n{extra}\n",
+            self.id,
+            self.name,
+            self.db.url(),
+            self.port
+        );
+        for (id, port) in peers {
+            text.push_str(&format!(
+                "[[peers]]\nnode_id = \"{id}\"\naddress = \"http://127.0.0.1:{port}\"\n\n"
+            ));
+        }
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// Starts the daemon and waits until its gRPC API answers.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(tidemark_bin())
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("TIDEMARK_LOG__LEVEL", "info,tidemark_replicator=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tidemark");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{} exited at start with {status}:\n{}",
+                    self.name,
+                    self.log_tail(40)
+                );
+            }
+            if let Ok(mut c) = RecordsClient::connect(self.grpc_url()).await
+                && c.get(pb::GetRequest {
+                    table: "notes".into(),
+                    id: Ulid::generate().to_string(),
+                })
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready:\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.reader.is_none() {
+            self.reader = Some(Reader::connect(&self.db).await);
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(
+                        status.success(),
+                        "{} exited with {status}:\n{}",
+                        self.name,
+                        self.log_tail(40)
+                    );
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!(
+                        "{} did not stop within 30 s:\n{}",
+                        self.name,
+                        self.log_tail(40)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn reader(&self) -> &Reader {
+        self.reader.as_ref().expect("node was started once")
+    }
+
+    pub async fn client(&self) -> RecordsClient<Channel> {
+        RecordsClient::connect(self.grpc_url())
+            .await
+            .expect("connect records api")
+    }
+
+    pub async fn put(&self, id: Ulid, values: Value) -> pb::WriteResponse {
+        self.client()
+            .await
+            .put(pb::PutRequest {
+                table: "notes".into(),
+                id: id.to_string(),
+                values_json: values.to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("put on {}: {s}", self.name))
+            .into_inner()
+    }
+
+    pub async fn delete(&self, id: Ulid) -> pb::WriteResponse {
+        self.client()
+            .await
+            .delete(pb::DeleteRequest {
+                table: "notes".into(),
+                id: id.to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("delete on {}: {s}", self.name))
+            .into_inner()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let Ok(f) = std::fs::File::open(self.log_path()) else {
+            return "(no log)".into();
+        };
+        let all: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(self.log_path())
+            .map(|l| l.contains(needle))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- last log lines of {} -----\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+        }
+        self.kill();
+    }
+}
+
+/// How the nodes of a cluster are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Every node peers with every other.
+    Mesh,
+    /// Node i peers with i-1 and i+1.
+    Chain,
+}
+
+/// A cluster of test daemons sharing a temp dir.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: Vec<TestNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Creates nodes on the given backends, their `notes` tables and configs, and
+    /// starts them all.
+    pub async fn start(backends: &[&str], topology: Topology) -> Cluster {
+        let mut cluster = Cluster::prepare(backends, topology, "test", "");
+        for node in cluster.nodes.iter_mut() {
+            node.start().await;
+        }
+        cluster
+    }
+
+    /// Like [`Cluster::start`] without starting anything.
+    pub fn prepare(
+        backends: &[&str],
+        topology: Topology,
+        cluster_id: &str,
+        extra: &str,
+    ) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = backends.len();
+        let mut nodes: Vec<TestNode> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, backend)| {
+                let db = match *backend {
+                    "sqlite" => TestDb::sqlite(),
+                    "postgres" => TestDb::postgres(),
+                    other => panic!("unknown backend {other}"),
+                };
+                db.sql(&notes_ddl(&db));
+                TestNode {
+                    name: format!("node{i}"),
+                    id: Ulid::generate(),
+                    port: free_port(),
+                    db,
+                    dir: dir.path().to_path_buf(),
+                    child: None,
+                    reader: None,
+                }
+            })
+            .collect();
+        let addrs: Vec<(Ulid, u16)> = nodes.iter().map(|n| (n.id, n.port)).collect();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            let peers: Vec<(Ulid, u16)> = (0..n)
+                .filter(|j| match topology {
+                    Topology::Mesh => *j != i,
+                    Topology::Chain => j.abs_diff(i) == 1,
+                })
+                .map(|j| addrs[j])
+                .collect();
+            node.write_config(cluster_id, &peers, extra);
+        }
+        Cluster { nodes, _dir: dir }
+    }
+
+    /// Waits until every running node holds the same rows and the same event ids
+    /// and no event is unsynced; returns the common snapshot.
+    pub async fn converged(&self, timeout: Duration) -> Snapshot {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut snaps = Vec::new();
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                snaps.push(node.reader().snapshot().await);
+            }
+            let same = snaps
+                .windows(2)
+                .all(|w| w[0].rows == w[1].rows && w[0].events == w[1].events);
+            if same && snaps.iter().all(|s| s.unsynced == 0) {
+                return snaps.swap_remove(0);
+            }
+            if Instant::now() > deadline {
+                let summary: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .zip(&snaps)
+                    .map(|(n, s)| {
+                        format!(
+                            "{}: {} rows, {} events, {} unsynced",
+                            n.name,
+                            s.rows.len(),
+                            s.events.len(),
+                            s.unsynced
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "cluster did not converge within {timeout:?}: {}",
+                    summary.join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Asserts every node's rows equal the last-writer-wins result of its own log.
+    pub async fn assert_lww(&self) {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let expected = node.reader().lww_from_log().await;
+            let rows = node.reader().rows().await;
+            assert_eq!(
+                rows.len(),
+                expected.len(),
+                "{}: row count vs log",
+                node.name
+            );
+            for (id, row) in rows {
+                let row: Value = serde_json::from_str(&row).expect("row json");
+                let want = expected
+                    .get(&id)
+                    .unwrap_or_else(|| panic!("{}: row {id} not in log", node.name));
+                for key in ["title", "body", "stars"] {
+                    assert_eq!(
+                        row.get(key),
+                        want.get(key).or(Some(&Value::Null)),
+                        "{}: {id}.{key}",
+                        node.name
+                    );
+                }
+            }
+        }
+    }
+}
