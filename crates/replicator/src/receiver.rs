@@ -184,7 +184,14 @@ impl Inner {
                     return;
                 }
                 Err(status) => {
-                    debug!(%status, "stream from sender failed");
+                    // A transport failure, or a message the server refused to decode
+                    // (over max_message_bytes): tell the sender why, if it listens.
+                    if status.code() == tonic::Code::OutOfRange {
+                        warn!(message = status.message(), "message from sender refused");
+                    } else {
+                        debug!(%status, "stream from sender failed");
+                    }
+                    let _ = out.send(Err(status)).await;
                     return;
                 }
             };

@@ -1,0 +1,433 @@
+//! The replication protocol against a real daemon, driven by a raw gRPC client
+//! playing the sender: handshake refusals, replayed and reordered batches,
+//! malformed and oversized input.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tidemark_hlc::Hlc;
+use tidemark_replicator::pb::{
+    self, receiver_message, replication_client::ReplicationClient, sender_message,
+};
+use tidemark_tests::daemon::{Cluster, TestNode, Topology};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming};
+use ulid::Ulid;
+
+/// A session opened by the test as a sender.
+struct RawSession {
+    tx: mpsc::Sender<pb::SenderMessage>,
+    rx: Streaming<pb::ReceiverMessage>,
+    welcome: pb::Welcome,
+    next_batch: u64,
+}
+
+fn notes_schema() -> Vec<pb::TableSchema> {
+    vec![pb::TableSchema {
+        name: "notes".into(),
+        columns: ["id", "title", "body", "stars"].map(String::from).to_vec(),
+    }]
+}
+
+fn hello(node: &TestNode) -> pb::Hello {
+    pb::Hello {
+        protocol_version: 1,
+        cluster_id: "test".into(),
+        sender_node_id: Ulid::generate().to_string(),
+        receiver_node_id: node.id.to_string(),
+        tables: notes_schema(),
+        hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
+            .expect("hlc")
+            .encode(),
+    }
+}
+
+async fn open(node: &TestNode, hello: pb::Hello) -> Result<RawSession, Status> {
+    let mut client = ReplicationClient::connect(node.grpc_url())
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::SenderMessage {
+        kind: Some(sender_message::Kind::Hello(hello)),
+    })
+    .await
+    .expect("queue hello");
+    let mut rx = client
+        .replicate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let welcome = match rx.message().await?.and_then(|m| m.kind) {
+        Some(receiver_message::Kind::Welcome(w)) => w,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    Ok(RawSession {
+        tx,
+        rx,
+        welcome,
+        next_batch: 0,
+    })
+}
+
+impl RawSession {
+    async fn send(&mut self, events: Vec<pb::Event>) -> Result<pb::Ack, Status> {
+        self.next_batch += 1;
+        self.tx
+            .send(pb::SenderMessage {
+                kind: Some(sender_message::Kind::Batch(pb::Batch {
+                    batch_id: self.next_batch,
+                    events,
+                })),
+            })
+            .await
+            .expect("queue batch");
+        match self.rx.message().await?.and_then(|m| m.kind) {
+            Some(receiver_message::Kind::Ack(a)) => {
+                assert_eq!(a.batch_id, self.next_batch);
+                Ok(a)
+            }
+            other => panic!("expected ack for batch {}, got {other:?}", self.next_batch),
+        }
+    }
+}
+
+fn event(
+    origin: Ulid,
+    offset_ms: i64,
+    counter: u16,
+    record: Ulid,
+    op: pb::Operation,
+    values: Option<serde_json::Value>,
+) -> pb::Event {
+    let hlc = Hlc::from_parts(tidemark_hlc::system_wall_ms() + offset_ms, counter).expect("hlc");
+    pb::Event {
+        event_id: Ulid::generate().to_string(),
+        hlc: hlc.encode(),
+        wall_ms: hlc.wall_ms(),
+        node_id: origin.to_string(),
+        table_name: "notes".into(),
+        record_id: record.to_string(),
+        operation: op as i32,
+        action: None,
+        user_id: None,
+        old_values_json: None,
+        new_values_json: values.map(|mut v| {
+            v["id"] = json!(record.to_string());
+            v.to_string()
+        }),
+        metadata_json: Some(json!({"vv": {origin.to_string(): hlc.encode()}}).to_string()),
+    }
+}
+
+async fn single_node(extra: &str) -> Cluster {
+    let mut c = Cluster::prepare(&["sqlite"], Topology::Mesh, "test", extra);
+    c.nodes[0].start().await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_mismatches_are_refused_with_clear_errors() {
+    let c = single_node("").await;
+    let node = &c.nodes[0];
+    let cases: Vec<(Box<dyn Fn(&mut pb::Hello)>, &str)> = vec![
+        (
+            Box::new(|h| h.cluster_id = "other".into()),
+            "cluster id mismatch: sender is in cluster \"other\"",
+        ),
+        (
+            Box::new(|h| h.protocol_version = 2),
+            "protocol version 2 is not supported",
+        ),
+        (
+            Box::new(|h| h.receiver_node_id = Ulid::generate().to_string()),
+            "wrong node: sender expected node",
+        ),
+        (
+            Box::new(|h| h.tables.clear()),
+            "table notes is replicated here but not by the peer",
+        ),
+        (
+            Box::new(|h| h.tables[0].columns.push("extra".into())),
+            "table notes has columns (id, title, body, stars) here but (id, title, body, stars, extra) at the peer",
+        ),
+    ];
+    for (mutate, expect) in cases {
+        let mut h = hello(node);
+        mutate(&mut h);
+        let status = open(node, h)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {expect}"));
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains(expect),
+            "{expect}: {}",
+            status.message()
+        );
+    }
+    let mut h = hello(node);
+    h.sender_node_id = "not-a-ulid".into();
+    let status = open(node, h).await.err().expect("bad sender id");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("hello.sender_node_id"),
+        "{}",
+        status.message()
+    );
+    // The node logged why and stayed up.
+    assert!(node.log_contains("handshake refused"));
+    open(node, hello(node))
+        .await
+        .expect("a correct hello is still accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_reordered_batches_change_nothing() {
+    let c = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    // The two nodes are peers, but this test feeds them the same events from
+    // outside in different orders and compares.
+    let (x, y) = (Ulid::from_parts(1, 0xA), Ulid::from_parts(1, 0xB));
+    let (r1, r2, r3) = (Ulid::generate(), Ulid::generate(), Ulid::generate());
+    let ex = vec![
+        event(
+            x,
+            -3_000,
+            0,
+            r1,
+            pb::Operation::Insert,
+            Some(json!({"title": "x1"})),
+        ),
+        event(
+            x,
+            -2_000,
+            0,
+            r1,
+            pb::Operation::Update,
+            Some(json!({"title": "x2"})),
+        ),
+        event(
+            x,
+            -1_500,
+            0,
+            r2,
+            pb::Operation::Insert,
+            Some(json!({"title": "x3"})),
+        ),
+        event(
+            x,
+            -1_000,
+            0,
+            r3,
+            pb::Operation::Insert,
+            Some(json!({"title": "x4"})),
+        ),
+    ];
+    let ey = vec![
+        event(
+            y,
+            -2_500,
+            0,
+            r1,
+            pb::Operation::Update,
+            Some(json!({"title": "y1"})),
+        ),
+        event(y, -1_200, 0, r2, pb::Operation::Delete, None),
+        event(
+            y,
+            -500,
+            0,
+            r3,
+            pb::Operation::Update,
+            Some(json!({"title": "y3"})),
+        ),
+    ];
+    let a = &c.nodes[0];
+    let mut s = open(a, hello(a)).await.expect("session a");
+    let ack = s.send(ex.clone()).await.expect("x batch");
+    assert_eq!((ack.applied, ack.duplicates), (4, 0));
+    let ack = s.send(ey.clone()).await.expect("y batch");
+    assert_eq!(ack.applied + ack.superseded, 3);
+    let before = a.reader().rows().await;
+    // Replays: the same batches again, and overlapping ones.
+    let ack = s.send(ex.clone()).await.expect("replay");
+    assert_eq!((ack.applied, ack.superseded, ack.duplicates), (0, 0, 4));
+    let ack = s
+        .send(vec![ex[2].clone(), ex[3].clone(), ey[0].clone()])
+        .await
+        .expect("overlap");
+    assert_eq!(ack.duplicates, 3);
+    assert_eq!(a.reader().rows().await, before);
+
+    // Node b: origin y first, then x, in small overlapping batches.
+    let b = &c.nodes[1];
+    let mut s = open(b, hello(b)).await.expect("session b");
+    s.send(ey.clone()).await.expect("y");
+    s.send(vec![ex[0].clone()]).await.expect("x0");
+    s.send(vec![ex[0].clone(), ex[1].clone()])
+        .await
+        .expect("x0-1");
+    s.send(vec![ex[1].clone(), ex[2].clone(), ex[3].clone()])
+        .await
+        .expect("x1-3");
+    assert_eq!(b.reader().rows().await, before);
+    // Expected winners: r1 = x2 (newest), r2 deleted by y, r3 = y3.
+    assert!(before[&r1.to_string()].contains("\"x2\""));
+    assert!(!before.contains_key(&r2.to_string()));
+    assert!(before[&r3.to_string()].contains("\"y3\""));
+    c.converged(Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_oversized_and_future_batches_are_refused() {
+    let c = single_node("[clock]\nmax_drift_ms = 1000\n").await;
+    let node = &c.nodes[0];
+    let x = Ulid::from_parts(1, 0xA);
+    let r = Ulid::generate();
+    let good = event(
+        x,
+        -100,
+        0,
+        r,
+        pb::Operation::Insert,
+        Some(json!({"title": "ok"})),
+    );
+
+    let mut bad_id = good.clone();
+    bad_id.record_id = "01ARZ3NDEK".into();
+    let mut bad_json = event(x, -90, 0, r, pb::Operation::Update, None);
+    bad_json.new_values_json = Some("{\"title\": ".into());
+    let mut bad_op = event(
+        x,
+        -80,
+        0,
+        r,
+        pb::Operation::Update,
+        Some(json!({"title": "x"})),
+    );
+    bad_op.operation = 7;
+    let unknown_table = {
+        let mut e = event(
+            x,
+            -70,
+            0,
+            r,
+            pb::Operation::Update,
+            Some(json!({"title": "x"})),
+        );
+        e.table_name = "secrets".into();
+        e
+    };
+    let unknown_column = event(
+        x,
+        -60,
+        0,
+        r,
+        pb::Operation::Update,
+        Some(json!({"title": "x", "is_admin": true})),
+    );
+    let future = event(
+        x,
+        3_600_000,
+        0,
+        r,
+        pb::Operation::Update,
+        Some(json!({"title": "future"})),
+    );
+    let cases: Vec<(Vec<pb::Event>, Code, &str)> = vec![
+        (
+            vec![good.clone(), bad_id],
+            Code::InvalidArgument,
+            "record_id: \"01ARZ3NDEK\" is not a ULID",
+        ),
+        (
+            vec![good.clone(), bad_json],
+            Code::InvalidArgument,
+            "new_values_json: malformed JSON",
+        ),
+        (
+            vec![good.clone(), bad_op],
+            Code::InvalidArgument,
+            "operation: 7 is not one of",
+        ),
+        (
+            vec![good.clone(), unknown_table],
+            Code::NotFound,
+            "table \"secrets\" is not a replicated table",
+        ),
+        (
+            vec![good.clone(), unknown_column],
+            Code::InvalidArgument,
+            "has no replicated column \"is_admin\"",
+        ),
+        (
+            vec![good.clone(), future],
+            Code::OutOfRange,
+            "ahead of local wall clock",
+        ),
+    ];
+    for (events, code, expect) in cases {
+        // Each refusal ends the session; a new one starts clean.
+        let mut s = open(node, hello(node)).await.expect("session");
+        let status = s.send(events).await.expect_err(expect);
+        assert_eq!(status.code(), code, "{expect}: {status:?}");
+        assert!(
+            status.message().contains(expect),
+            "{expect}: {}",
+            status.message()
+        );
+        let snap = node.reader().snapshot().await;
+        assert!(
+            snap.rows.is_empty() && snap.events.is_empty(),
+            "{expect}: something was stored"
+        );
+    }
+    assert!(node.log_contains("batch refused"));
+
+    // A batch over the event limit.
+    let mut s = open(node, hello(node)).await.expect("session");
+    let many: Vec<pb::Event> = (0..10_001u32)
+        .map(|i| {
+            event(
+                x,
+                -50,
+                (i % 60_000) as u16,
+                Ulid::generate(),
+                pb::Operation::Insert,
+                Some(json!({"title": "n"})),
+            )
+        })
+        .collect();
+    let status = s.send(many).await.expect_err("too many");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("10001 events, more than the limit of 10000"),
+        "{}",
+        status.message()
+    );
+
+    // A message over the size limit is refused by the transport.
+    let mut s = open(node, hello(node)).await.expect("session");
+    let big = event(
+        x,
+        -40,
+        0,
+        r,
+        pb::Operation::Insert,
+        Some(json!({"title": "x".repeat(17 << 20)})),
+    );
+    let status = s.send(vec![big]).await.expect_err("too big");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("message length too large"),
+        "{}",
+        status.message()
+    );
+
+    // The node is still up and the good event alone applies.
+    let mut s = open(node, hello(node)).await.expect("session");
+    let ack = s.send(vec![good]).await.expect("good");
+    assert_eq!(ack.applied, 1);
+    assert!(s.welcome.vector.is_some());
+}
