@@ -102,7 +102,8 @@ impl Reader {
     /// Rows of `notes` normalised to JSON text, by id.
     pub async fn rows(&self) -> BTreeMap<String, String> {
         const SQL: &str = "SELECT id, title, body, CAST(stars AS BIGINT) FROM notes ORDER BY id";
-        let rows: Vec<(String, Option<String>, Option<String>, Option<i64>)> = match self {
+        type Row = (String, Option<String>, Option<String>, Option<i64>);
+        let rows: Vec<Row> = match self {
             Reader::Sqlite(p) => sqlx::query_as(SQL).fetch_all(p).await,
             Reader::Postgres(p) => sqlx::query_as(SQL).fetch_all(p).await,
         }
@@ -237,7 +238,12 @@ impl TestNode {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(tidemark_bin())
+        let mut cmd = Command::new(tidemark_bin());
+        // Only this harness's settings: no TIDEMARK_* override from the caller's shell.
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TIDEMARK_")) {
+            cmd.env_remove(key);
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(self.config_path())
             .env("TIDEMARK_LOG__LEVEL", "info,tidemark_replicator=debug")

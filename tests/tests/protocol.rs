@@ -129,7 +129,8 @@ async fn single_node(extra: &str) -> Cluster {
 async fn handshake_mismatches_are_refused_with_clear_errors() {
     let c = single_node("").await;
     let node = &c.nodes[0];
-    let cases: Vec<(Box<dyn Fn(&mut pb::Hello)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut pb::Hello)>;
+    let cases: Vec<(Mutation, &str)> = vec![
         (
             Box::new(|h| h.cluster_id = "other".into()),
             "cluster id mismatch: sender is in cluster \"other\"",

@@ -407,16 +407,16 @@ mod tests {
 
     #[test]
     fn parts_round_trip() {
-        let h = Hlc::from_parts(1_764_000_000_123, 42).unwrap();
+        let h = Hlc::from_parts(1_764_000_000_123, 42).expect("parts");
         assert_eq!(h.wall_ms(), 1_764_000_000_123);
         assert_eq!(h.counter(), 42);
-        assert_eq!(Hlc::decode(h.encode()).unwrap(), h);
+        assert_eq!(Hlc::decode(h.encode()).expect("decode"), h);
         assert_eq!(
             h.to_string().parse::<Hlc>().ok(),
             None,
             "display is not the parse form"
         );
-        assert_eq!(h.encode().to_string().parse::<Hlc>().unwrap(), h);
+        assert_eq!(h.encode().to_string().parse::<Hlc>().expect("parse"), h);
     }
 
     #[test]

@@ -563,8 +563,18 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    /// Runs a test body while no other test changes the environment (figment's
+    /// Jail serialises tests that set variables).
+    fn jailed(f: impl FnOnce()) {
+        figment::Jail::expect_with(|_| {
+            f();
+            Ok(())
+        });
+    }
 
     const GOOD: &str = r#"
         [node]
@@ -581,51 +591,111 @@ mod tests {
 
     #[test]
     fn good_config_validates() {
-        let s = Config::from_toml(GOOD)
-            .expect("parse")
-            .validate()
-            .expect("valid");
-        assert_eq!(s.peers.len(), 1);
-        assert_eq!(s.tables, vec![("notes".to_owned(), ConflictPolicy::Lww)]);
-        assert_eq!(s.listen_addr.port(), 7070);
+        jailed(|| {
+            let s = Config::from_toml(GOOD)
+                .expect("parse")
+                .validate()
+                .expect("valid");
+            assert_eq!(s.peers.len(), 1);
+            assert_eq!(s.tables, vec![("notes".to_owned(), ConflictPolicy::Lww)]);
+            assert_eq!(s.listen_addr.port(), 7070);
+        });
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::from_toml(&GOOD.replace("cluster_id", "clusterid")).expect_err("unknown");
-        assert!(e.to_string().contains("clusterid"), "{e}");
+        jailed(|| {
+            let e =
+                Config::from_toml(&GOOD.replace("cluster_id", "clusterid")).expect_err("unknown");
+            assert!(e.to_string().contains("clusterid"), "{e}");
+        });
     }
 
     #[test]
     fn bad_values_are_all_named() {
-        let text = GOOD
-            .replace("01JD0000000000000000000001", "nope")
-            .replace("http://127.0.0.1:7071", "127.0.0.1:7071")
-            .replace(
-                "name = \"notes\"",
-                "name = \"bad-name\"\nconflict_policy = \"newest\"",
-            )
-            .replace("sqlite:///tmp/x.db", "mysql://x");
-        let errs = Config::from_toml(&text)
-            .expect("parse")
-            .validate()
-            .expect_err("invalid");
-        let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        let joined = all.join("\n");
-        for expect in [
-            "node.id: \"nope\" is not a ULID",
-            "store.url: store url \"mysql://x\"",
-            "peers[0].address: \"127.0.0.1:7071\" is not an http://HOST:PORT address",
-            "tables[0].name: invalid name: \"bad-name\" is not a plain SQL identifier",
-        ] {
-            assert!(joined.contains(expect), "missing {expect:?} in:\n{joined}");
-        }
+        jailed(|| {
+            let text = GOOD
+                .replace("01JD0000000000000000000001", "nope")
+                .replace("http://127.0.0.1:7071", "127.0.0.1:7071")
+                .replace(
+                    "name = \"notes\"",
+                    "name = \"bad-name\"\nconflict_policy = \"newest\"",
+                )
+                .replace("sqlite:///tmp/x.db", "mysql://x");
+            let errs = Config::from_toml(&text)
+                .expect("parse")
+                .validate()
+                .expect_err("invalid");
+            let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+            let joined = all.join("\n");
+            for expect in [
+                "node.id: \"nope\" is not a ULID",
+                "store.url: store url \"mysql://x\"",
+                "peers[0].address: \"127.0.0.1:7071\" is not an http://HOST:PORT address",
+                "tables[0].name: invalid name: \"bad-name\" is not a plain SQL identifier",
+            ] {
+                assert!(joined.contains(expect), "missing {expect:?} in:\n{joined}");
+            }
+        });
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        jailed(|| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/example.toml");
+            let s = Config::load(&path)
+                .expect("parse")
+                .validate()
+                .expect("valid");
+            assert_eq!(s.tables, vec![("notes".to_owned(), ConflictPolicy::Lww)]);
+        });
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIDEMARK_STORE__URL", "sqlite:///var/lib/tidemark/n.db");
+            jail.set_env("TIDEMARK_SERVER__LISTEN_ADDR", "0.0.0.0:9000");
+            jail.set_env("TIDEMARK_REPLICATION__BATCH_SIZE", "64");
+            let s = Config::from_toml(GOOD)
+                .expect("parse")
+                .validate()
+                .expect("valid");
+            assert_eq!(s.listen_addr.port(), 9000);
+            assert_eq!(s.replication.batch_size, 64);
+            assert!(
+                matches!(s.store_url, StoreUrl::Sqlite(ref o) if o.path == Path::new("/var/lib/tidemark/n.db"))
+            );
+            jail.set_env("TIDEMARK_REPLICATION__BATCH_SIZE", "0");
+            let errs = Config::from_toml(GOOD)
+                .expect("parse")
+                .validate()
+                .expect_err("zero");
+            assert_eq!(
+                errs[0].to_string(),
+                "replication.batch_size: 0 must be between 1 and 100000"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        jailed(|| {
+            let e = Config::load(Path::new("/nonexistent/tidemark.toml")).expect_err("missing");
+            assert_eq!(
+                e.to_string(),
+                "--config: /nonexistent/tidemark.toml does not exist or is not a file"
+            );
+        });
     }
 
     #[test]
     fn type_errors_name_the_key() {
-        let e = Config::from_toml(&format!("{GOOD}\n[replication]\nbatch_size = \"many\""))
-            .expect_err("type");
-        assert!(e.to_string().starts_with("replication.batch_size:"), "{e}");
+        jailed(|| {
+            let e = Config::from_toml(&format!("{GOOD}\n[replication]\nbatch_size = \"many\""))
+                .expect_err("type");
+            assert!(e.to_string().starts_with("replication.batch_size:"), "{e}");
+        });
     }
 }

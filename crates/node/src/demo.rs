@@ -229,7 +229,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
                 snapshots[0].0.len(),
                 snapshots[0].1.len()
             );
-            println!("{:<28} {:<8} {:<32} {}", "id", "title", "body", "author");
+            println!("{:<28} {:<8} {:<32} author", "id", "title", "body");
             for (id, title, body, author) in &snapshots[0].0 {
                 println!(
                     "{id:<28} {title:<8} {:<32} {}",

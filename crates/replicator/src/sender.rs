@@ -127,7 +127,7 @@ impl Sender {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         warn!(error = %e, failures, "cannot mark events synced; retrying");
                     }
                 }
@@ -167,7 +167,7 @@ impl Sender {
                     failures += 1;
                     // First failure and then every 10th at WARN: a peer that stays
                     // down must not flood the log.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         warn!(error = %e, failures, "replication session failed; reconnecting with backoff");
                     } else {
                         debug!(error = %e, failures, "replication session failed");
