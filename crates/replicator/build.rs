@@ -8,7 +8,11 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["tidemark/v1/replication.proto", "tidemark/v1/records.proto"];
+    let files = [
+        "tidemark/v1/replication.proto",
+        "tidemark/v1/records.proto",
+        "tidemark/v1/admin.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

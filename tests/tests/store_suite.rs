@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tidemark_hlc::{Clock, Hlc, WallClock};
 use tidemark_store::{
-    ChangeEvent, ConflictPolicy, Operation, Store, StoreError, StoreUrl, Values, VersionVector,
+    ChangeEvent, ConflictFilter, ConflictPolicy, ConflictStatus, Operation, ResolveChoice, Store,
+    StoreError, StoreUrl, Values, VersionVector,
 };
 use tidemark_tests::TestDb;
 use ulid::Ulid;
@@ -388,13 +389,19 @@ async fn registration_snapshots_existing_rows(db: TestDb) {
         events[0].new_values.as_ref().and_then(|v| v.get("title")),
         Some(&json!("old a"))
     );
-    // Registering again (e.g. at every start) keeps the id, updates the policy,
-    // and does not snapshot again.
+    // Registering again (e.g. at every start) keeps the id and the registered
+    // policy (only set_policy changes it, cluster-wide), and does not snapshot again.
     let again = store
         .register_table("notes", ConflictPolicy::Lww)
         .await
         .expect("again");
     assert_eq!(again.datatype_id, info.datatype_id);
+    assert_eq!(again.conflict_policy, ConflictPolicy::Manual);
+    let event = store
+        .set_policy("notes", ConflictPolicy::Lww)
+        .await
+        .expect("set policy");
+    assert_eq!(event.table_name, "tidemark_datatypes");
     assert_eq!(
         store.table("notes").expect("t").conflict_policy,
         ConflictPolicy::Lww
@@ -409,7 +416,11 @@ async fn registration_snapshots_existing_rows(db: TestDb) {
     assert_eq!(re.columns, vec!["id", "title", "body", "stars", "tag"]);
     db.sql(&format!("UPDATE notes SET tag = 'x' WHERE id = '{a}'"));
     store.drain().await.expect("drain");
-    let last = all_events(&store).await.pop().expect("event");
+    let last = all_events(&store)
+        .await
+        .into_iter()
+        .rfind(|e| e.table_name == "notes")
+        .expect("event");
     assert_eq!(
         last.new_values.as_ref().and_then(|v| v.get("tag")),
         Some(&json!("x"))
@@ -818,6 +829,307 @@ async fn restart_with_persisted_hlc_far_ahead_is_refused(db: TestDb) {
     );
 }
 
+/// A remote event from `origin` that has seen `seen` (their vectors merged).
+fn causal_event(
+    origin: Ulid,
+    hlc: Hlc,
+    record: Ulid,
+    title: &str,
+    seen: &[&ChangeEvent],
+) -> ChangeEvent {
+    let mut vv = serde_json::Map::new();
+    for e in seen {
+        if let Some(v) = e
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("vv"))
+            .and_then(Value::as_object)
+        {
+            for (k, h) in v {
+                let cur = vv.get(k).and_then(Value::as_i64).unwrap_or(0);
+                vv.insert(k.clone(), json!(cur.max(h.as_i64().unwrap_or(0))));
+            }
+        }
+    }
+    vv.insert(origin.to_string(), json!(hlc.encode()));
+    let mut e = remote_event(
+        origin,
+        hlc,
+        record,
+        Operation::Update,
+        Some(json!({"id": record.to_string(), "title": title, "body": null, "stars": 0})),
+    );
+    e.metadata = Some(json!({ "vv": vv }));
+    e
+}
+
+async fn manual_conflicts_open_and_resolve(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    store
+        .set_policy("notes", ConflictPolicy::Manual)
+        .await
+        .expect("manual");
+    let (p1, p2) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
+    let r = id(1);
+    let base = causal_event(p1, hlc_at(-5_000, 0), r, "base", &[]);
+    let left = causal_event(p1, hlc_at(-4_000, 0), r, "left", &[&base]);
+    let right = causal_event(p2, hlc_at(-3_000, 0), r, "right", &[&base]);
+    let out = store
+        .apply_remote(&[base.clone(), left.clone()])
+        .await
+        .expect("base+left");
+    assert_eq!(out.conflicts, 0, "a causal successor is no conflict");
+    let out = store
+        .apply_remote(std::slice::from_ref(&right))
+        .await
+        .expect("right");
+    assert_eq!(out.conflicts, 1);
+    // The later version shows; the earlier one is kept in an open conflict whose
+    // id is the losing event's id.
+    assert_eq!(
+        store.get("notes", r).await.expect("get").expect("row")["title"],
+        json!("right")
+    );
+    let open = store
+        .list_conflicts(&ConflictFilter {
+            status: Some(ConflictStatus::Open),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(open.len(), 1);
+    let c = &open[0];
+    assert_eq!(c.conflict_id, left.event_id);
+    assert_eq!(
+        (c.winner.event_id, c.loser.event_id),
+        (right.event_id, left.event_id)
+    );
+    assert_eq!((c.winner.node_id, c.loser.node_id), (p2, p1));
+    assert_eq!(
+        c.loser.values.as_ref().expect("values")["title"],
+        json!("left")
+    );
+    assert_eq!(
+        c.winner.values.as_ref().expect("values")["title"],
+        json!("right")
+    );
+    assert_eq!(c.policy, ConflictPolicy::Manual);
+
+    // Bad resolutions change nothing.
+    let err = store
+        .resolve_conflict(Ulid::generate(), ResolveChoice::KeepLocal, "alice", None)
+        .await
+        .expect_err("unknown");
+    assert!(err.to_string().starts_with("no conflict"), "{err}");
+    let err = store
+        .resolve_conflict(
+            c.conflict_id,
+            ResolveChoice::Merged(obj(json!({"colour": "red"}))),
+            "alice",
+            None,
+        )
+        .await
+        .expect_err("unknown column");
+    assert!(
+        err.to_string().contains("no replicated column \"colour\""),
+        "{err}"
+    );
+    assert_eq!(
+        store
+            .conflict(c.conflict_id)
+            .await
+            .expect("c")
+            .expect("c")
+            .status,
+        ConflictStatus::Open
+    );
+
+    // Keep the losing version.
+    let resolution = store
+        .resolve_conflict(
+            c.conflict_id,
+            ResolveChoice::KeepRemote,
+            "alice",
+            Some("left was right"),
+        )
+        .await
+        .expect("resolve");
+    assert_eq!(resolution.action.as_deref(), Some("resolve"));
+    assert_eq!(
+        store.get("notes", r).await.expect("get").expect("row")["title"],
+        json!("left")
+    );
+    let closed = store.conflict(c.conflict_id).await.expect("c").expect("c");
+    assert_eq!(closed.status, ConflictStatus::Resolved);
+    assert_eq!(closed.resolution.as_deref(), Some("keep_remote"));
+    assert_eq!(closed.resolved_by.as_deref(), Some("alice"));
+    assert_eq!(closed.resolution_note.as_deref(), Some("left was right"));
+    assert_eq!(closed.resolution_event_id, Some(resolution.event_id));
+    assert_eq!(
+        store
+            .version("notes", r)
+            .await
+            .expect("v")
+            .expect("v")
+            .frontier
+            .len(),
+        1
+    );
+    let err = store
+        .resolve_conflict(c.conflict_id, ResolveChoice::KeepLocal, "bob", None)
+        .await
+        .expect_err("already resolved");
+    assert!(
+        err.to_string()
+            .contains("is already resolved (keep_remote by alice"),
+        "{err}"
+    );
+
+    // Another node with the same conflict closes it when the resolution arrives.
+    let other = match db.kind() {
+        "sqlite" => TestDb::sqlite(),
+        _ => TestDb::postgres(),
+    };
+    let s2 = with_notes(&other, Ulid::generate()).await;
+    s2.set_policy("notes", ConflictPolicy::Manual)
+        .await
+        .expect("manual");
+    s2.apply_remote(&[right.clone()])
+        .await
+        .expect("right first");
+    s2.apply_remote(&[base.clone(), left.clone()])
+        .await
+        .expect("then base+left");
+    let c2 = s2
+        .conflict(left.event_id)
+        .await
+        .expect("c2")
+        .expect("same conflict id");
+    assert_eq!(c2.status, ConflictStatus::Open);
+    s2.apply_remote(std::slice::from_ref(&resolution))
+        .await
+        .expect("resolution");
+    let c2 = s2.conflict(left.event_id).await.expect("c2").expect("c2");
+    assert_eq!(c2.status, ConflictStatus::Resolved);
+    assert_eq!(c2.resolution.as_deref(), Some("keep_remote"));
+    assert_eq!(c2.resolved_by.as_deref(), Some("alice"));
+    assert_eq!(
+        s2.get("notes", r).await.expect("get"),
+        store.get("notes", r).await.expect("get")
+    );
+    s2.close().await;
+    store.close().await;
+}
+
+async fn out_of_order_causal_chain_opens_no_conflict(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    store
+        .set_policy("notes", ConflictPolicy::Manual)
+        .await
+        .expect("manual");
+    let (p1, p2, p3) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+    );
+    let r = id(2);
+    let a = causal_event(p1, hlc_at(-3_000, 0), r, "a", &[]);
+    let b = causal_event(p2, hlc_at(-2_000, 0), r, "b", &[&a]);
+    let c = causal_event(p3, hlc_at(-1_000, 0), r, "c", &[&b]);
+    for e in [&c, &a, &b] {
+        let out = store
+            .apply_remote(std::slice::from_ref(e))
+            .await
+            .expect("apply");
+        assert_eq!(out.conflicts, 0);
+    }
+    assert_eq!(
+        store.get("notes", r).await.expect("get").expect("row")["title"],
+        json!("c")
+    );
+    let all = store
+        .list_conflicts(&ConflictFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(all.is_empty(), "{all:?}");
+    store.close().await;
+}
+
+async fn policy_switch_moves_conflicts(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let (p1, p2) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
+    let r = id(3);
+    let x = causal_event(p1, hlc_at(-2_000, 0), r, "x", &[]);
+    let y = causal_event(p2, hlc_at(-1_000, 0), r, "y", &[]);
+    store
+        .apply_remote(&[x.clone(), y.clone()])
+        .await
+        .expect("apply");
+    // Under lww the conflict is recorded, decided.
+    let c = store
+        .conflict(x.event_id)
+        .await
+        .expect("c")
+        .expect("recorded under lww");
+    assert_eq!(
+        (c.status, c.resolution.as_deref()),
+        (ConflictStatus::Resolved, Some("lww"))
+    );
+    // Switching to manual reopens it (both versions are still concurrent)...
+    store
+        .set_policy("notes", ConflictPolicy::Manual)
+        .await
+        .expect("manual");
+    let c = store.conflict(x.event_id).await.expect("c").expect("c");
+    assert_eq!(c.status, ConflictStatus::Open);
+    // ...and back to lww decides it again.
+    store
+        .set_policy("notes", ConflictPolicy::Lww)
+        .await
+        .expect("lww");
+    let c = store.conflict(x.event_id).await.expect("c").expect("c");
+    assert_eq!(
+        (c.status, c.resolution.as_deref()),
+        (ConflictStatus::Resolved, Some("lww"))
+    );
+    // A local write that has seen both supersedes; then manual reopens nothing.
+    store
+        .put("notes", r, &obj(json!({"title": "z"})))
+        .await
+        .expect("put");
+    store
+        .set_policy("notes", ConflictPolicy::Manual)
+        .await
+        .expect("manual");
+    let c = store.conflict(x.event_id).await.expect("c").expect("c");
+    assert_eq!(c.status, ConflictStatus::Resolved);
+    // The policy event replicates: another store applying it switches too.
+    let other = match db.kind() {
+        "sqlite" => TestDb::sqlite(),
+        _ => TestDb::postgres(),
+    };
+    let s2 = with_notes(&other, Ulid::generate()).await;
+    let policy_events: Vec<ChangeEvent> = all_events(&store)
+        .await
+        .into_iter()
+        .filter(|e| e.table_name == "tidemark_datatypes")
+        .collect();
+    assert_eq!(policy_events.len(), 3);
+    s2.apply_remote(&policy_events)
+        .await
+        .expect("policy events");
+    assert_eq!(
+        s2.table("notes").expect("t").conflict_policy,
+        ConflictPolicy::Manual
+    );
+    s2.close().await;
+    store.close().await;
+}
+
 // ---------------------------------------------------------------------------------
 
 macro_rules! suite {
@@ -857,6 +1169,9 @@ suite!(
     synced_when_every_peer_acked,
     identity_and_clock_survive_restart,
     restart_with_persisted_hlc_far_ahead_is_refused,
+    manual_conflicts_open_and_resolve,
+    out_of_order_causal_chain_opens_no_conflict,
+    policy_switch_moves_conflicts,
 );
 
 #[tokio::test]

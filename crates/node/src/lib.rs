@@ -8,6 +8,8 @@
 //! finishes the batch in hand: commit, then ack), wait for the tasks, close the
 //! store.
 
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod records;
@@ -62,7 +64,16 @@ impl Node {
                 .register_table(table, *policy)
                 .await
                 .with_context(|| format!("registering table {table} (tables)"))?;
-            debug!(table, columns = ?info.columns, policy = %policy, "table registered");
+            if info.conflict_policy != *policy {
+                warn!(
+                    table,
+                    configured = %policy,
+                    registered = %info.conflict_policy,
+                    "the configured conflict_policy applies only at first registration; the cluster-wide policy is {} (change it with `tidemark admin policy set`)",
+                    info.conflict_policy
+                );
+            }
+            debug!(table, columns = ?info.columns, policy = %info.conflict_policy, "table registered");
         }
         let drained = store.drain().await.context("draining captured writes")?;
         if drained.events > 0 {
@@ -92,6 +103,41 @@ impl Node {
             tracker.clone(),
         );
         let records = records::RecordsService::new(store.clone());
+        let sender = Sender::new(
+            store.clone(),
+            settings.local.clone(),
+            settings.replication.clone(),
+            &settings.peers,
+        );
+        let admin = admin::AdminService::new(
+            store.clone(),
+            sender.clone(),
+            settings.peers.clone(),
+            settings.name.clone(),
+            settings.local.cluster_id.clone(),
+        );
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<tidemark_replicator::pb::replication_server::ReplicationServer<ReceiverService>>()
+            .await;
+        health
+            .set_serving::<tidemark_replicator::pb::records_server::RecordsServer<records::RecordsService>>()
+            .await;
+        health
+            .set_serving::<tidemark_replicator::pb::admin_server::AdminServer<admin::AdminService>>(
+            )
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidemark_replicator::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the gRPC reflection service")?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidemark_replicator::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the gRPC reflection service")?;
+        let max_message = settings.replication.max_message_bytes;
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -99,7 +145,11 @@ impl Node {
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
             .timeout(settings.request_timeout)
             .add_service(receiver.into_server())
-            .add_service(records.into_server(settings.replication.max_message_bytes))
+            .add_service(records.into_server(max_message))
+            .add_service(admin.into_server(max_message))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 cancel.clone().cancelled_owned(),
@@ -116,12 +166,6 @@ impl Node {
             cancel.clone(),
         ));
 
-        let sender = Sender::new(
-            store.clone(),
-            settings.local.clone(),
-            settings.replication.clone(),
-            &settings.peers,
-        );
         for peer in &settings.peers {
             tracker.spawn(sender.clone().run_peer(peer.clone(), cancel.clone()));
         }

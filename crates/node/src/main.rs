@@ -37,6 +37,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Operate a running node: status, conflicts, policies, record history.
+    Admin(tidemark::cli::AdminArgs),
     /// Print a new ULID (for node.id).
     NewId,
 }
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
             init_logging("error", false);
             runtime.block_on(tidemark::demo::run(dir))
         }
+        Command::Admin(args) => runtime.block_on(tidemark::cli::run(args)),
         Command::NewId => {
             println!("{}", ulid::Ulid::generate());
             Ok(())

@@ -11,7 +11,10 @@ use crate::convert::FieldError;
 /// Maps a store error to a status for a client.
 pub fn from_store(err: &StoreError) -> Status {
     match err {
-        StoreError::UnknownTable { .. } => Status::not_found(err.to_string()),
+        StoreError::UnknownTable { .. } | StoreError::NoSuchConflict { .. } => {
+            Status::not_found(err.to_string())
+        }
+        StoreError::ConflictClosed { .. } => Status::failed_precondition(err.to_string()),
         StoreError::Invalid { .. } | StoreError::UnknownColumn { .. } => {
             Status::invalid_argument(err.to_string())
         }

@@ -18,7 +18,8 @@ use ulid::Ulid;
 use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
-    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, TableInfo, Values, Version,
+    VersionVector,
 };
 
 /// What a backend found when inspecting a table before registering it.
@@ -67,6 +68,7 @@ pub trait Backend: Send + Sync + 'static {
 
     fn set_policy(
         &self,
+        tx: &mut Self::Tx,
         table: &str,
         policy: ConflictPolicy,
     ) -> impl Future<Output = Result<()>> + Send;
@@ -155,6 +157,57 @@ pub trait Backend: Send + Sync + 'static {
         tx: &mut Self::Tx,
         vector: &VersionVector,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// `new_values` of these events (`None` for a delete).
+    fn event_values(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+    ) -> impl Future<Output = Result<HashMap<Ulid, Option<Values>>>> + Send;
+
+    // ---- conflicts ------------------------------------------------------------------
+
+    /// Inserts a conflict; an existing one (same id) only gets the new winner.
+    fn upsert_conflict(
+        &self,
+        tx: &mut Self::Tx,
+        conflict: &Conflict,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Resolves the open conflicts among `ids`.
+    fn close_conflicts(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+        resolution: &str,
+        by: Option<&str>,
+        note: Option<&str>,
+        event_id: Ulid,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Resolves every open conflict of `table` as `lww` (its policy became lww).
+    fn resolve_open_conflicts(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Conflicts of `table` that were decided by `lww`.
+    fn conflicts_decided_by_lww(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+    ) -> impl Future<Output = Result<Vec<Conflict>>> + Send;
+    /// Opens these conflicts again (their table's policy became manual).
+    fn reopen_conflicts(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+    ) -> impl Future<Output = Result<u64>> + Send;
+    fn conflict(&self, id: Ulid) -> impl Future<Output = Result<Option<Conflict>>> + Send;
+    fn list_conflicts(
+        &self,
+        filter: &ConflictFilter,
+    ) -> impl Future<Output = Result<Vec<Conflict>>> + Send;
+    /// Open conflicts per table (tables without any are absent).
+    fn open_conflict_counts(&self) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
 
     // ---- reads and progress -------------------------------------------------------
 

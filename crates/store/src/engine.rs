@@ -14,10 +14,11 @@ use crate::backend::Backend;
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
-    ApplyOutcome, Capture, ChangeEvent, ConflictPolicy, DrainOutcome, Operation, TableInfo, Values,
-    Version, VersionVector, parse_ulid,
+    ApplyOutcome, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
+    ConflictStatus, DrainOutcome, Operation, ResolveChoice, TableInfo, Values, Version,
+    VersionVector, parse_ulid,
 };
-use crate::rules::resolve;
+use crate::rules::{Causality, Resolution, resolve};
 
 /// Names reserved for Tidemark's own tables.
 const RESERVED_PREFIX: &str = "tidemark_";
@@ -25,6 +26,56 @@ const RESERVED_PREFIX: &str = "tidemark_";
 pub const STAMP_COLUMNS: [&str; 2] = ["node_id", "hlc_modified"];
 /// How many captures one drain step stamps per query.
 const DRAIN_CHUNK: u32 = 512;
+/// The registry as a replicated pseudo-table: a policy change is an event on it.
+pub const REGISTRY_TABLE: &str = "tidemark_datatypes";
+
+/// Versions read in one transaction, kept current as events settle.
+type VersionCache = HashMap<(String, Ulid), Option<Version>>;
+
+/// The registry's id for a table: derived from the name, so every node agrees.
+pub fn datatype_id(table: &str) -> Ulid {
+    // FNV-1a, 128-bit; 80 bits of it form the ULID's random part.
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in table.as_bytes() {
+        h ^= u128::from(*b);
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    Ulid::from_parts(0, h)
+}
+
+fn registry_table() -> TableInfo {
+    TableInfo {
+        datatype_id: Ulid::nil(),
+        table_name: REGISTRY_TABLE.to_owned(),
+        primary_key: "datatype_id".to_owned(),
+        columns: vec![
+            "datatype_id".to_owned(),
+            "table_name".to_owned(),
+            "conflict_policy".to_owned(),
+        ],
+        conflict_policy: ConflictPolicy::Lww,
+    }
+}
+
+fn registry_values(table: &str, policy: ConflictPolicy) -> Values {
+    let mut v = Values::new();
+    v.insert(
+        "datatype_id".into(),
+        Value::String(datatype_id(table).to_string()),
+    );
+    v.insert("table_name".into(), Value::String(table.to_owned()));
+    v.insert(
+        "conflict_policy".into(),
+        Value::String(policy.as_str().to_owned()),
+    );
+    v
+}
+
+fn parse_registry_values(v: &Values) -> Option<(String, ConflictPolicy)> {
+    let name = v.get("table_name")?.as_str()?.to_owned();
+    let policy = v.get("conflict_policy")?.as_str()?.parse().ok()?;
+    Some((name, policy))
+}
 
 /// A store over one backend.
 pub struct Engine<B: Backend> {
@@ -150,7 +201,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Registers `name` for replication with `policy` (see [`Backend::register`]).
-    /// Registering again refreshes the column list and triggers and sets the policy.
+    /// Registering again refreshes the column list and triggers; the policy of an
+    /// already registered table is kept (change it with [`Engine::set_policy`]).
     pub async fn register_table(&self, name: &str, policy: ConflictPolicy) -> Result<TableInfo> {
         let ident = Ident::parse("table name", name)?;
         let unregistrable = |reason: String| StoreError::Unregistrable {
@@ -207,14 +259,13 @@ impl<B: Backend> Engine<B> {
         }
         let existing = self.table(name).ok();
         let info = TableInfo {
-            datatype_id: existing
-                .as_ref()
-                .map(|t| t.datatype_id)
-                .unwrap_or_else(Ulid::generate),
+            datatype_id: datatype_id(name),
             table_name: name.to_owned(),
             primary_key: pk.clone(),
             columns,
-            conflict_policy: policy,
+            // The registry is authoritative once a table is registered: a policy
+            // changes only through set_policy, which replicates.
+            conflict_policy: existing.as_ref().map_or(policy, |t| t.conflict_policy),
         };
         {
             let _w = self.writer.lock().await;
@@ -224,11 +275,72 @@ impl<B: Backend> Engine<B> {
         Ok(info)
     }
 
-    /// Sets a registered table's conflict policy.
-    pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<()> {
-        self.table(table)?;
-        self.backend.set_policy(table, policy).await?;
-        self.reload_tables().await
+    /// Sets a table's conflict policy cluster-wide: the change is an event on the
+    /// registry (`tidemark_datatypes`) that replicates like any write, last writer
+    /// wins. Open conflicts follow the policy: switching to `lww` resolves them,
+    /// switching to `manual` reopens those decided by `lww` whose versions are still
+    /// concurrent.
+    pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<ChangeEvent> {
+        let info = self.table(table)?;
+        let registry = registry_table();
+        let record = datatype_id(&info.table_name);
+        let values = registry_values(&info.table_name, policy);
+        let _w = self.writer.lock().await;
+        let mut tx = self.backend.begin().await?;
+        self.drain_in(&mut tx).await?;
+        let mut cache = VersionCache::new();
+        let local = self
+            .cached_version(&mut tx, &mut cache, &registry, record)
+            .await?;
+        let old = local
+            .as_ref()
+            .map(|_| registry_values(&info.table_name, info.conflict_policy));
+        let event = self.local_event(
+            &registry,
+            record,
+            Operation::Update,
+            old,
+            Some(values),
+            local.as_ref(),
+            None,
+        );
+        self.settle(&mut tx, &registry, &event, &mut cache).await?;
+        self.apply_policy(&mut tx, &info.table_name, policy, &mut cache)
+            .await?;
+        self.commit_local(tx, &event).await?;
+        self.reload_tables().await?;
+        Ok(event)
+    }
+
+    /// Sets the policy inside `tx` and moves conflicts of the table to match it.
+    async fn apply_policy(
+        &self,
+        tx: &mut B::Tx,
+        table: &str,
+        policy: ConflictPolicy,
+        cache: &mut VersionCache,
+    ) -> Result<()> {
+        self.backend.set_policy(tx, table, policy).await?;
+        match policy {
+            ConflictPolicy::Lww => {
+                self.backend.resolve_open_conflicts(tx, table).await?;
+            }
+            ConflictPolicy::Manual => {
+                let decided = self.backend.conflicts_decided_by_lww(tx, table).await?;
+                let info = self.table(table)?;
+                let mut reopen = Vec::new();
+                for c in decided {
+                    let version = self.cached_version(tx, cache, &info, c.record_id).await?;
+                    if version
+                        .is_some_and(|v| v.frontier.iter().any(|m| m.event_id == c.loser.event_id))
+                    {
+                        reopen.push(c.conflict_id);
+                    }
+                }
+                self.backend.reopen_conflicts(tx, &reopen).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Stamps captured direct writes into `change_events`, oldest first, until the
@@ -254,10 +366,10 @@ impl<B: Backend> Engine<B> {
                 break;
             }
             let seqs: Vec<i64> = captures.iter().map(|c| c.seq).collect();
-            let mut versions: HashMap<(String, Ulid), Option<Version>> = HashMap::new();
+            let mut cache = VersionCache::new();
             let mut events = Vec::with_capacity(captures.len());
             for capture in captures {
-                match self.stamp_capture(tx, capture, &mut versions).await? {
+                match self.stamp_capture(tx, capture, &mut cache).await? {
                     Some(event) => events.push(event),
                     None => outcome.unchanged += 1,
                 }
@@ -284,7 +396,7 @@ impl<B: Backend> Engine<B> {
         &self,
         tx: &mut B::Tx,
         capture: Capture,
-        versions: &mut HashMap<(String, Ulid), Option<Version>>,
+        cache: &mut VersionCache,
     ) -> Result<Option<ChangeEvent>> {
         let table = self.table(&capture.table_name).map_err(|_| {
             StoreError::corrupt(
@@ -313,15 +425,7 @@ impl<B: Backend> Engine<B> {
         if capture.operation == Operation::Update && old_values == new_values {
             return Ok(None);
         }
-        let key = (table.table_name.clone(), record_id);
-        if !versions.contains_key(&key) {
-            let mut found = self
-                .backend
-                .versions(tx, &table.table_name, &[record_id])
-                .await?;
-            versions.insert(key.clone(), found.remove(&record_id));
-        }
-        let local = versions.get(&key).cloned().flatten();
+        let local = self.cached_version(tx, cache, &table, record_id).await?;
         let event = self.local_event(
             &table,
             record_id,
@@ -329,21 +433,140 @@ impl<B: Backend> Engine<B> {
             old_values,
             new_values,
             local.as_ref(),
+            None,
         );
-        let version = event.version()?;
-        self.backend
-            .put_version(tx, &table.table_name, record_id, &version)
-            .await?;
+        self.settle(tx, &table, &event, cache).await?;
         if capture.operation != Operation::Delete {
             self.backend
                 .stamp_row(tx, &table, record_id, event.hlc, self.node_id)
                 .await?;
         }
-        versions.insert(key, Some(version));
         Ok(Some(event))
     }
 
-    /// A new event of this node for a write on top of `local`.
+    /// The record's version, read once per transaction and kept current in `cache`.
+    async fn cached_version(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        table: &TableInfo,
+        id: Ulid,
+    ) -> Result<Option<Version>> {
+        let key = (table.table_name.clone(), id);
+        if let Some(v) = cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let found = self
+            .backend
+            .versions(tx, &table.table_name, &[id])
+            .await?
+            .remove(&id);
+        cache.insert(key, found.clone());
+        Ok(found)
+    }
+
+    /// Applies the rules for `event` to its record's version inside `tx`: stores the
+    /// new version and keeps the record's conflicts in step with its frontier.
+    async fn settle(
+        &self,
+        tx: &mut B::Tx,
+        table: &TableInfo,
+        event: &ChangeEvent,
+        cache: &mut VersionCache,
+    ) -> Result<Resolution> {
+        let local = self
+            .cached_version(tx, cache, table, event.record_id)
+            .await?;
+        let res = resolve(local.as_ref(), &event.member()?);
+        if local.as_ref() != Some(&res.next) {
+            self.backend
+                .put_version(tx, &table.table_name, event.record_id, &res.next)
+                .await?;
+        }
+        cache.insert(
+            (table.table_name.clone(), event.record_id),
+            Some(res.next.clone()),
+        );
+        if table.table_name != REGISTRY_TABLE {
+            self.track_conflicts(tx, table, event, &res).await?;
+        }
+        Ok(res)
+    }
+
+    /// Conflict rows follow the frontier: one per losing member (open under
+    /// `manual`, decided under `lww`), closed when a version that has seen it
+    /// arrives (with the resolution that version carries, or as superseded).
+    async fn track_conflicts(
+        &self,
+        tx: &mut B::Tx,
+        table: &TableInfo,
+        event: &ChangeEvent,
+        res: &Resolution,
+    ) -> Result<()> {
+        if !res.superseded.is_empty() {
+            let info = event.resolution();
+            let ids: Vec<Ulid> = res.superseded.iter().map(|m| m.event_id).collect();
+            self.backend
+                .close_conflicts(
+                    tx,
+                    &ids,
+                    info.as_ref().map_or("superseded", |i| i.kind.as_str()),
+                    info.as_ref().and_then(|i| i.by.as_deref()),
+                    info.as_ref().and_then(|i| i.note.as_deref()),
+                    event.event_id,
+                )
+                .await?;
+        }
+        if res.causality != Causality::Concurrent {
+            return Ok(());
+        }
+        let Some(winner) = res.next.frontier.last() else {
+            return Ok(());
+        };
+        let wanted: Vec<Ulid> = res
+            .next
+            .frontier
+            .iter()
+            .map(|m| m.event_id)
+            .filter(|id| *id != event.event_id)
+            .collect();
+        let mut values = self.backend.event_values(tx, &wanted).await?;
+        values.insert(event.event_id, event.new_values.clone());
+        let side = |m: &crate::model::Member| ConflictSide {
+            event_id: m.event_id,
+            hlc: m.hlc,
+            node_id: m.node_id,
+            values: values.get(&m.event_id).cloned().flatten(),
+        };
+        let manual = table.conflict_policy == ConflictPolicy::Manual;
+        for loser in &res.next.frontier[..res.next.frontier.len() - 1] {
+            let conflict = Conflict {
+                conflict_id: loser.event_id,
+                table_name: table.table_name.clone(),
+                record_id: event.record_id,
+                policy: table.conflict_policy,
+                status: if manual {
+                    ConflictStatus::Open
+                } else {
+                    ConflictStatus::Resolved
+                },
+                winner: side(winner),
+                loser: side(loser),
+                detected_at: String::new(),
+                resolved_at: None,
+                resolved_by: (!manual).then(|| "lww".to_owned()),
+                resolution: (!manual).then(|| "lww".to_owned()),
+                resolution_note: None,
+                resolution_event_id: None,
+            };
+            self.backend.upsert_conflict(tx, &conflict).await?;
+        }
+        Ok(())
+    }
+
+    /// A new event of this node for a write on top of `local`; `extra` is merged
+    /// into its metadata next to the version vector.
+    #[allow(clippy::too_many_arguments)]
     fn local_event(
         &self,
         table: &TableInfo,
@@ -352,10 +575,17 @@ impl<B: Backend> Engine<B> {
         old_values: Option<Values>,
         new_values: Option<Values>,
         local: Option<&Version>,
+        extra: Option<(&str, Value)>,
     ) -> ChangeEvent {
         let hlc = self.clock.now();
         let mut vv = local.map(|v| v.vv.clone()).unwrap_or_default();
         vv.observe(self.node_id, hlc);
+        let mut metadata = json!({ "vv": vv.to_json() });
+        let mut action = None;
+        if let Some((act, resolution)) = extra {
+            action = Some(act.to_owned());
+            metadata["resolution"] = resolution;
+        }
         ChangeEvent {
             event_id: Ulid::generate(),
             hlc,
@@ -364,11 +594,11 @@ impl<B: Backend> Engine<B> {
             table_name: table.table_name.clone(),
             record_id,
             operation,
-            action: None,
+            action,
             user_id: None,
             old_values,
             new_values,
-            metadata: Some(json!({ "vv": vv.to_json() })),
+            metadata: Some(metadata),
         }
     }
 
@@ -406,89 +636,175 @@ impl<B: Backend> Engine<B> {
     pub async fn put(&self, table: &str, id: Ulid, values: &Values) -> Result<ChangeEvent> {
         let table = self.table(table)?;
         let values = Self::checked_values(&table, id, values)?;
-        let _w = self.writer.lock().await;
-        let mut tx = self.backend.begin().await?;
-        self.drain_in(&mut tx).await?;
-        let local = self
-            .backend
-            .versions(&mut tx, &table.table_name, &[id])
-            .await?
-            .remove(&id);
-        let old = self.backend.rows(&mut tx, &table, &[id]).await?.remove(&id);
-        let op = if old.is_some() {
-            Operation::Update
-        } else {
-            Operation::Insert
-        };
-        // An update writes the whole row (current values overlaid with the given
-        // ones): an INSERT .. ON CONFLICT checks NOT NULL on the proposed row first.
-        let row = match &old {
-            Some(current) => {
-                let mut full = current.clone();
-                full.extend(values);
-                full
-            }
-            None => values,
-        };
-        let mut event = self.local_event(&table, id, op, old, None, local.as_ref());
-        self.backend
-            .upsert_row(&mut tx, &table, id, &row, event.hlc, self.node_id)
+        let event = self
+            .write_local(&table, id, Some(values), None, false)
             .await?;
-        event.new_values = self.backend.rows(&mut tx, &table, &[id]).await?.remove(&id);
-        self.commit_local(tx, &table, event).await
+        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
     }
 
     /// Deletes a record through the API; `None` when there was no such row.
     pub async fn delete(&self, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {
         let table = self.table(table)?;
+        self.write_local(&table, id, None, None, false).await
+    }
+
+    /// One local write in its own transaction: `values` upserts (overlaid on the
+    /// current row), `None` deletes. A delete of an absent row writes nothing
+    /// unless `force` (a resolution that keeps a deleted version).
+    async fn write_local(
+        &self,
+        table: &TableInfo,
+        id: Ulid,
+        values: Option<Values>,
+        extra: Option<(&str, Value)>,
+        force: bool,
+    ) -> Result<Option<ChangeEvent>> {
         let _w = self.writer.lock().await;
         let mut tx = self.backend.begin().await?;
         let drained = self.drain_in(&mut tx).await?;
-        let Some(old) = self.backend.rows(&mut tx, &table, &[id]).await?.remove(&id) else {
-            if drained.events > 0 || drained.unchanged > 0 {
-                self.backend.commit(tx).await?;
+        let mut cache = VersionCache::new();
+        let local = self.cached_version(&mut tx, &mut cache, table, id).await?;
+        let old = self.backend.rows(&mut tx, table, &[id]).await?.remove(&id);
+        let event = match values {
+            Some(values) => {
+                let op = if old.is_some() {
+                    Operation::Update
+                } else {
+                    Operation::Insert
+                };
+                // An update writes the whole row (current values overlaid with the
+                // given ones): INSERT .. ON CONFLICT checks NOT NULL on the proposed
+                // row first.
+                let row = match &old {
+                    Some(current) => {
+                        let mut full = current.clone();
+                        full.extend(values);
+                        full
+                    }
+                    None => values,
+                };
+                let mut event = self.local_event(table, id, op, old, None, local.as_ref(), extra);
+                self.backend
+                    .upsert_row(&mut tx, table, id, &row, event.hlc, self.node_id)
+                    .await?;
+                event.new_values = self.backend.rows(&mut tx, table, &[id]).await?.remove(&id);
+                event
             }
-            if drained.events > 0 {
-                self.committed();
+            None => {
+                if old.is_none() && !force {
+                    if drained.events > 0 || drained.unchanged > 0 {
+                        self.backend.commit(tx).await?;
+                    }
+                    if drained.events > 0 {
+                        self.committed();
+                    }
+                    return Ok(None);
+                }
+                let event = self.local_event(
+                    table,
+                    id,
+                    Operation::Delete,
+                    old,
+                    None,
+                    local.as_ref(),
+                    extra,
+                );
+                self.backend.delete_row(&mut tx, table, id).await?;
+                event
             }
-            return Ok(None);
         };
-        let local = self
-            .backend
-            .versions(&mut tx, &table.table_name, &[id])
-            .await?
-            .remove(&id);
-        let event = self.local_event(
-            &table,
-            id,
-            Operation::Delete,
-            Some(old),
-            None,
-            local.as_ref(),
-        );
-        self.backend.delete_row(&mut tx, &table, id).await?;
-        self.commit_local(tx, &table, event).await.map(Some)
+        self.settle(&mut tx, table, &event, &mut cache).await?;
+        self.commit_local(tx, &event).await?;
+        Ok(Some(event))
     }
 
-    async fn commit_local(
-        &self,
-        mut tx: B::Tx,
-        table: &TableInfo,
-        event: ChangeEvent,
-    ) -> Result<ChangeEvent> {
-        let version = event.version()?;
+    async fn commit_local(&self, mut tx: B::Tx, event: &ChangeEvent) -> Result<()> {
         self.backend
-            .put_version(&mut tx, &table.table_name, event.record_id, &version)
-            .await?;
-        self.backend
-            .insert_events(&mut tx, std::slice::from_ref(&event))
+            .insert_events(&mut tx, std::slice::from_ref(event))
             .await?;
         let mut own = VersionVector::new();
         own.observe(self.node_id, event.hlc);
         self.backend.raise_vector(&mut tx, &own).await?;
         self.backend.commit(tx).await?;
         self.committed();
-        Ok(event)
+        Ok(())
+    }
+
+    /// Resolves an open conflict with a new write that has seen both versions: it
+    /// replicates like any write and closes the conflict on every node. Fails,
+    /// changing nothing, for an unknown or already resolved conflict or values with
+    /// unknown columns.
+    pub async fn resolve_conflict(
+        &self,
+        conflict_id: Ulid,
+        choice: ResolveChoice,
+        resolved_by: &str,
+        note: Option<&str>,
+    ) -> Result<ChangeEvent> {
+        let conflict = self
+            .backend
+            .conflict(conflict_id)
+            .await?
+            .ok_or(StoreError::NoSuchConflict { conflict_id })?;
+        if conflict.status != ConflictStatus::Open {
+            return Err(StoreError::ConflictClosed {
+                conflict_id,
+                resolution: conflict.resolution.unwrap_or_default(),
+                by: conflict.resolved_by.unwrap_or_else(|| "?".into()),
+                at: conflict.resolved_at.unwrap_or_default(),
+            });
+        }
+        let table = self.table(&conflict.table_name)?;
+        let id = conflict.record_id;
+        let values = match &choice {
+            ResolveChoice::KeepLocal => conflict.winner.values.clone(),
+            ResolveChoice::KeepRemote => conflict.loser.values.clone(),
+            ResolveChoice::Merged(v) => Some(v.clone()),
+        };
+        let values = values
+            .map(|v| Self::checked_values(&table, id, &v))
+            .transpose()?;
+        let resolution = json!({
+            "kind": choice.kind(),
+            "by": resolved_by,
+            "note": note,
+            "conflict_id": conflict_id.to_string(),
+        });
+        let event = self
+            .write_local(&table, id, values, Some(("resolve", resolution)), true)
+            .await?;
+        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a resolution wrote no event"))
+    }
+
+    pub async fn conflict(&self, conflict_id: Ulid) -> Result<Option<Conflict>> {
+        self.backend.conflict(conflict_id).await
+    }
+
+    pub async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
+        if let Some(t) = &filter.table {
+            self.table(t)?;
+        }
+        self.backend.list_conflicts(filter).await
+    }
+
+    /// Open conflicts per registered table (zero included).
+    pub async fn open_conflicts_by_table(&self) -> Result<Vec<(String, u64)>> {
+        let counts: HashMap<String, u64> = self
+            .backend
+            .open_conflict_counts()
+            .await?
+            .into_iter()
+            .collect();
+        Ok(self
+            .tables()
+            .iter()
+            .map(|t| {
+                (
+                    t.table_name.clone(),
+                    counts.get(&t.table_name).copied().unwrap_or(0),
+                )
+            })
+            .collect())
     }
 
     /// Current values of a record (`None` when absent or deleted).
@@ -511,8 +827,32 @@ impl<B: Backend> Engine<B> {
 
     /// Validates a remote event against the registry before anything is written.
     fn check_remote(&self, event: &ChangeEvent) -> Result<Arc<TableInfo>> {
-        let table = self.table(&event.table_name)?;
         let field = |f: &str| format!("event {} {f}", event.event_id);
+        let table = if event.table_name == REGISTRY_TABLE {
+            let values = event.new_values.as_ref().ok_or_else(|| {
+                StoreError::invalid(
+                    field("new_values"),
+                    "a registry event must carry new values",
+                )
+            })?;
+            let (name, policy) = parse_registry_values(values).ok_or_else(|| {
+                StoreError::invalid(
+                    field("new_values"),
+                    "expected {\"table_name\": .., \"conflict_policy\": \"lww\"|\"manual\"}",
+                )
+            })?;
+            self.table(&name)?;
+            if event.record_id != datatype_id(&name) || event.operation != Operation::Update {
+                return Err(StoreError::invalid(
+                    field("record_id"),
+                    format!("not the registry record of table {name}"),
+                ));
+            }
+            let _ = policy;
+            return Ok(Arc::new(registry_table()));
+        } else {
+            self.table(&event.table_name)?
+        };
         match (event.operation, &event.new_values) {
             (Operation::Delete, Some(_)) => {
                 return Err(StoreError::invalid(
@@ -560,10 +900,10 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Applies events from a peer in one transaction: idempotent (an event id
-    /// already present changes nothing), last-write-wins per record by
-    /// `(hlc, node_id, event_id)`, every new event kept in `change_events`. Events of
-    /// one origin must come in ascending HLC order. Nothing is written when any
-    /// event is invalid or too far in the future.
+    /// already present changes nothing), the winner per record decided by the rules,
+    /// conflicts recorded, every new event kept in `change_events`. Events of one
+    /// origin must come in ascending HLC order. Nothing is written when any event is
+    /// invalid or too far in the future.
     pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
         let mut tables = Vec::with_capacity(events.len());
         let mut last_per_origin: BTreeMap<Ulid, Hlc> = BTreeMap::new();
@@ -591,60 +931,57 @@ impl<B: Backend> Engine<B> {
         outcome.drained = self.drain_in(&mut tx).await?.events;
         let ids: Vec<Ulid> = events.iter().map(|e| e.event_id).collect();
         let mut seen = self.backend.existing_events(&mut tx, &ids).await?;
-        let mut versions: HashMap<(String, Ulid), Option<Version>> = HashMap::new();
+        let mut cache = VersionCache::new();
         let mut fresh = Vec::new();
         let mut vector = VersionVector::new();
+        let mut policies_changed = false;
         for (event, table) in events.iter().zip(tables) {
             if !seen.insert(event.event_id) {
                 outcome.duplicates += 1;
                 continue;
             }
             self.clock.observe(event.hlc)?;
-            let key = (table.table_name.clone(), event.record_id);
-            if !versions.contains_key(&key) {
-                let mut found = self
-                    .backend
-                    .versions(&mut tx, &table.table_name, &[event.record_id])
-                    .await?;
-                versions.insert(key.clone(), found.remove(&event.record_id));
+            let res = self.settle(&mut tx, &table, event, &mut cache).await?;
+            if res.causality == Causality::Concurrent {
+                outcome.conflicts += 1;
             }
-            let local = versions.get(&key).cloned().flatten();
-            let resolution = resolve(local.as_ref(), &event.version()?);
-            if resolution.incoming_wins {
-                match &event.new_values {
-                    Some(values) => {
-                        self.backend
-                            .upsert_row(
-                                &mut tx,
-                                &table,
-                                event.record_id,
-                                values,
-                                event.hlc,
-                                event.node_id,
-                            )
-                            .await?
-                    }
-                    None => {
-                        self.backend
-                            .delete_row(&mut tx, &table, event.record_id)
-                            .await?
+            if res.incoming_wins {
+                if table.table_name == REGISTRY_TABLE {
+                    let (name, policy) = event
+                        .new_values
+                        .as_ref()
+                        .and_then(parse_registry_values)
+                        .ok_or_else(|| {
+                            StoreError::corrupt(REGISTRY_TABLE, "checked values vanished")
+                        })?;
+                    self.apply_policy(&mut tx, &name, policy, &mut cache)
+                        .await?;
+                    policies_changed = true;
+                } else {
+                    match &event.new_values {
+                        Some(values) => {
+                            self.backend
+                                .upsert_row(
+                                    &mut tx,
+                                    &table,
+                                    event.record_id,
+                                    values,
+                                    event.hlc,
+                                    event.node_id,
+                                )
+                                .await?
+                        }
+                        None => {
+                            self.backend
+                                .delete_row(&mut tx, &table, event.record_id)
+                                .await?
+                        }
                     }
                 }
                 outcome.applied += 1;
             } else {
                 outcome.superseded += 1;
             }
-            if local.as_ref() != Some(&resolution.next) {
-                self.backend
-                    .put_version(
-                        &mut tx,
-                        &table.table_name,
-                        event.record_id,
-                        &resolution.next,
-                    )
-                    .await?;
-            }
-            versions.insert(key, Some(resolution.next));
             vector.observe(event.node_id, event.hlc);
             fresh.push(event.clone());
         }
@@ -655,6 +992,9 @@ impl<B: Backend> Engine<B> {
         if !fresh.is_empty() || outcome.drained > 0 {
             self.backend.commit(tx).await?;
             self.committed();
+        }
+        if policies_changed {
+            self.reload_tables().await?;
         }
         Ok(outcome)
     }

@@ -19,6 +19,19 @@ pub enum StoreError {
     #[error("table {table:?} has no replicated column {column:?}")]
     UnknownColumn { table: String, column: String },
 
+    /// No conflict has this id.
+    #[error("no conflict {conflict_id}")]
+    NoSuchConflict { conflict_id: ulid::Ulid },
+
+    /// The conflict was already resolved.
+    #[error("conflict {conflict_id} is already resolved ({resolution} by {by} at {at})")]
+    ConflictClosed {
+        conflict_id: ulid::Ulid,
+        resolution: String,
+        by: String,
+        at: String,
+    },
+
     /// A table cannot be registered for replication.
     #[error("cannot replicate table {table:?}: {reason}")]
     Unregistrable { table: String, reason: String },

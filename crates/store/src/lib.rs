@@ -40,7 +40,8 @@ pub use backend::Backend;
 pub use engine::{Engine, STAMP_COLUMNS};
 pub use error::{Result, StoreError};
 pub use model::{
-    ApplyOutcome, ChangeEvent, ConflictPolicy, DrainOutcome, Operation, TableInfo, Values, Version,
+    ApplyOutcome, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
+    ConflictStatus, DrainOutcome, Member, Operation, ResolveChoice, TableInfo, Values, Version,
     VersionVector,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
@@ -146,8 +147,31 @@ impl Store {
         dispatch!(self, e => e.register_table(name, policy).await)
     }
 
-    pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<()> {
+    /// Sets a table's conflict policy cluster-wide (the change replicates).
+    pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<ChangeEvent> {
         dispatch!(self, e => e.set_policy(table, policy).await)
+    }
+
+    pub async fn resolve_conflict(
+        &self,
+        conflict_id: Ulid,
+        choice: ResolveChoice,
+        resolved_by: &str,
+        note: Option<&str>,
+    ) -> Result<ChangeEvent> {
+        dispatch!(self, e => e.resolve_conflict(conflict_id, choice, resolved_by, note).await)
+    }
+
+    pub async fn conflict(&self, conflict_id: Ulid) -> Result<Option<Conflict>> {
+        dispatch!(self, e => e.conflict(conflict_id).await)
+    }
+
+    pub async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
+        dispatch!(self, e => e.list_conflicts(filter).await)
+    }
+
+    pub async fn open_conflicts_by_table(&self) -> Result<Vec<(String, u64)>> {
+        dispatch!(self, e => e.open_conflicts_by_table().await)
     }
 
     pub fn tables(&self) -> Vec<Arc<TableInfo>> {

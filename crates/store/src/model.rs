@@ -237,19 +237,95 @@ impl ChangeEvent {
         }
     }
 
-    /// The version this event gives its record.
-    pub fn version(&self) -> Result<Version, StoreError> {
-        Ok(Version {
+    /// This event as a version of its record.
+    pub fn member(&self) -> Result<Member, StoreError> {
+        Ok(Member {
+            event_id: self.event_id,
             hlc: self.hlc,
             node_id: self.node_id,
-            event_id: self.event_id,
             deleted: self.operation == Operation::Delete,
             vv: self.vector()?,
         })
     }
+
+    /// The resolution this event carries (`metadata.resolution`), if it resolves a
+    /// conflict.
+    pub fn resolution(&self) -> Option<ResolutionInfo> {
+        let r = self.metadata.as_ref()?.get("resolution")?;
+        Some(ResolutionInfo {
+            kind: r.get("kind")?.as_str()?.to_owned(),
+            by: r.get("by").and_then(Value::as_str).map(str::to_owned),
+            note: r.get("note").and_then(Value::as_str).map(str::to_owned),
+        })
+    }
 }
 
-/// The current version of a record (also kept for deleted records: a tombstone).
+/// Who resolved a conflict, how and why, as carried by the resolving event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolutionInfo {
+    /// `keep_local`, `keep_remote` or `merged`.
+    pub kind: String,
+    pub by: Option<String>,
+    pub note: Option<String>,
+}
+
+/// One version of a record: the event that wrote it and that event's causal past.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub event_id: Ulid,
+    pub hlc: Hlc,
+    pub node_id: Ulid,
+    pub deleted: bool,
+    pub vv: VersionVector,
+}
+
+impl Member {
+    pub fn order(&self) -> WriteOrder {
+        WriteOrder {
+            hlc: self.hlc,
+            node_id: self.node_id,
+            event_id: self.event_id,
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        serde_json::json!({
+            "e": self.event_id.to_string(),
+            "h": self.hlc.encode(),
+            "n": self.node_id.to_string(),
+            "d": self.deleted,
+            "vv": self.vv.to_json(),
+        })
+    }
+
+    pub(crate) fn from_json(v: &Value) -> Result<Member, StoreError> {
+        let what = "frontier member";
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| StoreError::invalid(what, format!("missing {k}")))
+        };
+        let text = |k: &str| -> Result<&str, StoreError> {
+            field(k)?
+                .as_str()
+                .ok_or_else(|| StoreError::invalid(what, format!("{k} is not a string")))
+        };
+        let raw = field("h")?
+            .as_i64()
+            .ok_or_else(|| StoreError::invalid(what, "h is not an integer"))?;
+        Ok(Member {
+            event_id: parse_ulid("frontier.e", text("e")?)?,
+            hlc: Hlc::decode(raw).map_err(|e| StoreError::invalid(what, e.to_string()))?,
+            node_id: parse_ulid("frontier.n", text("n")?)?,
+            deleted: field("d")?.as_bool().unwrap_or(false),
+            vv: VersionVector::from_json(field("vv")?, "frontier.vv")?,
+        })
+    }
+}
+
+/// The current version of a record (also kept for deleted records: a tombstone):
+/// the winning version's identity, the merged vector of every version seen, and
+/// the frontier (the versions no other version has seen). A frontier of more than
+/// one member is a conflict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Version {
     pub hlc: Hlc,
@@ -257,15 +333,43 @@ pub struct Version {
     pub event_id: Ulid,
     pub deleted: bool,
     pub vv: VersionVector,
+    /// Maximal versions, in the total order (the last one is the winner).
+    pub frontier: Vec<Member>,
 }
 
 impl Version {
+    /// The version of a record written by one event and nothing concurrent.
+    pub fn single(member: Member) -> Version {
+        Version {
+            hlc: member.hlc,
+            node_id: member.node_id,
+            event_id: member.event_id,
+            deleted: member.deleted,
+            vv: member.vv.clone(),
+            frontier: vec![member],
+        }
+    }
+
     pub fn order(&self) -> WriteOrder {
         WriteOrder {
             hlc: self.hlc,
             node_id: self.node_id,
             event_id: self.event_id,
         }
+    }
+
+    /// The frontier as stored.
+    pub fn frontier_json(&self) -> Value {
+        Value::Array(self.frontier.iter().map(Member::to_json).collect())
+    }
+
+    /// Parses a stored frontier.
+    pub fn frontier_from_json(v: &Value) -> Result<Vec<Member>, StoreError> {
+        v.as_array()
+            .ok_or_else(|| StoreError::invalid("frontier", "not a JSON array"))?
+            .iter()
+            .map(Member::from_json)
+            .collect()
     }
 }
 
@@ -308,6 +412,8 @@ pub struct ApplyOutcome {
     pub duplicates: u64,
     /// Pending direct writes drained (stamped) before applying.
     pub drained: u64,
+    /// New concurrent versions detected (a conflict row each).
+    pub conflicts: u64,
 }
 
 /// What one drain of the capture queue did.
@@ -317,4 +423,97 @@ pub struct DrainOutcome {
     pub events: u64,
     /// Captured updates that changed no replicated column (dropped).
     pub unchanged: u64,
+}
+
+/// Whether a conflict still needs a human.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConflictStatus {
+    Open,
+    Resolved,
+}
+
+impl ConflictStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConflictStatus::Open => "open",
+            ConflictStatus::Resolved => "resolved",
+        }
+    }
+}
+
+impl FromStr for ConflictStatus {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(ConflictStatus::Open),
+            "resolved" => Ok(ConflictStatus::Resolved),
+            other => Err(StoreError::invalid(
+                "status",
+                format!("{other:?} is not one of open, resolved"),
+            )),
+        }
+    }
+}
+
+/// One side of a conflict: a version of the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictSide {
+    pub event_id: Ulid,
+    pub hlc: Hlc,
+    pub node_id: Ulid,
+    /// The record's values in this version; `None` for a delete.
+    pub values: Option<Values>,
+}
+
+/// Two concurrent versions of a record: the one every node shows (the winner by
+/// `(hlc, node_id, event_id)`) and one that lost. Its id is the losing event's id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    pub conflict_id: Ulid,
+    pub table_name: String,
+    pub record_id: Ulid,
+    /// The table's policy when the conflict was last (re)classified.
+    pub policy: ConflictPolicy,
+    pub status: ConflictStatus,
+    pub winner: ConflictSide,
+    pub loser: ConflictSide,
+    pub detected_at: String,
+    pub resolved_at: Option<String>,
+    pub resolved_by: Option<String>,
+    /// `lww`, `keep_local`, `keep_remote`, `merged` or `superseded`.
+    pub resolution: Option<String>,
+    pub resolution_note: Option<String>,
+    pub resolution_event_id: Option<Ulid>,
+}
+
+/// Which conflicts to list: optional table and status, ordered by id, after a
+/// cursor (the last id of the previous page).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConflictFilter {
+    pub table: Option<String>,
+    pub status: Option<ConflictStatus>,
+    pub after: Option<Ulid>,
+    pub limit: u32,
+}
+
+/// How an operator resolves a conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolveChoice {
+    /// Keep the version every node shows now (the provisional winner).
+    KeepLocal,
+    /// Keep the concurrent version that lost.
+    KeepRemote,
+    /// Write these values (columns not given keep the shown version's values).
+    Merged(Values),
+}
+
+impl ResolveChoice {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResolveChoice::KeepLocal => "keep_local",
+            ResolveChoice::KeepRemote => "keep_remote",
+            ResolveChoice::Merged(_) => "merged",
+        }
+    }
 }

@@ -8,7 +8,8 @@ use ulid::Ulid;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictPolicy, ConflictSide, Member, TableInfo, Values,
+    Version, VersionVector,
 };
 
 fn ulid(what: &str, text: &str) -> Result<Ulid> {
@@ -84,6 +85,7 @@ pub struct VersionRow {
     pub event_id: String,
     pub deleted: bool,
     pub vv: Json<Value>,
+    pub frontier: Json<Value>,
 }
 
 impl VersionRow {
@@ -91,14 +93,31 @@ impl VersionRow {
         let what = "tidemark_record_versions";
         let vv = VersionVector::from_json(&self.vv.0, "tidemark_record_versions.vv")
             .map_err(|e| StoreError::corrupt(what, e.to_string()))?;
+        let frontier = Version::frontier_from_json(&self.frontier.0)
+            .map_err(|e| StoreError::corrupt(what, e.to_string()))?;
+        let hlc = hlc(what, self.hlc)?;
+        let node_id = ulid(what, &self.node_id)?;
+        let event_id = ulid(what, &self.event_id)?;
+        let frontier = if frontier.is_empty() {
+            vec![Member {
+                event_id,
+                hlc,
+                node_id,
+                deleted: self.deleted,
+                vv: vv.clone(),
+            }]
+        } else {
+            frontier
+        };
         Ok((
             ulid(what, &self.record_id)?,
             Version {
-                hlc: hlc(what, self.hlc)?,
-                node_id: ulid(what, &self.node_id)?,
-                event_id: ulid(what, &self.event_id)?,
+                hlc,
+                node_id,
+                event_id,
                 deleted: self.deleted,
                 vv,
+                frontier,
             },
         ))
     }
@@ -158,6 +177,82 @@ impl TryFrom<TableRow> for TableInfo {
                 .map_err(|e| StoreError::corrupt(what, e.to_string()))?,
         })
     }
+}
+
+/// Columns of [`ConflictRow`] except the timestamps, which each backend formats.
+pub const CONFLICT_COLUMNS: &str = "conflict_id, table_name, record_id, policy, status, \
+    winner_event_id, winner_hlc, winner_node_id, winner_values, \
+    loser_event_id, loser_hlc, loser_node_id, loser_values, \
+    resolved_by, resolution, resolution_note, resolution_event_id";
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct ConflictRow {
+    pub conflict_id: String,
+    pub table_name: String,
+    pub record_id: String,
+    pub policy: String,
+    pub status: String,
+    pub winner_event_id: String,
+    pub winner_hlc: i64,
+    pub winner_node_id: String,
+    pub winner_values: Option<Json<Value>>,
+    pub loser_event_id: String,
+    pub loser_hlc: i64,
+    pub loser_node_id: String,
+    pub loser_values: Option<Json<Value>>,
+    pub detected_at: String,
+    pub resolved_at: Option<String>,
+    pub resolved_by: Option<String>,
+    pub resolution: Option<String>,
+    pub resolution_note: Option<String>,
+    pub resolution_event_id: Option<String>,
+}
+
+impl TryFrom<ConflictRow> for Conflict {
+    type Error = StoreError;
+
+    fn try_from(r: ConflictRow) -> Result<Self> {
+        let what = "tidemark_conflicts";
+        let corrupt = |e: StoreError| StoreError::corrupt(what, e.to_string());
+        Ok(Conflict {
+            conflict_id: ulid(what, &r.conflict_id)?,
+            table_name: r.table_name,
+            record_id: ulid(what, &r.record_id)?,
+            policy: r.policy.parse().map_err(corrupt)?,
+            status: r.status.parse().map_err(corrupt)?,
+            winner: ConflictSide {
+                event_id: ulid(what, &r.winner_event_id)?,
+                hlc: hlc(what, r.winner_hlc)?,
+                node_id: ulid(what, &r.winner_node_id)?,
+                values: object(what, r.winner_values)?,
+            },
+            loser: ConflictSide {
+                event_id: ulid(what, &r.loser_event_id)?,
+                hlc: hlc(what, r.loser_hlc)?,
+                node_id: ulid(what, &r.loser_node_id)?,
+                values: object(what, r.loser_values)?,
+            },
+            detected_at: r.detected_at,
+            resolved_at: r.resolved_at,
+            resolved_by: r.resolved_by,
+            resolution: r.resolution,
+            resolution_note: r.resolution_note,
+            resolution_event_id: r
+                .resolution_event_id
+                .as_deref()
+                .map(|e| ulid(what, e))
+                .transpose()?,
+        })
+    }
+}
+
+/// `(event_id, new_values)` rows to a map.
+pub fn rows_to_values(
+    rows: Vec<(String, Option<Json<Value>>)>,
+) -> Result<std::collections::HashMap<Ulid, Option<Values>>> {
+    rows.into_iter()
+        .map(|(id, v)| Ok((ulid("change_events", &id)?, object("change_events", v)?)))
+        .collect()
 }
 
 /// Builds a vector from `(origin, hlc)` rows.

@@ -1,174 +1,238 @@
 //! The replication rules, as pure functions shared by every backend.
 //!
-//! * **Winner**: of two versions of a record, the one later in the total order
-//!   `(hlc, node_id, event_id)` wins, on every node, whatever the delivery order.
-//!   Deletes are versions too (tombstones), so an older update arriving after a
-//!   newer delete loses and never resurrects the row.
-//! * **Causality**: each version carries a version vector (origin -> highest HLC of
-//!   that origin's writes the version has seen). An incoming version whose vector
-//!   covers the local one is a fast-forward; one the local vector covers is old;
-//!   otherwise the two are concurrent (a conflict). The merged vector is the
-//!   pointwise maximum, so it too is independent of delivery order.
+//! * **Causality**: each version of a record carries a version vector (origin ->
+//!   highest HLC of that origin's writes the version has seen). A version whose
+//!   vector covers another's has seen it.
+//! * **Frontier**: a record keeps its *maximal* versions, those no other version
+//!   has seen. An incoming version that some member has seen is old and changes
+//!   nothing; otherwise it joins the frontier and evicts the members it has seen.
+//!   One member: no conflict. Several: concurrent versions, a conflict.
+//! * **Winner**: the frontier member greatest by `(hlc, node_id, event_id)`. A
+//!   version that has seen another has a greater HLC (the HLC respects causality),
+//!   so this is also the greatest version ever written, tombstones included: an
+//!   older update arriving after a newer delete never resurrects the row.
 //!
-//! Laws (property-tested): `resolve` picks the maximum by the total order, so folding
-//! any permutation of a set of versions, with any duplication, ends in the same
-//! winner and the same merged vector.
+//! Laws (property-tested below): the frontier is the set of maximal elements of
+//! every version received, so any order and any duplication of the same versions
+//! give the same frontier, the same winner and the same merged vector.
 
-use crate::model::{Version, VersionVector};
+use crate::model::{Member, Version};
 
-/// How an incoming version relates causally to the local one.
+/// How an incoming version relates causally to the record's current versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Causality {
     /// No local version: the record is new here.
     New,
-    /// The incoming version has seen everything the local one has, and more.
+    /// The incoming version has seen every current version (fast-forward).
     Newer,
-    /// The local version has seen everything the incoming one has.
+    /// A current version has seen the incoming one: it is old.
     Older,
-    /// Neither has seen the other: concurrent writes.
+    /// The incoming version is concurrent with some current version.
     Concurrent,
 }
 
-/// Decision for one incoming version against the local one.
+/// Decision for one incoming version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolution {
     pub causality: Causality,
-    /// Whether the incoming version becomes the record's current version.
+    /// Whether the incoming version becomes the record's current (winning) version.
     pub incoming_wins: bool,
-    /// The record's version after the decision (winner's identity, merged vector).
+    /// The record's version afterwards.
     pub next: Version,
+    /// Members that left the frontier because the incoming version has seen them.
+    pub superseded: Vec<Member>,
 }
 
-/// Compares two vectors causally.
-pub fn causality(incoming: &VersionVector, local: &VersionVector) -> Causality {
-    match (incoming.covers(local), local.covers(incoming)) {
-        (_, true) => Causality::Older,
-        (true, false) => Causality::Newer,
-        (false, false) => Causality::Concurrent,
-    }
-}
-
-/// Decides what an incoming version does to a record whose current version is `local`.
-pub fn resolve(local: Option<&Version>, incoming: &Version) -> Resolution {
+/// Decides what an incoming version does to a record whose version is `local`.
+pub fn resolve(local: Option<&Version>, incoming: &Member) -> Resolution {
     let Some(local) = local else {
         return Resolution {
             causality: Causality::New,
             incoming_wins: true,
-            next: incoming.clone(),
+            next: Version::single(incoming.clone()),
+            superseded: Vec::new(),
         };
     };
-    let causality = causality(&incoming.vv, &local.vv);
-    let incoming_wins = incoming.order() > local.order();
     let mut vv = local.vv.clone();
     vv.merge(&incoming.vv);
-    let winner = if incoming_wins { incoming } else { local };
+    let seen = local
+        .frontier
+        .iter()
+        .any(|m| m.event_id == incoming.event_id || m.vv.covers(&incoming.vv));
+    if seen {
+        return Resolution {
+            causality: Causality::Older,
+            incoming_wins: false,
+            next: Version {
+                vv,
+                ..local.clone()
+            },
+            superseded: Vec::new(),
+        };
+    }
+    let (superseded, mut frontier): (Vec<Member>, Vec<Member>) = local
+        .frontier
+        .iter()
+        .cloned()
+        .partition(|m| incoming.vv.covers(&m.vv));
+    let causality = if frontier.is_empty() {
+        Causality::Newer
+    } else {
+        Causality::Concurrent
+    };
+    frontier.push(incoming.clone());
+    frontier.sort_by_key(Member::order);
+    let winner = frontier.last().cloned().unwrap_or_else(|| incoming.clone());
     Resolution {
         causality,
-        incoming_wins,
+        incoming_wins: winner.event_id == incoming.event_id,
         next: Version {
+            hlc: winner.hlc,
+            node_id: winner.node_id,
+            event_id: winner.event_id,
+            deleted: winner.deleted,
             vv,
-            ..winner.clone()
+            frontier,
         },
+        superseded,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::VersionVector;
     use proptest::prelude::*;
     use tidemark_hlc::Hlc;
     use ulid::Ulid;
 
-    fn version(hlc: i64, node: u128, event: u128, deleted: bool, vv: &[(u128, i64)]) -> Version {
-        let mut v = VersionVector::new();
-        for (n, h) in vv {
-            v.observe(Ulid(*n), Hlc::decode(*h).expect("hlc"));
+    fn member(hlc: i64, node: u128, deleted: bool, seen: &[&Member]) -> Member {
+        let mut vv = VersionVector::new();
+        for m in seen {
+            vv.merge(&m.vv);
         }
-        v.observe(Ulid(node), Hlc::decode(hlc).expect("hlc"));
-        Version {
-            hlc: Hlc::decode(hlc).expect("hlc"),
+        let hlc = Hlc::decode(hlc).expect("hlc");
+        vv.observe(Ulid(node), hlc);
+        Member {
+            event_id: Ulid::generate(),
+            hlc,
             node_id: Ulid(node),
-            event_id: Ulid(event),
             deleted,
-            vv: v,
+            vv,
         }
     }
 
+    fn fold(members: &[Member]) -> Option<Version> {
+        let mut cur: Option<Version> = None;
+        for m in members {
+            cur = Some(resolve(cur.as_ref(), m).next);
+        }
+        cur
+    }
+
     #[test]
-    fn causal_successor_is_newer_and_wins() {
-        let a = version(10, 1, 100, false, &[]);
-        let b = version(20, 2, 200, false, &[(1, 10)]);
-        let r = resolve(Some(&a), &b);
+    fn causal_successor_fast_forwards() {
+        let a = member(10, 1, false, &[]);
+        let b = member(20, 2, false, &[&a]);
+        let va = Version::single(a.clone());
+        let r = resolve(Some(&va), &b);
         assert_eq!(r.causality, Causality::Newer);
         assert!(r.incoming_wins);
-        let r = resolve(Some(&b), &a);
+        assert_eq!(r.next.frontier.len(), 1);
+        assert_eq!(r.superseded, vec![a.clone()]);
+        let r = resolve(Some(&r.next), &a);
         assert_eq!(r.causality, Causality::Older);
         assert!(!r.incoming_wins);
     }
 
     #[test]
-    fn concurrent_writes_tie_break_on_node() {
-        let a = version(10, 1, 100, false, &[]);
-        let b = version(10, 2, 200, false, &[]);
-        let r = resolve(Some(&a), &b);
+    fn concurrent_writes_keep_both_and_tie_break_on_node() {
+        let a = member(10, 1, false, &[]);
+        let b = member(10, 2, false, &[]);
+        let r = resolve(Some(&Version::single(a.clone())), &b);
         assert_eq!(r.causality, Causality::Concurrent);
         assert!(r.incoming_wins, "same hlc: the greater node id wins");
-        assert_eq!(r.next.vv.get(Ulid(1)), Hlc::decode(10).expect("hlc"));
-        assert_eq!(r.next.vv.get(Ulid(2)), Hlc::decode(10).expect("hlc"));
+        assert_eq!(r.next.frontier, vec![a.clone(), b.clone()]);
+        // A write that has seen both resolves the conflict.
+        let c = member(30, 3, false, &[&a, &b]);
+        let r = resolve(Some(&r.next), &c);
+        assert_eq!(r.causality, Causality::Newer);
+        assert_eq!(r.next.frontier, vec![c]);
+        assert_eq!(r.superseded.len(), 2);
     }
 
     #[test]
     fn late_older_update_does_not_resurrect_a_delete() {
-        let update = version(10, 1, 100, false, &[]);
-        let delete = version(20, 2, 200, true, &[]);
-        let r = resolve(Some(&delete), &update);
+        let update = member(10, 1, false, &[]);
+        let delete = member(20, 2, true, &[]);
+        let r = resolve(Some(&Version::single(delete)), &update);
         assert!(!r.incoming_wins);
         assert!(r.next.deleted);
     }
 
-    fn arb_version() -> impl Strategy<Value = Version> {
-        (
-            1i64..50,
-            1u128..5,
-            any::<u128>(),
-            any::<bool>(),
-            prop::collection::vec((1u128..5, 1i64..50), 0..4),
-        )
-            .prop_map(|(h, n, e, d, vv)| version(h, n, e, d, &vv))
+    /// A causally consistent history: nodes write on top of what they know, and
+    /// now and then learn everything another node knows.
+    fn history() -> impl Strategy<Value = Vec<Member>> {
+        prop::collection::vec((0u8..3, 0u8..3, any::<bool>(), any::<bool>()), 1..24)
+            .prop_map(|steps| {
+                let mut known: Vec<Vec<Member>> = vec![Vec::new(); 3];
+                let mut clock = [0i64; 3];
+                let mut all = Vec::new();
+                for (node, other, sync, deleted) in steps {
+                    let (n, o) = (node as usize, other as usize);
+                    if sync && n != o {
+                        let theirs = known[o].clone();
+                        for m in theirs {
+                            if !known[n].iter().any(|k| k.event_id == m.event_id) {
+                                clock[n] = clock[n].max(m.hlc.encode());
+                                known[n].push(m);
+                            }
+                        }
+                        continue;
+                    }
+                    clock[n] += 1;
+                    let seen: Vec<&Member> = known[n].iter().collect();
+                    let m = member(clock[n], n as u128 + 1, deleted, &seen);
+                    known[n].push(m.clone());
+                    all.push(m);
+                }
+                all
+            })
+            .prop_filter("at least one write", |all| !all.is_empty())
+    }
+
+    fn is_maximal(m: &Member, all: &[Member]) -> bool {
+        !all.iter()
+            .any(|o| o.event_id != m.event_id && o.vv.covers(&m.vv))
     }
 
     proptest! {
-        /// Folding any permutation, with duplicates, gives the same record version.
+        /// Any permutation, with duplicates, gives the same version; the frontier is
+        /// exactly the maximal versions and the winner is the greatest version.
         #[test]
         fn fold_is_order_and_duplicate_independent(
-            versions in prop::collection::vec(arb_version(), 1..12),
+            versions in history(),
             perm_seed in any::<u64>(),
-            dups in prop::collection::vec(0usize..12, 0..6),
+            dups in prop::collection::vec(0usize..64, 0..8),
         ) {
-            let fold = |vs: &[Version]| {
-                let mut cur: Option<Version> = None;
-                for v in vs {
-                    cur = Some(resolve(cur.as_ref(), v).next);
-                }
-                cur
-            };
-            let reference = fold(&versions);
+            let reference = fold(&versions).expect("non-empty");
             let mut shuffled = versions.clone();
             for d in dups { let v = shuffled[d % shuffled.len()].clone(); shuffled.push(v); }
-            // Deterministic Fisher-Yates from the seed.
             let mut s = perm_seed;
             for i in (1..shuffled.len()).rev() {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let j = (s >> 33) as usize % (i + 1);
                 shuffled.swap(i, j);
             }
-            let got = fold(&shuffled);
-            prop_assert_eq!(&got, &reference);
-            // And the winner is the maximum by the total order.
+            prop_assert_eq!(fold(&shuffled).expect("non-empty"), reference.clone());
             let max = versions.iter().max_by_key(|v| v.order()).expect("non-empty");
-            let got = got.expect("some");
-            prop_assert_eq!(got.event_id, max.event_id);
-            prop_assert_eq!(got.deleted, max.deleted);
+            prop_assert_eq!(reference.event_id, max.event_id);
+            prop_assert_eq!(reference.deleted, max.deleted);
+            let mut maximal: Vec<Ulid> = versions.iter().filter(|m| is_maximal(m, &versions)).map(|m| m.event_id).collect();
+            maximal.sort();
+            let mut got: Vec<Ulid> = reference.frontier.iter().map(|m| m.event_id).collect();
+            got.sort();
+            prop_assert_eq!(got, maximal);
         }
     }
 }

@@ -20,11 +20,12 @@ use crate::backend::{Backend, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Capture, ChangeEvent, ConflictPolicy, TableInfo, Values, Version, VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, TableInfo, Values, Version,
+    VersionVector,
 };
 use crate::rows::{
-    CaptureRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST, ULID_REST, VersionRow,
-    vector_from_rows,
+    CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST,
+    ULID_REST, VersionRow, rows_to_values, vector_from_rows,
 };
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
@@ -386,11 +387,16 @@ impl Backend for SqliteBackend {
         self.commit(tx).await
     }
 
-    async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<()> {
+    async fn set_policy(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        policy: ConflictPolicy,
+    ) -> Result<()> {
         sqlx::query("UPDATE tidemark_datatypes SET conflict_policy = $1 WHERE table_name = $2")
             .bind(policy.as_str())
             .bind(table)
-            .execute(&self.pool)
+            .execute(&mut **tx)
             .await?;
         Ok(())
     }
@@ -448,7 +454,7 @@ impl Backend for SqliteBackend {
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Version>> {
         let rows: Vec<VersionRow> = sqlx::query_as(
-            "SELECT record_id, hlc, node_id, event_id, deleted, vv FROM tidemark_record_versions \
+            "SELECT record_id, hlc, node_id, event_id, deleted, vv, frontier FROM tidemark_record_versions \
              WHERE table_name = $1 AND record_id IN (SELECT value FROM json_each($2))",
         )
         .bind(table)
@@ -466,10 +472,10 @@ impl Backend for SqliteBackend {
         v: &Version,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
+            "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (table_name, record_id) DO UPDATE SET \
              hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
-             deleted = excluded.deleted, vv = excluded.vv",
+             deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
         )
         .bind(table)
         .bind(id.to_string())
@@ -478,6 +484,7 @@ impl Backend for SqliteBackend {
         .bind(v.event_id.to_string())
         .bind(v.deleted)
         .bind(Json(v.vv.to_json()))
+        .bind(Json(v.frontier_json()))
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -649,6 +656,150 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn event_values(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Option<Values>>> {
+        let rows: Vec<(String, Option<Json<Value>>)> = sqlx::query_as(
+            "SELECT event_id, new_values FROM change_events WHERE event_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(ids_json(ids))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows_to_values(rows)
+    }
+
+    async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
+             winner_event_id, winner_hlc, winner_node_id, winner_values, \
+             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             CASE WHEN $5 = 'resolved' THEN {NOW} END) \
+             ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
+             winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
+             winner_values = excluded.winner_values"
+        )))
+        .bind(c.conflict_id.to_string())
+        .bind(&c.table_name)
+        .bind(c.record_id.to_string())
+        .bind(c.policy.as_str())
+        .bind(c.status.as_str())
+        .bind(c.winner.event_id.to_string())
+        .bind(c.winner.hlc.encode())
+        .bind(c.winner.node_id.to_string())
+        .bind(c.winner.values.as_ref().map(Json))
+        .bind(c.loser.event_id.to_string())
+        .bind(c.loser.hlc.encode())
+        .bind(c.loser.node_id.to_string())
+        .bind(c.loser.values.as_ref().map(Json))
+        .bind(c.resolved_by.as_deref())
+        .bind(c.resolution.as_deref())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn close_conflicts(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+        resolution: &str,
+        by: Option<&str>,
+        note: Option<&str>,
+        event_id: Ulid,
+    ) -> Result<u64> {
+        let res = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE tidemark_conflicts SET status = 'resolved', resolution = $1, resolved_by = $2, \
+             resolution_note = $3, resolution_event_id = $4, resolved_at = {NOW} \
+             WHERE status = 'open' AND conflict_id IN (SELECT value FROM json_each($5))"
+        )))
+        .bind(resolution)
+        .bind(by)
+        .bind(note)
+        .bind(event_id.to_string())
+        .bind(ids_json(ids))
+        .execute(&mut **tx)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
+        let res = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
+             resolved_by = 'policy', resolved_at = {NOW} WHERE table_name = $1 AND status = 'open'"
+        )))
+        .bind(table)
+        .execute(&mut **tx)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn conflicts_decided_by_lww(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+    ) -> Result<Vec<Conflict>> {
+        let rows: Vec<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts \
+             WHERE table_name = $1 AND status = 'resolved' AND resolution = 'lww'"
+        )))
+        .bind(table)
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(Conflict::try_from).collect()
+    }
+
+    async fn reopen_conflicts(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<u64> {
+        let res = sqlx::query(
+            "UPDATE tidemark_conflicts SET status = 'open', policy = 'manual', resolution = NULL, \
+             resolved_by = NULL, resolved_at = NULL, resolution_note = NULL, resolution_event_id = NULL \
+             WHERE conflict_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(ids_json(ids))
+        .execute(&mut **tx)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
+        let row: Option<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts WHERE conflict_id = $1"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Conflict::try_from).transpose()
+    }
+
+    async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
+        let rows: Vec<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts \
+             WHERE ($1 IS NULL OR table_name = $1) AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR conflict_id > $3) ORDER BY conflict_id LIMIT $4"
+        )))
+        .bind(filter.table.as_deref())
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.after.map(|a| a.to_string()))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Conflict::try_from).collect()
+    }
+
+    async fn open_conflict_counts(&self) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT table_name, COUNT(*) FROM tidemark_conflicts WHERE status = 'open' GROUP BY table_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n)| (t, n.max(0) as u64))
+            .collect())
+    }
+
     async fn get_row(&self, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
         let sql = format!(
             "SELECT {obj} FROM {t} WHERE {pk} = $1",
@@ -665,7 +816,7 @@ impl Backend for SqliteBackend {
 
     async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
         let row: Option<VersionRow> = sqlx::query_as(
-            "SELECT record_id, hlc, node_id, event_id, deleted, vv FROM tidemark_record_versions \
+            "SELECT record_id, hlc, node_id, event_id, deleted, vv, frontier FROM tidemark_record_versions \
              WHERE table_name = $1 AND record_id = $2",
         )
         .bind(table)

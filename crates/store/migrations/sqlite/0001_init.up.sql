@@ -63,26 +63,32 @@ CREATE TABLE tidemark_record_versions (
     event_id TEXT NOT NULL CHECK (length(event_id) = 26),
     deleted INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
     vv TEXT NOT NULL DEFAULT '{}',  -- JSON: origin node id -> highest hlc seen for this record
+    -- JSON array of the record's maximal versions (none causally after another):
+    -- [{"e": event_id, "h": hlc, "n": node_id, "d": deleted, "vv": {...}}]. More than
+    -- one member means concurrent versions: a conflict.
+    frontier TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (table_name, record_id)
 );
 
--- Concurrent versions of a record, open until resolved.
+-- Concurrent versions of a record. One row per losing version (conflict_id is
+-- the losing event's id, so every node names a conflict the same way), paired
+-- with the version that currently wins. Open while the table's policy is manual
+-- and both versions are maximal; resolved by a write that supersedes them.
 CREATE TABLE tidemark_conflicts (
     conflict_id TEXT PRIMARY KEY CHECK (length(conflict_id) = 26),
     table_name TEXT NOT NULL,
     record_id TEXT NOT NULL CHECK (length(record_id) = 26),
     policy TEXT NOT NULL CHECK (policy IN ('lww', 'manual')),
     status TEXT NOT NULL CHECK (status IN ('open', 'resolved')),
-    local_event_id TEXT NOT NULL,
-    local_hlc INTEGER NOT NULL,
-    local_node_id TEXT NOT NULL,
-    local_values TEXT,   -- JSON, NULL for a delete
-    remote_event_id TEXT NOT NULL,
-    remote_hlc INTEGER NOT NULL,
-    remote_node_id TEXT NOT NULL,
-    remote_values TEXT,  -- JSON, NULL for a delete
     winner_event_id TEXT NOT NULL,
-    detected_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    winner_hlc INTEGER NOT NULL,
+    winner_node_id TEXT NOT NULL,
+    winner_values TEXT,  -- JSON, NULL for a delete
+    loser_event_id TEXT NOT NULL,
+    loser_hlc INTEGER NOT NULL,
+    loser_node_id TEXT NOT NULL,
+    loser_values TEXT,   -- JSON, NULL for a delete
+    detected_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     resolved_at TEXT,
     resolved_by TEXT,
     resolution TEXT CHECK (resolution IS NULL OR resolution IN ('lww', 'keep_local', 'keep_remote', 'merged', 'superseded')),

@@ -1,0 +1,287 @@
+//! The `Admin` gRPC service: node status, conflicts and their resolution,
+//! conflict policies, record history.
+
+use serde_json::Value;
+use tidemark_replicator::convert::{event_to_pb, json_object, vector_to_pb};
+use tidemark_replicator::{Peer, Sender, pb, status};
+use tidemark_store::model::parse_ulid;
+use tidemark_store::{
+    Conflict, ConflictFilter, ConflictPolicy, ConflictSide, ConflictStatus, ResolveChoice, Store,
+};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    store: Store,
+    sender: Sender,
+    peers: Vec<Peer>,
+    name: String,
+    cluster_id: String,
+}
+
+impl AdminService {
+    pub fn new(
+        store: Store,
+        sender: Sender,
+        peers: Vec<Peer>,
+        name: String,
+        cluster_id: String,
+    ) -> Self {
+        AdminService {
+            store,
+            sender,
+            peers,
+            name,
+            cluster_id,
+        }
+    }
+
+    pub fn into_server(self, max_message_bytes: usize) -> pb::admin_server::AdminServer<Self> {
+        pb::admin_server::AdminServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+fn values_json(v: &Option<tidemark_store::Values>) -> Option<String> {
+    v.as_ref().map(|m| Value::Object(m.clone()).to_string())
+}
+
+fn side(s: &ConflictSide) -> pb::ConflictVersion {
+    pb::ConflictVersion {
+        event_id: s.event_id.to_string(),
+        hlc: s.hlc.encode(),
+        node_id: s.node_id.to_string(),
+        values_json: values_json(&s.values),
+    }
+}
+
+/// A conflict as the wire shows it.
+pub fn conflict_to_pb(c: &Conflict) -> pb::ConflictInfo {
+    pb::ConflictInfo {
+        conflict_id: c.conflict_id.to_string(),
+        table: c.table_name.clone(),
+        record_id: c.record_id.to_string(),
+        policy: c.policy.as_str().to_owned(),
+        status: c.status.as_str().to_owned(),
+        local: Some(side(&c.winner)),
+        remote: Some(side(&c.loser)),
+        detected_at: c.detected_at.clone(),
+        resolved_at: c.resolved_at.clone().unwrap_or_default(),
+        resolved_by: c.resolved_by.clone().unwrap_or_default(),
+        resolution: c.resolution.clone().unwrap_or_default(),
+        resolution_note: c.resolution_note.clone().unwrap_or_default(),
+        resolution_event_id: c
+            .resolution_event_id
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+fn store_status(e: tidemark_store::StoreError) -> Status {
+    status::from_store(&e)
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let vector = self.store.vector().await.map_err(store_status)?;
+        let states: std::collections::HashMap<_, _> = self.sender.states().into_iter().collect();
+        let mut peers = Vec::new();
+        for p in &self.peers {
+            let state = states.get(&p.node_id).cloned().unwrap_or_default();
+            let acked = self
+                .store
+                .peer_progress(p.node_id)
+                .await
+                .map_err(store_status)?;
+            peers.push(pb::PeerStatus {
+                node_id: p.node_id.to_string(),
+                address: p.address.clone(),
+                connected: state.connected,
+                unacked_events: state.unacked_events,
+                last_ack_ms: state.last_ack_wall_ms.unwrap_or(0),
+                last_error: state.last_error.unwrap_or_default(),
+                acked: Some(vector_to_pb(&acked)),
+            });
+        }
+        let open: std::collections::HashMap<String, u64> = self
+            .store
+            .open_conflicts_by_table()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .collect();
+        let tables = self
+            .store
+            .tables()
+            .iter()
+            .map(|t| pb::TableStatus {
+                name: t.table_name.clone(),
+                conflict_policy: t.conflict_policy.as_str().to_owned(),
+                columns: t.columns.clone(),
+                open_conflicts: open.get(&t.table_name).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.store.node_id().to_string(),
+            name: self.name.clone(),
+            cluster_id: self.cluster_id.clone(),
+            store: self.store.kind().to_owned(),
+            hlc: self.store.clock().now().encode(),
+            vector: Some(vector_to_pb(&vector)),
+            peers,
+            tables,
+            unsynced_events: self.store.count_unsynced().await.map_err(store_status)?,
+            pending_captures: self.store.pending_captures().await.map_err(store_status)?,
+        }))
+    }
+
+    async fn list_conflicts(
+        &self,
+        request: Request<pb::ListConflictsRequest>,
+    ) -> Result<Response<pb::ListConflictsResponse>, Status> {
+        let req = request.into_inner();
+        let status = match req.status.as_str() {
+            "" | "all" => None,
+            s => Some(s.parse::<ConflictStatus>().map_err(store_status)?),
+        };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            t => Some(parse_ulid("page_token", t).map_err(store_status)?),
+        };
+        let limit = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let filter = ConflictFilter {
+            table: (!req.table.is_empty()).then_some(req.table),
+            status,
+            after,
+            limit: limit + 1,
+        };
+        let mut found = self
+            .store
+            .list_conflicts(&filter)
+            .await
+            .map_err(store_status)?;
+        let more = found.len() > limit as usize;
+        found.truncate(limit as usize);
+        let next_page_token = match (more, found.last()) {
+            (true, Some(last)) => last.conflict_id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListConflictsResponse {
+            conflicts: found.iter().map(conflict_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_conflict(
+        &self,
+        request: Request<pb::GetConflictRequest>,
+    ) -> Result<Response<pb::ConflictInfo>, Status> {
+        let id =
+            parse_ulid("conflict_id", &request.into_inner().conflict_id).map_err(store_status)?;
+        let c = self
+            .store
+            .conflict(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no conflict {id}")))?;
+        Ok(Response::new(conflict_to_pb(&c)))
+    }
+
+    async fn resolve_conflict(
+        &self,
+        request: Request<pb::ResolveConflictRequest>,
+    ) -> Result<Response<pb::ResolveConflictResponse>, Status> {
+        let caller = request.remote_addr();
+        let req = request.into_inner();
+        let id = parse_ulid("conflict_id", &req.conflict_id).map_err(store_status)?;
+        if req.resolved_by.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "resolved_by: say who resolves the conflict",
+            ));
+        }
+        let choice = match pb::ResolveChoice::try_from(req.choice) {
+            Ok(pb::ResolveChoice::KeepLocal) => ResolveChoice::KeepLocal,
+            Ok(pb::ResolveChoice::KeepRemote) => ResolveChoice::KeepRemote,
+            Ok(pb::ResolveChoice::Merged) => ResolveChoice::Merged(
+                json_object("values_json", &req.values_json).map_err(|e| status::from_field(&e))?,
+            ),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "choice: {} is not one of KEEP_LOCAL (1), KEEP_REMOTE (2), MERGED (3)",
+                    req.choice
+                )));
+            }
+        };
+        if !matches!(choice, ResolveChoice::Merged(_)) && !req.values_json.is_empty() {
+            return Err(Status::invalid_argument(
+                "values_json: only a MERGED resolution takes values",
+            ));
+        }
+        let note = (!req.note.is_empty()).then_some(req.note.as_str());
+        let kind = choice.kind();
+        let event = self
+            .store
+            .resolve_conflict(id, choice, &req.resolved_by, note)
+            .await
+            .map_err(store_status)?;
+        info!(
+            conflict = %id,
+            resolution = kind,
+            resolved_by = %req.resolved_by,
+            ?caller,
+            event = %event.event_id,
+            "conflict resolved"
+        );
+        Ok(Response::new(pb::ResolveConflictResponse {
+            event_id: event.event_id.to_string(),
+            hlc: event.hlc.encode(),
+            values_json: values_json(&event.new_values),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let caller = request.remote_addr();
+        let req = request.into_inner();
+        let policy: ConflictPolicy = req.conflict_policy.parse().map_err(store_status)?;
+        let event = self
+            .store
+            .set_policy(&req.table, policy)
+            .await
+            .map_err(store_status)?;
+        info!(table = %req.table, policy = %policy, ?caller, "conflict policy set");
+        Ok(Response::new(pb::SetPolicyResponse {
+            event_id: event.event_id.to_string(),
+        }))
+    }
+
+    async fn record_history(
+        &self,
+        request: Request<pb::RecordHistoryRequest>,
+    ) -> Result<Response<pb::RecordHistoryResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_ulid("id", &req.id).map_err(store_status)?;
+        let events = self
+            .store
+            .history(&req.table, id)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::RecordHistoryResponse {
+            events: events.iter().map(event_to_pb).collect(),
+        }))
+    }
+}
