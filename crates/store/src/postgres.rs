@@ -636,16 +636,14 @@ impl Backend for PostgresBackend {
     }
 
     async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
+        sqlx::query(AssertSqlSafe("INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
              winner_event_id, winner_hlc, winner_node_id, winner_values, \
              loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
              CASE WHEN $5 = 'resolved' THEN CURRENT_TIMESTAMP END) \
              ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
              winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
-             winner_values = excluded.winner_values"
-        )))
+             winner_values = excluded.winner_values".to_string()))
         .bind(c.conflict_id.to_string())
         .bind(&c.table_name)
         .bind(c.record_id.to_string())
@@ -675,11 +673,9 @@ impl Backend for PostgresBackend {
         note: Option<&str>,
         event_id: Ulid,
     ) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE tidemark_conflicts SET status = 'resolved', resolution = $1, resolved_by = $2, \
+        let res = sqlx::query(AssertSqlSafe("UPDATE tidemark_conflicts SET status = 'resolved', resolution = $1, resolved_by = $2, \
              resolution_note = $3, resolution_event_id = $4, resolved_at = CURRENT_TIMESTAMP \
-             WHERE status = 'open' AND conflict_id = ANY($5::bpchar[])"
-        )))
+             WHERE status = 'open' AND conflict_id = ANY($5::bpchar[])".to_string()))
         .bind(resolution)
         .bind(by)
         .bind(note)
@@ -691,10 +687,8 @@ impl Backend for PostgresBackend {
     }
 
     async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
-             resolved_by = 'policy', resolved_at = CURRENT_TIMESTAMP WHERE table_name = $1 AND status = 'open'"
-        )))
+        let res = sqlx::query(AssertSqlSafe("UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
+             resolved_by = 'policy', resolved_at = CURRENT_TIMESTAMP WHERE table_name = $1 AND status = 'open'".to_string()))
         .bind(table)
         .execute(&mut **tx)
         .await?;
