@@ -345,3 +345,51 @@ async fn bad_resolutions_are_refused_and_change_nothing() {
         .expect("row");
     assert_eq!(row["title"], loser["title"]);
 }
+
+/// A generic gRPC client (Python's grpc-requests) that knows no .proto file finds
+/// the services through reflection, checks health, and resolves a conflict.
+/// The interpreter is `$TIDEMARK_PYTHON` (`.ci/run` makes a venv with
+/// grpc-requests) or `python3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_grpc_client_resolves_through_reflection() {
+    let (cluster, _id) = partitioned_conflict().await;
+    eventually(&cluster, "one open conflict", async |n| {
+        open_conflicts(n).await.len() == 1
+    })
+    .await;
+    let python = std::env::var("TIDEMARK_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/admin_reflection.py");
+    let node = &cluster.nodes[2];
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(format!("127.0.0.1:{}", node.port))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "{python} {} failed (it needs `pip install grpc-requests`; .ci/run installs it):\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary JSON");
+    assert_eq!(summary["node_id"], json!(node.id.to_string()));
+    assert_eq!(summary["tables"], json!(["notes"]));
+    let conflict_id = summary["conflict_id"].as_str().expect("id").to_owned();
+    eventually(&cluster, "closed by the generic client", async |n| {
+        let c = admin(n)
+            .await
+            .get_conflict(pb::GetConflictRequest {
+                conflict_id: conflict_id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        c.status == "resolved"
+            && c.resolved_by == "python-grpc-requests"
+            && c.resolution == "keep_local"
+    })
+    .await;
+    cluster.converged(CONVERGE).await;
+}

@@ -432,3 +432,84 @@ async fn malformed_oversized_and_future_batches_are_refused() {
     assert_eq!(ack.applied, 1);
     assert!(s.welcome.vector.is_some());
 }
+
+/// `e` with the version vectors of `seen` merged into its own: it has seen them.
+fn after(mut e: pb::Event, seen: &[&pb::Event]) -> pb::Event {
+    let mut vv: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
+    for s in seen.iter().copied().chain([&e]) {
+        let meta: serde_json::Value =
+            serde_json::from_str(s.metadata_json.as_deref().unwrap_or("{}")).expect("meta");
+        for (k, v) in meta["vv"].as_object().cloned().unwrap_or_default() {
+            let cur = vv.get(&k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+            vv.insert(k, json!(cur.max(v.as_i64().unwrap_or(0))));
+        }
+    }
+    e.metadata_json = Some(json!({ "vv": vv }).to_string());
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causal_chain_delivered_out_of_order_opens_no_conflict() {
+    let c = single_node("").await;
+    let node = &c.nodes[0];
+    tidemark_replicator::pb::admin_client::AdminClient::connect(node.grpc_url())
+        .await
+        .expect("admin")
+        .set_policy(pb::SetPolicyRequest {
+            table: "notes".into(),
+            conflict_policy: "manual".into(),
+        })
+        .await
+        .expect("manual");
+    let (p1, p2, p3) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+    );
+    let r = Ulid::generate();
+    let a = event(
+        p1,
+        -3_000,
+        0,
+        r,
+        pb::Operation::Insert,
+        Some(json!({"title": "a"})),
+    );
+    let b = after(
+        event(
+            p2,
+            -2_000,
+            0,
+            r,
+            pb::Operation::Update,
+            Some(json!({"title": "b"})),
+        ),
+        &[&a],
+    );
+    let d = after(
+        event(
+            p3,
+            -1_000,
+            0,
+            r,
+            pb::Operation::Update,
+            Some(json!({"title": "c"})),
+        ),
+        &[&b],
+    );
+    let mut s = open(node, hello(node)).await.expect("session");
+    for e in [&d, &a, &b] {
+        let ack = s.send(vec![e.clone()]).await.expect("batch");
+        assert_eq!(ack.duplicates, 0);
+    }
+    let conflicts = tidemark_replicator::pb::admin_client::AdminClient::connect(node.grpc_url())
+        .await
+        .expect("admin")
+        .list_conflicts(pb::ListConflictsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .conflicts;
+    assert!(conflicts.is_empty(), "false conflict: {conflicts:?}");
+    assert!(node.reader().rows().await[&r.to_string()].contains("\"c\""));
+}

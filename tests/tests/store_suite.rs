@@ -995,7 +995,7 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
     s2.set_policy("notes", ConflictPolicy::Manual)
         .await
         .expect("manual");
-    s2.apply_remote(&[right.clone()])
+    s2.apply_remote(std::slice::from_ref(&right))
         .await
         .expect("right first");
     s2.apply_remote(&[base.clone(), left.clone()])
