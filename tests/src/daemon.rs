@@ -191,6 +191,7 @@ pub struct TestNode {
     pub name: String,
     pub id: Ulid,
     pub port: u16,
+    pub metrics_port: u16,
     pub db: TestDb,
     pub dir: PathBuf,
     child: Option<Child>,
@@ -214,13 +215,14 @@ impl TestNode {
     pub fn write_config(&self, cluster_id: &str, peers: &[(Ulid, u16)], extra: &str) {
         let mut text = format!(
             "[node]\nid = \"{}\"\nname = \"{}\"\ncluster_id = \"{cluster_id}\"\n\n\
-             [store]\nurl = \"{}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{}\"\n\n\
+             [store]\nurl = \"{}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{}\"\nmetrics_listen_addr = \"127.0.0.1:{}\"\n\n\
              [replication]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\ncapture_poll_ms = 5\n\n\
              [[tables]]\nname = \"notes\"\n\n{extra}\n",
             self.id,
             self.name,
             self.db.url(),
-            self.port
+            self.port,
+            self.metrics_port
         );
         for (id, port) in peers {
             text.push_str(&format!(
@@ -367,6 +369,37 @@ impl TestNode {
             .into_inner()
     }
 
+    /// GET `path` from the node's HTTP listener: (status code, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .expect("connect to the metrics listener");
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .expect("send request");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("read response");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, body.to_owned())
+    }
+
+    /// The value of one sample of `/metrics` (name with labels, as printed), if present.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics").await;
+        body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let Ok(f) = std::fs::File::open(self.log_path()) else {
             return "(no log)".into();
@@ -445,6 +478,7 @@ impl Cluster {
                     name: format!("node{i}"),
                     id: Ulid::generate(),
                     port: free_port(),
+                    metrics_port: free_port(),
                     db,
                     dir: dir.path().to_path_buf(),
                     child: None,

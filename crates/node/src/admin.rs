@@ -40,10 +40,21 @@ impl AdminService {
         }
     }
 
-    pub fn into_server(self, max_message_bytes: usize) -> pb::admin_server::AdminServer<Self> {
-        pb::admin_server::AdminServer::new(self)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes)
+    /// The tonic server for this service, behind `auth`.
+    pub fn into_server(
+        self,
+        max_message_bytes: usize,
+        auth: AdminAuth,
+    ) -> tonic::service::interceptor::InterceptedService<
+        pb::admin_server::AdminServer<Self>,
+        AdminAuth,
+    > {
+        tonic::service::interceptor::InterceptedService::new(
+            pb::admin_server::AdminServer::new(self)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+            auth,
+        )
     }
 }
 
@@ -204,6 +215,10 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ResolveConflictRequest>,
     ) -> Result<Response<pb::ResolveConflictResponse>, Status> {
         let caller = request.remote_addr();
+        let auth = request
+            .extensions()
+            .get::<AdminCaller>()
+            .map_or("unknown", |c| c.0);
         let req = request.into_inner();
         let id = parse_ulid("conflict_id", &req.conflict_id).map_err(store_status)?;
         if req.resolved_by.trim().is_empty() {
@@ -241,6 +256,7 @@ impl pb::admin_server::Admin for AdminService {
             resolution = kind,
             resolved_by = %req.resolved_by,
             ?caller,
+            auth,
             event = %event.event_id,
             "conflict resolved"
         );
@@ -256,6 +272,10 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::SetPolicyResponse>, Status> {
         let caller = request.remote_addr();
+        let auth = request
+            .extensions()
+            .get::<AdminCaller>()
+            .map_or("unknown", |c| c.0);
         let req = request.into_inner();
         let policy: ConflictPolicy = req.conflict_policy.parse().map_err(store_status)?;
         let event = self
@@ -263,7 +283,7 @@ impl pb::admin_server::Admin for AdminService {
             .set_policy(&req.table, policy)
             .await
             .map_err(store_status)?;
-        info!(table = %req.table, policy = %policy, ?caller, "conflict policy set");
+        info!(table = %req.table, policy = %policy, ?caller, auth, "conflict policy set");
         Ok(Response::new(pb::SetPolicyResponse {
             event_id: event.event_id.to_string(),
         }))
@@ -283,5 +303,62 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RecordHistoryResponse {
             events: events.iter().map(event_to_pb).collect(),
         }))
+    }
+}
+
+/// Who called the Admin service, as the audit log records it.
+#[derive(Debug, Clone)]
+pub struct AdminCaller(pub &'static str);
+
+/// Checks the bearer token of Admin calls (constant-time comparison), when one is
+/// configured, and tags the request with how the caller authenticated.
+#[derive(Clone)]
+pub struct AdminAuth {
+    token: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminAuth")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl AdminAuth {
+    pub fn new(token: Option<&str>) -> Self {
+        AdminAuth {
+            token: token.map(|t| std::sync::Arc::new(t.as_bytes().to_vec())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.token else {
+            request
+                .extensions_mut()
+                .insert(AdminCaller("unauthenticated"));
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(p) if bool::from(p.as_bytes().ct_eq(token.as_slice())) => {
+                request.extensions_mut().insert(AdminCaller("bearer-token"));
+                Ok(request)
+            }
+            Some(_) => {
+                tracing::warn!(caller = ?request.remote_addr(), "admin call with a wrong token refused");
+                Err(Status::unauthenticated("invalid admin token"))
+            }
+            None => Err(Status::unauthenticated(
+                "the admin RPC requires `authorization: Bearer <token>` (tidemark admin --token-file FILE)",
+            )),
+        }
     }
 }

@@ -11,6 +11,9 @@ pub struct AdminArgs {
     /// The node's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     pub addr: String,
+    /// A file holding the node's admin bearer token (admin.token_file).
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -203,7 +206,27 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
-    let mut client = AdminClient::new(channel);
+    let token = match &args.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+            let header: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {}", text.trim()).parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--token-file {}: the token is not printable ASCII",
+                        path.display()
+                    )
+                })?;
+            Some(header)
+        }
+        None => None,
+    };
+    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(t) = &token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    });
     let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
     match args.command {
         AdminCommand::Status => {

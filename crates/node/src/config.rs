@@ -34,7 +34,30 @@ pub struct Config {
     #[serde(default)]
     pub tables: Vec<TableConfig>,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// A separate listener for the Admin service (and health, reflection); empty
+    /// serves it on server.listen_addr.
+    pub listen_addr: String,
+    /// A file holding the bearer token Admin callers must present
+    /// (`authorization: Bearer <token>`); empty leaves the Admin RPC open.
+    pub token_file: String,
+}
+
+/// A secret that never shows in logs or Debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +132,10 @@ pub struct ClockConfig {
     /// Remote timestamps further ahead of the local wall clock are refused.
     #[serde(default = "ClockConfig::default_max_drift_ms")]
     pub max_drift_ms: u64,
+    /// Shifts this node's wall clock by this many ms (for testing clock skew;
+    /// leave 0 in production).
+    #[serde(default)]
+    pub offset_ms: i64,
 }
 
 impl ClockConfig {
@@ -121,6 +148,7 @@ impl Default for ClockConfig {
     fn default() -> Self {
         ClockConfig {
             max_drift_ms: Self::default_max_drift_ms(),
+            offset_ms: 0,
         }
     }
 }
@@ -137,6 +165,9 @@ pub struct ServerConfig {
     /// Deadline for unary requests (the write API).
     #[serde(default = "ServerConfig::default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// HTTP listener for /metrics, /healthz and /readyz; empty disables it.
+    #[serde(default = "ServerConfig::default_metrics_listen_addr")]
+    pub metrics_listen_addr: String,
 }
 
 impl ServerConfig {
@@ -149,6 +180,9 @@ impl ServerConfig {
     const fn default_request_timeout_ms() -> u64 {
         30_000
     }
+    fn default_metrics_listen_addr() -> String {
+        "127.0.0.1:9464".into()
+    }
 }
 
 impl Default for ServerConfig {
@@ -157,6 +191,7 @@ impl Default for ServerConfig {
             listen_addr: Self::default_listen_addr(),
             max_concurrent_streams: Self::default_max_concurrent_streams(),
             request_timeout_ms: Self::default_request_timeout_ms(),
+            metrics_listen_addr: Self::default_metrics_listen_addr(),
         }
     }
 }
@@ -263,7 +298,11 @@ pub struct Settings {
     pub name: String,
     pub store_url: StoreUrl,
     pub max_drift_ms: u64,
+    pub clock_offset_ms: i64,
     pub listen_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub admin_token: Option<Secret>,
     pub max_concurrent_streams: u32,
     pub request_timeout: Duration,
     pub replication: ReplicationOptions,
@@ -291,21 +330,27 @@ impl Config {
     }
 
     fn from_figment(f: Figment) -> Result<Config, ConfigError> {
-        f.merge(Env::prefixed(ENV_PREFIX).split("__"))
-            .extract()
-            .map_err(|e| {
-                let key = if e.path.is_empty() {
-                    "config".to_owned()
-                } else {
-                    e.path.join(".")
-                };
-                let source = e
-                    .metadata
-                    .as_ref()
-                    .map(|m| format!(" (from {})", m.name))
-                    .unwrap_or_default();
-                err(key, format!("{}{source}", e.kind))
-            })
+        // Only TIDEMARK_<SECTION>__<KEY>: other TIDEMARK_* variables (used by
+        // scripts and tests) are not configuration.
+        f.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        )
+        .extract()
+        .map_err(|e| {
+            let key = if e.path.is_empty() {
+                "config".to_owned()
+            } else {
+                e.path.join(".")
+            };
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            err(key, format!("{}{source}", e.kind))
+        })
     }
 
     /// Checks every value; all problems are reported at once.
@@ -380,6 +425,61 @@ impl Config {
                 None
             }
         };
+        let parse_optional_addr = |key: &str, value: &str, errors: &mut Vec<ConfigError>| {
+            if value.is_empty() {
+                return None;
+            }
+            match value.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    errors.push(err(
+                        key,
+                        format!("{value:?} is not an IP:PORT address (or empty to disable)"),
+                    ));
+                    None
+                }
+            }
+        };
+        let metrics_addr = parse_optional_addr(
+            "server.metrics_listen_addr",
+            &self.server.metrics_listen_addr,
+            &mut errors,
+        );
+        let admin_addr =
+            parse_optional_addr("admin.listen_addr", &self.admin.listen_addr, &mut errors);
+        let admin_token = if self.admin.token_file.is_empty() {
+            None
+        } else {
+            match std::fs::read_to_string(&self.admin.token_file) {
+                Ok(t) if t.trim().len() >= 16 => Some(Secret(t.trim().to_owned())),
+                Ok(_) => {
+                    errors.push(err(
+                        "admin.token_file",
+                        format!(
+                            "{} holds a token shorter than 16 characters",
+                            self.admin.token_file
+                        ),
+                    ));
+                    None
+                }
+                Err(e) => {
+                    errors.push(err(
+                        "admin.token_file",
+                        format!("cannot read {}: {e}", self.admin.token_file),
+                    ));
+                    None
+                }
+            }
+        };
+        if self.clock.offset_ms.unsigned_abs() > 86_400_000 {
+            errors.push(err(
+                "clock.offset_ms",
+                format!(
+                    "{} must be within one day (±86400000)",
+                    self.clock.offset_ms
+                ),
+            ));
+        }
         if self.server.max_concurrent_streams == 0 {
             errors.push(err("server.max_concurrent_streams", "0 must be at least 1"));
         }
@@ -540,7 +640,11 @@ impl Config {
                 .unwrap_or_else(|| node_id.to_string()),
             store_url,
             max_drift_ms: self.clock.max_drift_ms,
+            clock_offset_ms: self.clock.offset_ms,
             listen_addr,
+            metrics_addr,
+            admin_addr,
+            admin_token,
             max_concurrent_streams: self.server.max_concurrent_streams,
             request_timeout: Duration::from_millis(self.server.request_timeout_ms),
             replication: ReplicationOptions {
@@ -675,6 +779,19 @@ mod tests {
                 errs[0].to_string(),
                 "replication.batch_size: 0 must be between 1 and 100000"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_tidemark_variables_are_not_configuration() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIDEMARK_PYTHON", "/usr/bin/python3");
+            jail.set_env("TIDEMARK_BIN", "/tmp/tidemark");
+            Config::from_toml(GOOD)
+                .expect("parse")
+                .validate()
+                .expect("valid");
             Ok(())
         });
     }

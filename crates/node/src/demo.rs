@@ -45,7 +45,7 @@ fn write_configs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         }
         let text = format!(
             "# {name} of the tidemark demo cluster\n\n[node]\nid = \"{id}\"\nname = \"{name}\"\ncluster_id = \"demo\"\n\n\
-             [store]\nurl = \"sqlite://{db}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{port}\"\n\n\
+             [store]\nurl = \"sqlite://{db}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{port}\"\nmetrics_listen_addr = \"\"\n\n\
              [[tables]]\nname = \"notes\"\nconflict_policy = \"lww\"\n{peers}",
             name = NAMES[i],
             id = ids[i],
@@ -140,7 +140,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut nodes = Vec::new();
     for s in settings {
-        nodes.push(Node::start(s, shutdown.clone()).await?);
+        nodes.push(Node::start(s, shutdown.clone(), None).await?);
     }
     for (name, node) in NAMES.iter().zip(&nodes) {
         println!(

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod records;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tidemark_hlc::{Clock, WallClock};
 use tidemark_replicator::{ReceiverService, Sender};
 use tidemark_store::Store;
@@ -37,6 +39,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub struct Node {
     /// The address the gRPC server listens on.
     pub grpc_addr: SocketAddr,
+    /// Where the Admin service listens (the gRPC address unless separate).
+    pub admin_addr: SocketAddr,
+    /// The HTTP listener for /metrics, /healthz, /readyz, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub store: Store,
     pub sender: Sender,
     cancel: CancellationToken,
@@ -46,8 +52,19 @@ pub struct Node {
 impl Node {
     /// Starts a node; it runs until `shutdown` is cancelled, then call
     /// [`Node::stopped`].
-    pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Node> {
+    pub async fn start(
+        settings: Settings,
+        shutdown: CancellationToken,
+        metrics: Option<PrometheusHandle>,
+    ) -> anyhow::Result<Node> {
         let node_id = settings.local.node_id;
+        if settings.clock_offset_ms != 0 {
+            warn!(
+                offset_ms = settings.clock_offset_ms,
+                "this node's wall clock is deliberately shifted (clock.offset_ms)"
+            );
+            tidemark_hlc::set_system_offset_ms(settings.clock_offset_ms);
+        }
         let clock = Arc::new(
             Clock::new(node_id, settings.max_drift_ms, WallClock::System)
                 .context("clock.max_drift_ms")?,
@@ -116,49 +133,100 @@ impl Node {
             settings.name.clone(),
             settings.local.cluster_id.clone(),
         );
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<tidemark_replicator::pb::replication_server::ReplicationServer<ReceiverService>>()
-            .await;
-        health
-            .set_serving::<tidemark_replicator::pb::records_server::RecordsServer<records::RecordsService>>()
-            .await;
-        health
-            .set_serving::<tidemark_replicator::pb::admin_server::AdminServer<admin::AdminService>>(
-            )
-            .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tidemark_replicator::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building the gRPC reflection service")?;
-        let reflection_alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tidemark_replicator::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("building the gRPC reflection service")?;
         let max_message = settings.replication.max_message_bytes;
-        let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .max_concurrent_streams(Some(settings.max_concurrent_streams))
-            .timeout(settings.request_timeout)
-            .add_service(receiver.into_server())
-            .add_service(records.into_server(max_message))
-            .add_service(admin.into_server(max_message))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                cancel.clone().cancelled_owned(),
+        let auth = admin::AdminAuth::new(settings.admin_token.as_ref().map(|t| t.0.as_str()));
+        if settings.admin_token.is_none() {
+            warn!(
+                "the admin RPC has no authentication (admin.token_file is empty): expose it only on loopback or a trusted network"
             );
-        tracker.spawn(async move {
-            if let Err(e) = server.await {
-                error!(error = %e, "gRPC server failed");
+        }
+        let builder = || {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .max_concurrent_streams(Some(settings.max_concurrent_streams))
+                .concurrency_limit_per_connection(256)
+                .timeout(settings.request_timeout)
+        };
+        let peer_router = builder()
+            .add_service(receiver.into_server())
+            .add_service(records.into_server(max_message));
+        let admin_addr = match settings.admin_addr {
+            // Admin, health and reflection on a listener of their own.
+            Some(addr) => {
+                let admin_listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("admin.listen_addr: cannot listen on {addr}"))?;
+                let bound = admin_listener.local_addr()?;
+                let (health_service, reflection, reflection_alpha) = operator_services().await?;
+                let admin_server = builder()
+                    .add_service(admin.into_server(max_message, auth))
+                    .add_service(health_service)
+                    .add_service(reflection)
+                    .add_service(reflection_alpha)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(admin_listener),
+                        cancel.clone().cancelled_owned(),
+                    );
+                tracker.spawn(async move {
+                    if let Err(e) = admin_server.await {
+                        error!(error = %e, "admin gRPC server failed");
+                    }
+                });
+                let server = peer_router.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    cancel.clone().cancelled_owned(),
+                );
+                tracker.spawn(async move {
+                    if let Err(e) = server.await {
+                        error!(error = %e, "gRPC server failed");
+                    }
+                });
+                bound
             }
-        });
+            None => {
+                let (health_service, reflection, reflection_alpha) = operator_services().await?;
+                let server = peer_router
+                    .add_service(admin.into_server(max_message, auth))
+                    .add_service(health_service)
+                    .add_service(reflection)
+                    .add_service(reflection_alpha)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        cancel.clone().cancelled_owned(),
+                    );
+                tracker.spawn(async move {
+                    if let Err(e) = server.await {
+                        error!(error = %e, "gRPC server failed");
+                    }
+                });
+                grpc_addr
+            }
+        };
+
+        let metrics_addr = match (settings.metrics_addr, metrics) {
+            (Some(addr), Some(handle)) => {
+                let http_listener = TcpListener::bind(addr).await.with_context(|| {
+                    format!("server.metrics_listen_addr: cannot listen on {addr}")
+                })?;
+                let bound = http_listener.local_addr()?;
+                tracker.spawn(http::serve(
+                    http_listener,
+                    handle.clone(),
+                    store.clone(),
+                    cancel.clone(),
+                ));
+                tracker.spawn(http::refresh(
+                    store.clone(),
+                    settings.peers.clone(),
+                    handle,
+                    cancel.clone(),
+                ));
+                Some(bound)
+            }
+            _ => None,
+        };
 
         tracker.spawn(capture_loop(
             store.clone(),
@@ -176,12 +244,16 @@ impl Node {
             cluster = %settings.local.cluster_id,
             store = store.kind(),
             grpc = %grpc_addr,
+            admin = %admin_addr,
+            metrics = ?metrics_addr,
             peers = settings.peers.len(),
             tables = settings.tables.len(),
             "tidemark ready"
         );
         Ok(Node {
             grpc_addr,
+            admin_addr,
+            metrics_addr,
             store,
             sender,
             cancel,
@@ -203,6 +275,42 @@ impl Node {
         self.store.close().await;
         info!("stopped");
     }
+}
+
+/// Health (every service SERVING) and reflection (v1 and v1alpha), for operators
+/// and generic clients.
+#[allow(clippy::type_complexity)]
+async fn operator_services() -> anyhow::Result<(
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    use tidemark_replicator::pb;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::replication_server::ReplicationServer<ReceiverService>>()
+        .await;
+    health
+        .set_serving::<pb::records_server::RecordsServer<records::RecordsService>>()
+        .await;
+    health
+        .set_serving::<pb::admin_server::AdminServer<admin::AdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the gRPC reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the gRPC reflection service")?;
+    Ok((health_service, reflection, reflection_alpha))
 }
 
 /// Drains the capture queue whenever direct writes may be pending.
@@ -245,6 +353,7 @@ async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
                 }
                 Err(e) => {
                     failures += 1;
+                    metrics::counter!("tidemark_store_errors_total", "op" => "drain").increment(1);
                     if e.is_transient() {
                         warn!(error = %e, failures, "capture drain failed; retrying");
                     } else {
@@ -269,7 +378,11 @@ async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
 /// Runs a node until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let node = Node::start(settings, shutdown.clone()).await?;
+    let metrics = match settings.metrics_addr {
+        Some(_) => Some(http::install_recorder().context("installing the metrics recorder")?),
+        None => None,
+    };
+    let node = Node::start(settings, shutdown.clone(), metrics).await?;
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -57,6 +57,7 @@ impl pb::records_server::Records for RecordsService {
             .put(&req.table, id, &values)
             .await
             .map_err(|e| status::from_store(&e))?;
+        metrics::counter!("tidemark_events_captured_total", "source" => "api").increment(1);
         Ok(Response::new(written(&event)))
     }
 
@@ -71,6 +72,9 @@ impl pb::records_server::Records for RecordsService {
             .delete(&req.table, id)
             .await
             .map_err(|e| status::from_store(&e))?;
+        if event.is_some() {
+            metrics::counter!("tidemark_events_captured_total", "source" => "api").increment(1);
+        }
         Ok(Response::new(
             event.as_ref().map(written).unwrap_or_default(),
         ))

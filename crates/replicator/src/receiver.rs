@@ -112,7 +112,8 @@ impl Inner {
         Ok(sender)
     }
 
-    async fn apply_batch(&self, batch: pb::Batch) -> Result<pb::Ack, Status> {
+    async fn apply_batch(&self, sender: Ulid, batch: pb::Batch) -> Result<pb::Ack, Status> {
+        let peer = sender.to_string();
         if batch.events.len() > self.opts.max_batch_events {
             return Err(Status::invalid_argument(format!(
                 "batch {} has {} events, more than the limit of {}",
@@ -127,11 +128,40 @@ impl Inner {
             .map(event_from_pb)
             .collect::<Result<_, _>>()
             .map_err(|e| status::from_field(&e))?;
-        let outcome = self
-            .store
-            .apply_remote(&events)
-            .await
-            .map_err(|e| status::from_store(&e))?;
+        metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
+            .record(events.len() as f64);
+        let outcome = match self.store.apply_remote(&events).await {
+            Ok(o) => o,
+            Err(e) => {
+                if matches!(e, tidemark_store::StoreError::Clock(_)) {
+                    metrics::counter!("tidemark_drift_rejections_total", "peer" => peer.clone())
+                        .increment(1);
+                    warn!(%sender, error = %e, "events refused: timestamp beyond max drift; they stay unsynced at the sender until the clocks agree");
+                } else if !matches!(
+                    e,
+                    tidemark_store::StoreError::Invalid { .. }
+                        | tidemark_store::StoreError::UnknownTable { .. }
+                        | tidemark_store::StoreError::UnknownColumn { .. }
+                ) {
+                    metrics::counter!("tidemark_store_errors_total", "op" => "apply").increment(1);
+                }
+                return Err(status::from_store(&e));
+            }
+        };
+        // Apply delay: apply wall time minus the event's HLC wall time (never
+        // negative: a sender whose clock runs ahead gives 0, not a negative lag).
+        let now = tidemark_hlc::system_wall_ms();
+        let delay = metrics::histogram!("tidemark_apply_delay_seconds", "peer" => peer.clone());
+        for hlc in &outcome.fresh {
+            delay.record((now - hlc.wall_ms()).max(0) as f64 / 1000.0);
+        }
+        metrics::counter!("tidemark_events_applied_total", "peer" => peer.clone())
+            .increment(outcome.applied);
+        metrics::counter!("tidemark_events_skipped_total", "peer" => peer.clone(), "reason" => "superseded")
+            .increment(outcome.superseded);
+        metrics::counter!("tidemark_events_skipped_total", "peer" => peer.clone(), "reason" => "duplicate")
+            .increment(outcome.duplicates);
+        metrics::counter!("tidemark_conflicts_detected_total").increment(outcome.conflicts);
         let vector = self
             .store
             .vector()
@@ -156,6 +186,7 @@ impl Inner {
     /// Serves one accepted stream until the sender closes it, an error, or shutdown.
     async fn serve(
         self: Arc<Self>,
+        sender: Ulid,
         mut inbound: Streaming<pb::SenderMessage>,
         out: mpsc::Sender<Result<pb::ReceiverMessage, Status>>,
     ) {
@@ -196,7 +227,7 @@ impl Inner {
                 }
             };
             let batch_id = batch.batch_id;
-            let reply = match self.apply_batch(batch).await {
+            let reply = match self.apply_batch(sender, batch).await {
                 Ok(ack) => Ok(pb::ReceiverMessage {
                     kind: Some(receiver_message::Kind::Ack(ack)),
                 }),
@@ -273,7 +304,7 @@ impl pb::replication_server::Replication for ReceiverService {
         let span = info_span!("receive", %sender);
         self.inner
             .tracker
-            .spawn(inner.serve(inbound, tx).instrument(span));
+            .spawn(inner.serve(sender, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -192,7 +192,15 @@ impl Sender {
 impl SenderInner {
     fn update(&self, peer: Ulid, f: impl FnOnce(&mut PeerState)) {
         let mut map = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        f(map.entry(peer).or_default());
+        let state = map.entry(peer).or_default();
+        f(state);
+        let label = peer.to_string();
+        metrics::gauge!("tidemark_peer_connected", "peer" => label.clone())
+            .set(if state.connected { 1.0 } else { 0.0 });
+        if let Some(ms) = state.last_ack_wall_ms {
+            metrics::gauge!("tidemark_peer_last_ack_timestamp_seconds", "peer" => label)
+                .set(ms as f64 / 1000.0);
+        }
     }
 
     async fn connect(&self, peer: &Peer) -> Result<Channel, SessionError> {
@@ -314,6 +322,8 @@ impl SenderInner {
                 }
                 next_batch += 1;
                 let n = batch.events.len() as u64;
+                metrics::counter!("tidemark_events_sent_total", "peer" => peer.node_id.to_string())
+                    .increment(n);
                 tx.send(pb::SenderMessage {
                     kind: Some(sender_message::Kind::Batch(batch)),
                 })

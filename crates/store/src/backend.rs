@@ -232,6 +232,13 @@ pub trait Backend: Send + Sync + 'static {
         after: Hlc,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
+    /// Number of events of `origin` above `after`, and the wall time (ms) of the
+    /// first of them.
+    fn lag_of_origin(
+        &self,
+        origin: Ulid,
+        after: Hlc,
+    ) -> impl Future<Output = Result<(u64, Option<i64>)>> + Send;
     /// Events of one record, in the total order.
     fn record_events(
         &self,

@@ -983,6 +983,7 @@ impl<B: Backend> Engine<B> {
                 outcome.superseded += 1;
             }
             vector.observe(event.node_id, event.hlc);
+            outcome.fresh.push(event.hlc);
             fresh.push(event.clone());
         }
         if !fresh.is_empty() {
@@ -1058,6 +1059,26 @@ impl<B: Backend> Engine<B> {
             marked += self.backend.mark_synced(origin, upto).await?;
         }
         Ok(marked)
+    }
+
+    /// How far `peer` is behind this node: the number of events this node holds
+    /// that the peer has not acknowledged, and the wall time (ms) of the oldest.
+    pub async fn peer_lag(&self, peer: Ulid) -> Result<(u64, Option<i64>)> {
+        let acked = self.backend.peer_progress(peer).await?;
+        let mine = self.backend.vector().await?;
+        let (mut count, mut oldest) = (0u64, None::<i64>);
+        for (origin, top) in &mine.0 {
+            let after = acked.get(*origin);
+            if *top <= after {
+                continue;
+            }
+            let (n, first) = self.backend.lag_of_origin(*origin, after).await?;
+            count += n;
+            if let Some(w) = first {
+                oldest = Some(oldest.map_or(w, |o| o.min(w)));
+            }
+        }
+        Ok((count, oldest))
     }
 
     pub async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {

@@ -222,6 +222,12 @@ impl Store {
         dispatch!(self, e => e.record_ack(peer, vector).await)
     }
 
+    /// Events this node holds that `peer` has not acknowledged, and the wall time
+    /// (ms) of the oldest of them.
+    pub async fn peer_lag(&self, peer: Ulid) -> Result<(u64, Option<i64>)> {
+        dispatch!(self, e => e.peer_lag(peer).await)
+    }
+
     pub async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {
         dispatch!(self, e => e.peer_progress(peer).await)
     }

@@ -402,7 +402,7 @@ pub struct Capture {
 }
 
 /// What one apply of remote events did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// New events whose version became the record's current version.
     pub applied: u64,
@@ -414,6 +414,8 @@ pub struct ApplyOutcome {
     pub drained: u64,
     /// New concurrent versions detected (a conflict row each).
     pub conflicts: u64,
+    /// HLCs of the events newly stored (applied or superseded), in batch order.
+    pub fresh: Vec<Hlc>,
 }
 
 /// What one drain of the capture queue did.

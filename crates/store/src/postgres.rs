@@ -820,6 +820,25 @@ impl Backend for PostgresBackend {
         rows.into_iter().map(ChangeEvent::try_from).collect()
     }
 
+    async fn lag_of_origin(&self, origin: Ulid, after: Hlc) -> Result<(u64, Option<i64>)> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM change_events WHERE node_id = $1::bpchar AND hlc_timestamp > $2",
+        )
+        .bind(origin.to_string())
+        .bind(after.encode())
+        .fetch_one(&self.pool)
+        .await?;
+        let first: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {WALL_MS} FROM change_events WHERE node_id = $1::bpchar AND hlc_timestamp > $2 \
+             ORDER BY hlc_timestamp LIMIT 1"
+        )))
+        .bind(origin.to_string())
+        .bind(after.encode())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok((n.max(0) as u64, first.map(|f| f.0)))
+    }
+
     async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \

@@ -1,0 +1,217 @@
+//! The HTTP listener for operators: `/metrics` (Prometheus text format),
+//! `/healthz` (the process is up) and `/readyz` (the store answers), plus the
+//! task that refreshes the lag gauges.
+//!
+//! Lag gauges come from the store, not from counters kept in memory: per peer, the
+//! events this node holds that the peer has not acknowledged, and the age of the
+//! oldest of them (origin wall time to now, never negative). An idle, synced
+//! cluster therefore shows zero lag however long it stays idle.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tidemark_replicator::Peer;
+use tidemark_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// Installs the process-wide metrics recorder and describes every metric.
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("tidemark_apply_delay_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0, 3600.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("tidemark_batch_events".into()),
+            &[
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "tidemark_peer_unacked_events",
+        Unit::Count,
+        "Events this node holds that the peer has not acknowledged."
+    );
+    describe_gauge!(
+        "tidemark_peer_oldest_unacked_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest event the peer has not acknowledged (0 when none)."
+    );
+    describe_gauge!(
+        "tidemark_peer_connected",
+        "1 while a replication session to the peer is established, else 0."
+    );
+    describe_gauge!(
+        "tidemark_peer_last_ack_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the peer's last acknowledgement."
+    );
+    describe_histogram!(
+        "tidemark_apply_delay_seconds",
+        Unit::Seconds,
+        "Apply wall time minus the event's HLC wall time, per sending peer."
+    );
+    describe_histogram!(
+        "tidemark_batch_events",
+        Unit::Count,
+        "Events per received batch."
+    );
+    describe_counter!(
+        "tidemark_events_captured_total",
+        Unit::Count,
+        "Local writes stamped into change_events, by source (sql: captured direct writes, api: write API)."
+    );
+    describe_counter!(
+        "tidemark_events_sent_total",
+        Unit::Count,
+        "Events sent to a peer."
+    );
+    describe_counter!(
+        "tidemark_events_applied_total",
+        Unit::Count,
+        "Events from a peer that became their record's current version."
+    );
+    describe_counter!(
+        "tidemark_events_skipped_total",
+        Unit::Count,
+        "Events from a peer kept but not applied (superseded) or already present (duplicate)."
+    );
+    describe_counter!(
+        "tidemark_conflicts_detected_total",
+        Unit::Count,
+        "Concurrent versions detected."
+    );
+    describe_gauge!(
+        "tidemark_conflicts_open",
+        Unit::Count,
+        "Open conflicts per table."
+    );
+    describe_counter!(
+        "tidemark_drift_rejections_total",
+        Unit::Count,
+        "Batches refused because an event's HLC was beyond the max drift."
+    );
+    describe_counter!(
+        "tidemark_store_errors_total",
+        Unit::Count,
+        "Store operations that failed, by operation."
+    );
+    describe_gauge!(
+        "tidemark_hlc_wall_seconds",
+        Unit::Seconds,
+        "Wall-clock part of the node's current HLC."
+    );
+    describe_gauge!(
+        "tidemark_unsynced_events",
+        Unit::Count,
+        "Events not yet acknowledged by every configured peer."
+    );
+    describe_gauge!(
+        "tidemark_pending_captures",
+        Unit::Count,
+        "Direct writes captured and not yet stamped."
+    );
+}
+
+#[derive(Clone)]
+struct AppState {
+    handle: PrometheusHandle,
+    store: Store,
+    cancel: CancellationToken,
+}
+
+async fn metrics(State(s): State<AppState>) -> String {
+    s.handle.render()
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.cancel.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match tokio::time::timeout(Duration::from_secs(2), s.store.vector()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "store not answering\n"),
+    }
+}
+
+/// Serves the HTTP endpoints on `listener` until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    store: Store,
+    cancel: CancellationToken,
+) {
+    let state = AppState {
+        handle,
+        store,
+        cancel: cancel.clone(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        warn!(error = %e, "metrics listener failed");
+    }
+}
+
+/// Refreshes the gauges computed from the store, every second until `cancel`.
+pub async fn refresh(
+    store: Store,
+    peers: Vec<Peer>,
+    handle: PrometheusHandle,
+    cancel: CancellationToken,
+) {
+    loop {
+        if let Err(e) = refresh_once(&store, &peers).await {
+            metrics::counter!("tidemark_store_errors_total", "op" => "metrics").increment(1);
+            debug!(error = %e, "refreshing metrics failed");
+        }
+        handle.run_upkeep();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(REFRESH) => {}
+        }
+    }
+}
+
+async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<()> {
+    let now = tidemark_hlc::system_wall_ms();
+    for peer in peers {
+        let (count, oldest) = store.peer_lag(peer.node_id).await?;
+        let label = peer.node_id.to_string();
+        metrics::gauge!("tidemark_peer_unacked_events", "peer" => label.clone()).set(count as f64);
+        let age = oldest.map_or(0, |w| (now - w).max(0));
+        metrics::gauge!("tidemark_peer_oldest_unacked_age_seconds", "peer" => label)
+            .set(age as f64 / 1000.0);
+    }
+    for (table, open) in store.open_conflicts_by_table().await? {
+        metrics::gauge!("tidemark_conflicts_open", "table" => table).set(open as f64);
+    }
+    metrics::gauge!("tidemark_hlc_wall_seconds").set(store.clock().now().wall_ms() as f64 / 1000.0);
+    metrics::gauge!("tidemark_unsynced_events").set(store.count_unsynced().await? as f64);
+    metrics::gauge!("tidemark_pending_captures").set(store.pending_captures().await? as f64);
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! Operating a cluster: the metrics endpoint (format checked by promtool, lag
+//! right when idle, with a peer down, and with skewed clocks), health endpoints,
+//! and the Admin RPC's authentication and separate listener.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tidemark_replicator::pb::{self, admin_client::AdminClient};
+use tidemark_tests::daemon::{Cluster, TestNode, Topology, free_port, tidemark_bin};
+use tonic::Code;
+use ulid::Ulid;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn promtool_check(body: &str) {
+    let promtool = std::env::var("TIDEMARK_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {promtool} (Debian: apt-get install prometheus): {e}")
+        });
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write metrics");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn lag(node: &TestNode, peer: &TestNode) -> (f64, f64) {
+    let label = format!("{{peer=\"{}\"}}", peer.id);
+    (
+        node.metric(&format!("tidemark_peer_unacked_events{label}"))
+            .await
+            .unwrap_or(-1.0),
+        node.metric(&format!("tidemark_peer_oldest_unacked_age_seconds{label}"))
+            .await
+            .unwrap_or(-1.0),
+    )
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} within {CONVERGE:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_lag_follows_the_peer() {
+    let mut cluster = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    for i in 0..3 {
+        cluster.nodes[0]
+            .put(Ulid::generate(), json!({"title": format!("n{i}")}))
+            .await;
+        cluster.nodes[1].db.sql(&format!(
+            "INSERT INTO notes (id, title) VALUES ('{}', 'sql')",
+            Ulid::generate()
+        ));
+    }
+    cluster.converged(CONVERGE).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    assert_eq!(a.http_get("/healthz").await.0, 200);
+    assert_eq!(a.http_get("/readyz").await.0, 200);
+    wait_for("lag back to zero", async || lag(a, b).await == (0.0, 0.0)).await;
+    let (_, body) = a.http_get("/metrics").await;
+    promtool_check(&body);
+    for name in [
+        "tidemark_peer_connected",
+        "tidemark_events_sent_total",
+        "tidemark_events_applied_total",
+        "tidemark_apply_delay_seconds_bucket",
+        "tidemark_events_captured_total",
+        "tidemark_hlc_wall_seconds",
+        "tidemark_conflicts_open",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+    }
+    assert_eq!(
+        a.metric(&format!("tidemark_peer_connected{{peer=\"{}\"}}", b.id))
+            .await,
+        Some(1.0)
+    );
+    // Idle: the lag stays at zero.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(lag(a, b).await, (0.0, 0.0), "lag grew on an idle cluster");
+
+    // Peer down: unacked events and their age grow.
+    cluster.nodes[1].stop();
+    let a = &cluster.nodes[0];
+    let b_id = cluster.nodes[1].id;
+    for i in 0..5 {
+        a.put(
+            Ulid::generate(),
+            json!({"title": format!("while down {i}")}),
+        )
+        .await;
+    }
+    wait_for("5 unacked events", async || {
+        lag(a, &cluster.nodes[1]).await.0 == 5.0
+    })
+    .await;
+    let (_, first_age) = lag(a, &cluster.nodes[1]).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (unacked, later_age) = lag(a, &cluster.nodes[1]).await;
+    assert_eq!(unacked, 5.0);
+    assert!(
+        later_age >= first_age + 1.0,
+        "age did not grow: {first_age} -> {later_age}"
+    );
+    assert_eq!(
+        a.metric(&format!("tidemark_peer_connected{{peer=\"{b_id}\"}}"))
+            .await,
+        Some(0.0)
+    );
+    promtool_check(&a.http_get("/metrics").await.1);
+
+    // Back up: lag returns to zero.
+    cluster.nodes[1].start().await;
+    cluster.converged(CONVERGE).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    wait_for("lag back to zero after catch-up", async || {
+        lag(a, b).await == (0.0, 0.0)
+    })
+    .await;
+    // node1 restarted (its counters with it) and applied exactly the 5 it missed.
+    let applied = b
+        .metric(&format!(
+            "tidemark_apply_delay_seconds_count{{peer=\"{}\"}}",
+            a.id
+        ))
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(applied, 5.0, "apply delays recorded after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_clocks_never_show_negative_lag_and_beyond_drift_is_refused() {
+    // node1's clock is 3 s behind (within the 5 s drift bound); node2's is 60 s
+    // ahead (beyond it).
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite", "sqlite"], Topology::Mesh, "test", "");
+    for (i, offset) in [(1usize, -3_000i64), (2, 60_000)] {
+        let node = &cluster.nodes[i];
+        let path = node.config_path();
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(
+            &path,
+            text.replacen(
+                "[[tables]]",
+                &format!("[clock]\noffset_ms = {offset}\n\n[[tables]]"),
+                1,
+            ),
+        )
+        .expect("config");
+    }
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    let (n0, n1, n2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    n0.put(
+        Ulid::generate(),
+        json!({"title": "from the node with the right time"}),
+    )
+    .await;
+    n1.put(Ulid::generate(), json!({"title": "from the node behind"}))
+        .await;
+    let ahead = n2
+        .put(Ulid::generate(), json!({"title": "from the future"}))
+        .await;
+    // node0 and node1 converge on their own events; node2's are refused.
+    wait_for("node0 and node1 hold both", async || {
+        n0.reader().rows().await.len() >= 2 && n1.reader().rows().await.len() >= 2
+    })
+    .await;
+    wait_for("drift rejections counted", async || {
+        n0.metric(&format!(
+            "tidemark_drift_rejections_total{{peer=\"{}\"}}",
+            n2.id
+        ))
+        .await
+        .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert!(n0.log_contains("beyond max drift"));
+    assert!(
+        n2.reader().is_unsynced(&ahead.event_id).await,
+        "a refused event must stay unsynced"
+    );
+    assert!(
+        !n0.reader()
+            .rows()
+            .await
+            .values()
+            .any(|r| r.contains("from the future"))
+    );
+    // Lag and delay metrics are never negative, on either side of the skew.
+    for node in [n0, n1] {
+        let (_, body) = node.http_get("/metrics").await;
+        promtool_check(&body);
+        for line in body.lines().filter(|l| {
+            l.starts_with("tidemark_peer_oldest_unacked_age_seconds")
+                || l.starts_with("tidemark_apply_delay_seconds_sum")
+        }) {
+            let value: f64 = line
+                .rsplit_once(' ')
+                .and_then(|(_, v)| v.parse().ok())
+                .expect("value");
+            assert!(value >= 0.0, "negative lag on {}: {line}", node.name);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requires_its_token_and_can_listen_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let token_path = dir.path().join("admin.token");
+    std::fs::write(&token_path, "s3cret-admin-token-0123456789\n").expect("token");
+    let admin_port = free_port();
+    let extra = format!(
+        "[admin]\nlisten_addr = \"127.0.0.1:{admin_port}\"\ntoken_file = \"{}\"\n",
+        token_path.display()
+    );
+    let mut cluster = Cluster::prepare(&["sqlite"], Topology::Mesh, "test", &extra);
+    cluster.nodes[0].start().await;
+    let node = &cluster.nodes[0];
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+
+    // Not on the peer listener.
+    let status = AdminClient::connect(node.grpc_url())
+        .await
+        .expect("connect")
+        .status(pb::StatusRequest {})
+        .await
+        .expect_err("admin is not served on the peer port");
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    let call = async |token: Option<&str>| {
+        let channel = tonic::transport::Channel::from_shared(admin_url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut req = tonic::Request::new(pb::StatusRequest {});
+        if let Some(t) = token {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {t}").parse().expect("header"),
+            );
+        }
+        AdminClient::new(channel).status(req).await
+    };
+    let missing = call(None).await.expect_err("no token");
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(
+        missing
+            .message()
+            .contains("requires `authorization: Bearer <token>`"),
+        "{}",
+        missing.message()
+    );
+    let wrong = call(Some("s3cret-admin-token-0123456788"))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert_eq!(wrong.message(), "invalid admin token");
+    let ok = call(Some("s3cret-admin-token-0123456789"))
+        .await
+        .expect("right token")
+        .into_inner();
+    assert_eq!(ok.node_id, node.id.to_string());
+    assert!(node.log_contains("admin call with a wrong token refused"));
+
+    // The CLI reads the token from a file.
+    let out = Command::new(tidemark_bin())
+        .args(["admin", "--addr", &admin_url, "--token-file"])
+        .arg(&token_path)
+        .args(["--json", "status"])
+        .output()
+        .expect("tidemark admin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["node_id"], json!(node.id.to_string()));
+    let out = Command::new(tidemark_bin())
+        .args(["admin", "--addr", &admin_url, "status"])
+        .output()
+        .expect("tidemark admin");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
