@@ -494,3 +494,93 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct RecordsArgs {
+    /// The node's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub addr: String,
+    #[command(subcommand)]
+    pub command: RecordsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordsCommand {
+    /// Insert a record, or update the given columns of an existing one.
+    Put {
+        table: String,
+        /// The record's ULID (`tidemark new-id`).
+        id: String,
+        /// A JSON object of column values.
+        values: String,
+    },
+    /// Print a record's values as JSON (exit 1 when absent).
+    Get { table: String, id: String },
+    /// Delete a record.
+    Delete { table: String, id: String },
+}
+
+/// Runs one write-API command against the node at `args.addr`, printing JSON.
+pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
+    let mut client = pb::records_client::RecordsClient::connect(args.addr.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let write = |w: pb::WriteResponse| {
+        json!({
+            "written": w.written, "event_id": w.event_id, "hlc": w.hlc,
+            "operation": w.operation, "values": parse_json(&w.values_json),
+        })
+    };
+    match args.command {
+        RecordsCommand::Put { table, id, values } => {
+            let w = client
+                .put(pb::PutRequest {
+                    table,
+                    id,
+                    values_json: values,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_json(&write(w));
+            Ok(true)
+        }
+        RecordsCommand::Delete { table, id } => {
+            let w = client
+                .delete(pb::DeleteRequest { table, id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_json(&write(w));
+            Ok(true)
+        }
+        RecordsCommand::Get { table, id } => {
+            let g = client
+                .get(pb::GetRequest { table, id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_json(&json!({
+                "found": g.found, "values": parse_json(&g.values_json), "hlc": g.hlc, "node_id": g.node_id,
+            }));
+            Ok(g.found)
+        }
+    }
+}
+
+/// `tidemark healthcheck`: GET /readyz on the metrics listener; true when it
+/// answers 200. For container health checks in images without curl.
+pub fn healthcheck(addr: &str, timeout: std::time::Duration) -> anyhow::Result<bool> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| anyhow::anyhow!("--addr {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("--addr {addr}: no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+}

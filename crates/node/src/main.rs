@@ -39,6 +39,14 @@ enum Command {
     },
     /// Operate a running node: status, conflicts, policies, record history.
     Admin(tidemark::cli::AdminArgs),
+    /// Write and read records through a node's write API (JSON output).
+    Records(tidemark::cli::RecordsArgs),
+    /// Exit 0 when the node's /readyz answers 200 (for container health checks).
+    Healthcheck {
+        /// The node's metrics listener (server.metrics_listen_addr).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        addr: String,
+    },
     /// Print a new ULID (for node.id).
     NewId,
 }
@@ -100,6 +108,21 @@ fn main() -> ExitCode {
             runtime.block_on(tidemark::demo::run(dir))
         }
         Command::Admin(args) => runtime.block_on(tidemark::cli::run(args)),
+        Command::Records(args) => match runtime.block_on(tidemark::cli::records(args)) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Command::Healthcheck { addr } => {
+            match tidemark::cli::healthcheck(&addr, std::time::Duration::from_secs(3)) {
+                Ok(true) => return ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!("tidemark: {addr}/readyz is not ready");
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => Err(e),
+            }
+        }
         Command::NewId => {
             println!("{}", ulid::Ulid::generate());
             Ok(())
