@@ -211,13 +211,20 @@ impl TestNode {
         self.dir.join(format!("{}.log", self.name))
     }
 
-    /// Writes this node's config with the given peers and extra TOML.
+    /// Writes this node's config with the given peers and extra TOML. Peers run in
+    /// plaintext (`tls.insecure`) unless `extra` has a `[tls]` section of its own.
     pub fn write_config(&self, cluster_id: &str, peers: &[(Ulid, u16)], extra: &str) {
+        let extra = extra.replace("{name}", &self.name);
+        let (tls, scheme) = if extra.contains("[tls]") {
+            ("", "https")
+        } else {
+            ("[tls]\ninsecure = true\n\n", "http")
+        };
         let mut text = format!(
             "[node]\nid = \"{}\"\nname = \"{}\"\ncluster_id = \"{cluster_id}\"\n\n\
              [store]\nurl = \"{}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{}\"\nmetrics_listen_addr = \"127.0.0.1:{}\"\n\n\
              [replication]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\ncapture_poll_ms = 5\n\n\
-             [[tables]]\nname = \"notes\"\n\n{extra}\n",
+             [[tables]]\nname = \"notes\"\n\n{tls}{extra}\n",
             self.id,
             self.name,
             self.db.url(),
@@ -226,7 +233,7 @@ impl TestNode {
         );
         for (id, port) in peers {
             text.push_str(&format!(
-                "[[peers]]\nnode_id = \"{id}\"\naddress = \"http://127.0.0.1:{port}\"\n\n"
+                "[[peers]]\nnode_id = \"{id}\"\naddress = \"{scheme}://127.0.0.1:{port}\"\n\n"
             ));
         }
         std::fs::write(self.config_path(), text).expect("write config");
@@ -268,13 +275,11 @@ impl TestNode {
                     self.log_tail(40)
                 );
             }
-            if let Ok(mut c) = RecordsClient::connect(self.grpc_url()).await
-                && c.get(pb::GetRequest {
-                    table: "notes".into(),
-                    id: Ulid::generate().to_string(),
-                })
+            // Ready when /readyz answers (the gRPC listener is bound before it).
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
                 .await
                 .is_ok()
+                && self.http_get("/readyz").await.0 == 200
             {
                 break;
             }

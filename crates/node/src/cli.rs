@@ -6,11 +6,51 @@ use serde_json::{Value, json};
 use tidemark_replicator::pb::{self, admin_client::AdminClient};
 use tonic::transport::Channel;
 
+/// Client certificate options, for a node whose listener requires mutual TLS
+/// (use `https://` addresses then).
+#[derive(Debug, Args, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// The cluster CA (PEM).
+    #[arg(long, requires_all = ["cert_file", "key_file"])]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A certificate signed by the cluster CA (PEM).
+    #[arg(long)]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+/// Connects to `addr`, with mutual TLS when certificates are given.
+pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(addr.to_owned())
+        .map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?;
+    if let (Some(ca), Some(cert), Some(key)) = (&tls.ca_file, &tls.cert_file, &tls.key_file) {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        };
+        let material = tidemark_replicator::PeerTls {
+            ca_pem: read(ca)?,
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+        };
+        let host = endpoint.uri().host().unwrap_or_default().to_owned();
+        endpoint = endpoint
+            .tls_config(material.client(&host))
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))
+}
+
 #[derive(Debug, Args)]
 pub struct AdminArgs {
     /// The node's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     pub addr: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// A file holding the node's admin bearer token (admin.token_file).
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
@@ -201,11 +241,7 @@ fn print_json(v: &Value) {
 
 /// Runs one admin command against the node at `args.addr`.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(args.addr.clone())
-        .map_err(|e| anyhow::anyhow!("--addr {:?}: {e}", args.addr))?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
+    let channel = connect(&args.addr, &args.tls).await?;
     let token = match &args.token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -500,6 +536,8 @@ pub struct RecordsArgs {
     /// The node's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     pub addr: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     #[command(subcommand)]
     pub command: RecordsCommand,
 }
@@ -522,9 +560,7 @@ pub enum RecordsCommand {
 
 /// Runs one write-API command against the node at `args.addr`, printing JSON.
 pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
-    let mut client = pb::records_client::RecordsClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
+    let mut client = pb::records_client::RecordsClient::new(connect(&args.addr, &args.tls).await?);
     let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
     let write = |w: pb::WriteResponse| {
         json!({

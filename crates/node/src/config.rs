@@ -34,9 +34,26 @@ pub struct Config {
     #[serde(default)]
     pub tables: Vec<TableConfig>,
     #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// Mutual TLS between peers (and for the write API and Admin on the peer listener).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM of the cluster CA that signs every node certificate.
+    pub ca_file: String,
+    /// PEM of this node's certificate (its common name is the node id).
+    pub cert_file: String,
+    /// PEM of this node's private key.
+    pub key_file: String,
+    /// Run peers in plaintext, without authentication. Required when no
+    /// certificates are configured; a warning is logged at start.
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -236,10 +253,20 @@ impl Default for ReplicationConfig {
 pub struct PeerConfig {
     /// The peer's node id (ULID); the peer must answer with it.
     pub node_id: String,
-    /// The peer's gRPC address, `http://HOST:PORT`.
+    /// The peer's gRPC address, `http://HOST:PORT` (`https://` under TLS).
     pub address: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// Whether events of other origins are accepted from this peer (relaying).
+    /// When false, only events the peer itself originated are (under TLS).
+    #[serde(default = "PeerConfig::default_may_relay")]
+    pub may_relay: bool,
+}
+
+impl PeerConfig {
+    const fn default_may_relay() -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,6 +330,8 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub admin_token: Option<Secret>,
+    /// Mutual TLS between peers; `None` runs plaintext (tls.insecure).
+    pub tls: Option<tidemark_replicator::PeerTls>,
     pub max_concurrent_streams: u32,
     pub request_timeout: Duration,
     pub replication: ReplicationOptions,
@@ -471,6 +500,58 @@ impl Config {
                 }
             }
         };
+        let tls = {
+            let t = &self.tls;
+            let files = [
+                ("tls.ca_file", &t.ca_file),
+                ("tls.cert_file", &t.cert_file),
+                ("tls.key_file", &t.key_file),
+            ];
+            let given = files.iter().filter(|(_, f)| !f.is_empty()).count();
+            match (given, t.insecure) {
+                (0, true) => None,
+                (0, false) => {
+                    errors.push(err(
+                        "tls",
+                        "set ca_file, cert_file and key_file for mutual TLS between peers (tidemark cert makes them), or insecure = true to run peers in plaintext",
+                    ));
+                    None
+                }
+                (_, true) => {
+                    errors.push(err(
+                        "tls.insecure",
+                        "true conflicts with the certificate files also set",
+                    ));
+                    None
+                }
+                (3, false) => {
+                    let mut pems = Vec::new();
+                    for (key, path) in files {
+                        match std::fs::read_to_string(path) {
+                            Ok(p) if p.contains("-----BEGIN") => pems.push(p),
+                            Ok(_) => errors.push(err(key, format!("{path} is not a PEM file"))),
+                            Err(e) => errors.push(err(key, format!("cannot read {path}: {e}"))),
+                        }
+                    }
+                    match <[String; 3]>::try_from(pems) {
+                        Ok([ca_pem, cert_pem, key_pem]) => Some(tidemark_replicator::PeerTls {
+                            ca_pem,
+                            cert_pem,
+                            key_pem,
+                        }),
+                        Err(_) => None,
+                    }
+                }
+                _ => {
+                    for (key, f) in files {
+                        if f.is_empty() {
+                            errors.push(err(key, "is required when any TLS file is set"));
+                        }
+                    }
+                    None
+                }
+            }
+        };
         if self.clock.offset_ms.unsigned_abs() > 86_400_000 {
             errors.push(err(
                 "clock.offset_ms",
@@ -567,19 +648,31 @@ impl Config {
                     format!("{} is listed twice", p.node_id),
                 )),
                 Ok(id) => {
-                    let ok_scheme =
-                        p.address.starts_with("http://") || p.address.starts_with("https://");
-                    if !ok_scheme
+                    let scheme = if self.tls.insecure {
+                        "http://"
+                    } else {
+                        "https://"
+                    };
+                    if !p.address.starts_with(scheme)
                         || tonic::transport::Endpoint::from_shared(p.address.clone()).is_err()
                     {
                         errors.push(err(
                             format!("{key}.address"),
-                            format!("{:?} is not an http://HOST:PORT address", p.address),
+                            format!(
+                                "{:?} is not an {scheme}HOST:PORT address ({})",
+                                p.address,
+                                if self.tls.insecure {
+                                    "tls.insecure = true"
+                                } else {
+                                    "peers use TLS"
+                                }
+                            ),
                         ));
                     } else {
                         peers.push(Peer {
                             node_id: id,
                             address: p.address.clone(),
+                            may_relay: p.may_relay,
                         });
                     }
                 }
@@ -645,6 +738,7 @@ impl Config {
             metrics_addr,
             admin_addr,
             admin_token,
+            tls,
             max_concurrent_streams: self.server.max_concurrent_streams,
             request_timeout: Duration::from_millis(self.server.request_timeout_ms),
             replication: ReplicationOptions {
@@ -691,6 +785,8 @@ mod tests {
         address = "http://127.0.0.1:7071"
         [[tables]]
         name = "notes"
+        [tls]
+        insecure = true
     "#;
 
     #[test]
@@ -735,7 +831,7 @@ mod tests {
             for expect in [
                 "node.id: \"nope\" is not a ULID",
                 "store.url: store url \"mysql://x\"",
-                "peers[0].address: \"127.0.0.1:7071\" is not an http://HOST:PORT address",
+                "peers[0].address: \"127.0.0.1:7071\" is not an http://HOST:PORT address (tls.insecure = true)",
                 "tables[0].name: invalid name: \"bad-name\" is not a plain SQL identifier",
             ] {
                 assert!(joined.contains(expect), "missing {expect:?} in:\n{joined}");

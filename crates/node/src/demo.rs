@@ -46,7 +46,7 @@ fn write_configs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let text = format!(
             "# {name} of the tidemark demo cluster\n\n[node]\nid = \"{id}\"\nname = \"{name}\"\ncluster_id = \"demo\"\n\n\
              [store]\nurl = \"sqlite://{db}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{port}\"\nmetrics_listen_addr = \"\"\n\n\
-             [[tables]]\nname = \"notes\"\nconflict_policy = \"lww\"\n{peers}",
+             [tls]\ninsecure = true\n\n[[tables]]\nname = \"notes\"\nconflict_policy = \"lww\"\n{peers}",
             name = NAMES[i],
             id = ids[i],
             db = dir.join(format!("{}.db", NAMES[i])).display(),

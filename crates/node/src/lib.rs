@@ -9,6 +9,7 @@
 //! store.
 
 pub mod admin;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -118,6 +119,7 @@ impl Node {
             settings.replication.clone(),
             cancel.clone(),
             tracker.clone(),
+            settings.tls.is_some().then_some(settings.peers.as_slice()),
         );
         let records = records::RecordsService::new(store.clone());
         let sender = Sender::new(
@@ -125,6 +127,7 @@ impl Node {
             settings.local.clone(),
             settings.replication.clone(),
             &settings.peers,
+            settings.tls.clone(),
         );
         let admin = admin::AdminService::new(
             store.clone(),
@@ -140,6 +143,17 @@ impl Node {
                 "the admin RPC has no authentication (admin.token_file is empty): expose it only on loopback or a trusted network"
             );
         }
+        if settings.tls.is_none() {
+            warn!(
+                "peers run in plaintext without authentication (tls.insecure = true): use it only on a trusted network"
+            );
+        }
+        let peer_tls = settings.tls.as_ref().map(|t| {
+            tonic::transport::ServerTlsConfig::new()
+                .identity(t.identity())
+                .client_ca_root(t.ca())
+                .timeout(Duration::from_secs(10))
+        });
         let builder = || {
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -149,7 +163,13 @@ impl Node {
                 .concurrency_limit_per_connection(256)
                 .timeout(settings.request_timeout)
         };
-        let peer_router = builder()
+        let mut peer_builder = builder();
+        if let Some(tls) = peer_tls {
+            peer_builder = peer_builder
+                .tls_config(tls)
+                .context("tls: loading the certificate and key")?;
+        }
+        let peer_router = peer_builder
             .add_service(receiver.into_server())
             .add_service(records.into_server(max_message));
         let admin_addr = match settings.admin_addr {

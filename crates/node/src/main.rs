@@ -47,15 +47,53 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         addr: String,
     },
+    /// Make a cluster CA and node certificates for mutual TLS between peers.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Print a new ULID (for node.id).
     NewId,
 }
 
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Write DIR/ca.pem and DIR/ca.key.
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Write DIR/NAME.pem and DIR/NAME.key for a node, signed by DIR/ca.pem.
+    Node {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's id (its certificate's common name).
+        #[arg(long)]
+        node_id: ulid::Ulid,
+        /// File name, e.g. node-a.
+        #[arg(long)]
+        name: String,
+        /// Host names and addresses peers dial (repeat); default: NAME, localhost, 127.0.0.1.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
 fn init_logging(level: &str, json: bool) {
-    // The level comes from log.level (override: TIDEMARK_LOG__LEVEL).
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The level comes from log.level (override: TIDEMARK_LOG__LEVEL). Failed TLS
+    // handshakes (no, expired or foreign client certificate) are only reported by
+    // tonic at debug level: keep them visible unless the filter says otherwise.
+    let level = if level.contains("tonic") {
+        level.to_owned()
+    } else {
+        format!("{level},tonic::transport::server::io_stream=debug")
+    };
+    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -122,6 +160,23 @@ fn main() -> ExitCode {
                 }
                 Err(e) => Err(e),
             }
+        }
+        Command::Cert(CertCommand::Ca { dir, days }) => tidemark::certs::make_ca(&dir, days)
+            .map(|()| println!("wrote {0}/ca.pem and {0}/ca.key", dir.display())),
+        Command::Cert(CertCommand::Node {
+            dir,
+            node_id,
+            name,
+            hosts,
+            days,
+        }) => {
+            let hosts = if hosts.is_empty() {
+                vec![name.clone(), "localhost".into(), "127.0.0.1".into()]
+            } else {
+                hosts
+            };
+            tidemark::certs::make_node(&dir, node_id, &name, &hosts, days)
+                .map(|()| println!("wrote {0}/{name}.pem and {0}/{name}.key", dir.display()))
         }
         Command::NewId => {
             println!("{}", ulid::Ulid::generate());

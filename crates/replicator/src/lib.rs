@@ -15,6 +15,7 @@ pub mod convert;
 pub mod receiver;
 pub mod sender;
 pub mod status;
+pub mod tls;
 
 /// Generated protobuf and gRPC types of `tidemark.v1`.
 pub mod pb {
@@ -30,6 +31,7 @@ use ulid::Ulid;
 
 pub use receiver::ReceiverService;
 pub use sender::{PeerState, Sender};
+pub use tls::PeerTls;
 
 /// The replication wire protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -45,8 +47,11 @@ pub struct LocalNode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub node_id: Ulid,
-    /// gRPC endpoint, e.g. `http://10.0.0.2:7070`.
+    /// gRPC endpoint, e.g. `http://10.0.0.2:7070` (`https://` under TLS).
     pub address: String,
+    /// Whether the peer may send events of other origins (relay); when false,
+    /// only events it originated are accepted from it.
+    pub may_relay: bool,
 }
 
 /// Replication limits and timings.

@@ -40,16 +40,24 @@ struct Inner {
     opts: ReplicationOptions,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Under mutual TLS: the configured peers (and whether each may relay); a
+    /// sender must present a certificate naming one of them.
+    authenticated: Option<std::collections::HashMap<Ulid, bool>>,
 }
 
 impl ReceiverService {
     /// Streams are served by tasks spawned on `tracker` and stop at `cancel`.
+    ///
+    /// `authenticated_peers`: under mutual TLS, the configured peers; each sender
+    /// must then present a certificate whose common name is the node id it claims,
+    /// be one of these peers, and send only its own events unless it may relay.
     pub fn new(
         store: Store,
         local: LocalNode,
         opts: ReplicationOptions,
         cancel: CancellationToken,
         tracker: TaskTracker,
+        authenticated_peers: Option<&[crate::Peer]>,
     ) -> Self {
         ReceiverService {
             inner: Arc::new(Inner {
@@ -58,6 +66,8 @@ impl ReceiverService {
                 opts,
                 cancel,
                 tracker,
+                authenticated: authenticated_peers
+                    .map(|ps| ps.iter().map(|p| (p.node_id, p.may_relay)).collect()),
             }),
         }
     }
@@ -114,6 +124,10 @@ impl Inner {
 
     async fn apply_batch(&self, sender: Ulid, batch: pb::Batch) -> Result<pb::Ack, Status> {
         let peer = sender.to_string();
+        let may_relay = self
+            .authenticated
+            .as_ref()
+            .is_none_or(|peers| peers.get(&sender).copied().unwrap_or(false));
         if batch.events.len() > self.opts.max_batch_events {
             return Err(Status::invalid_argument(format!(
                 "batch {} has {} events, more than the limit of {}",
@@ -128,6 +142,12 @@ impl Inner {
             .map(event_from_pb)
             .collect::<Result<_, _>>()
             .map_err(|e| status::from_field(&e))?;
+        if !may_relay && let Some(e) = events.iter().find(|e| e.node_id != sender) {
+            return Err(Status::permission_denied(format!(
+                "peer {sender} may not relay events of origin {} (event {}): its peers entry has may_relay = false",
+                e.node_id, e.event_id
+            )));
+        }
         metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
             .record(events.len() as f64);
         let outcome = match self.store.apply_remote(&events).await {
@@ -255,6 +275,9 @@ impl pb::replication_server::Replication for ReceiverService {
         request: Request<Streaming<pb::SenderMessage>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let peer_addr = request.remote_addr();
+        let cert_identity = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| crate::tls::common_name(c)));
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -269,7 +292,25 @@ impl pb::replication_server::Replication for ReceiverService {
                 ));
             }
         };
-        let sender = match self.inner.check_hello(&hello) {
+        let checked = self.inner.check_hello(&hello).and_then(|sender| {
+            let Some(peers) = &self.inner.authenticated else {
+                return Ok(sender);
+            };
+            match &cert_identity {
+                None => Err(Status::unauthenticated(
+                    "a client certificate naming the sender's node id is required",
+                )),
+                Some(cn) if *cn != sender.to_string() => Err(Status::permission_denied(format!(
+                    "certificate identity {cn} does not match the claimed node id {sender}"
+                ))),
+                Some(_) if !peers.contains_key(&sender) => Err(Status::permission_denied(format!(
+                    "node {sender} is not a configured peer of node {}",
+                    self.inner.local.node_id
+                ))),
+                Some(_) => Ok(sender),
+            }
+        });
+        let sender = match checked {
             Ok(s) => s,
             Err(status) => {
                 warn!(?peer_addr, sender = %hello.sender_node_id, message = status.message(), "handshake refused");

@@ -82,12 +82,20 @@ struct SenderInner {
     /// Every configured peer: `synced_at` needs all of their acks.
     all_peers: Vec<Ulid>,
     states: std::sync::Mutex<std::collections::HashMap<Ulid, PeerState>>,
+    tls: Option<crate::PeerTls>,
     /// Signalled after every recorded ack; wakes the synced_at marker.
     acks: tokio::sync::Notify,
 }
 
 impl Sender {
-    pub fn new(store: Store, local: LocalNode, opts: ReplicationOptions, peers: &[Peer]) -> Self {
+    /// `tls`: connect to peers with mutual TLS using this material.
+    pub fn new(
+        store: Store,
+        local: LocalNode,
+        opts: ReplicationOptions,
+        peers: &[Peer],
+        tls: Option<crate::PeerTls>,
+    ) -> Self {
         Sender {
             inner: Arc::new(SenderInner {
                 store,
@@ -95,6 +103,7 @@ impl Sender {
                 opts,
                 all_peers: peers.iter().map(|p| p.node_id).collect(),
                 states: Default::default(),
+                tls,
                 acks: tokio::sync::Notify::new(),
             }),
         }
@@ -204,11 +213,22 @@ impl SenderInner {
     }
 
     async fn connect(&self, peer: &Peer) -> Result<Channel, SessionError> {
-        let endpoint = Endpoint::from_shared(peer.address.clone())
-            .map_err(|e| SessionError::Address {
+        let mut endpoint =
+            Endpoint::from_shared(peer.address.clone()).map_err(|e| SessionError::Address {
                 address: peer.address.clone(),
                 reason: e.to_string(),
-            })?
+            })?;
+        if let Some(tls) = &self.tls {
+            let host = endpoint.uri().host().unwrap_or_default().to_owned();
+            endpoint =
+                endpoint
+                    .tls_config(tls.client(&host))
+                    .map_err(|e| SessionError::Address {
+                        address: peer.address.clone(),
+                        reason: format!("TLS: {e}"),
+                    })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_millis(self.opts.connect_timeout_ms))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

@@ -1,0 +1,95 @@
+//! `tidemark cert`: a cluster CA and node certificates for mutual TLS between
+//! peers. A node certificate's subject common name is the node id (what peers
+//! check against the id a node claims), and its subject alternative names are
+//! the host names and addresses peers dial.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+use ulid::Ulid;
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(days);
+}
+
+/// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`.
+pub fn make_ca(dir: &Path, days: i64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tidemark cluster CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, days);
+    let cert = params.self_signed(&key)?;
+    std::fs::write(dir.join("ca.pem"), cert.pem())?;
+    write_private(&dir.join("ca.key"), &key.serialize_pem())?;
+    Ok(())
+}
+
+/// Writes `<name>.pem` and `<name>.key` into `dir`, signed by `dir/ca.pem`.
+pub fn make_node(
+    dir: &Path,
+    node_id: Ulid,
+    name: &str,
+    hosts: &[String],
+    days: i64,
+) -> anyhow::Result<()> {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| {
+        format!(
+            "reading {} (make it with `tidemark cert ca`)",
+            dir.join("ca.pem").display()
+        )
+    })?;
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node_id.to_string());
+    for host in hosts {
+        params
+            .subject_alt_names
+            .push(match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(host.as_str().try_into()?),
+            });
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity(&mut params, days);
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+    write_private(&dir.join(format!("{name}.key")), &key.serialize_pem())?;
+    Ok(())
+}
