@@ -562,7 +562,7 @@ async fn concurrent_versions_converge_in_any_order(db: TestDb) {
     s2.close().await;
 }
 
-async fn bad_remote_events_change_nothing(db: TestDb) {
+async fn bad_remote_events_are_quarantined(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     let peer = Ulid::from_parts(1, 1);
     let r = id(3);
@@ -595,13 +595,6 @@ async fn bad_remote_events_change_nothing(db: TestDb) {
         Operation::Delete,
         Some(json!({"id": r.to_string()})),
     );
-    let future = remote_event(
-        peer,
-        hlc_at(3_600_000, 0),
-        r,
-        Operation::Update,
-        Some(json!({"id": r.to_string(), "title": "future"})),
-    );
     let wrong_pk = remote_event(
         peer,
         hlc_at(-60, 0),
@@ -617,35 +610,147 @@ async fn bad_remote_events_change_nothing(db: TestDb) {
         Some(json!({"id": r.to_string(), "title": "x"})),
     );
     bad_vv.metadata = Some(json!({"vv": {"not-a-ulid": 1}}));
-    let cases: Vec<(ChangeEvent, &str)> = vec![
-        (unknown_table, "is not a replicated table"),
-        (unknown_column, "has no replicated column"),
-        (delete_with_values, "a DELETE carries no new values"),
-        (future, "ahead of local wall clock"),
-        (wrong_pk, "does not match record id"),
-        (bad_vv, "is not a ULID"),
+    let mut far_future = remote_event(
+        peer,
+        hlc_at(-40, 0),
+        id(5),
+        Operation::Insert,
+        Some(json!({"id": id(5).to_string(), "title": "max"})),
+    );
+    far_future.hlc = Hlc::decode(i64::MAX).expect("max");
+    let refused_by_table = remote_event(
+        peer,
+        hlc_at(-30, 0),
+        id(6),
+        Operation::Insert,
+        Some(json!({"id": id(6).to_string(), "body": "no title, which is NOT NULL"})),
+    );
+    let cases: Vec<(ChangeEvent, &str, &str)> = vec![
+        (unknown_table, "NOT_FOUND", "is not a replicated table"),
+        (
+            unknown_column,
+            "INVALID_ARGUMENT",
+            "has no replicated column",
+        ),
+        (
+            delete_with_values,
+            "INVALID_ARGUMENT",
+            "a DELETE carries no new values",
+        ),
+        (wrong_pk, "INVALID_ARGUMENT", "does not match record id"),
+        (bad_vv, "INVALID_ARGUMENT", "is not a ULID"),
+        (far_future, "OUT_OF_RANGE", "no clock drift explains it"),
+        (
+            refused_by_table,
+            "FAILED_PRECONDITION",
+            "table notes refused the values",
+        ),
     ];
-    for (bad, expect) in cases {
-        // The good event travels in the same batch: the whole batch is refused.
-        let err = store
-            .apply_remote(&[good.clone(), bad])
+    let mut quarantined = 0;
+    for (bad, code, expect) in cases {
+        let before = db.sql("SELECT id || title || hlc_modified FROM notes");
+        // The good event travels in the same batch and applies (once).
+        let out = store
+            .apply_remote(&[good.clone(), bad.clone()])
             .await
-            .expect_err(expect)
-            .to_string();
-        assert!(err.contains(expect), "{expect}: {err}");
-        assert!(all_events(&store).await.is_empty());
-        assert_eq!(db.sql("SELECT COUNT(*) FROM notes"), "0");
+            .expect(expect);
+        assert_eq!(out.quarantined.len(), 1, "{expect}");
+        let q = &out.quarantined[0];
+        assert_eq!(
+            (q.event_id.as_str(), q.kind.code()),
+            (bad.event_id.to_string().as_str(), code),
+            "{expect}"
+        );
+        assert!(q.reason.contains(expect), "{expect}: {}", q.reason);
+        quarantined += 1;
+        assert_eq!(store.count_quarantined().await.expect("count"), quarantined);
+        // Nothing of the bad event reached the table or the log.
+        let events = all_events(&store).await;
+        assert_eq!(events.len(), 1, "{expect}");
+        assert_eq!(events[0].event_id, good.event_id);
+        if quarantined > 1 {
+            assert_eq!(
+                db.sql("SELECT id || title || hlc_modified FROM notes"),
+                before,
+                "{expect}"
+            );
+        }
     }
-    // Out-of-order events of one origin are refused too.
+    assert_eq!(db.sql("SELECT title FROM notes"), "ok");
+    // A value the column's type cannot hold: PostgreSQL refuses it (quarantined),
+    // SQLite's dynamic typing stores it as given.
+    let typed = remote_event(
+        peer,
+        hlc_at(-25, 0),
+        id(7),
+        Operation::Insert,
+        Some(json!({"id": id(7).to_string(), "title": "t", "stars": "many"})),
+    );
+    let out = store
+        .apply_remote(std::slice::from_ref(&typed))
+        .await
+        .expect("typed");
+    match db.kind() {
+        "postgres" => {
+            assert_eq!(out.quarantined.len(), 1);
+            assert_eq!(out.quarantined[0].kind.code(), "FAILED_PRECONDITION");
+            assert!(
+                out.quarantined[0]
+                    .reason
+                    .contains("invalid input syntax for type integer"),
+                "{}",
+                out.quarantined[0].reason
+            );
+        }
+        _ => {
+            assert!(out.quarantined.is_empty());
+            assert_eq!(
+                db.sql(&format!("SELECT stars FROM notes WHERE id = '{}'", id(7))),
+                "many"
+            );
+        }
+    }
+    // The same bad event again stays a single quarantine entry.
+    let again = store.apply_remote(&[good.clone()]).await.expect("again");
+    assert_eq!(again.duplicates, 1);
+
+    let stored = all_events(&store).await.len();
+    // A timestamp beyond the max drift but not absurd refuses the whole batch,
+    // changing nothing: it may apply once the clocks agree.
+    let r2 = id(9);
     let later = remote_event(
         peer,
-        hlc_at(-10, 0),
-        id(8),
+        hlc_at(-5, 0),
+        r2,
         Operation::Insert,
-        Some(json!({"id": id(8).to_string(), "title": "later"})),
+        Some(json!({"id": r2.to_string(), "title": "later"})),
+    );
+    let future = remote_event(
+        peer,
+        hlc_at(3_600_000, 0),
+        r2,
+        Operation::Update,
+        Some(json!({"id": r2.to_string(), "title": "future"})),
     );
     let err = store
-        .apply_remote(&[later, good.clone()])
+        .apply_remote(&[later.clone(), future])
+        .await
+        .expect_err("drift");
+    assert!(
+        err.to_string().contains("ahead of local wall clock"),
+        "{err}"
+    );
+    assert_eq!(all_events(&store).await.len(), stored);
+    // Out-of-order events of one origin refuse the batch too.
+    let earlier = remote_event(
+        peer,
+        hlc_at(-20, 0),
+        id(8),
+        Operation::Insert,
+        Some(json!({"id": id(8).to_string(), "title": "earlier"})),
+    );
+    let err = store
+        .apply_remote(&[later, earlier])
         .await
         .expect_err("order");
     assert!(err.to_string().contains("out of order"), "{err}");
@@ -660,9 +765,6 @@ async fn bad_remote_events_change_nothing(db: TestDb) {
         err.to_string(),
         "invalid operation: \"UPSERT\" is not one of INSERT, UPDATE, DELETE"
     );
-    // And the good event alone still applies.
-    store.apply_remote(&[good]).await.expect("good alone");
-    assert_eq!(db.sql("SELECT title FROM notes"), "ok");
     store.close().await;
 }
 
@@ -1164,7 +1266,7 @@ suite!(
     registration_snapshots_existing_rows,
     remote_apply_is_idempotent_and_lww,
     concurrent_versions_converge_in_any_order,
-    bad_remote_events_change_nothing,
+    bad_remote_events_are_quarantined,
     events_after_a_vector,
     synced_when_every_peer_acked,
     identity_and_clock_survive_restart,

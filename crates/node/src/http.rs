@@ -213,5 +213,6 @@ async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<(
     metrics::gauge!("tidemark_hlc_wall_seconds").set(store.clock().now().wall_ms() as f64 / 1000.0);
     metrics::gauge!("tidemark_unsynced_events").set(store.count_unsynced().await? as f64);
     metrics::gauge!("tidemark_pending_captures").set(store.pending_captures().await? as f64);
+    metrics::gauge!("tidemark_quarantined_events").set(store.count_quarantined().await? as f64);
     Ok(())
 }

@@ -151,6 +151,24 @@ pub fn event_from_pb(e: pb::Event) -> Result<ChangeEvent, FieldError> {
     inner().map_err(at)
 }
 
+/// An incoming event as JSON, exactly as sent (for the quarantine).
+pub fn event_json(e: &pb::Event) -> Value {
+    serde_json::json!({
+        "event_id": e.event_id,
+        "hlc": e.hlc,
+        "wall_ms": e.wall_ms,
+        "node_id": e.node_id,
+        "table_name": e.table_name,
+        "record_id": e.record_id,
+        "operation": e.operation,
+        "action": e.action,
+        "user_id": e.user_id,
+        "old_values_json": e.old_values_json,
+        "new_values_json": e.new_values_json,
+        "metadata_json": e.metadata_json,
+    })
+}
+
 pub fn vector_to_pb(v: &VersionVector) -> pb::VersionVector {
     pb::VersionVector {
         entries: v

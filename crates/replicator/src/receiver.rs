@@ -136,21 +136,29 @@ impl Inner {
                 self.opts.max_batch_events
             )));
         }
-        let events: Vec<ChangeEvent> = batch
-            .events
-            .into_iter()
-            .map(event_from_pb)
-            .collect::<Result<_, _>>()
-            .map_err(|e| status::from_field(&e))?;
-        if !may_relay && let Some(e) = events.iter().find(|e| e.node_id != sender) {
-            return Err(Status::permission_denied(format!(
-                "peer {sender} may not relay events of origin {} (event {}): its peers entry has may_relay = false",
-                e.node_id, e.event_id
-            )));
+        let mut events: Vec<ChangeEvent> = Vec::with_capacity(batch.events.len());
+        let mut rejected = Vec::new();
+        for raw in batch.events {
+            let json = crate::convert::event_json(&raw);
+            let event_id = raw.event_id.clone();
+            match event_from_pb(raw) {
+                Ok(e) => events.push(e),
+                Err(e) => rejected.push(tidemark_store::Rejected {
+                    event_id,
+                    kind: tidemark_store::RejectKind::Invalid,
+                    reason: e.to_string(),
+                    event: json,
+                }),
+            }
         }
         metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
-            .record(events.len() as f64);
-        let outcome = match self.store.apply_remote(&events).await {
+            .record((events.len() + rejected.len()) as f64);
+        let allowed = move |origin: Ulid| may_relay || origin == sender;
+        let outcome = match self
+            .store
+            .apply_from(Some(sender), &events, rejected, &allowed)
+            .await
+        {
             Ok(o) => o,
             Err(e) => {
                 if matches!(e, tidemark_store::StoreError::Clock(_)) {
@@ -168,6 +176,11 @@ impl Inner {
                 return Err(status::from_store(&e));
             }
         };
+        for q in &outcome.quarantined {
+            warn!(%sender, event_id = %q.event_id, code = q.kind.code(), reason = %q.reason, "event quarantined");
+            metrics::counter!("tidemark_events_quarantined_total", "peer" => peer.clone(), "code" => q.kind.code())
+                .increment(1);
+        }
         // Apply delay: apply wall time minus the event's HLC wall time (never
         // negative: a sender whose clock runs ahead gives 0, not a negative lag).
         let now = tidemark_hlc::system_wall_ms();
@@ -200,6 +213,15 @@ impl Inner {
             applied: outcome.applied,
             superseded: outcome.superseded,
             duplicates: outcome.duplicates,
+            rejected: outcome
+                .quarantined
+                .iter()
+                .map(|q| pb::Rejection {
+                    event_id: q.event_id.clone(),
+                    code: q.kind.code().to_owned(),
+                    message: q.reason.clone(),
+                })
+                .collect(),
         })
     }
 

@@ -18,9 +18,27 @@ use ulid::Ulid;
 use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, TableInfo, Values, Version,
-    VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, TableInfo, Values,
+    Version, VersionVector,
 };
+
+/// What to do with the per-event savepoint of a careful apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavepointOp {
+    Set,
+    RollbackTo,
+    Release,
+}
+
+impl SavepointOp {
+    pub fn sql(self) -> &'static str {
+        match self {
+            SavepointOp::Set => "SAVEPOINT tidemark_event",
+            SavepointOp::RollbackTo => "ROLLBACK TO SAVEPOINT tidemark_event",
+            SavepointOp::Release => "RELEASE SAVEPOINT tidemark_event",
+        }
+    }
+}
 
 /// What a backend found when inspecting a table before registering it.
 #[derive(Debug, Clone)]
@@ -164,6 +182,22 @@ pub trait Backend: Send + Sync + 'static {
         tx: &mut Self::Tx,
         ids: &[Ulid],
     ) -> impl Future<Output = Result<HashMap<Ulid, Option<Values>>>> + Send;
+
+    /// Sets these events aside in the quarantine (an event id already there is
+    /// kept as it is).
+    fn quarantine(
+        &self,
+        tx: &mut Self::Tx,
+        peer: Option<Ulid>,
+        rows: &[Rejected],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// `SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, `RELEASE SAVEPOINT` with this name.
+    fn savepoint(
+        &self,
+        tx: &mut Self::Tx,
+        op: SavepointOp,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn count_quarantined(&self) -> impl Future<Output = Result<u64>> + Send;
 
     // ---- conflicts ------------------------------------------------------------------
 

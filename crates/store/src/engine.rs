@@ -10,13 +10,13 @@ use tidemark_hlc::{Clock, Hlc};
 use tokio::sync::{Mutex, watch};
 use ulid::Ulid;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SavepointOp};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     ApplyOutcome, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
-    ConflictStatus, DrainOutcome, Operation, ResolveChoice, TableInfo, Values, Version,
-    VersionVector, parse_ulid,
+    ConflictStatus, DrainOutcome, Operation, RejectKind, Rejected, ResolveChoice, TableInfo,
+    Values, Version, VersionVector, parse_ulid,
 };
 use crate::rules::{Causality, Resolution, resolve};
 
@@ -24,6 +24,9 @@ use crate::rules::{Causality, Resolution, resolve};
 const RESERVED_PREFIX: &str = "tidemark_";
 /// Columns Tidemark adds to every replicated table (the seed's entity additions).
 pub const STAMP_COLUMNS: [&str; 2] = ["node_id", "hlc_modified"];
+/// An event stamped further ahead of the local clock than this is quarantined:
+/// no clock drift explains it (a drift within it only delays the batch).
+const FAR_FUTURE_MS: i64 = 86_400_000;
 /// How many captures one drain step stamps per query.
 const DRAIN_CHUNK: u32 = 512;
 /// The registry as a replicated pseudo-table: a policy change is an event on it.
@@ -899,16 +902,35 @@ impl<B: Backend> Engine<B> {
         Ok(table)
     }
 
-    /// Applies events from a peer in one transaction: idempotent (an event id
-    /// already present changes nothing), the winner per record decided by the rules,
-    /// conflicts recorded, every new event kept in `change_events`. Events of one
-    /// origin must come in ascending HLC order. Nothing is written when any event is
-    /// invalid or too far in the future.
+    /// Applies events from a peer in one transaction (see [`Engine::apply_from`]),
+    /// accepting every origin.
     pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
-        let mut tables = Vec::with_capacity(events.len());
+        self.apply_from(None, events, Vec::new(), &|_| true).await
+    }
+
+    /// Applies a batch from `peer` in one transaction: idempotent (an event id
+    /// already present changes nothing), the winner per record decided by the
+    /// rules, conflicts recorded, every new event kept in `change_events`.
+    ///
+    /// Events that cannot be applied — `rejected` (the caller could not decode
+    /// them), events of an origin `allowed` refuses, malformed ones, ones of an
+    /// unknown table or column, ones the table's constraints refuse, ones stamped
+    /// further ahead than any drift explains — go to the quarantine in the same
+    /// transaction and the rest apply, so one bad event never blocks the stream.
+    /// The whole batch is refused, changing nothing, when events of one origin
+    /// come out of HLC order or one is beyond the max drift (it may apply later,
+    /// once the clocks agree).
+    pub async fn apply_from(
+        &self,
+        peer: Option<Ulid>,
+        events: &[ChangeEvent],
+        mut rejected: Vec<Rejected>,
+        allowed: &(dyn Fn(Ulid) -> bool + Sync),
+    ) -> Result<ApplyOutcome> {
+        let mut accepted = Vec::with_capacity(events.len());
         let mut last_per_origin: BTreeMap<Ulid, Hlc> = BTreeMap::new();
+        let now_ms = self.clock.wall_ms();
         for event in events {
-            tables.push(self.check_remote(event)?);
             let last = last_per_origin.entry(event.node_id).or_insert(Hlc::ZERO);
             if event.hlc < *last {
                 return Err(StoreError::invalid(
@@ -920,84 +942,186 @@ impl<B: Backend> Engine<B> {
                 ));
             }
             *last = event.hlc;
-            self.clock.check_drift(event.hlc)?;
+            let reject = |kind, reason: String| Rejected {
+                event_id: event.event_id.to_string(),
+                kind,
+                reason,
+                event: event.to_json(),
+            };
+            if !allowed(event.node_id) {
+                rejected.push(reject(
+                    RejectKind::NotAllowed,
+                    format!(
+                        "the sending peer may not relay events of origin {}",
+                        event.node_id
+                    ),
+                ));
+                continue;
+            }
+            let ahead_ms = event.hlc.wall_ms().saturating_sub(now_ms);
+            if ahead_ms > FAR_FUTURE_MS {
+                rejected.push(reject(
+                    RejectKind::FarFuture,
+                    format!(
+                        "hlc {} is {ahead_ms} ms ahead of this node's clock: no clock drift explains it",
+                        event.hlc
+                    ),
+                ));
+                continue;
+            }
+            match self.check_remote(event) {
+                Ok(table) => {
+                    self.clock.check_drift(event.hlc)?;
+                    accepted.push((event, table));
+                }
+                Err(e @ StoreError::UnknownTable { .. }) => {
+                    rejected.push(reject(RejectKind::UnknownTable, e.to_string()))
+                }
+                Err(e @ (StoreError::Invalid { .. } | StoreError::UnknownColumn { .. })) => {
+                    rejected.push(reject(RejectKind::Invalid, e.to_string()))
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let mut outcome = ApplyOutcome::default();
-        if events.is_empty() {
-            return Ok(outcome);
+        if accepted.is_empty() && rejected.is_empty() {
+            return Ok(ApplyOutcome::default());
         }
         let _w = self.writer.lock().await;
         let mut tx = self.backend.begin().await?;
-        outcome.drained = self.drain_in(&mut tx).await?.events;
-        let ids: Vec<Ulid> = events.iter().map(|e| e.event_id).collect();
-        let mut seen = self.backend.existing_events(&mut tx, &ids).await?;
-        let mut cache = VersionCache::new();
-        let mut fresh = Vec::new();
-        let mut vector = VersionVector::new();
-        let mut policies_changed = false;
-        for (event, table) in events.iter().zip(tables) {
-            if !seen.insert(event.event_id) {
-                outcome.duplicates += 1;
-                continue;
+        let mut outcome = match self.apply_in(&mut tx, &accepted, false).await {
+            Ok(o) => o,
+            // A row the table refused: start over, one savepoint per event, and
+            // quarantine the refused ones.
+            Err(StoreError::RowRefused { .. }) => {
+                drop(tx);
+                tx = self.backend.begin().await?;
+                self.apply_in(&mut tx, &accepted, true).await?
             }
-            self.clock.observe(event.hlc)?;
-            let res = self.settle(&mut tx, &table, event, &mut cache).await?;
-            if res.causality == Causality::Concurrent {
-                outcome.conflicts += 1;
-            }
-            if res.incoming_wins {
-                if table.table_name == REGISTRY_TABLE {
-                    let (name, policy) = event
-                        .new_values
-                        .as_ref()
-                        .and_then(parse_registry_values)
-                        .ok_or_else(|| {
-                            StoreError::corrupt(REGISTRY_TABLE, "checked values vanished")
-                        })?;
-                    self.apply_policy(&mut tx, &name, policy, &mut cache)
-                        .await?;
-                    policies_changed = true;
-                } else {
-                    match &event.new_values {
-                        Some(values) => {
-                            self.backend
-                                .upsert_row(
-                                    &mut tx,
-                                    &table,
-                                    event.record_id,
-                                    values,
-                                    event.hlc,
-                                    event.node_id,
-                                )
-                                .await?
-                        }
-                        None => {
-                            self.backend
-                                .delete_row(&mut tx, &table, event.record_id)
-                                .await?
-                        }
-                    }
-                }
-                outcome.applied += 1;
-            } else {
-                outcome.superseded += 1;
-            }
-            vector.observe(event.node_id, event.hlc);
-            outcome.fresh.push(event.hlc);
-            fresh.push(event.clone());
+            Err(e) => return Err(e),
+        };
+        outcome.quarantined.splice(0..0, rejected);
+        if !outcome.quarantined.is_empty() {
+            self.backend
+                .quarantine(&mut tx, peer, &outcome.quarantined)
+                .await?;
         }
-        if !fresh.is_empty() {
-            self.backend.insert_events(&mut tx, &fresh).await?;
-            self.backend.raise_vector(&mut tx, &vector).await?;
-        }
-        if !fresh.is_empty() || outcome.drained > 0 {
-            self.backend.commit(tx).await?;
+        let policies_changed = accepted.iter().any(|(e, _)| e.table_name == REGISTRY_TABLE);
+        self.backend.commit(tx).await?;
+        if !outcome.fresh.is_empty() || outcome.drained > 0 {
             self.committed();
         }
         if policies_changed {
             self.reload_tables().await?;
         }
         Ok(outcome)
+    }
+
+    /// Applies checked events inside `tx`. With `careful`, each event runs under a
+    /// savepoint and one the table refuses is rolled back and reported in
+    /// `quarantined`; without, a refusal fails the whole call.
+    async fn apply_in(
+        &self,
+        tx: &mut B::Tx,
+        accepted: &[(&ChangeEvent, Arc<TableInfo>)],
+        careful: bool,
+    ) -> Result<ApplyOutcome> {
+        let mut outcome = ApplyOutcome {
+            drained: self.drain_in(tx).await?.events,
+            ..ApplyOutcome::default()
+        };
+        let ids: Vec<Ulid> = accepted.iter().map(|(e, _)| e.event_id).collect();
+        let mut seen = self.backend.existing_events(tx, &ids).await?;
+        let mut cache = VersionCache::new();
+        let mut fresh = Vec::new();
+        let mut vector = VersionVector::new();
+        for (event, table) in accepted {
+            if !seen.insert(event.event_id) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            let backup = careful.then(|| cache.clone());
+            if careful {
+                self.backend.savepoint(tx, SavepointOp::Set).await?;
+            }
+            match self.apply_one(tx, event, table, &mut cache).await {
+                Ok(res) => {
+                    if careful {
+                        self.backend.savepoint(tx, SavepointOp::Release).await?;
+                    }
+                    if res.causality == Causality::Concurrent {
+                        outcome.conflicts += 1;
+                    }
+                    if res.incoming_wins {
+                        outcome.applied += 1;
+                    } else {
+                        outcome.superseded += 1;
+                    }
+                    vector.observe(event.node_id, event.hlc);
+                    outcome.fresh.push(event.hlc);
+                    fresh.push((*event).clone());
+                }
+                Err(StoreError::RowRefused { reason, .. }) if careful => {
+                    self.backend.savepoint(tx, SavepointOp::RollbackTo).await?;
+                    self.backend.savepoint(tx, SavepointOp::Release).await?;
+                    cache = backup.unwrap_or_default();
+                    outcome.quarantined.push(Rejected {
+                        event_id: event.event_id.to_string(),
+                        kind: RejectKind::Refused,
+                        reason: format!("table {} refused the values: {reason}", table.table_name),
+                        event: event.to_json(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !fresh.is_empty() {
+            self.backend.insert_events(tx, &fresh).await?;
+            self.backend.raise_vector(tx, &vector).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// One new event: observe its HLC, settle its record, write the row.
+    async fn apply_one(
+        &self,
+        tx: &mut B::Tx,
+        event: &ChangeEvent,
+        table: &TableInfo,
+        cache: &mut VersionCache,
+    ) -> Result<Resolution> {
+        self.clock.observe(event.hlc)?;
+        let res = self.settle(tx, table, event, cache).await?;
+        if !res.incoming_wins {
+            return Ok(res);
+        }
+        if table.table_name == REGISTRY_TABLE {
+            let (name, policy) = event
+                .new_values
+                .as_ref()
+                .and_then(parse_registry_values)
+                .ok_or_else(|| StoreError::corrupt(REGISTRY_TABLE, "checked values vanished"))?;
+            self.apply_policy(tx, &name, policy, cache).await?;
+            return Ok(res);
+        }
+        let written = match &event.new_values {
+            Some(values) => {
+                self.backend
+                    .upsert_row(tx, table, event.record_id, values, event.hlc, event.node_id)
+                    .await
+            }
+            None => self.backend.delete_row(tx, table, event.record_id).await,
+        };
+        match written {
+            Ok(()) => Ok(res),
+            Err(StoreError::Db(e)) if refused_by_table(&e) => Err(StoreError::RowRefused {
+                table: table.table_name.clone(),
+                event_id: event.event_id,
+                reason: e
+                    .as_database_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// This node's applied vector: per origin, the highest HLC it holds.
@@ -1085,6 +1209,10 @@ impl<B: Backend> Engine<B> {
         self.backend.peer_progress(peer).await
     }
 
+    pub async fn count_quarantined(&self) -> Result<u64> {
+        self.backend.count_quarantined().await
+    }
+
     pub async fn count_unsynced(&self) -> Result<u64> {
         self.backend.count_unsynced().await
     }
@@ -1100,6 +1228,23 @@ impl<B: Backend> Engine<B> {
     pub async fn close(&self) {
         self.backend.close().await;
     }
+}
+
+/// Whether a database error means the table refused the row's values (a
+/// constraint, or a value of the wrong type), as opposed to the database failing.
+fn refused_by_table(e: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) || db.code().is_some_and(|c| c.starts_with("22"))
+        || db.message().contains("datatype mismatch")
 }
 
 /// Whether a declared column type can hold a ULID as text.

@@ -74,6 +74,15 @@ pub enum StoreError {
     #[error("corrupt stored data in {what}: {reason}")]
     Corrupt { what: String, reason: String },
 
+    /// The database refused writing an incoming event's row (a constraint or type
+    /// of the table).
+    #[error("table {table} refused event {event_id}: {reason}")]
+    RowRefused {
+        table: String,
+        event_id: ulid::Ulid,
+        reason: String,
+    },
+
     /// Any other database error.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),

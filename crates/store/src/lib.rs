@@ -41,8 +41,8 @@ pub use engine::{Engine, STAMP_COLUMNS};
 pub use error::{Result, StoreError};
 pub use model::{
     ApplyOutcome, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
-    ConflictStatus, DrainOutcome, Member, Operation, ResolveChoice, TableInfo, Values, Version,
-    VersionVector,
+    ConflictStatus, DrainOutcome, Member, Operation, RejectKind, Rejected, ResolveChoice,
+    TableInfo, Values, Version, VersionVector,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
@@ -208,6 +208,22 @@ impl Store {
 
     pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
         dispatch!(self, e => e.apply_remote(events).await)
+    }
+
+    /// Applies a batch from `peer`, quarantining what cannot be applied (see
+    /// [`Engine::apply_from`]).
+    pub async fn apply_from(
+        &self,
+        peer: Option<Ulid>,
+        events: &[ChangeEvent],
+        rejected: Vec<Rejected>,
+        allowed: &(dyn Fn(Ulid) -> bool + Sync),
+    ) -> Result<ApplyOutcome> {
+        dispatch!(self, e => e.apply_from(peer, events, rejected, allowed).await)
+    }
+
+    pub async fn count_quarantined(&self) -> Result<u64> {
+        dispatch!(self, e => e.count_quarantined().await)
     }
 
     pub async fn vector(&self) -> Result<VersionVector> {

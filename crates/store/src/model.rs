@@ -402,7 +402,7 @@ pub struct Capture {
 }
 
 /// What one apply of remote events did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {
     /// New events whose version became the record's current version.
     pub applied: u64,
@@ -416,6 +416,8 @@ pub struct ApplyOutcome {
     pub conflicts: u64,
     /// HLCs of the events newly stored (applied or superseded), in batch order.
     pub fresh: Vec<Hlc>,
+    /// Events set aside in the quarantine (new ones and ones already there).
+    pub quarantined: Vec<Rejected>,
 }
 
 /// What one drain of the capture queue did.
@@ -517,5 +519,64 @@ impl ResolveChoice {
             ResolveChoice::KeepRemote => "keep_remote",
             ResolveChoice::Merged(_) => "merged",
         }
+    }
+}
+
+/// Why an event from a peer was quarantined instead of applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectKind {
+    /// Malformed: ids, operation, JSON, values not matching the record.
+    Invalid,
+    /// A table this node does not replicate.
+    UnknownTable,
+    /// The sending peer may not send events of this origin.
+    NotAllowed,
+    /// A timestamp so far ahead that no clock drift explains it.
+    FarFuture,
+    /// The table refused the values (a constraint or type the row breaks).
+    Refused,
+}
+
+impl RejectKind {
+    /// The gRPC status code name reported for it.
+    pub const fn code(self) -> &'static str {
+        match self {
+            RejectKind::Invalid => "INVALID_ARGUMENT",
+            RejectKind::UnknownTable => "NOT_FOUND",
+            RejectKind::NotAllowed => "PERMISSION_DENIED",
+            RejectKind::FarFuture => "OUT_OF_RANGE",
+            RejectKind::Refused => "FAILED_PRECONDITION",
+        }
+    }
+}
+
+/// An event from a peer set aside in `tidemark_quarantine`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// The event id as received (possibly malformed).
+    pub event_id: String,
+    pub kind: RejectKind,
+    pub reason: String,
+    /// The event as received, as JSON.
+    pub event: Value,
+}
+
+impl ChangeEvent {
+    /// The event as JSON, for the quarantine.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "event_id": self.event_id.to_string(),
+            "hlc": self.hlc.encode(),
+            "wall_ms": self.wall_ms,
+            "node_id": self.node_id.to_string(),
+            "table_name": self.table_name,
+            "record_id": self.record_id.to_string(),
+            "operation": self.operation.as_str(),
+            "action": self.action,
+            "user_id": self.user_id.map(|u| u.to_string()),
+            "old_values": self.old_values,
+            "new_values": self.new_values,
+            "metadata": self.metadata,
+        })
     }
 }

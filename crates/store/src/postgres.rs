@@ -22,8 +22,8 @@ use crate::backend::{Backend, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, TableInfo, Values, Version,
-    VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, TableInfo, Values,
+    Version, VersionVector,
 };
 use crate::rows::{
     CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST,
@@ -720,6 +720,41 @@ impl Backend for PostgresBackend {
         .execute(&mut **tx)
         .await?;
         Ok(res.rows_affected())
+    }
+
+    async fn quarantine(
+        &self,
+        tx: &mut Self::Tx,
+        peer: Option<Ulid>,
+        rows: &[Rejected],
+    ) -> Result<()> {
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO tidemark_quarantine (quarantine_id, event_id, peer_id, code, reason, event) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(Ulid::generate().to_string())
+            .bind(crate::model::truncate(&r.event_id))
+            .bind(peer.map(|p| p.to_string()))
+            .bind(r.kind.code())
+            .bind(&r.reason)
+            .bind(Json(&r.event))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn savepoint(&self, tx: &mut Self::Tx, op: crate::backend::SavepointOp) -> Result<()> {
+        sqlx::query(op.sql()).execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    async fn count_quarantined(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_quarantine")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
     }
 
     async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {

@@ -2,6 +2,7 @@ DROP FUNCTION tidemark_refuse_truncate() CASCADE;
 DROP FUNCTION tidemark_capture() CASCADE;
 DROP FUNCTION tidemark_capture_lock() CASCADE;
 DROP TABLE tidemark_capture_queue;
+DROP TABLE tidemark_quarantine;
 DROP TABLE tidemark_peer_progress;
 DROP TABLE tidemark_conflicts;
 DROP TABLE tidemark_record_versions;

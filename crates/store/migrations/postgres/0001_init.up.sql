@@ -84,6 +84,16 @@ CREATE TABLE tidemark_conflicts (
 CREATE INDEX idx_conflicts_status ON tidemark_conflicts(status, table_name);
 CREATE INDEX idx_conflicts_record ON tidemark_conflicts(table_name, record_id);
 
+CREATE TABLE tidemark_quarantine (
+    quarantine_id CHAR(26) PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    peer_id TEXT,
+    code VARCHAR(32) NOT NULL,
+    reason TEXT NOT NULL,
+    event JSONB NOT NULL,
+    received_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+
 CREATE TABLE tidemark_peer_progress (
     peer_id CHAR(26) NOT NULL,
     origin_id CHAR(26) NOT NULL,

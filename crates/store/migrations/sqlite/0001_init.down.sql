@@ -1,5 +1,6 @@
 DROP TABLE tidemark_capture_guard;
 DROP TABLE tidemark_capture_queue;
+DROP TABLE tidemark_quarantine;
 DROP TABLE tidemark_peer_progress;
 DROP TABLE tidemark_conflicts;
 DROP TABLE tidemark_record_versions;

@@ -98,6 +98,19 @@ CREATE TABLE tidemark_conflicts (
 CREATE INDEX idx_conflicts_status ON tidemark_conflicts(status, table_name);
 CREATE INDEX idx_conflicts_record ON tidemark_conflicts(table_name, record_id);
 
+-- Events from peers that could not be applied (malformed, unknown table or
+-- column, values the table refuses, a timestamp far beyond any drift): kept
+-- here, as received, for an operator; the stream goes on without them.
+CREATE TABLE tidemark_quarantine (
+    quarantine_id TEXT PRIMARY KEY CHECK (length(quarantine_id) = 26),
+    event_id TEXT NOT NULL UNIQUE,  -- as received (may be malformed)
+    peer_id TEXT,
+    code TEXT NOT NULL,             -- gRPC status code name
+    reason TEXT NOT NULL,
+    event TEXT NOT NULL,            -- JSON of the event as received
+    received_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
 -- Per peer and origin: the highest hlc the peer acknowledged as durably applied.
 CREATE TABLE tidemark_peer_progress (
     peer_id TEXT NOT NULL CHECK (length(peer_id) = 26),
