@@ -711,7 +711,10 @@ async fn bad_remote_events_are_quarantined(db: TestDb) {
         }
     }
     // The same bad event again stays a single quarantine entry.
-    let again = store.apply_remote(std::slice::from_ref(&good)).await.expect("again");
+    let again = store
+        .apply_remote(std::slice::from_ref(&good))
+        .await
+        .expect("again");
     assert_eq!(again.duplicates, 1);
 
     let stored = all_events(&store).await.len();

@@ -129,6 +129,16 @@ fn describe() {
         Unit::Count,
         "Direct writes captured and not yet stamped."
     );
+    describe_gauge!(
+        "tidemark_quarantined_events",
+        Unit::Count,
+        "Events from peers set aside in the quarantine."
+    );
+    describe_counter!(
+        "tidemark_events_quarantined_total",
+        Unit::Count,
+        "Events from a peer quarantined, by gRPC code."
+    );
 }
 
 #[derive(Clone)]

@@ -1153,6 +1153,9 @@ impl<B: Backend> Engine<B> {
 
     /// Records a peer's acknowledged vector.
     pub async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
+        // Every write of the daemon goes through the writer lock: on SQLite two
+        // writers would otherwise meet in the busy handler, which sleeps.
+        let _w = self.writer.lock().await;
         self.backend.record_ack(peer, vector).await
     }
 
@@ -1179,6 +1182,7 @@ impl<B: Backend> Engine<B> {
             });
         }
         let mut marked = 0;
+        let _w = self.writer.lock().await;
         for (origin, upto) in floor.unwrap_or_default().0 {
             marked += self.backend.mark_synced(origin, upto).await?;
         }
