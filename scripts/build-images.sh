@@ -9,6 +9,9 @@
 #                                 built on the host with cargo
 #   3. tidemark/tidemark:latest   FROM scratch + that binary (./Dockerfile)
 #   4. tidemark/postgres:15       FROM tidemark/debian:bookworm (docker/postgres/)
+#   5. config/compose/certs/      the cluster CA and node/ops certificates for
+#                                 mutual TLS (scripts/compose-certs.sh; keeps
+#                                 the ones that exist)
 #
 # Then `docker-compose up -d` needs no build and no pull.
 #
@@ -134,6 +137,11 @@ step "image $TIDEMARK_IMAGE (FROM scratch)"
 # --- 4. postgres image ----------------------------------------------------------
 step "image $POSTGRES_IMAGE (FROM $DEBIAN_IMAGE)"
 "$DOCKER" build -t "$POSTGRES_IMAGE" --build-arg "BASE=$DEBIAN_IMAGE" "$ROOT/docker/postgres"
+
+# --- 5. certificates for mutual TLS ----------------------------------------------
+step "certificates for mutual TLS (scripts/compose-certs.sh)"
+TIDEMARK_BIN="$ROOT/docker/dist/tidemark" "$ROOT/scripts/compose-certs.sh" ||
+    die "scripts/compose-certs.sh failed"
 
 step "done"
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' |

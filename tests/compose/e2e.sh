@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end test of the docker-compose deployment (docker-compose.yml).
 #
-# Brings the three-node cluster (node-a, node-b on SQLite; node-c on PostgreSQL)
-# up under a unique compose project with free host ports, writes through the
+# Brings the three-node cluster (node-a, node-b on SQLite; node-c on PostgreSQL;
+# mutual TLS between them, certificates from scripts/compose-certs.sh) up under
+# a unique compose project with free host ports, checks that the gRPC ports
+# refuse clients without a certificate from the cluster CA (none, plaintext, or
+# one from another CA) and serve the ops certificate (Admin status shows the
+# mesh connected over https://), writes through the
 # write API on every node, directly into node-a's SQLite file (host sqlite3 as
 # uid 10001) and into PostgreSQL (psql via docker exec), then stops node-c and
 # cuts node-a off the compose network while writes go on (including a
@@ -14,6 +18,9 @@
 #
 # Run as root (the SQLite write goes straight into the Docker volume):
 #   tests/compose/e2e.sh
+# Every host-side `tidemark records`/`tidemark admin` call presents
+# config/compose/certs/ops.pem (the script runs scripts/compose-certs.sh, which
+# keeps existing certificates).
 # Environment:
 #   SKIP_BUILD=1      do not run scripts/build-images.sh (images must exist)
 #   TIDEMARK_BIN      the host tidemark binary (default: docker/dist/tidemark)
@@ -32,6 +39,10 @@ TIMEOUT="${E2E_TIMEOUT:-120}"
 PROJECT="tmcompose$(date +%s)$$"
 BIN="${TIDEMARK_BIN:-$ROOT/docker/dist/tidemark}"
 NODES=(node-a node-b node-c)
+CERTS="$ROOT/config/compose/certs"
+# The ops client certificate, for every host-side records/admin call.
+TLS_ARGS=(--ca-file "$CERTS/ca.pem" --cert-file "$CERTS/ops.pem" --key-file "$CERTS/ops.key")
+FOREIGN=""  # a throwaway CA and client certificate (not the cluster's)
 RESULT=fail
 STARTED=0
 T0=$SECONDS
@@ -52,6 +63,7 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    [ -z "$FOREIGN" ] || rm -rf "$FOREIGN"
     if [ "$STARTED" = 1 ]; then
         if [ "$RESULT" != pass ]; then
             log "failure: state and last log lines of project $PROJECT"
@@ -94,6 +106,14 @@ for image in "${TIDEMARK_IMAGE:-tidemark/tidemark:latest}" "${TIDEMARK_POSTGRES_
 done
 [ -x "$BIN" ] || fail "host binary $BIN is missing (scripts/build-images.sh stages it; or set TIDEMARK_BIN)"
 
+# Certificates for mutual TLS (scripts/build-images.sh made them already unless
+# SKIP_BUILD=1; existing ones are kept either way).
+TIDEMARK_BIN="$BIN" "$ROOT/scripts/compose-certs.sh" >/dev/null || fail "scripts/compose-certs.sh failed"
+for f in ca.pem ops.pem ops.key node-a.pem node-a.key node-b.pem node-b.key node-c.pem node-c.key; do
+    [ -s "$CERTS/$f" ] || fail "$CERTS/$f is missing"
+done
+[ "$(stat -c %a "$CERTS")" = 700 ] || fail "$CERTS should be mode 0700, is $(stat -c %a "$CERTS")"
+
 # Six free loopback ports, so the test never collides with a running cluster.
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 declare -A TAKEN=()
@@ -135,7 +155,19 @@ wait_for() {
 
 healthy() { [ "$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$(cid "$1")")" = healthy ]; }
 
-api() { "$BIN" records --addr "http://127.0.0.1:${GRPC[$1]}" "${@:2}"; }
+# The write API and Admin of NODE, over mutual TLS with the ops certificate.
+api() { "$BIN" records --addr "https://127.0.0.1:${GRPC[$1]}" "${TLS_ARGS[@]}" "${@:2}"; }
+admin() { "$BIN" admin --addr "https://127.0.0.1:${GRPC[$1]}" "${TLS_ARGS[@]}" "${@:2}"; }
+
+# refused DESCRIPTION COMMAND...: COMMAND must exit non-zero (within 30 s).
+refused() {
+    local what=$1 out rc=0
+    shift
+    out=$(timeout 30 "$@" 2>&1) || rc=$?
+    [ "$rc" != 0 ] || fail "$what was accepted: $out"
+    [ "$rc" != 124 ] || fail "$what hung (no answer within 30s) instead of being refused"
+    log "refused as expected: $what (exit $rc: $(head -n 1 <<<"$out" | cut -c1-160))"
+}
 
 metrics() { curl -fsS --max-time 3 "http://127.0.0.1:${METRICS[$1]}/metrics"; }
 
@@ -240,6 +272,49 @@ for n in "${NODES[@]}"; do
     wait_for "$n to connect to both peers" peers_connected "$n"
 done
 log "full mesh connected"
+
+# ---------------------------------------------------------------- mutual TLS
+log "mutual TLS: Admin status over https:// with the ops certificate"
+for n in "${NODES[@]}"; do
+    st=$(admin "$n" --json status) || fail "tidemark admin status on $n (ops certificate) failed"
+    jq -e --arg name "$n" '.name == $name and (.peers | length) == 2 and
+        all(.peers[]; .connected and (.address | startswith("https://")))' <<<"$st" >/dev/null ||
+        fail "$n: Admin status does not show two connected https:// peers: $(jq -c '{name, peers: [.peers[] | {address, connected, last_error}]}' <<<"$st")"
+done
+log "every node reports both peers connected over https://"
+
+FOREIGN=$(mktemp -d /tmp/tidemark-e2e-foreign.XXXXXX)
+"$BIN" cert ca --dir "$FOREIGN" >/dev/null && "$BIN" cert node --dir "$FOREIGN" --name intruder --node-id "$(new_id)" >/dev/null ||
+    fail "cannot make the foreign CA"
+probe_id=$(new_id)
+for n in "${NODES[@]}"; do
+    url="https://127.0.0.1:${GRPC[$n]}"
+    refused "$n: records get without a client certificate" \
+        "$BIN" records --addr "$url" get notes "$probe_id"
+    refused "$n: admin status without a client certificate" \
+        "$BIN" admin --addr "$url" status
+    refused "$n: records get in plaintext (http://)" \
+        "$BIN" records --addr "http://127.0.0.1:${GRPC[$n]}" get notes "$probe_id"
+    refused "$n: records put with a client certificate from another CA" \
+        "$BIN" records --addr "$url" --ca-file "$CERTS/ca.pem" --cert-file "$FOREIGN/intruder.pem" \
+        --key-file "$FOREIGN/intruder.key" put notes "$probe_id" '{"title":"intruder"}'
+    # The TLS layer itself: the server must demand a client certificate (curl
+    # trusts the cluster CA, so only the missing client certificate can fail it).
+    refused "$n: TLS handshake without a client certificate (curl)" \
+        curl -sS --max-time 10 --http2 --cacert "$CERTS/ca.pem" -o /dev/null "$url/"
+    curl -sS --max-time 10 --http2 --cacert "$CERTS/ca.pem" --cert "$CERTS/ops.pem" --key "$CERTS/ops.key" \
+        -o /dev/null "$url/" || fail "$n: TLS handshake with the ops certificate (curl) failed"
+done
+probe=$(api node-a get notes "$probe_id" 2>&1) || true
+[ "$(jq -r .found <<<"$probe" 2>/dev/null)" = false ] ||
+    fail "the put with another CA's certificate should not exist: $probe"
+# The refusals happened on the servers' side too (README: "the node logs why").
+for n in "${NODES[@]}"; do
+    reasons=$(dc logs --no-color "$n" 2>/dev/null | grep -F 'tls accept error' | sed -n 's/.*error=//p' | sort | uniq -c | awk '{ $1 = $1 "x"; print }' | paste -sd ';' -)
+    [ -n "$reasons" ] || fail "$n logged no 'tls accept error' for the refused clients"
+    log "$n logged tls accept errors: $reasons"
+done
+log "the gRPC ports accept only certificates from the cluster CA"
 
 NET=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$(cid node-a)")
 VOL_A=$(docker inspect -f '{{range .Mounts}}{{if eq .Destination "/data"}}{{.Name}}{{end}}{{end}}' "$(cid node-a)")
