@@ -1235,6 +1235,59 @@ async fn policy_switch_moves_conflicts(db: TestDb) {
     store.close().await;
 }
 
+async fn one_batch_with_policy_and_concurrent_versions(db: TestDb) {
+    // A policy change and two concurrent versions arrive in the same batch: the
+    // conflict follows the new policy and keeps both versions' values.
+    let other = match db.kind() {
+        "sqlite" => TestDb::sqlite(),
+        _ => TestDb::postgres(),
+    };
+    let source = with_notes(&other, Ulid::generate()).await;
+    let policy = source
+        .set_policy("notes", ConflictPolicy::Manual)
+        .await
+        .expect("manual");
+    let store = with_notes(&db, Ulid::generate()).await;
+    let (p1, p2) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
+    let r = id(11);
+    let x = causal_event(p1, hlc_at(-2_000, 0), r, "x", &[]);
+    let y = causal_event(p2, hlc_at(-1_000, 0), r, "y", &[]);
+    let out = store
+        .apply_remote(&[policy, x.clone(), y.clone()])
+        .await
+        .expect("batch");
+    assert_eq!(out.conflicts, 1);
+    let c = store
+        .conflict(x.event_id)
+        .await
+        .expect("c")
+        .expect("conflict");
+    assert_eq!(
+        c.status,
+        ConflictStatus::Open,
+        "the policy of the same batch applies"
+    );
+    assert_eq!(
+        c.loser.values.as_ref().expect("loser values")["title"],
+        json!("x")
+    );
+    assert_eq!(
+        c.winner.values.as_ref().expect("winner values")["title"],
+        json!("y")
+    );
+    // Keeping the loser restores its values (not a delete).
+    store
+        .resolve_conflict(c.conflict_id, ResolveChoice::KeepRemote, "alice", None)
+        .await
+        .expect("resolve");
+    assert_eq!(
+        store.get("notes", r).await.expect("get").expect("row")["title"],
+        json!("x")
+    );
+    source.close().await;
+    store.close().await;
+}
+
 // ---------------------------------------------------------------------------------
 
 macro_rules! suite {
@@ -1277,6 +1330,7 @@ suite!(
     manual_conflicts_open_and_resolve,
     out_of_order_causal_chain_opens_no_conflict,
     policy_switch_moves_conflicts,
+    one_batch_with_policy_and_concurrent_versions,
 );
 
 #[tokio::test]

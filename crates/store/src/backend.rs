@@ -97,6 +97,7 @@ pub trait Backend: Send + Sync + 'static {
 
     fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
+    fn rollback(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
 
     /// Oldest captured direct writes, in commit order (by `seq`).
     fn take_captures(

@@ -270,10 +270,11 @@ impl<B: Backend> Engine<B> {
             // changes only through set_policy, which replicates.
             conflict_policy: existing.as_ref().map_or(policy, |t| t.conflict_policy),
         };
-        {
-            let _w = self.writer.lock().await;
-            self.backend.register(&info, existing.is_none()).await?;
-        }
+        // Held across the reload, so no drain meets captures of a table it does
+        // not know yet, and two registrations cannot both snapshot the rows.
+        let _w = self.writer.lock().await;
+        let existing = self.table(name).ok();
+        self.backend.register(&info, existing.is_none()).await?;
         self.reload_tables().await?;
         Ok(info)
     }
@@ -928,20 +929,23 @@ impl<B: Backend> Engine<B> {
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> Result<ApplyOutcome> {
         let mut accepted = Vec::with_capacity(events.len());
-        let mut last_per_origin: BTreeMap<Ulid, Hlc> = BTreeMap::new();
+        let mut last_per_origin: BTreeMap<Ulid, (Hlc, Ulid)> = BTreeMap::new();
         let now_ms = self.clock.wall_ms();
         for event in events {
-            let last = last_per_origin.entry(event.node_id).or_insert(Hlc::ZERO);
-            if event.hlc < *last {
+            let last = last_per_origin
+                .entry(event.node_id)
+                .or_insert((Hlc::ZERO, event.event_id));
+            // Strictly increasing per origin (the same event twice is a duplicate).
+            if event.hlc < last.0 || (event.hlc == last.0 && event.event_id != last.1) {
                 return Err(StoreError::invalid(
                     format!("event {} hlc", event.event_id),
                     format!(
                         "events of origin {} out of order: {} after {}",
-                        event.node_id, event.hlc, last
+                        event.node_id, event.hlc, last.0
                     ),
                 ));
             }
-            *last = event.hlc;
+            *last = (event.hlc, event.event_id);
             let reject = |kind, reason: String| Rejected {
                 event_id: event.event_id.to_string(),
                 kind,
@@ -993,7 +997,7 @@ impl<B: Backend> Engine<B> {
             // A row the table refused: start over, one savepoint per event, and
             // quarantine the refused ones.
             Err(StoreError::RowRefused { .. }) => {
-                drop(tx);
+                self.backend.rollback(tx).await?;
                 tx = self.backend.begin().await?;
                 self.apply_in(&mut tx, &accepted, true).await?
             }
@@ -1034,6 +1038,7 @@ impl<B: Backend> Engine<B> {
         let mut cache = VersionCache::new();
         let mut fresh = Vec::new();
         let mut vector = VersionVector::new();
+        let mut overrides: HashMap<String, ConflictPolicy> = HashMap::new();
         for (event, table) in accepted {
             if !seen.insert(event.event_id) {
                 outcome.duplicates += 1;
@@ -1043,8 +1048,20 @@ impl<B: Backend> Engine<B> {
             if careful {
                 self.backend.savepoint(tx, SavepointOp::Set).await?;
             }
-            match self.apply_one(tx, event, table, &mut cache).await {
+            // A policy change earlier in this batch applies to the rest of it.
+            let table = match overrides.get(&table.table_name) {
+                Some(policy) => Arc::new(TableInfo {
+                    conflict_policy: *policy,
+                    ..(**table).clone()
+                }),
+                None => table.clone(),
+            };
+            let policy_change = (table.table_name == REGISTRY_TABLE)
+                .then(|| event.new_values.as_ref().and_then(parse_registry_values))
+                .flatten();
+            match self.apply_one(tx, event, &table, &mut cache).await {
                 Ok(res) => {
+                    let policy_change = policy_change.filter(|_| res.incoming_wins);
                     if careful {
                         self.backend.savepoint(tx, SavepointOp::Release).await?;
                     }
@@ -1059,6 +1076,9 @@ impl<B: Backend> Engine<B> {
                     vector.observe(event.node_id, event.hlc);
                     outcome.fresh.push(event.hlc);
                     fresh.push((*event).clone());
+                    if let Some((name, policy)) = policy_change {
+                        overrides.insert(name, policy);
+                    }
                 }
                 Err(StoreError::RowRefused { reason, .. }) if careful => {
                     self.backend.savepoint(tx, SavepointOp::RollbackTo).await?;
@@ -1075,7 +1095,6 @@ impl<B: Backend> Engine<B> {
             }
         }
         if !fresh.is_empty() {
-            self.backend.insert_events(tx, &fresh).await?;
             self.backend.raise_vector(tx, &vector).await?;
         }
         Ok(outcome)
@@ -1091,6 +1110,11 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Resolution> {
         self.clock.observe(event.hlc)?;
         let res = self.settle(tx, table, event, cache).await?;
+        // Stored at once, so a later event of the same batch that conflicts with
+        // it finds its values.
+        self.backend
+            .insert_events(tx, std::slice::from_ref(event))
+            .await?;
         if !res.incoming_wins {
             return Ok(res);
         }

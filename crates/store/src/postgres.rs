@@ -217,7 +217,7 @@ impl Backend for PostgresBackend {
 
     async fn inspect_table(&self, name: &Ident) -> Result<Option<TableShape>> {
         let rel: Option<(String,)> = sqlx::query_as(
-            "SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
+            "SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1) AND c.relkind = 'r'",
         )
         .bind(name.quoted())
         .fetch_optional(&self.pool)
@@ -392,6 +392,11 @@ impl Backend for PostgresBackend {
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> Result<()> {
+        tx.rollback().await?;
         Ok(())
     }
 

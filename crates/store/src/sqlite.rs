@@ -426,6 +426,11 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn rollback(&self, tx: Self::Tx) -> Result<()> {
+        tx.rollback().await?;
+        Ok(())
+    }
+
     async fn take_captures(&self, tx: &mut Self::Tx, limit: u32) -> Result<Vec<Capture>> {
         let rows: Vec<CaptureRow> = sqlx::query_as(
             "SELECT seq, table_name, record_id, operation, old_values, new_values \
