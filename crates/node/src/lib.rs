@@ -9,6 +9,7 @@
 //! store.
 
 pub mod admin;
+pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -37,6 +37,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure replication throughput, lag, catch-up and memory on this machine.
+    Bench(tidemark::bench::BenchArgs),
     /// Operate a running node: status, conflicts, policies, record history.
     Admin(tidemark::cli::AdminArgs),
     /// Write and read records through a node's write API (JSON output).
@@ -144,6 +146,10 @@ fn main() -> ExitCode {
         Command::Demo { dir } => {
             init_logging("error", false);
             runtime.block_on(tidemark::demo::run(dir))
+        }
+        Command::Bench(args) => {
+            init_logging("error", false);
+            runtime.block_on(tidemark::bench::run(args))
         }
         Command::Admin(args) => runtime.block_on(tidemark::cli::run(args)),
         Command::Records(args) => match runtime.block_on(tidemark::cli::records(args)) {

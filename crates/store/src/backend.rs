@@ -40,6 +40,15 @@ impl SavepointOp {
     }
 }
 
+/// One row to write with [`Backend::upsert_rows`].
+#[derive(Debug, Clone)]
+pub struct RowWrite {
+    pub id: Ulid,
+    pub values: Values,
+    pub hlc: Hlc,
+    pub node_id: Ulid,
+}
+
 /// What a backend found when inspecting a table before registering it.
 #[derive(Debug, Clone)]
 pub struct TableShape {
@@ -149,6 +158,65 @@ pub trait Backend: Send + Sync + 'static {
         table: &TableInfo,
         id: Ulid,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Writes many versions of one table's records (each id once). Backends
+    /// override it with one statement; the default writes them one by one.
+    fn put_versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        versions: &[(Ulid, Version)],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for (id, v) in versions {
+                self.put_version(tx, table, *id, v).await?;
+            }
+            Ok(())
+        }
+    }
+    /// [`Backend::upsert_row`] for many rows of one table, in order, all with the
+    /// same columns (an id may repeat: the later row wins, as if written in turn).
+    fn upsert_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        rows: &[RowWrite],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for r in rows {
+                self.upsert_row(tx, table, r.id, &r.values, r.hlc, r.node_id)
+                    .await?;
+            }
+            Ok(())
+        }
+    }
+    /// [`Backend::delete_row`] for many rows of one table.
+    fn delete_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        ids: &[Ulid],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for id in ids {
+                self.delete_row(tx, table, *id).await?;
+            }
+            Ok(())
+        }
+    }
+    /// [`Backend::stamp_row`] for many rows of one table (each id once).
+    fn stamp_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        stamps: &[(Ulid, Hlc, Ulid)],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for (id, hlc, node_id) in stamps {
+                self.stamp_row(tx, table, *id, *hlc, *node_id).await?;
+            }
+            Ok(())
+        }
+    }
     /// Sets only `hlc_modified`/`node_id` of a row (after a captured direct write).
     fn stamp_row(
         &self,

@@ -10,7 +10,7 @@ use tidemark_hlc::{Clock, Hlc};
 use tokio::sync::{Mutex, watch};
 use ulid::Ulid;
 
-use crate::backend::{Backend, SavepointOp};
+use crate::backend::{Backend, RowWrite, SavepointOp};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
@@ -32,8 +32,94 @@ const DRAIN_CHUNK: u32 = 512;
 /// The registry as a replicated pseudo-table: a policy change is an event on it.
 pub const REGISTRY_TABLE: &str = "tidemark_datatypes";
 
-/// Versions read in one transaction, kept current as events settle.
-type VersionCache = HashMap<(String, Ulid), Option<Version>>;
+/// Record versions read in one transaction, kept current as events settle; and,
+/// for bulk work (a received batch, a drained chunk of captures), the writes held
+/// back to be issued as one statement per table by [`Engine::flush`].
+#[derive(Debug, Clone, Default)]
+struct VersionCache {
+    versions: HashMap<(String, Ulid), Option<Version>>,
+    /// `None`: every write goes to the database at once.
+    pending: Option<Pending>,
+}
+
+impl VersionCache {
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn buffered() -> Self {
+        VersionCache {
+            pending: Some(Pending::default()),
+            ..Self::default()
+        }
+    }
+
+    fn get(&self, key: &(String, Ulid)) -> Option<&Option<Version>> {
+        self.versions.get(key)
+    }
+
+    fn insert(&mut self, key: (String, Ulid), version: Option<Version>) {
+        self.versions.insert(key, version);
+    }
+}
+
+/// Writes held back in a buffered [`VersionCache`]. The database sees them, in
+/// order, before anything reads what they touch: [`Engine::flush`] runs before
+/// conflict bookkeeping (which reads stored events), before a policy change, and
+/// at the end of the batch.
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    /// The latest version of each record written.
+    versions: BTreeMap<(String, Ulid), Version>,
+    events: Vec<ChangeEvent>,
+    rows: Vec<RowOp>,
+}
+
+#[derive(Debug, Clone)]
+enum RowOp {
+    Upsert {
+        table: Arc<TableInfo>,
+        event_id: Ulid,
+        row: RowWrite,
+    },
+    Delete {
+        table: Arc<TableInfo>,
+        event_id: Ulid,
+        id: Ulid,
+    },
+    Stamp {
+        table: Arc<TableInfo>,
+        id: Ulid,
+        hlc: Hlc,
+        node_id: Ulid,
+    },
+}
+
+impl RowOp {
+    fn table(&self) -> &Arc<TableInfo> {
+        match self {
+            RowOp::Upsert { table, .. }
+            | RowOp::Delete { table, .. }
+            | RowOp::Stamp { table, .. } => table,
+        }
+    }
+
+    /// Whether `other` can go in the same statement as `self`.
+    fn joins(&self, other: &RowOp) -> bool {
+        if self.table().table_name != other.table().table_name {
+            return false;
+        }
+        match (self, other) {
+            (RowOp::Upsert { row: a, .. }, RowOp::Upsert { row: b, .. }) => {
+                a.values.len() == b.values.len()
+                    && a.values.keys().all(|k| b.values.contains_key(k))
+            }
+            (RowOp::Delete { .. }, RowOp::Delete { .. }) => true,
+            (RowOp::Stamp { .. }, RowOp::Stamp { .. }) => true,
+            _ => false,
+        }
+    }
+}
 
 /// The registry's id for a table: derived from the name, so every node agrees.
 pub fn datatype_id(table: &str) -> Ulid {
@@ -370,7 +456,12 @@ impl<B: Backend> Engine<B> {
                 break;
             }
             let seqs: Vec<i64> = captures.iter().map(|c| c.seq).collect();
-            let mut cache = VersionCache::new();
+            let mut cache = VersionCache::buffered();
+            let records = captures.iter().filter_map(|c| {
+                let id = Ulid::from_string(&c.record_id).ok()?;
+                Some((c.table_name.clone(), id))
+            });
+            self.prefetch(tx, &mut cache, records).await?;
             let mut events = Vec::with_capacity(captures.len());
             for capture in captures {
                 match self.stamp_capture(tx, capture, &mut cache).await? {
@@ -378,6 +469,7 @@ impl<B: Backend> Engine<B> {
                     None => outcome.unchanged += 1,
                 }
             }
+            self.flush(tx, &mut cache).await?;
             if !events.is_empty() {
                 let mut own = VersionVector::new();
                 for e in &events {
@@ -441,9 +533,19 @@ impl<B: Backend> Engine<B> {
         );
         self.settle(tx, &table, &event, cache).await?;
         if capture.operation != Operation::Delete {
-            self.backend
-                .stamp_row(tx, &table, record_id, event.hlc, self.node_id)
-                .await?;
+            match cache.pending.as_mut() {
+                Some(p) => p.rows.push(RowOp::Stamp {
+                    table: table.clone(),
+                    id: record_id,
+                    hlc: event.hlc,
+                    node_id: self.node_id,
+                }),
+                None => {
+                    self.backend
+                        .stamp_row(tx, &table, record_id, event.hlc, self.node_id)
+                        .await?
+                }
+            }
         }
         Ok(Some(event))
     }
@@ -483,15 +585,29 @@ impl<B: Backend> Engine<B> {
             .await?;
         let res = resolve(local.as_ref(), &event.member()?);
         if local.as_ref() != Some(&res.next) {
-            self.backend
-                .put_version(tx, &table.table_name, event.record_id, &res.next)
-                .await?;
+            match cache.pending.as_mut() {
+                Some(p) => {
+                    p.versions.insert(
+                        (table.table_name.clone(), event.record_id),
+                        res.next.clone(),
+                    );
+                }
+                None => {
+                    self.backend
+                        .put_version(tx, &table.table_name, event.record_id, &res.next)
+                        .await?
+                }
+            }
         }
         cache.insert(
             (table.table_name.clone(), event.record_id),
             Some(res.next.clone()),
         );
-        if table.table_name != REGISTRY_TABLE {
+        let touches_conflicts =
+            !res.superseded.is_empty() || res.causality == Causality::Concurrent;
+        if table.table_name != REGISTRY_TABLE && touches_conflicts {
+            // Conflict bookkeeping reads the stored events of the frontier.
+            self.flush(tx, cache).await?;
             self.track_conflicts(tx, table, event, &res).await?;
         }
         Ok(res)
@@ -1035,7 +1151,17 @@ impl<B: Backend> Engine<B> {
         };
         let ids: Vec<Ulid> = accepted.iter().map(|(e, _)| e.event_id).collect();
         let mut seen = self.backend.existing_events(tx, &ids).await?;
-        let mut cache = VersionCache::new();
+        // A careful pass writes through, so a savepoint covers each event's writes.
+        let mut cache = if careful {
+            VersionCache::new()
+        } else {
+            VersionCache::buffered()
+        };
+        let records = accepted
+            .iter()
+            .filter(|(e, _)| !seen.contains(&e.event_id))
+            .map(|(e, t)| (t.table_name.clone(), e.record_id));
+        self.prefetch(tx, &mut cache, records).await?;
         let mut fresh = Vec::new();
         let mut vector = VersionVector::new();
         let mut overrides: HashMap<String, ConflictPolicy> = HashMap::new();
@@ -1094,6 +1220,7 @@ impl<B: Backend> Engine<B> {
                 Err(e) => return Err(e),
             }
         }
+        self.flush(tx, &mut cache).await?;
         if !fresh.is_empty() {
             self.backend.raise_vector(tx, &vector).await?;
         }
@@ -1105,20 +1232,49 @@ impl<B: Backend> Engine<B> {
         &self,
         tx: &mut B::Tx,
         event: &ChangeEvent,
-        table: &TableInfo,
+        table: &Arc<TableInfo>,
         cache: &mut VersionCache,
     ) -> Result<Resolution> {
         self.clock.observe(event.hlc)?;
         let res = self.settle(tx, table, event, cache).await?;
-        // Stored at once, so a later event of the same batch that conflicts with
-        // it finds its values.
-        self.backend
-            .insert_events(tx, std::slice::from_ref(event))
-            .await?;
+        // Stored before a later event of the same batch settles (a buffered cache
+        // flushes before conflict bookkeeping), so one that conflicts with it
+        // finds its values.
+        match cache.pending.as_mut() {
+            Some(p) => p.events.push(event.clone()),
+            None => {
+                self.backend
+                    .insert_events(tx, std::slice::from_ref(event))
+                    .await?
+            }
+        }
         if !res.incoming_wins {
             return Ok(res);
         }
+        if let Some(p) = cache.pending.as_mut()
+            && table.table_name != REGISTRY_TABLE
+        {
+            p.rows.push(match &event.new_values {
+                Some(values) => RowOp::Upsert {
+                    table: table.clone(),
+                    event_id: event.event_id,
+                    row: RowWrite {
+                        id: event.record_id,
+                        values: values.clone(),
+                        hlc: event.hlc,
+                        node_id: event.node_id,
+                    },
+                },
+                None => RowOp::Delete {
+                    table: table.clone(),
+                    event_id: event.event_id,
+                    id: event.record_id,
+                },
+            });
+            return Ok(res);
+        }
         if table.table_name == REGISTRY_TABLE {
+            self.flush(tx, cache).await?;
             let (name, policy) = event
                 .new_values
                 .as_ref()
@@ -1145,6 +1301,122 @@ impl<B: Backend> Engine<B> {
                     .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
             }),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the versions of these records into `cache` (one query per table).
+    async fn prefetch(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        records: impl Iterator<Item = (String, Ulid)>,
+    ) -> Result<()> {
+        let mut by_table: BTreeMap<String, Vec<Ulid>> = BTreeMap::new();
+        for (table, id) in records {
+            if cache.get(&(table.clone(), id)).is_none() {
+                by_table.entry(table).or_default().push(id);
+            }
+        }
+        for (table, mut ids) in by_table {
+            ids.sort_unstable();
+            ids.dedup();
+            let mut found = self.backend.versions(tx, &table, &ids).await?;
+            for id in ids {
+                let version = found.remove(&id);
+                cache.insert((table.clone(), id), version);
+            }
+        }
+        Ok(())
+    }
+
+    /// Issues the writes a buffered `cache` holds back: rows in order (one
+    /// statement per run of one table and kind), then versions, then events.
+    async fn flush(&self, tx: &mut B::Tx, cache: &mut VersionCache) -> Result<()> {
+        let Some(pending) = cache.pending.as_mut().map(std::mem::take) else {
+            return Ok(());
+        };
+        let mut run: Vec<RowOp> = Vec::new();
+        for op in pending.rows {
+            if run.first().is_some_and(|first| !first.joins(&op)) {
+                self.write_rows(tx, std::mem::take(&mut run)).await?;
+            }
+            run.push(op);
+        }
+        if !run.is_empty() {
+            self.write_rows(tx, run).await?;
+        }
+        let mut by_table: BTreeMap<String, Vec<(Ulid, Version)>> = BTreeMap::new();
+        for ((table, id), version) in pending.versions {
+            by_table.entry(table).or_default().push((id, version));
+        }
+        for (table, versions) in by_table {
+            self.backend.put_versions(tx, &table, &versions).await?;
+        }
+        if !pending.events.is_empty() {
+            self.backend.insert_events(tx, &pending.events).await?;
+        }
+        Ok(())
+    }
+
+    /// One run of row writes that [`RowOp::joins`] put together.
+    async fn write_rows(&self, tx: &mut B::Tx, run: Vec<RowOp>) -> Result<()> {
+        let Some(first) = run.first() else {
+            return Ok(());
+        };
+        let table = first.table().clone();
+        let (written, event_id) = match first {
+            RowOp::Upsert { event_id, .. } => {
+                let event_id = *event_id;
+                let rows: Vec<RowWrite> = run
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        RowOp::Upsert { row, .. } => Some(row),
+                        _ => None,
+                    })
+                    .collect();
+                (self.backend.upsert_rows(tx, &table, &rows).await, event_id)
+            }
+            RowOp::Delete { event_id, .. } => {
+                let event_id = *event_id;
+                let ids: Vec<Ulid> = run
+                    .iter()
+                    .filter_map(|op| match op {
+                        RowOp::Delete { id, .. } => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                (self.backend.delete_rows(tx, &table, &ids).await, event_id)
+            }
+            RowOp::Stamp { .. } => {
+                // The last stamp of a record is the one that stays.
+                let mut last: HashMap<Ulid, usize> = HashMap::new();
+                let mut stamps: Vec<(Ulid, Hlc, Ulid)> = Vec::new();
+                for op in run {
+                    if let RowOp::Stamp {
+                        id, hlc, node_id, ..
+                    } = op
+                    {
+                        match last.get(&id) {
+                            Some(&i) => stamps[i] = (id, hlc, node_id),
+                            None => {
+                                last.insert(id, stamps.len());
+                                stamps.push((id, hlc, node_id));
+                            }
+                        }
+                    }
+                }
+                return self.backend.stamp_rows(tx, &table, &stamps).await;
+            }
+        };
+        match written {
+            Err(StoreError::Db(e)) if refused_by_table(&e) => Err(StoreError::RowRefused {
+                table: table.table_name.clone(),
+                event_id,
+                reason: e
+                    .as_database_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+            }),
+            other => other,
         }
     }
 

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use tidemark_hlc::Clock;
 use ulid::Ulid;
 
-pub use backend::Backend;
+pub use backend::{Backend, RowWrite};
 pub use engine::{Engine, STAMP_COLUMNS};
 pub use error::{Result, StoreError};
 pub use model::{

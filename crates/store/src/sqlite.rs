@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -16,7 +16,14 @@ use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
-use crate::backend::{Backend, TableShape};
+/// Most rows one bulk statement carries.
+const BULK_CHUNK: usize = 1000;
+
+/// The SQL of the first SQLite migration (the whole schema), for tools that build
+/// a bare database of the same shape (the raw baseline of `tidemark bench`).
+pub const SCHEMA_SQL: &str = include_str!("../migrations/sqlite/0001_init.up.sql");
+
+use crate::backend::{Backend, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -606,6 +613,140 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn put_versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        versions: &[(Ulid, Version)],
+    ) -> Result<()> {
+        for chunk in versions.chunks(BULK_CHUNK) {
+            let rows: Vec<Value> = chunk
+                .iter()
+                .map(|(id, v)| {
+                    json!([
+                        id.to_string(),
+                        v.hlc.encode(),
+                        v.node_id.to_string(),
+                        v.event_id.to_string(),
+                        i64::from(v.deleted),
+                        v.vv.to_json().to_string(),
+                        v.frontier_json().to_string(),
+                    ])
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
+                 SELECT $1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
+                 FROM json_each($2) WHERE true ON CONFLICT (table_name, record_id) DO UPDATE SET \
+                 hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
+                 deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
+            )
+            .bind(table)
+            .bind(Value::Array(rows).to_string())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        rows: &[RowWrite],
+    ) -> Result<()> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let mut cols: Vec<&String> = table
+            .columns
+            .iter()
+            .filter(|c| first.values.contains_key(c.as_str()))
+            .collect();
+        if !cols.contains(&&table.primary_key) {
+            cols.insert(0, &table.primary_key);
+        }
+        let names: Vec<String> = cols.iter().map(|c| q(c)).collect();
+        let exprs: Vec<String> = cols
+            .iter()
+            .map(|c| format!("json_extract(value, '$.v.\"{c}\"')"))
+            .collect();
+        let updates: Vec<String> = cols
+            .iter()
+            .filter(|c| **c != &table.primary_key)
+            .map(|c| format!("{0} = excluded.{0}", q(c)))
+            .chain([
+                "node_id = excluded.node_id".to_owned(),
+                "hlc_modified = excluded.hlc_modified".to_owned(),
+            ])
+            .collect();
+        let sql = format!(
+            "INSERT INTO {t} ({names}, node_id, hlc_modified) SELECT {exprs}, value->>'n', value->>'h' \
+             FROM json_each($1) WHERE true ON CONFLICT ({pk}) DO UPDATE SET {updates}",
+            t = q(&table.table_name),
+            names = names.join(", "),
+            exprs = exprs.join(", "),
+            pk = q(&table.primary_key),
+            updates = updates.join(", "),
+        );
+        for chunk in rows.chunks(BULK_CHUNK) {
+            let items: Vec<Value> = chunk
+                .iter()
+                .map(|r| {
+                    let mut values = r.values.clone();
+                    values.insert(table.primary_key.clone(), Value::String(r.id.to_string()));
+                    json!({"v": values, "n": r.node_id.to_string(), "h": r.hlc.encode()})
+                })
+                .collect();
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(Value::Array(items).to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_rows(&self, tx: &mut Self::Tx, table: &TableInfo, ids: &[Ulid]) -> Result<()> {
+        let sql = format!(
+            "DELETE FROM {} WHERE {} IN (SELECT value FROM json_each($1))",
+            q(&table.table_name),
+            q(&table.primary_key)
+        );
+        for chunk in ids.chunks(BULK_CHUNK) {
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(ids_json(chunk))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn stamp_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        stamps: &[(Ulid, Hlc, Ulid)],
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE {t} SET node_id = s.n, hlc_modified = s.h \
+             FROM (SELECT value->>0 AS id, value->>1 AS h, value->>2 AS n FROM json_each($1)) AS s \
+             WHERE {t}.{pk} = s.id",
+            t = q(&table.table_name),
+            pk = q(&table.primary_key)
+        );
+        for chunk in stamps.chunks(BULK_CHUNK) {
+            let items: Vec<Value> = chunk
+                .iter()
+                .map(|(id, hlc, node)| json!([id.to_string(), hlc.encode(), node.to_string()]))
+                .collect();
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(Value::Array(items).to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn existing_events(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<HashSet<Ulid>> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT event_id FROM change_events WHERE event_id IN (SELECT value FROM json_each($1))",
@@ -622,25 +763,37 @@ impl Backend for SqliteBackend {
     }
 
     async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
-        for e in events {
+        // One statement per chunk over a JSON array. JSON-valued columns travel as
+        // strings, so the stored text is exactly what the row-by-row form stores.
+        let text = |v: Option<&Values>| v.map(|v| Value::Object(v.clone()).to_string());
+        for chunk in events.chunks(BULK_CHUNK) {
+            let rows: Vec<Value> = chunk
+                .iter()
+                .map(|e| {
+                    json!([
+                        e.event_id.to_string(),
+                        e.hlc.encode(),
+                        e.wall_ms,
+                        e.node_id.to_string(),
+                        e.table_name,
+                        e.record_id.to_string(),
+                        e.operation.as_str(),
+                        e.action,
+                        e.user_id.map(|u| u.to_string()),
+                        text(e.old_values.as_ref()),
+                        text(e.new_values.as_ref()),
+                        e.metadata.as_ref().map(Value::to_string),
+                    ])
+                })
+                .collect();
             sqlx::query(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata) \
-                 VALUES ($1, $2, strftime('%Y-%m-%dT%H:%M:%fZ', $3 / 1000.0, 'unixepoch'), $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (event_id) DO NOTHING",
+                 SELECT value->>0, value->>1, strftime('%Y-%m-%dT%H:%M:%fZ', (value->>2) / 1000.0, 'unixepoch'), \
+                 value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11 \
+                 FROM json_each($1) WHERE true ON CONFLICT (event_id) DO NOTHING",
             )
-            .bind(e.event_id.to_string())
-            .bind(e.hlc.encode())
-            .bind(e.wall_ms)
-            .bind(e.node_id.to_string())
-            .bind(&e.table_name)
-            .bind(e.record_id.to_string())
-            .bind(e.operation.as_str())
-            .bind(e.action.as_deref())
-            .bind(e.user_id.map(|u| u.to_string()))
-            .bind(e.old_values.as_ref().map(Json))
-            .bind(e.new_values.as_ref().map(Json))
-            .bind(e.metadata.as_ref().map(Json))
+            .bind(Value::Array(rows).to_string())
             .execute(&mut **tx)
             .await?;
         }
