@@ -96,6 +96,9 @@ impl Reader {
                     .await
                     .expect("open postgres for checks"),
             ),
+            TestDb::Memory { .. } => {
+                panic!("daemons run on SQL databases; the memory backend has no daemon")
+            }
         }
     }
 

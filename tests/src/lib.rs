@@ -1,11 +1,15 @@
-//! Test support for Tidemark's black-box tests: databases on both backends (a
-//! throwaway PostgreSQL cluster, SQLite files in temp dirs) and their real command
-//! line clients (`psql`, `sqlite3`).
+//! Test support for Tidemark's black-box tests: databases on every backend (a
+//! throwaway PostgreSQL cluster, SQLite files in temp dirs, the in-memory backend)
+//! and the SQL backends' real command line clients (`psql`, `sqlite3`).
 
 pub mod daemon;
 pub mod pg;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use tidemark_hlc::Clock;
+use tidemark_store::{MemoryBackend, Store, StoreUrl};
 
 pub use pg::{PgCluster, psql, sqlite3};
 
@@ -18,6 +22,10 @@ pub enum TestDb {
     },
     Postgres {
         url: String,
+    },
+    /// The in-memory backend: no SQL, tables declared programmatically.
+    Memory {
+        db: MemoryBackend,
     },
 }
 
@@ -34,18 +42,55 @@ impl TestDb {
         }
     }
 
+    pub fn memory() -> TestDb {
+        TestDb::Memory {
+            db: MemoryBackend::new(),
+        }
+    }
+
+    /// Another fresh database of the same kind.
+    pub fn another(&self) -> TestDb {
+        match self {
+            TestDb::Sqlite { .. } => TestDb::sqlite(),
+            TestDb::Postgres { .. } => TestDb::postgres(),
+            TestDb::Memory { .. } => TestDb::memory(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             TestDb::Sqlite { .. } => "sqlite",
             TestDb::Postgres { .. } => "postgres",
+            TestDb::Memory { .. } => "memory",
         }
     }
 
-    /// The store URL of this database.
+    /// The in-memory database, for the memory kind.
+    pub fn memory_db(&self) -> Option<&MemoryBackend> {
+        match self {
+            TestDb::Memory { db } => Some(db),
+            _ => None,
+        }
+    }
+
+    /// The store URL of this database. Panics for the memory kind, which has none
+    /// (use [`TestDb::open`]).
     pub fn url(&self) -> String {
         match self {
             TestDb::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
             TestDb::Postgres { url } => url.clone(),
+            TestDb::Memory { .. } => panic!("the memory backend has no URL"),
+        }
+    }
+
+    /// Opens a store on this database (again after a close: a restart).
+    pub async fn open(&self, clock: Arc<Clock>) -> tidemark_store::Result<Store> {
+        match self {
+            TestDb::Memory { db } => Store::open_memory(db.clone(), clock, None).await,
+            _ => {
+                let url: StoreUrl = self.url().parse()?;
+                Store::open(&url, clock).await
+            }
         }
     }
 
@@ -55,6 +100,9 @@ impl TestDb {
         match self {
             TestDb::Sqlite { path, .. } => sqlite3(path, sql),
             TestDb::Postgres { url } => psql(url, sql),
+            TestDb::Memory { .. } => Err(format!(
+                "the memory backend has no SQL client (asked to run {sql:?})"
+            )),
         }
     }
 
@@ -67,7 +115,7 @@ impl TestDb {
     /// The SQL type of a ULID key column on this backend.
     pub fn ulid_type(&self) -> &'static str {
         match self {
-            TestDb::Sqlite { .. } => "TEXT",
+            TestDb::Sqlite { .. } | TestDb::Memory { .. } => "TEXT",
             TestDb::Postgres { .. } => "CHAR(26)",
         }
     }

@@ -222,6 +222,49 @@ fn manual_clock() -> uhlc::NTP64 {
     to_ntp(manual::get())
 }
 
+/// A wall clock supplied by the caller: any function returning ms since the Unix
+/// epoch. Each [`Clock`] built with [`Clock::with_source`] reads its own source, so
+/// many clocks on one thread (hosts of a network simulation) can each follow a
+/// simulated time, with their own skew.
+#[derive(Clone)]
+pub struct WallSource(std::sync::Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl WallSource {
+    pub fn new(read_ms: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        WallSource(std::sync::Arc::new(read_ms))
+    }
+
+    /// The current reading, clamped into the encodable range.
+    pub fn read_ms(&self) -> i64 {
+        (self.0)().clamp(0, MAX_WALL_MS)
+    }
+}
+
+impl fmt::Debug for WallSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WallSource(..)")
+    }
+}
+
+// uhlc takes its wall clock as a plain fn pointer. For a [`WallSource`], the clock
+// reads the source into this thread-local right before each uhlc call, and the fn
+// pointer handed to uhlc returns it: uhlc reads its clock synchronously inside
+// that call, on the same thread.
+thread_local! {
+    static SOURCE_NOW_MS: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+fn source_clock() -> uhlc::NTP64 {
+    to_ntp(SOURCE_NOW_MS.with(std::cell::Cell::get))
+}
+
+/// What a [`Clock`] reads: one of the [`WallClock`] kinds or a caller's source.
+#[derive(Debug, Clone)]
+enum Wall {
+    Kind(WallClock),
+    Source(WallSource),
+}
+
 /// The smallest [`Duration`] that uhlc converts into at least `units` NTP64 units.
 /// One nanosecond is about 4.3 units, so an exact preimage may not exist; the drift
 /// bound itself is checked exactly by [`Clock::check_drift`] before uhlc sees a
@@ -240,7 +283,7 @@ pub struct Clock {
     inner: uhlc::HLC,
     node_id: Ulid,
     max_drift_ms: u64,
-    wall: WallClock,
+    wall: Wall,
 }
 
 impl fmt::Debug for Clock {
@@ -261,13 +304,28 @@ impl Clock {
     /// A clock for node `node_id` that refuses remote timestamps more than
     /// `max_drift_ms` ahead of `wall`.
     pub fn new(node_id: Ulid, max_drift_ms: u64, wall: WallClock) -> Result<Clock, ClockError> {
+        Clock::build(node_id, max_drift_ms, Wall::Kind(wall))
+    }
+
+    /// A clock reading its wall time from `source` (for deterministic simulation:
+    /// e.g. a simulated time plus a per-node skew).
+    pub fn with_source(
+        node_id: Ulid,
+        max_drift_ms: u64,
+        source: WallSource,
+    ) -> Result<Clock, ClockError> {
+        Clock::build(node_id, max_drift_ms, Wall::Source(source))
+    }
+
+    fn build(node_id: Ulid, max_drift_ms: u64, wall: Wall) -> Result<Clock, ClockError> {
         let id_bits = NonZeroU128::new(node_id.0).ok_or(ClockError::NilNodeId(node_id))?;
         if max_drift_ms > MAX_WALL_MS as u64 {
             return Err(ClockError::DriftTooLarge(max_drift_ms));
         }
         let clock_fn: fn() -> uhlc::NTP64 = match wall {
-            WallClock::System => system_clock,
-            WallClock::Manual => manual_clock,
+            Wall::Kind(WallClock::System) => system_clock,
+            Wall::Kind(WallClock::Manual) => manual_clock,
+            Wall::Source(_) => source_clock,
         };
         let inner = uhlc::HLCBuilder::new()
             .with_id(uhlc::ID::from(id_bits))
@@ -294,16 +352,27 @@ impl Clock {
 
     /// The current wall-clock reading in ms since the Unix epoch.
     pub fn wall_ms(&self) -> i64 {
-        match self.wall {
-            WallClock::System => system_wall_ms(),
-            WallClock::Manual => manual::get(),
+        match &self.wall {
+            Wall::Kind(WallClock::System) => system_wall_ms(),
+            Wall::Kind(WallClock::Manual) => manual::get(),
+            Wall::Source(s) => s.read_ms(),
         }
+    }
+
+    /// Runs a uhlc call; for a [`WallSource`], first makes its reading the one the
+    /// uhlc clock function returns.
+    fn with_wall<T>(&self, f: impl FnOnce(&uhlc::HLC) -> T) -> T {
+        if let Wall::Source(s) = &self.wall {
+            let ms = s.read_ms();
+            SOURCE_NOW_MS.with(|c| c.set(ms));
+        }
+        f(&self.inner)
     }
 
     /// A new timestamp for a local write: greater than every timestamp this clock
     /// issued or observed before.
     pub fn now(&self) -> Hlc {
-        let ts = self.inner.new_timestamp();
+        let ts = self.with_wall(uhlc::HLC::new_timestamp);
         // uhlc only ever produces values from our clock (< 2^63) plus increments;
         // reaching i64::MAX would take 2^16 increments per ms for millennia.
         Hlc(i64::try_from(ts.get_time().0).unwrap_or(i64::MAX))
@@ -315,15 +384,16 @@ impl Clock {
     pub fn observe(&self, remote: Hlc) -> Result<(), ClockError> {
         self.check_drift(remote)?;
         let ts = uhlc::Timestamp::new(uhlc::NTP64(remote.0 as u64), *self.inner.get_id());
-        self.inner.update_with_timestamp(&ts).map_err(|_| {
-            let local_wall_ms = self.wall_ms();
-            ClockError::DriftExceeded {
-                remote,
-                local_wall_ms,
-                ahead_ms: remote.wall_ms() - local_wall_ms,
-                max_drift_ms: self.max_drift_ms,
-            }
-        })
+        self.with_wall(|h| h.update_with_timestamp(&ts))
+            .map_err(|_| {
+                let local_wall_ms = self.wall_ms();
+                ClockError::DriftExceeded {
+                    remote,
+                    local_wall_ms,
+                    ahead_ms: remote.wall_ms() - local_wall_ms,
+                    max_drift_ms: self.max_drift_ms,
+                }
+            })
     }
 
     /// Whether `remote` would be refused by [`Clock::observe`] right now.
@@ -417,6 +487,39 @@ mod tests {
             "display is not the parse form"
         );
         assert_eq!(h.encode().to_string().parse::<Hlc>().expect("parse"), h);
+    }
+
+    #[test]
+    fn clocks_with_sources_follow_their_own_wall_on_one_thread() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicI64;
+        let sim = Arc::new(AtomicI64::new(1_000_000));
+        let source = |skew: i64| {
+            let sim = sim.clone();
+            WallSource::new(move || sim.load(AtomicOrdering::Relaxed) + skew)
+        };
+        let a = Clock::with_source(Ulid::from_parts(1, 1), 500, source(0)).expect("a");
+        let b = Clock::with_source(Ulid::from_parts(1, 2), 500, source(250)).expect("b");
+        assert_eq!(a.wall_ms(), 1_000_000);
+        assert_eq!(b.wall_ms(), 1_000_250);
+        assert_eq!(a.now().wall_ms(), 1_000_000);
+        assert_eq!(b.now().wall_ms(), 1_000_250);
+        // The same wall reading again: the counter moves, the wall part stays.
+        let (a1, a2) = (a.now(), a.now());
+        assert!(a2 > a1 && a2.wall_ms() == 1_000_000);
+        sim.store(1_000_100, AtomicOrdering::Relaxed);
+        assert_eq!(a.now().wall_ms(), 1_000_100);
+        // b's readings stay ahead by its skew; a observes one and moves past it.
+        let hb = b.now();
+        assert_eq!(hb.wall_ms(), 1_000_350);
+        a.observe(hb).expect("within drift");
+        assert!(a.now() > hb);
+        // Drift is checked against the source: 600 ms ahead of a's wall is refused.
+        let far = Hlc::at_wall_ms(1_000_700).expect("hlc");
+        assert!(matches!(
+            a.observe(far),
+            Err(ClockError::DriftExceeded { .. })
+        ));
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!   the handshake, applies each batch in one transaction, acks after commit;
 //! * [`sender::Sender`]: one session per configured peer: streams what the peer's
 //!   version vector lacks, bounded by unacked batches, reconnecting with backoff;
+//!   its connections can go through a [`Connector`] and its jitter be seeded, and
+//!   the receiver served from any incoming stream, so the whole replicator runs
+//!   unchanged under deterministic network simulation;
 //! * [`status`]: the one mapping from errors to `tonic::Status`.
 //!
 //! This crate holds no SQL; everything durable goes through `tidemark_store::Store`.
@@ -30,7 +33,7 @@ pub mod pb {
 use ulid::Ulid;
 
 pub use receiver::ReceiverService;
-pub use sender::{PeerState, Sender};
+pub use sender::{Connector, PeerIo, PeerState, Sender};
 pub use tls::PeerTls;
 
 /// The replication wire protocol version this build speaks.

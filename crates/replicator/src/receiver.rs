@@ -72,6 +72,33 @@ impl ReceiverService {
         }
     }
 
+    /// Serves only this service on the connections `incoming` yields (TCP, or
+    /// any byte streams, e.g. a simulated network) until `shutdown`, with the
+    /// daemon's HTTP/2 keepalives. The daemon serves it next to its other services
+    /// on its own router instead.
+    pub async fn serve_incoming<I, IO, IE>(
+        self,
+        incoming: I,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(self.into_server())
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+    }
+
     /// The tonic server for this service, with message size limits set.
     pub fn into_server(self) -> pb::replication_server::ReplicationServer<Self> {
         let max = self.inner.opts.max_message_bytes;

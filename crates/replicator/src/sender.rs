@@ -10,17 +10,22 @@
 //! peer's vector, so nothing is lost and nothing is applied twice.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
 use prost::Message;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tidemark_store::{Store, StoreError, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{Instrument, debug, info, info_span, warn};
 use ulid::Ulid;
 
@@ -68,6 +73,52 @@ pub struct PeerState {
     pub last_error: Option<String>,
 }
 
+/// A byte stream to a peer, as a [`Connector`] opens it.
+pub trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> PeerIo for T {}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn PeerIo>>> + Send>>;
+
+/// Opens the byte stream under a peer's gRPC channel, in place of TCP: e.g. a
+/// simulated network. HTTP/2 (and TLS, when configured) run on top of it as usual.
+#[derive(Clone)]
+pub struct Connector(Arc<dyn Fn(Uri) -> ConnectFuture + Send + Sync>);
+
+impl Connector {
+    pub fn new<F, Fut, Io>(connect: F) -> Self
+    where
+        F: Fn(Uri) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<Io>> + Send + 'static,
+        Io: PeerIo,
+    {
+        Connector(Arc::new(move |uri| {
+            let fut = connect(uri);
+            Box::pin(async move { fut.await.map(|io| Box::new(io) as Box<dyn PeerIo>) })
+        }))
+    }
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector(..)")
+    }
+}
+
+impl tonic::codegen::Service<Uri> for Connector {
+    type Response = TokioIo<Box<dyn PeerIo>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let fut = (self.0)(uri);
+        Box::pin(async move { fut.await.map(TokioIo::new) })
+    }
+}
+
 /// Runs the sessions to every peer of this node.
 #[derive(Debug, Clone)]
 pub struct Sender {
@@ -85,6 +136,10 @@ struct SenderInner {
     tls: Option<crate::PeerTls>,
     /// Signalled after every recorded ack; wakes the synced_at marker.
     acks: tokio::sync::Notify,
+    /// Opens peer connections instead of TCP (network simulation).
+    connector: Option<Connector>,
+    /// Seeds the reconnect jitter per peer (deterministic runs); entropy otherwise.
+    jitter_seed: Option<u64>,
 }
 
 impl Sender {
@@ -105,8 +160,29 @@ impl Sender {
                 states: Default::default(),
                 tls,
                 acks: tokio::sync::Notify::new(),
+                connector: None,
+                jitter_seed: None,
             }),
         }
+    }
+
+    /// Connects to peers through `connector` instead of TCP. Call before any
+    /// session runs.
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.connector = Some(connector);
+        }
+        self
+    }
+
+    /// Draws the reconnect jitter from a generator seeded with `seed` (and the
+    /// peer's id) instead of entropy, so a simulated run replays. Call before any
+    /// session runs.
+    pub fn with_jitter_seed(mut self, seed: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.jitter_seed = Some(seed);
+        }
+        self
     }
 
     /// A snapshot of every peer session's state.
@@ -162,6 +238,10 @@ impl Sender {
                 Duration::from_millis(self.inner.opts.reconnect_initial_ms),
                 Duration::from_millis(self.inner.opts.reconnect_max_ms),
             );
+            if let Some(seed) = self.inner.jitter_seed {
+                let id = peer.node_id.0;
+                backoff = backoff.with_seed(seed ^ (id as u64) ^ ((id >> 64) as u64));
+            }
             let mut failures = 0u32;
             loop {
                 let result = self.inner.session(&peer, &cancel, &mut backoff).await;
@@ -234,13 +314,14 @@ impl SenderInner {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
-        endpoint
-            .connect()
-            .await
-            .map_err(|source| SessionError::Connect {
-                address: peer.address.clone(),
-                source,
-            })
+        match &self.connector {
+            Some(connector) => endpoint.connect_with_connector(connector.clone()).await,
+            None => endpoint.connect().await,
+        }
+        .map_err(|source| SessionError::Connect {
+            address: peer.address.clone(),
+            source,
+        })
     }
 
     /// Records an ack (the peer's vector) and wakes the synced_at marker.
@@ -428,6 +509,9 @@ pub struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
+    /// Seeded jitter (deterministic runs); the thread's entropy-seeded generator
+    /// when `None`.
+    rng: Option<StdRng>,
 }
 
 impl Backoff {
@@ -437,7 +521,14 @@ impl Backoff {
             initial,
             max: max.max(initial),
             current: initial,
+            rng: None,
         }
+    }
+
+    /// Draws the jitter from a generator seeded with `seed`.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = Some(StdRng::seed_from_u64(seed));
+        self
     }
 
     pub fn reset(&mut self) {
@@ -448,7 +539,11 @@ impl Backoff {
         let d = self.current;
         self.current = (self.current * 2).min(self.max);
         let half = d / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
+        let jitter = match &mut self.rng {
+            Some(rng) => rng.random_range(Duration::ZERO..=half),
+            None => rand::rng().random_range(Duration::ZERO..=half),
+        };
+        half + jitter
     }
 }
 
@@ -471,5 +566,16 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn seeded_backoff_replays() {
+        let delays = |seed| {
+            let mut b =
+                Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).with_seed(seed);
+            (0..8).map(|_| b.next_delay()).collect::<Vec<_>>()
+        };
+        assert_eq!(delays(7), delays(7));
+        assert_ne!(delays(7), delays(8));
     }
 }

@@ -62,7 +62,7 @@ pub struct TableShape {
 pub trait Backend: Send + Sync + 'static {
     type Tx: Send;
 
-    /// `"sqlite"` or `"postgres"`.
+    /// `"sqlite"`, `"postgres"` or `"memory"`.
     fn kind(&self) -> &'static str;
 
     // ---- schema -------------------------------------------------------------

@@ -166,11 +166,16 @@ fn parse_registry_values(v: &Values) -> Option<(String, ConflictPolicy)> {
     Some((name, policy))
 }
 
+/// Where new event ids come from: [`Ulid::generate`] unless a deterministic
+/// source is set with [`Engine::with_ids`] (network simulation).
+pub type IdSource = Arc<dyn Fn() -> Ulid + Send + Sync>;
+
 /// A store over one backend.
 pub struct Engine<B: Backend> {
     backend: B,
     node_id: Ulid,
     clock: Arc<Clock>,
+    ids: IdSource,
     tables: RwLock<HashMap<String, Arc<TableInfo>>>,
     /// Serialises the daemon's write transactions, so this node's events enter the
     /// log in HLC order per origin (the invariant version vectors rely on).
@@ -209,6 +214,7 @@ impl<B: Backend> Engine<B> {
             backend,
             node_id,
             clock,
+            ids: Arc::new(Ulid::generate),
             tables: RwLock::new(HashMap::new()),
             writer: Mutex::new(()),
             commits: watch::Sender::new(0),
@@ -217,6 +223,12 @@ impl<B: Backend> Engine<B> {
         engine.clock.seed(persisted)?;
         engine.reload_tables().await?;
         Ok(engine)
+    }
+
+    /// Takes new event ids from `ids` instead of [`Ulid::generate`].
+    pub fn with_ids(mut self, ids: IdSource) -> Self {
+        self.ids = ids;
+        self
     }
 
     pub fn backend(&self) -> &B {
@@ -707,7 +719,7 @@ impl<B: Backend> Engine<B> {
             metadata["resolution"] = resolution;
         }
         ChangeEvent {
-            event_id: Ulid::generate(),
+            event_id: (self.ids)(),
             hlc,
             wall_ms: self.clock.wall_ms(),
             node_id: self.node_id,
@@ -1300,6 +1312,11 @@ impl<B: Backend> Engine<B> {
                     .as_database_error()
                     .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
             }),
+            Err(StoreError::Constraint { reason, .. }) => Err(StoreError::RowRefused {
+                table: table.table_name.clone(),
+                event_id: event.event_id,
+                reason,
+            }),
             Err(e) => Err(e),
         }
     }
@@ -1415,6 +1432,11 @@ impl<B: Backend> Engine<B> {
                 reason: e
                     .as_database_error()
                     .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+            }),
+            Err(StoreError::Constraint { reason, .. }) => Err(StoreError::RowRefused {
+                table: table.table_name.clone(),
+                event_id,
+                reason,
             }),
             other => other,
         }

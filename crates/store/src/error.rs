@@ -83,6 +83,11 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// A backend without SQL (the in-memory one) refused a row: a constraint of
+    /// the table, named like the SQL databases name it.
+    #[error("table {table} refused the row: {reason}")]
+    Constraint { table: String, reason: String },
+
     /// Any other database error.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),

@@ -4,7 +4,9 @@
 //!
 //! Main types:
 //! * [`Store`], the one handle the daemon uses, over SQLite ([`sqlite`]) or
-//!   PostgreSQL ([`postgres`]), chosen by URL at start;
+//!   PostgreSQL ([`postgres`]), chosen by URL at start, or over the in-memory
+//!   backend ([`memory`]), which has the same semantics without SQL and lets the
+//!   replicator run under deterministic network simulation (`tests/tests/simulation.rs`);
 //! * [`Engine`], the algorithms, written once over the [`Backend`] primitives each
 //!   backend implements;
 //! * [`rules`], the pure replication rules (winner by `(hlc, node_id, event_id)`,
@@ -25,6 +27,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod ident;
+pub mod memory;
 pub mod model;
 pub mod postgres;
 mod rows;
@@ -37,8 +40,9 @@ use tidemark_hlc::Clock;
 use ulid::Ulid;
 
 pub use backend::{Backend, RowWrite};
-pub use engine::{Engine, STAMP_COLUMNS};
+pub use engine::{Engine, IdSource, STAMP_COLUMNS};
 pub use error::{Result, StoreError};
+pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
     ConflictStatus, DrainOutcome, Member, Operation, RejectKind, Rejected, ResolveChoice,
@@ -101,6 +105,7 @@ impl CaptureWaiter {
 pub enum Store {
     Sqlite(Arc<Engine<SqliteBackend>>),
     Postgres(Arc<Engine<PostgresBackend>>),
+    Memory(Arc<Engine<MemoryBackend>>),
 }
 
 macro_rules! dispatch {
@@ -108,6 +113,7 @@ macro_rules! dispatch {
         match $self {
             Store::Sqlite($e) => $body,
             Store::Postgres($e) => $body,
+            Store::Memory($e) => $body,
         }
     };
 }
@@ -126,7 +132,21 @@ impl Store {
         })
     }
 
-    /// `"sqlite"` or `"postgres"`.
+    /// Opens a store over an in-memory database (see [`memory`]); `ids`, when
+    /// given, replaces [`Ulid::generate`] for new event ids (deterministic runs).
+    pub async fn open_memory(
+        backend: MemoryBackend,
+        clock: Arc<Clock>,
+        ids: Option<IdSource>,
+    ) -> Result<Store> {
+        let mut engine = Engine::open(backend, clock).await?;
+        if let Some(ids) = ids {
+            engine = engine.with_ids(ids);
+        }
+        Ok(Store::Memory(Arc::new(engine)))
+    }
+
+    /// `"sqlite"`, `"postgres"` or `"memory"`.
     pub fn kind(&self) -> &'static str {
         dispatch!(self, e => e.backend().kind())
     }
@@ -273,7 +293,7 @@ impl Store {
     /// `poll` as a fallback), or polling every `poll` on SQLite.
     pub async fn capture_waiter(&self, poll: std::time::Duration) -> Result<CaptureWaiter> {
         let listener = match self {
-            Store::Sqlite(_) => None,
+            Store::Sqlite(_) | Store::Memory(_) => None,
             Store::Postgres(e) => {
                 let mut l = sqlx::postgres::PgListener::connect_with(e.backend().pool()).await?;
                 l.listen(postgres::CAPTURE_CHANNEL).await?;

@@ -1,0 +1,1036 @@
+//! In-memory backend: the whole database is a set of ordered maps behind one async
+//! mutex, with the same observable semantics as the SQLite backend, so the
+//! replicator can run under deterministic network simulation (every host on one
+//! thread, no database threads, no file IO, iteration in key order).
+//!
+//! * A daemon write transaction holds the mutex for its whole life and mutates
+//!   the state in place, recording an undo log: rollback (explicit, or by
+//!   dropping the transaction, as a crashed process would) undoes it, savepoints
+//!   are marks in the log. Readers outside the transaction wait for its end, so
+//!   they only ever see committed state.
+//! * User tables are declared programmatically ([`MemoryBackend::create_table`])
+//!   with their columns, primary key, `NOT NULL` and defaults; values are kept as
+//!   JSON, as given (dynamic typing, like SQLite). A row breaking `NOT NULL` is
+//!   refused with [`StoreError::Constraint`].
+//! * There is no direct-SQL access, so nothing is ever captured: rows only change
+//!   through the daemon, and [`Backend::take_captures`] returns nothing.
+//! * The backend is a cheap handle: clones share one database, so a "restarted"
+//!   node opens a new engine over a clone and finds everything committed before.
+//!
+//! Timestamps it writes itself (`synced_at`, `detected_at`, `resolved_at`) come
+//! from the wall function given to [`MemoryBackend::with_wall`] (the system clock
+//! by default).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tidemark_hlc::Hlc;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use ulid::Ulid;
+
+use crate::backend::{Backend, SavepointOp, TableShape};
+use crate::error::{Result, StoreError};
+use crate::ident::Ident;
+use crate::model::{
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus, Rejected,
+    TableInfo, Values, Version, VersionVector,
+};
+
+/// One column of a table declared in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    /// The declared type, as `inspect_table` reports it (e.g. `TEXT`, `INTEGER`).
+    pub sql_type: String,
+    pub primary_key: bool,
+    pub not_null: bool,
+    /// Value of the column when a new row does not give one (NULL when `None`).
+    pub default: Option<Value>,
+}
+
+impl Column {
+    pub fn new(name: &str, sql_type: &str) -> Column {
+        Column {
+            name: name.to_owned(),
+            sql_type: sql_type.to_owned(),
+            primary_key: false,
+            not_null: false,
+            default: None,
+        }
+    }
+
+    pub fn primary_key(mut self) -> Column {
+        self.primary_key = true;
+        self
+    }
+
+    pub fn not_null(mut self) -> Column {
+        self.not_null = true;
+        self
+    }
+
+    pub fn default(mut self, value: Value) -> Column {
+        self.default = Some(value);
+        self
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Table {
+    columns: Vec<Column>,
+    /// Rows by primary key text; every column present (stamps included).
+    rows: BTreeMap<String, Values>,
+}
+
+#[derive(Debug, Clone)]
+struct StoredEvent {
+    event: ChangeEvent,
+    synced_at: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    migrated: bool,
+    meta: BTreeMap<String, String>,
+    tables: BTreeMap<String, Table>,
+    /// `tidemark_datatypes`, by table name.
+    registry: BTreeMap<String, TableInfo>,
+    /// `change_events`, by event id.
+    events: BTreeMap<Ulid, StoredEvent>,
+    /// `(origin, hlc, event_id)` of every event: streaming per origin in HLC order.
+    by_origin: BTreeSet<(Ulid, Hlc, Ulid)>,
+    /// `tidemark_nodes.max_hlc`.
+    nodes: BTreeMap<Ulid, Hlc>,
+    versions: BTreeMap<(String, Ulid), Version>,
+    conflicts: BTreeMap<Ulid, Conflict>,
+    /// By event id as received.
+    quarantine: BTreeMap<String, Rejected>,
+    /// `(peer, origin)` -> acknowledged HLC.
+    progress: BTreeMap<(Ulid, Ulid), Hlc>,
+}
+
+type Undo = Box<dyn FnOnce(&mut State) + Send>;
+type WallFn = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The in-memory database; clones share it.
+#[derive(Clone)]
+pub struct MemoryBackend {
+    state: Arc<Mutex<State>>,
+    wall_ms: WallFn,
+}
+
+impl std::fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend").finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend::new()
+    }
+}
+
+/// A daemon write transaction on the in-memory database.
+pub struct MemoryTx {
+    state: OwnedMutexGuard<State>,
+    /// Inverse of every change made so far, in order.
+    undo: Vec<Undo>,
+    /// Undo-log lengths at each open savepoint.
+    marks: Vec<usize>,
+}
+
+impl std::fmt::Debug for MemoryTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTx")
+            .field("changes", &self.undo.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for MemoryTx {
+    /// A transaction dropped without commit (an error, or a crashed task) rolls back.
+    fn drop(&mut self) {
+        self.undo_to(0);
+    }
+}
+
+impl MemoryTx {
+    fn undo_to(&mut self, len: usize) {
+        while self.undo.len() > len {
+            if let Some(f) = self.undo.pop() {
+                f(&mut self.state);
+            }
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) `key` in the map `field` selects,
+    /// recording the inverse; returns the previous value.
+    fn set<K, V>(
+        &mut self,
+        field: fn(&mut State) -> &mut BTreeMap<K, V>,
+        key: K,
+        value: Option<V>,
+    ) -> Option<V>
+    where
+        K: Ord + Clone + Send + 'static,
+        V: Clone + Send + 'static,
+    {
+        let map = field(&mut self.state);
+        let old = match value {
+            Some(v) => map.insert(key.clone(), v),
+            None => map.remove(&key),
+        };
+        let restore = old.clone();
+        self.undo.push(Box::new(move |s| {
+            let map = field(s);
+            match restore {
+                Some(v) => map.insert(key, v),
+                None => map.remove(&key),
+            };
+        }));
+        old
+    }
+
+    /// Sets or removes a row of a user table, recording the inverse.
+    fn set_row(&mut self, table: &str, pk: String, row: Option<Values>) -> Result<()> {
+        let t = self
+            .state
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| StoreError::corrupt(table, "the table no longer exists"))?;
+        let old = match row {
+            Some(r) => t.rows.insert(pk.clone(), r),
+            None => t.rows.remove(&pk),
+        };
+        let name = table.to_owned();
+        self.undo.push(Box::new(move |s| {
+            if let Some(t) = s.tables.get_mut(&name) {
+                match old {
+                    Some(r) => t.rows.insert(pk, r),
+                    None => t.rows.remove(&pk),
+                };
+            }
+        }));
+        Ok(())
+    }
+
+    fn add_origin_entry(&mut self, entry: (Ulid, Hlc, Ulid)) {
+        if self.state.by_origin.insert(entry) {
+            self.undo.push(Box::new(move |s| {
+                s.by_origin.remove(&entry);
+            }));
+        }
+    }
+}
+
+fn events_field(s: &mut State) -> &mut BTreeMap<Ulid, StoredEvent> {
+    &mut s.events
+}
+fn nodes_field(s: &mut State) -> &mut BTreeMap<Ulid, Hlc> {
+    &mut s.nodes
+}
+fn versions_field(s: &mut State) -> &mut BTreeMap<(String, Ulid), Version> {
+    &mut s.versions
+}
+fn conflicts_field(s: &mut State) -> &mut BTreeMap<Ulid, Conflict> {
+    &mut s.conflicts
+}
+fn quarantine_field(s: &mut State) -> &mut BTreeMap<String, Rejected> {
+    &mut s.quarantine
+}
+fn registry_field(s: &mut State) -> &mut BTreeMap<String, TableInfo> {
+    &mut s.registry
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms (the SQL backends' format).
+fn iso8601(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn is_canonical_ulid(text: &str) -> bool {
+    Ulid::from_string(text).is_ok_and(|u| u.to_string() == text)
+}
+
+/// The replicated columns of a stored row (`TableInfo::columns`), as the SQL
+/// backends' `json_object` over them returns it.
+fn project(info: &TableInfo, row: &Values) -> Values {
+    info.columns
+        .iter()
+        .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
+impl MemoryBackend {
+    /// An empty database whose own timestamps follow the system clock.
+    pub fn new() -> Self {
+        MemoryBackend::with_wall(tidemark_hlc::system_wall_ms)
+    }
+
+    /// An empty database whose own timestamps (`synced_at`, conflict times) read
+    /// `wall_ms` (ms since the Unix epoch).
+    pub fn with_wall(wall_ms: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        MemoryBackend {
+            state: Arc::new(Mutex::new(State::default())),
+            wall_ms: Arc::new(wall_ms),
+        }
+    }
+
+    fn now(&self) -> String {
+        iso8601((self.wall_ms)())
+    }
+
+    /// Declares a user table (`CREATE TABLE`). Fails, naming the problem, for a
+    /// name or column that is not a plain identifier, duplicate columns, or a
+    /// table that exists.
+    pub async fn create_table(&self, name: &str, columns: Vec<Column>) -> Result<()> {
+        Ident::parse("table name", name)?;
+        if columns.is_empty() {
+            return Err(StoreError::invalid(
+                format!("table {name}"),
+                "a table needs at least one column",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for c in &columns {
+            Ident::parse("column name", &c.name)?;
+            if !seen.insert(c.name.as_str()) {
+                return Err(StoreError::invalid(
+                    format!("table {name}"),
+                    format!("column {} is declared twice", c.name),
+                ));
+            }
+        }
+        let mut state = self.state.lock().await;
+        if state.tables.contains_key(name) {
+            return Err(StoreError::invalid(
+                format!("table {name}"),
+                "a table of that name already exists",
+            ));
+        }
+        state.tables.insert(
+            name.to_owned(),
+            Table {
+                columns,
+                rows: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Committed rows of a user table in primary-key order, every column included
+    /// (`node_id` and `hlc_modified` too); `None` for an unknown table.
+    pub async fn table_rows(&self, name: &str) -> Option<Vec<Values>> {
+        let state = self.state.lock().await;
+        state
+            .tables
+            .get(name)
+            .map(|t| t.rows.values().cloned().collect())
+    }
+
+    /// Events whose `synced_at` is set.
+    pub async fn count_synced(&self) -> u64 {
+        let state = self.state.lock().await;
+        state
+            .events
+            .values()
+            .filter(|e| e.synced_at.is_some())
+            .count() as u64
+    }
+
+    fn registered(state: &State, table: &TableInfo) -> Result<()> {
+        if state.tables.contains_key(&table.table_name) {
+            Ok(())
+        } else {
+            Err(StoreError::corrupt(
+                &table.table_name,
+                "registered table does not exist",
+            ))
+        }
+    }
+}
+
+fn conflict_matches(c: &Conflict, filter: &ConflictFilter) -> bool {
+    filter.table.as_ref().is_none_or(|t| *t == c.table_name)
+        && filter.status.is_none_or(|s| s == c.status)
+        && filter.after.is_none_or(|a| c.conflict_id > a)
+}
+
+impl Backend for MemoryBackend {
+    type Tx = MemoryTx;
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        self.state.lock().await.migrated = true;
+        Ok(())
+    }
+
+    async fn migrate_down(&self) -> Result<()> {
+        let mut s = self.state.lock().await;
+        let tables = std::mem::take(&mut s.tables);
+        *s = State {
+            tables,
+            ..State::default()
+        };
+        Ok(())
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<i64>> {
+        Ok(if self.state.lock().await.migrated {
+            vec![1]
+        } else {
+            Vec::new()
+        })
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.state.lock().await.meta.get(key).cloned())
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> Result<()> {
+        self.state
+            .lock()
+            .await
+            .meta
+            .insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    async fn inspect_table(&self, name: &Ident) -> Result<Option<TableShape>> {
+        let s = self.state.lock().await;
+        Ok(s.tables.get(name.as_str()).map(|t| TableShape {
+            name: name.clone(),
+            columns: t
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.sql_type.clone()))
+                .collect(),
+            primary_key: t
+                .columns
+                .iter()
+                .filter(|c| c.primary_key)
+                .map(|c| c.name.clone())
+                .collect(),
+        }))
+    }
+
+    async fn register(&self, info: &TableInfo, _first_time: bool) -> Result<()> {
+        // Rows only ever enter through the daemon, so there are none to snapshot
+        // at first registration (the SQL backends queue existing rows as captures).
+        let mut s = self.state.lock().await;
+        let table =
+            s.tables
+                .get_mut(&info.table_name)
+                .ok_or_else(|| StoreError::Unregistrable {
+                    table: info.table_name.clone(),
+                    reason: "no such table".into(),
+                })?;
+        if let Some(bad) = table.rows.keys().find(|k| !is_canonical_ulid(k)) {
+            return Err(StoreError::Unregistrable {
+                table: info.table_name.clone(),
+                reason: format!(
+                    "primary key {} holds {:?} which is not a ULID in canonical form (26 uppercase Crockford base32 characters)",
+                    info.primary_key,
+                    crate::model::truncate(bad)
+                ),
+            });
+        }
+        if !table.columns.iter().any(|c| c.name == "node_id") {
+            table.columns.push(Column::new("node_id", "TEXT"));
+            for row in table.rows.values_mut() {
+                row.insert("node_id".into(), Value::Null);
+            }
+        }
+        if !table.columns.iter().any(|c| c.name == "hlc_modified") {
+            table.columns.push(
+                Column::new("hlc_modified", "INTEGER")
+                    .not_null()
+                    .default(Value::from(0)),
+            );
+            for row in table.rows.values_mut() {
+                row.insert("hlc_modified".into(), Value::from(0));
+            }
+        }
+        s.registry.insert(info.table_name.clone(), info.clone());
+        Ok(())
+    }
+
+    async fn set_policy(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        policy: ConflictPolicy,
+    ) -> Result<()> {
+        if let Some(mut info) = tx.state.registry.get(table).cloned() {
+            info.conflict_policy = policy;
+            tx.set(registry_field, table.to_owned(), Some(info));
+        }
+        Ok(())
+    }
+
+    async fn load_tables(&self) -> Result<Vec<TableInfo>> {
+        Ok(self.state.lock().await.registry.values().cloned().collect())
+    }
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        Ok(MemoryTx {
+            state: self.state.clone().lock_owned().await,
+            undo: Vec::new(),
+            marks: Vec::new(),
+        })
+    }
+
+    async fn commit(&self, mut tx: Self::Tx) -> Result<()> {
+        tx.undo.clear();
+        tx.marks.clear();
+        Ok(())
+    }
+
+    async fn rollback(&self, mut tx: Self::Tx) -> Result<()> {
+        tx.undo_to(0);
+        Ok(())
+    }
+
+    async fn take_captures(&self, _tx: &mut Self::Tx, _limit: u32) -> Result<Vec<Capture>> {
+        Ok(Vec::new())
+    }
+
+    async fn delete_captures(&self, _tx: &mut Self::Tx, _seqs: &[i64]) -> Result<()> {
+        Ok(())
+    }
+
+    async fn versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Version>> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                tx.state
+                    .versions
+                    .get(&(table.to_owned(), *id))
+                    .map(|v| (*id, v.clone()))
+            })
+            .collect())
+    }
+
+    async fn put_version(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+        version: &Version,
+    ) -> Result<()> {
+        tx.set(
+            versions_field,
+            (table.to_owned(), id),
+            Some(version.clone()),
+        );
+        Ok(())
+    }
+
+    async fn rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Values>> {
+        Self::registered(&tx.state, table)?;
+        let t = &tx.state.tables[&table.table_name];
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                t.rows
+                    .get(&id.to_string())
+                    .map(|row| (*id, project(table, row)))
+            })
+            .collect())
+    }
+
+    async fn upsert_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        values: &Values,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> Result<()> {
+        Self::registered(&tx.state, table)?;
+        let t = &tx.state.tables[&table.table_name];
+        let pk = id.to_string();
+        // The given replicated columns, the key and the stamps.
+        let mut given: Values = table
+            .columns
+            .iter()
+            .filter_map(|c| values.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
+        given.insert(table.primary_key.clone(), Value::String(pk.clone()));
+        given.insert("node_id".into(), Value::String(node_id.to_string()));
+        given.insert("hlc_modified".into(), Value::from(hlc.encode()));
+        // Like INSERT .. ON CONFLICT, NOT NULL is checked on the proposed new row
+        // (defaults for what is not given) before the existing row is considered.
+        let mut proposed = Values::new();
+        for c in &t.columns {
+            let v = given
+                .get(&c.name)
+                .cloned()
+                .or_else(|| c.default.clone())
+                .unwrap_or(Value::Null);
+            if c.not_null && v.is_null() {
+                return Err(StoreError::Constraint {
+                    table: table.table_name.clone(),
+                    reason: format!(
+                        "NOT NULL constraint failed: {}.{}",
+                        table.table_name, c.name
+                    ),
+                });
+            }
+            proposed.insert(c.name.clone(), v);
+        }
+        let row = match t.rows.get(&pk) {
+            Some(existing) => {
+                let mut row = existing.clone();
+                row.extend(given);
+                row
+            }
+            None => proposed,
+        };
+        tx.set_row(&table.table_name, pk, Some(row))
+    }
+
+    async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
+        Self::registered(&tx.state, table)?;
+        let pk = id.to_string();
+        if tx.state.tables[&table.table_name].rows.contains_key(&pk) {
+            tx.set_row(&table.table_name, pk, None)?;
+        }
+        Ok(())
+    }
+
+    async fn stamp_row(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        id: Ulid,
+        hlc: Hlc,
+        node_id: Ulid,
+    ) -> Result<()> {
+        Self::registered(&tx.state, table)?;
+        let pk = id.to_string();
+        if let Some(existing) = tx.state.tables[&table.table_name].rows.get(&pk) {
+            let mut row = existing.clone();
+            row.insert("node_id".into(), Value::String(node_id.to_string()));
+            row.insert("hlc_modified".into(), Value::from(hlc.encode()));
+            tx.set_row(&table.table_name, pk, Some(row))?;
+        }
+        Ok(())
+    }
+
+    async fn existing_events(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<HashSet<Ulid>> {
+        Ok(ids
+            .iter()
+            .filter(|id| tx.state.events.contains_key(id))
+            .copied()
+            .collect())
+    }
+
+    async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
+        for e in events {
+            if tx.state.events.contains_key(&e.event_id) {
+                continue;
+            }
+            tx.set(
+                events_field,
+                e.event_id,
+                Some(StoredEvent {
+                    event: e.clone(),
+                    synced_at: None,
+                }),
+            );
+            tx.add_origin_entry((e.node_id, e.hlc, e.event_id));
+        }
+        Ok(())
+    }
+
+    async fn raise_vector(&self, tx: &mut Self::Tx, vector: &VersionVector) -> Result<()> {
+        for (origin, hlc) in &vector.0 {
+            let current = tx.state.nodes.get(origin).copied();
+            if current.is_none_or(|c| *hlc > c) {
+                tx.set(nodes_field, *origin, Some(*hlc));
+            }
+        }
+        Ok(())
+    }
+
+    async fn event_values(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+    ) -> Result<HashMap<Ulid, Option<Values>>> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                tx.state
+                    .events
+                    .get(id)
+                    .map(|e| (*id, e.event.new_values.clone()))
+            })
+            .collect())
+    }
+
+    async fn quarantine(
+        &self,
+        tx: &mut Self::Tx,
+        _peer: Option<Ulid>,
+        rows: &[Rejected],
+    ) -> Result<()> {
+        for r in rows {
+            let key = crate::model::truncate(&r.event_id);
+            if !tx.state.quarantine.contains_key(&key) {
+                tx.set(quarantine_field, key, Some(r.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn savepoint(&self, tx: &mut Self::Tx, op: SavepointOp) -> Result<()> {
+        let missing = || StoreError::corrupt("savepoint", "no savepoint is open");
+        match op {
+            SavepointOp::Set => tx.marks.push(tx.undo.len()),
+            SavepointOp::RollbackTo => {
+                let mark = *tx.marks.last().ok_or_else(missing)?;
+                tx.undo_to(mark);
+            }
+            SavepointOp::Release => {
+                tx.marks.pop().ok_or_else(missing)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn count_quarantined(&self) -> Result<u64> {
+        Ok(self.state.lock().await.quarantine.len() as u64)
+    }
+
+    async fn upsert_conflict(&self, tx: &mut Self::Tx, conflict: &Conflict) -> Result<()> {
+        let next = match tx.state.conflicts.get(&conflict.conflict_id) {
+            Some(existing) => Conflict {
+                winner: conflict.winner.clone(),
+                ..existing.clone()
+            },
+            None => {
+                let now = self.now();
+                Conflict {
+                    detected_at: now.clone(),
+                    resolved_at: (conflict.status == ConflictStatus::Resolved).then_some(now),
+                    resolution_note: None,
+                    resolution_event_id: None,
+                    ..conflict.clone()
+                }
+            }
+        };
+        tx.set(conflicts_field, conflict.conflict_id, Some(next));
+        Ok(())
+    }
+
+    async fn close_conflicts(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Ulid],
+        resolution: &str,
+        by: Option<&str>,
+        note: Option<&str>,
+        event_id: Ulid,
+    ) -> Result<u64> {
+        let mut closed = 0;
+        for id in ids {
+            let Some(c) = tx.state.conflicts.get(id) else {
+                continue;
+            };
+            if c.status != ConflictStatus::Open {
+                continue;
+            }
+            let next = Conflict {
+                status: ConflictStatus::Resolved,
+                resolution: Some(resolution.to_owned()),
+                resolved_by: by.map(str::to_owned),
+                resolution_note: note.map(str::to_owned),
+                resolution_event_id: Some(event_id),
+                resolved_at: Some(self.now()),
+                ..c.clone()
+            };
+            tx.set(conflicts_field, *id, Some(next));
+            closed += 1;
+        }
+        Ok(closed)
+    }
+
+    async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
+        let open: Vec<Conflict> = tx
+            .state
+            .conflicts
+            .values()
+            .filter(|c| c.table_name == table && c.status == ConflictStatus::Open)
+            .cloned()
+            .collect();
+        let n = open.len() as u64;
+        for c in open {
+            let next = Conflict {
+                status: ConflictStatus::Resolved,
+                policy: ConflictPolicy::Lww,
+                resolution: Some("lww".into()),
+                resolved_by: Some("policy".into()),
+                resolved_at: Some(self.now()),
+                ..c
+            };
+            tx.set(conflicts_field, next.conflict_id, Some(next));
+        }
+        Ok(n)
+    }
+
+    async fn conflicts_decided_by_lww(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+    ) -> Result<Vec<Conflict>> {
+        Ok(tx
+            .state
+            .conflicts
+            .values()
+            .filter(|c| {
+                c.table_name == table
+                    && c.status == ConflictStatus::Resolved
+                    && c.resolution.as_deref() == Some("lww")
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn reopen_conflicts(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<u64> {
+        let mut n = 0;
+        for id in ids {
+            let Some(c) = tx.state.conflicts.get(id).cloned() else {
+                continue;
+            };
+            let next = Conflict {
+                status: ConflictStatus::Open,
+                policy: ConflictPolicy::Manual,
+                resolution: None,
+                resolved_by: None,
+                resolved_at: None,
+                resolution_note: None,
+                resolution_event_id: None,
+                ..c
+            };
+            tx.set(conflicts_field, *id, Some(next));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
+        Ok(self.state.lock().await.conflicts.get(&id).cloned())
+    }
+
+    async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
+        let s = self.state.lock().await;
+        Ok(s.conflicts
+            .values()
+            .filter(|c| conflict_matches(c, filter))
+            .take(filter.limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn open_conflict_counts(&self) -> Result<Vec<(String, u64)>> {
+        let s = self.state.lock().await;
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for c in s.conflicts.values() {
+            if c.status == ConflictStatus::Open {
+                *counts.entry(c.table_name.clone()).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn get_row(&self, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
+        let s = self.state.lock().await;
+        Self::registered(&s, table)?;
+        Ok(s.tables[&table.table_name]
+            .rows
+            .get(&id.to_string())
+            .map(|row| project(table, row)))
+    }
+
+    async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
+        let s = self.state.lock().await;
+        Ok(s.versions.get(&(table.to_owned(), id)).cloned())
+    }
+
+    async fn vector(&self) -> Result<VersionVector> {
+        let s = self.state.lock().await;
+        Ok(VersionVector(
+            s.nodes
+                .iter()
+                .filter(|(_, h)| **h > Hlc::ZERO)
+                .map(|(o, h)| (*o, *h))
+                .collect(),
+        ))
+    }
+
+    async fn max_hlc(&self) -> Result<Hlc> {
+        let s = self.state.lock().await;
+        Ok(s.events
+            .values()
+            .map(|e| e.event.hlc)
+            .max()
+            .unwrap_or(Hlc::ZERO))
+    }
+
+    async fn events_of_origin_after(
+        &self,
+        origin: Ulid,
+        after: Hlc,
+        limit: u32,
+    ) -> Result<Vec<ChangeEvent>> {
+        let s = self.state.lock().await;
+        Ok(origin_range(&s, origin, after)
+            .take(limit as usize)
+            .filter_map(|(_, _, id)| s.events.get(id).map(|e| e.event.clone()))
+            .collect())
+    }
+
+    async fn lag_of_origin(&self, origin: Ulid, after: Hlc) -> Result<(u64, Option<i64>)> {
+        let s = self.state.lock().await;
+        let mut range = origin_range(&s, origin, after);
+        let first = range
+            .next()
+            .and_then(|(_, _, id)| s.events.get(id))
+            .map(|e| e.event.wall_ms);
+        let count = if first.is_some() {
+            1 + range.count() as u64
+        } else {
+            0
+        };
+        Ok((count, first))
+    }
+
+    async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
+        let s = self.state.lock().await;
+        let mut events: Vec<ChangeEvent> = s
+            .events
+            .values()
+            .filter(|e| e.event.table_name == table && e.event.record_id == id)
+            .map(|e| e.event.clone())
+            .collect();
+        events.sort_by_key(ChangeEvent::order);
+        Ok(events)
+    }
+
+    async fn pending_captures(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    async fn has_captures(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
+        let mut s = self.state.lock().await;
+        for (origin, hlc) in &vector.0 {
+            let entry = s.progress.entry((peer, *origin)).or_insert(*hlc);
+            if *hlc > *entry {
+                *entry = *hlc;
+            }
+        }
+        Ok(())
+    }
+
+    async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {
+        let s = self.state.lock().await;
+        let mut vv = VersionVector::new();
+        for ((_, origin), hlc) in s
+            .progress
+            .range((peer, Ulid::nil())..=(peer, Ulid::from(u128::MAX)))
+        {
+            vv.observe(*origin, *hlc);
+        }
+        Ok(vv)
+    }
+
+    async fn mark_synced(&self, origin: Ulid, upto: Hlc) -> Result<u64> {
+        let now = self.now();
+        let mut s = self.state.lock().await;
+        let ids: Vec<Ulid> = s
+            .by_origin
+            .range((origin, Hlc::ZERO, Ulid::nil())..=(origin, upto, Ulid::from(u128::MAX)))
+            .map(|(_, _, id)| *id)
+            .collect();
+        let mut marked = 0;
+        for id in ids {
+            if let Some(e) = s.events.get_mut(&id)
+                && e.synced_at.is_none()
+            {
+                e.synced_at = Some(now.clone());
+                marked += 1;
+            }
+        }
+        Ok(marked)
+    }
+
+    async fn count_unsynced(&self) -> Result<u64> {
+        let s = self.state.lock().await;
+        Ok(s.events.values().filter(|e| e.synced_at.is_none()).count() as u64)
+    }
+
+    async fn close(&self) {}
+}
+
+/// Entries of `origin` with HLC above `after`, in `(hlc, event_id)` order.
+fn origin_range(s: &State, origin: Ulid, after: Hlc) -> impl Iterator<Item = &(Ulid, Hlc, Ulid)> {
+    s.by_origin
+        .range((
+            Bound::Excluded((origin, after, Ulid::from(u128::MAX))),
+            Bound::Unbounded,
+        ))
+        .take_while(move |(o, _, _)| *o == origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso8601_matches_known_dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso8601(1_764_000_000_000), "2025-11-24T16:00:00.000Z");
+    }
+}
