@@ -1,9 +1,13 @@
 //! Test support for Tidemark's black-box tests: databases on both backends (a
 //! throwaway PostgreSQL cluster, SQLite files in temp dirs) and their real command
-//! line clients (`psql`, `sqlite3`).
+//! line clients (`psql`, `sqlite3`); whole daemons ([`daemon`]), a fault-injecting
+//! proxy for the links between them ([`proxy`]), and the checks every fault
+//! scenario ends with ([`check`]).
 
+pub mod check;
 pub mod daemon;
 pub mod pg;
+pub mod proxy;
 
 use std::path::PathBuf;
 

@@ -7,7 +7,8 @@
 //!   the handshake, applies each batch in one transaction, acks after commit;
 //! * [`sender::Sender`]: one session per configured peer: streams what the peer's
 //!   version vector lacks, bounded by unacked batches, reconnecting with backoff;
-//! * [`status`]: the one mapping from errors to `tonic::Status`.
+//! * [`status`]: the one mapping from errors to `tonic::Status`;
+//! * [`testhooks`]: test-only pauses for fault tests, off unless set in the environment.
 //!
 //! This crate holds no SQL; everything durable goes through `tidemark_store::Store`.
 
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod receiver;
 pub mod sender;
 pub mod status;
+pub mod testhooks;
 pub mod tls;
 
 /// Generated protobuf and gRPC types of `tidemark.v1`.
