@@ -56,8 +56,11 @@ struct Log {
 async fn log_of(reader: &Reader) -> Log {
     // The vector first: events are appended in the transaction that raises it,
     // so every event up to the entries read here is already visible below.
-    let vector: Vec<(String, i64)> =
-        fetch(reader, "SELECT node_id, max_hlc FROM tidemark_nodes WHERE max_hlc > 0").await;
+    let vector: Vec<(String, i64)> = fetch(
+        reader,
+        "SELECT node_id, max_hlc FROM tidemark_nodes WHERE max_hlc > 0",
+    )
+    .await;
     let rows: Vec<(String, i64, String)> = fetch(
         reader,
         "SELECT node_id, hlc_timestamp, event_id FROM change_events ORDER BY node_id, hlc_timestamp, event_id",
@@ -172,11 +175,20 @@ pub async fn assert_complete(nodes: &[TestNode], committed: &[String]) {
     }
 }
 
+/// A normalised `notes` row: (id, title, body, stars, node_id, hlc_modified).
+pub type Row = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    String,
+    i64,
+);
+
 /// A node's replicated state, normalised for comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct State {
-    /// `notes` rows: (id, title, body, stars, node_id, hlc_modified).
-    pub rows: Vec<(String, Option<String>, Option<String>, Option<i64>, String, i64)>,
+    pub rows: Vec<Row>,
     pub events: Vec<String>,
     /// Record versions: (table, record, hlc, node, event, deleted).
     pub versions: Vec<(String, String, i64, String, String, i64)>,

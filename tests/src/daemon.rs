@@ -359,9 +359,7 @@ impl TestNode {
             if t.starts_with('[') {
                 current = t.to_owned();
             }
-            let is_key = t
-                .split_once('=')
-                .is_some_and(|(k, _)| k.trim() == key);
+            let is_key = t.split_once('=').is_some_and(|(k, _)| k.trim() == key);
             if current == header && is_key && !done {
                 out.push(line.clone());
                 done = true;

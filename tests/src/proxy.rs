@@ -189,7 +189,10 @@ impl Proxy {
     /// Cuts open connections at random intervals in `[min, max]` (seeded) and
     /// delays every chunk by `latency`.
     pub fn flaky(&self, min: Duration, max: Duration, latency: Duration) {
-        assert!(min <= max && !min.is_zero(), "flaky interval {min:?}..{max:?}");
+        assert!(
+            min <= max && !min.is_zero(),
+            "flaky interval {min:?}..{max:?}"
+        );
         self.state.send_modify(|s| {
             s.flaky = Some((min, max));
             s.latency = latency;
@@ -344,7 +347,11 @@ async fn chaos_loop(
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     loop {
-        let Ok(s) = watch.wait_for(|s| s.flaky.is_some()).await.map(|s| s.clone()) else {
+        let Ok(s) = watch
+            .wait_for(|s| s.flaky.is_some())
+            .await
+            .map(|s| s.clone())
+        else {
             return;
         };
         let Some((min, max)) = s.flaky else { continue };

@@ -90,8 +90,8 @@ async fn writer(
             .await
             .unwrap_or_else(|s| panic!("put on node{n}: {s}"));
         out.api_events.push(r.into_inner().event_id);
-        if i % 3 == 0 {
-            if i % 2 == 0 {
+        if i.is_multiple_of(3) {
+            if i.is_multiple_of(2) {
                 let new = Ulid::generate();
                 direct
                     .run(format!(
@@ -214,8 +214,14 @@ async fn symmetric_partition_then_heal() {
     .await;
     let last0 = written[0].api_events.last().expect("node0 wrote");
     let last1 = written[1].api_events.last().expect("node1 wrote");
-    assert!(!has_event(&cluster, 1, last0).await, "node0's write crossed the partition");
-    assert!(!has_event(&cluster, 0, last1).await, "node1's write crossed the partition");
+    assert!(
+        !has_event(&cluster, 1, last0).await,
+        "node0's write crossed the partition"
+    );
+    assert!(
+        !has_event(&cluster, 0, last1).await,
+        "node1's write crossed the partition"
+    );
     assert!(cluster.nodes[0].reader().is_unsynced(last0).await);
     assert!(cluster.nodes[1].reader().is_unsynced(last1).await);
     check::assert_prefixes(&cluster.nodes).await;
@@ -224,7 +230,10 @@ async fn symmetric_partition_then_heal() {
     }
     for (a, b) in [(0, 1), (0, 2), (1, 0), (2, 0)] {
         let stats = links.link(a, b).stats();
-        assert!(stats.refused > 0, "node{a} never redialled node{b}: {stats:?}");
+        assert!(
+            stats.refused > 0,
+            "node{a} never redialled node{b}: {stats:?}"
+        );
     }
     heal_and_check(&cluster, &links, &written).await;
 }
