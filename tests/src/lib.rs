@@ -4,6 +4,7 @@
 //! proxy for the links between them ([`proxy`]), and the checks every fault
 //! scenario ends with ([`check`]).
 
+pub mod backlog;
 pub mod check;
 pub mod daemon;
 pub mod pg;
