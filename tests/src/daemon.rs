@@ -197,6 +197,9 @@ pub struct TestNode {
     pub metrics_port: u16,
     pub db: TestDb,
     pub dir: PathBuf,
+    /// Extra environment for the daemon process (e.g. test-only pauses), applied
+    /// at every start.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     reader: Option<Reader>,
 }
@@ -259,6 +262,7 @@ impl TestNode {
             .args(["run", "--config"])
             .arg(self.config_path())
             .env("TIDEMARK_LOG__LEVEL", "info,tidemark_replicator=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -336,6 +340,59 @@ impl TestNode {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sets `key = value` in `[section]` of this node's config file, replacing the
+    /// key if the section has it and adding the section if missing; takes effect
+    /// at the next start.
+    pub fn set_config(&self, section: &str, key: &str, value: &str) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let header = format!("[{section}]");
+        let line = format!("{key} = {value}");
+        let mut out: Vec<String> = Vec::new();
+        let (mut current, mut done) = (String::new(), false);
+        for l in text.lines() {
+            let t = l.trim();
+            if t.starts_with('[') {
+                current = t.to_owned();
+            }
+            let is_key = t.split_once('=').is_some_and(|(k, _)| k.trim() == key);
+            if current == header && is_key && !done {
+                out.push(line.clone());
+                done = true;
+                continue;
+            }
+            out.push(l.to_owned());
+            if t == header && !done {
+                // Inserted right after the header; a later same key would be a
+                // duplicate, so look for it first.
+                let rest_has_key = text
+                    .split(&format!("{header}\n"))
+                    .nth(1)
+                    .map(|rest| {
+                        rest.lines()
+                            .take_while(|r| !r.trim().starts_with('['))
+                            .any(|r| r.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+                    })
+                    .unwrap_or(false);
+                if !rest_has_key {
+                    out.push(line.clone());
+                    done = true;
+                }
+            }
+        }
+        if !done {
+            out.insert(0, String::new());
+            out.insert(0, line);
+            out.insert(0, header);
+        }
+        std::fs::write(&path, out.join("\n") + "\n").expect("write config");
     }
 
     pub fn is_running(&self) -> bool {
@@ -489,6 +546,7 @@ impl Cluster {
                     metrics_port: free_port(),
                     db,
                     dir: dir.path().to_path_buf(),
+                    env: Vec::new(),
                     child: None,
                     reader: None,
                 }

@@ -1,9 +1,14 @@
 //! Test support for Tidemark's black-box tests: databases on every backend (a
 //! throwaway PostgreSQL cluster, SQLite files in temp dirs, the in-memory backend)
-//! and the SQL backends' real command line clients (`psql`, `sqlite3`).
+//! and the SQL backends' real command line clients (`psql`, `sqlite3`); whole
+//! daemons ([`daemon`]), a fault-injecting proxy for the links between them
+//! ([`proxy`]), and the checks every fault scenario ends with ([`check`]).
 
+pub mod backlog;
+pub mod check;
 pub mod daemon;
 pub mod pg;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::sync::Arc;

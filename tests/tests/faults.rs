@@ -1,8 +1,11 @@
-//! Faults on real daemon processes: kill -9 in the middle of streaming, and a
-//! receiver whose database is locked by another writer. Checked after every
-//! fault: every event committed anywhere reaches every node exactly once, every
-//! node holds the same rows and the same log, rows equal the last-writer-wins
-//! result of the log, and the database passes its integrity check.
+//! Faults on real daemon processes: kill -9 in the middle of streaming, kill -9
+//! at precise points of the protocol (after a batch committed but before its ack
+//! was sent; after the ack was recorded but before `synced_at` was set), a
+//! receiver whose database is locked by another writer, and a receiver whose
+//! disk is full. Checked after every fault (tests/src/check.rs): every event
+//! committed anywhere reaches every node exactly once, per origin with no gaps;
+//! every node holds the same state; rows equal the last-writer-wins result of
+//! the union of all events; the database passes its integrity check.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -10,22 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tidemark_replicator::pb::{self, records_client::RecordsClient};
-use tidemark_tests::TestDb;
-use tidemark_tests::daemon::{Cluster, TestNode, Topology};
+use tidemark_tests::daemon::{Cluster, Reader, TestNode, Topology};
+use tidemark_tests::{TestDb, check};
 use ulid::Ulid;
 
 const CONVERGE: Duration = Duration::from_secs(90);
-
-fn integrity_ok(node: &TestNode) {
-    if let TestDb::Sqlite { .. } = node.db {
-        assert_eq!(
-            node.db.sql("PRAGMA integrity_check"),
-            "ok",
-            "{} integrity",
-            node.name
-        );
-    }
-}
 
 /// Puts `n` records through `url`, skipping writes the node refuses while down;
 /// returns the event ids of the writes that succeeded.
@@ -70,7 +62,7 @@ async fn kill_9_while_streaming_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(150 + 97 * round)).await;
         let victim = if round % 2 == 0 { 2 } else { 1 };
         cluster.nodes[victim].kill();
-        integrity_ok(&cluster.nodes[victim]);
+        check::assert_integrity(&cluster.nodes[victim]).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         cluster.nodes[victim].start().await;
     }
@@ -87,10 +79,7 @@ async fn kill_9_while_streaming_loses_and_doubles_nothing() {
         "an event id was issued twice"
     );
     assert_eq!(snap.events, expected, "events lost or invented");
-    cluster.assert_lww().await;
-    for node in &cluster.nodes {
-        integrity_ok(node);
-    }
+    check::after_heal(&cluster, &written).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,8 +132,220 @@ async fn locked_receiver_rolls_back_backs_off_and_catches_up() {
     for id in ids {
         assert!(snap.rows.contains_key(&id.to_string()));
     }
-    cluster.assert_lww().await;
-    for node in &cluster.nodes {
-        integrity_ok(node);
+    check::after_heal(&cluster, &[]).await;
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} within {CONVERGE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn scalar(reader: &Reader, sql: &'static str, binds: &[&str]) -> Option<i64> {
+    match reader {
+        Reader::Sqlite(p) => {
+            let mut q = sqlx::query_as::<_, (i64,)>(sql);
+            for b in binds {
+                q = q.bind(b.to_string());
+            }
+            q.fetch_optional(p).await
+        }
+        Reader::Postgres(p) => {
+            let mut q = sqlx::query_as::<_, (i64,)>(sql);
+            for b in binds {
+                q = q.bind(b.to_string());
+            }
+            q.fetch_optional(p).await
+        }
+    }
+    .expect("query")
+    .map(|r| r.0)
+}
+
+/// The hlc up to which `node` recorded `peer`'s ack of `origin`'s events.
+async fn acked_hlc(node: &TestNode, peer: &TestNode, origin: &TestNode) -> i64 {
+    scalar(
+        node.reader(),
+        "SELECT acked_hlc FROM tidemark_peer_progress WHERE peer_id = $1 AND origin_id = $2",
+        &[&peer.id.to_string(), &origin.id.to_string()],
+    )
+    .await
+    .unwrap_or(0)
+}
+
+async fn holds(node: &TestNode, event_id: &str) -> bool {
+    scalar(
+        node.reader(),
+        "SELECT COUNT(*) FROM change_events WHERE event_id = $1",
+        &[event_id],
+    )
+    .await
+        == Some(1)
+}
+
+/// Lines of a node's log that report a batch applied with duplicates skipped.
+fn duplicate_batches(node: &TestNode) -> usize {
+    std::fs::read_to_string(node.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.contains("batch applied")
+                && l.split_whitespace()
+                    .any(|w| w.starts_with("duplicates=") && w != "duplicates=0")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_apply_and_ack_redelivery_is_a_no_op() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite", "sqlite"], Topology::Mesh, "test", "");
+    // node1 stops after committing each batch, before acknowledging it.
+    cluster.nodes[1].env = vec![("TIDEMARK_TEST_PAUSE_AFTER_APPLY_MS".into(), "120000".into())];
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    let mut written = Vec::new();
+    for i in 0..5 {
+        let r = cluster.nodes[0]
+            .put(
+                Ulid::generate(),
+                json!({"title": format!("before kill {i}")}),
+            )
+            .await;
+        written.push((r.event_id, r.hlc));
+    }
+    let (first, _) = written[0].clone();
+    // node1 committed node0's first event (from node0, or relayed by node2) ...
+    wait_for("node1 applies node0's first event", async || {
+        holds(&cluster.nodes[1], &first).await
+    })
+    .await;
+    // ... and the second copy, from the other sender, was skipped as a duplicate.
+    wait_for("node1 skips the relayed copy", async || {
+        duplicate_batches(&cluster.nodes[1]) > 0
+    })
+    .await;
+    // No ack left node1: node0 has not recorded node1 having the event.
+    let (n0, n1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let first_hlc = written[0].1;
+    assert!(
+        acked_hlc(n0, n1, n0).await < first_hlc,
+        "node0 recorded an ack node1 never sent"
+    );
+    assert!(n0.reader().is_unsynced(&first).await);
+    cluster.nodes[1].kill();
+    check::assert_integrity(&cluster.nodes[1]).await;
+    cluster.nodes[1].env.clear();
+    cluster.nodes[1].start().await;
+    let snap = cluster.converged(CONVERGE).await;
+    // node1's vector told every sender it has the events: nothing lost, nothing
+    // doubled, and node0 marked them synced from node1's new welcome.
+    let mut expected: Vec<String> = written.iter().map(|w| w.0.clone()).collect();
+    expected.sort();
+    assert_eq!(snap.events, expected, "events lost or doubled");
+    assert_eq!(snap.rows.len(), 5);
+    let ids: Vec<String> = written.into_iter().map(|w| w.0).collect();
+    check::after_heal(&cluster, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_ack_and_synced_at_loses_nothing() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", "");
+    // node0 records acks at once but waits before marking synced_at.
+    cluster.nodes[0].env = vec![(
+        "TIDEMARK_TEST_PAUSE_BEFORE_SYNC_MARK_MS".into(),
+        "120000".into(),
+    )];
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    let mut ids = Vec::new();
+    let mut last_hlc = 0;
+    for i in 0..5 {
+        let r = cluster.nodes[0]
+            .put(Ulid::generate(), json!({"title": format!("acked {i}")}))
+            .await;
+        ids.push(r.event_id);
+        last_hlc = r.hlc;
+    }
+    let (n0, n1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    wait_for("node0 records node1's ack", async || {
+        acked_hlc(n0, n1, n0).await >= last_hlc
+    })
+    .await;
+    for id in &ids {
+        assert!(
+            n0.reader().is_unsynced(id).await,
+            "{id} synced during the pause"
+        );
+    }
+    cluster.nodes[0].kill();
+    check::assert_integrity(&cluster.nodes[0]).await;
+    cluster.nodes[0].env.clear();
+    cluster.nodes[0].start().await;
+    let snap = cluster.converged(CONVERGE).await;
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(snap.events, expected, "events lost or doubled");
+    check::after_heal(&cluster, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_receiver_rolls_back_backs_off_and_catches_up() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", "");
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    cluster.nodes[0]
+        .put(Ulid::generate(), json!({"title": "before the disk fills"}))
+        .await;
+    cluster.converged(CONVERGE).await;
+    // node1's database may not grow by a single page.
+    cluster.nodes[1].stop();
+    let pages: u32 = cluster.nodes[1]
+        .db
+        .sql("PRAGMA page_count")
+        .parse()
+        .expect("page count");
+    cluster.nodes[1].set_config("store", "sqlite_max_page_count", &pages.to_string());
+    cluster.nodes[1].start().await;
+    let body = "x".repeat(4000);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let r = cluster.nodes[0]
+            .put(
+                Ulid::generate(),
+                json!({"title": format!("big {i}"), "body": body}),
+            )
+            .await;
+        ids.push(r.event_id);
+    }
+    wait_for("node1 runs out of space", async || {
+        cluster.nodes[1].log_contains("disk is full")
+    })
+    .await;
+    wait_for("node0 backs off", async || {
+        cluster.nodes[0].log_contains("reconnecting with backoff")
+    })
+    .await;
+    // Up, nothing of the refused batches half-applied, nothing quarantined.
+    let n1 = &cluster.nodes[1];
+    assert_eq!(n1.http_get("/healthz").await.0, 200);
+    for id in &ids {
+        assert!(!holds(n1, id).await, "{id} applied on a full disk");
+        assert!(cluster.nodes[0].reader().is_unsynced(id).await);
+    }
+    assert_eq!(n1.db.sql("SELECT COUNT(*) FROM tidemark_quarantine"), "0");
+    assert_eq!(n1.db.sql("SELECT COUNT(*) FROM notes"), "1");
+    check::assert_integrity(n1).await;
+    check::assert_prefixes(&cluster.nodes).await;
+    // Room again: node1 catches up.
+    cluster.nodes[1].stop();
+    cluster.nodes[1].set_config("store", "sqlite_max_page_count", "0");
+    cluster.nodes[1].start().await;
+    let snap = cluster.converged(CONVERGE).await;
+    assert_eq!(snap.rows.len(), 41);
+    check::after_heal(&cluster, &ids).await;
 }

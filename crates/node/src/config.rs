@@ -103,6 +103,11 @@ pub struct StoreConfig {
     /// `full` (also across power loss).
     #[serde(default = "StoreConfig::default_sqlite_synchronous")]
     pub sqlite_synchronous: String,
+    /// SQLite `PRAGMA max_page_count`: the database cannot grow beyond this many
+    /// pages (0: no limit). Caps the disk a node may use; a write past it fails
+    /// like a full disk.
+    #[serde(default)]
+    pub sqlite_max_page_count: u32,
     /// PostgreSQL: how long to wait for a connection.
     #[serde(default = "StoreConfig::default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -119,6 +124,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("max_connections", &self.max_connections)
             .field("busy_timeout_ms", &self.busy_timeout_ms)
             .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .field("sqlite_max_page_count", &self.sqlite_max_page_count)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("lock_timeout_ms", &self.lock_timeout_ms)
             .finish()
@@ -407,6 +413,8 @@ impl Config {
                     StoreUrl::Sqlite(o) => {
                         o.busy_timeout = Duration::from_millis(self.store.busy_timeout_ms);
                         o.max_connections = self.store.max_connections;
+                        o.max_page_count = (self.store.sqlite_max_page_count > 0)
+                            .then_some(self.store.sqlite_max_page_count);
                         match self.store.sqlite_synchronous.as_str() {
                             "normal" => o.synchronous_full = false,
                             "full" => o.synchronous_full = true,

@@ -10,7 +10,8 @@
 //!   its connections can go through a [`Connector`] and its jitter be seeded, and
 //!   the receiver served from any incoming stream, so the whole replicator runs
 //!   unchanged under deterministic network simulation;
-//! * [`status`]: the one mapping from errors to `tonic::Status`.
+//! * [`status`]: the one mapping from errors to `tonic::Status`;
+//! * [`testhooks`]: test-only pauses for fault tests, off unless set in the environment.
 //!
 //! This crate holds no SQL; everything durable goes through `tidemark_store::Store`.
 
@@ -18,6 +19,7 @@ pub mod convert;
 pub mod receiver;
 pub mod sender;
 pub mod status;
+pub mod testhooks;
 pub mod tls;
 
 /// Generated protobuf and gRPC types of `tidemark.v1`.

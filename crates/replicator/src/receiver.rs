@@ -306,6 +306,10 @@ impl Inner {
                 }
             };
             let failed = reply.is_err();
+            if let (false, Some(pause)) = (failed, crate::testhooks::pause_after_apply()) {
+                debug!(batch_id, ?pause, "test pause between commit and ack");
+                tokio::time::sleep(pause).await;
+            }
             if out.send(reply).await.is_err() || failed {
                 return;
             }

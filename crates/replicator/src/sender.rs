@@ -223,9 +223,11 @@ impl Sender {
                 changed = commits.changed() => if changed.is_err() { return },
             }
             // Coalesce bursts of acks and commits into one pass.
+            let pause =
+                SYNC_MARK_DEBOUNCE + crate::testhooks::pause_before_sync_mark().unwrap_or_default();
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(SYNC_MARK_DEBOUNCE) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

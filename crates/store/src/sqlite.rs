@@ -57,6 +57,10 @@ pub struct SqliteOptions {
     /// `PRAGMA synchronous`: NORMAL (default; durable against process crashes) or FULL
     /// (also against power loss).
     pub synchronous_full: bool,
+    /// `PRAGMA max_page_count` on every connection: the database file cannot grow
+    /// beyond this many pages (writes past it fail with "database or disk is
+    /// full"). `None` leaves SQLite's default (no practical limit).
+    pub max_page_count: Option<u32>,
 }
 
 impl SqliteOptions {
@@ -66,6 +70,7 @@ impl SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             max_connections: 4,
             synchronous_full: false,
+            max_page_count: None,
         }
     }
 }
@@ -88,7 +93,7 @@ impl SqliteBackend {
                 file: opts.path.clone(),
             });
         }
-        let connect = SqliteConnectOptions::new()
+        let mut connect = SqliteConnectOptions::new()
             .filename(&opts.path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -99,6 +104,9 @@ impl SqliteBackend {
             })
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(true);
+        if let Some(pages) = opts.max_page_count {
+            connect = connect.pragma("max_page_count", pages.to_string());
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.max(2))
             .connect_with(connect)
