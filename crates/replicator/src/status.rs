@@ -28,6 +28,9 @@ pub fn from_store(err: &StoreError) -> Status {
                 constraint_message(sqlx_err).unwrap_or_default()
             ))
         }
+        StoreError::Constraint { reason, .. } => Status::failed_precondition(format!(
+            "the write violates a constraint of the table: {reason}"
+        )),
         e if e.is_transient() => {
             tracing::warn!(error = %e, "store busy or unreachable");
             Status::unavailable("store is busy or unreachable; retry")
