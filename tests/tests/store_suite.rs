@@ -1380,6 +1380,93 @@ async fn one_batch_with_policy_and_concurrent_versions(db: TestDb) {
     store.close().await;
 }
 
+/// Concurrent API writes share transactions (group commit) without changing what
+/// each caller sees: a write the table refuses fails alone, the others commit, and
+/// the log holds exactly the accepted writes in strictly increasing HLC order.
+async fn concurrent_api_writes_commit_in_groups(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let shared = id(900);
+    // Two rounds: only valid writes first (groups that commit whole), then
+    // valid and refused writes mixed (groups that fall back to one by one).
+    let mut accepted = Vec::new();
+    for round in [0..30u128, 30..60] {
+        let mut tasks = tokio::task::JoinSet::new();
+        let valid_only = round.start == 0;
+        for i in round {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let (record, values) = match i % 3 {
+                    // Inserts of new records.
+                    0 => (
+                        id(1000 + i),
+                        json!({"title": format!("note {i}"), "stars": i as i64}),
+                    ),
+                    // Updates racing on one record.
+                    1 => (shared, json!({"title": "shared", "stars": i as i64})),
+                    // Inserts without the NOT NULL title: refused by the table.
+                    _ if valid_only => (id(3000 + i), json!({"title": "valid"})),
+                    _ => (id(2000 + i), json!({"body": "no title"})),
+                };
+                let values: Values = serde_json::from_value(values).expect("values");
+                (i, record, store.put("notes", record, &values).await)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (i, record, result) = joined.expect("task");
+            match (if i < 30 { 0 } else { i % 3 }, result) {
+                (2, Err(e)) => assert!(
+                    matches!(e, StoreError::Db(_) | StoreError::Constraint { .. }),
+                    "write {i}: {e}"
+                ),
+                (2, Ok(e)) => panic!("write {i} without a title was accepted: {e:?}"),
+                (_, Ok(event)) => {
+                    assert_eq!(event.record_id, record);
+                    accepted.push(event);
+                }
+                (_, Err(e)) => panic!("write {i} failed: {e}"),
+            }
+        }
+    }
+    assert_eq!(accepted.len(), 50);
+    let log = all_events(&store).await;
+    let mine: Vec<&ChangeEvent> = log
+        .iter()
+        .filter(|e| e.node_id == me && e.table_name == "notes")
+        .collect();
+    assert_eq!(mine.len(), 50, "exactly the accepted writes are logged");
+    assert!(
+        mine.windows(2).all(|w| w[0].hlc < w[1].hlc),
+        "strictly increasing HLCs"
+    );
+    let mut logged: Vec<Ulid> = mine.iter().map(|e| e.event_id).collect();
+    let mut returned: Vec<Ulid> = accepted.iter().map(|e| e.event_id).collect();
+    logged.sort();
+    returned.sort();
+    assert_eq!(logged, returned, "every returned event is the logged one");
+    // The shared record holds the values of its last write by HLC.
+    let last = mine
+        .iter()
+        .filter(|e| e.record_id == shared)
+        .max_by_key(|e| e.hlc)
+        .expect("shared writes");
+    let row = store.get("notes", shared).await.expect("get").expect("row");
+    assert_eq!(
+        row.get("stars"),
+        last.new_values.as_ref().and_then(|v| v.get("stars"))
+    );
+    for refused in (30..60u128).filter(|i| i % 3 == 2) {
+        assert!(
+            store
+                .get("notes", id(2000 + refused))
+                .await
+                .expect("get")
+                .is_none()
+        );
+    }
+    store.close().await;
+}
+
 // ---------------------------------------------------------------------------------
 
 macro_rules! tests_on {
@@ -1423,6 +1510,7 @@ suite!(
         out_of_order_causal_chain_opens_no_conflict,
         policy_switch_moves_conflicts,
         one_batch_with_policy_and_concurrent_versions,
+        concurrent_api_writes_commit_in_groups,
     ],
     // These need direct SQL, which the memory backend does not have: SQL
     // migrations checked through the SQL client, capture triggers fed by direct

@@ -63,6 +63,15 @@ impl VersionCache {
     }
 }
 
+/// An API write waiting in the group-commit queue.
+#[derive(Debug)]
+struct QueuedWrite {
+    table: Arc<TableInfo>,
+    id: Ulid,
+    values: Option<Values>,
+    reply: tokio::sync::oneshot::Sender<Result<Option<ChangeEvent>>>,
+}
+
 /// Writes held back in a buffered [`VersionCache`]. The database sees them, in
 /// order, before anything reads what they touch: [`Engine::flush`] runs before
 /// conflict bookkeeping (which reads stored events), before a policy change, and
@@ -179,7 +188,9 @@ pub struct Engine<B: Backend> {
     tables: RwLock<HashMap<String, Arc<TableInfo>>>,
     /// Serialises the daemon's write transactions, so this node's events enter the
     /// log in HLC order per origin (the invariant version vectors rely on).
-    writer: Mutex<()>,
+    writer: Arc<Mutex<()>>,
+    /// API writes waiting for the writer lock, written as one group.
+    queue: std::sync::Mutex<Vec<QueuedWrite>>,
     /// Bumped after every commit that added events, so senders wake at once.
     commits: watch::Sender<u64>,
 }
@@ -216,7 +227,8 @@ impl<B: Backend> Engine<B> {
             clock,
             ids: Arc::new(Ulid::generate),
             tables: RwLock::new(HashMap::new()),
-            writer: Mutex::new(()),
+            writer: Arc::new(Mutex::new(())),
+            queue: std::sync::Mutex::new(Vec::new()),
             commits: watch::Sender::new(0),
         };
         let persisted = engine.backend.max_hlc().await?;
@@ -765,19 +777,22 @@ impl<B: Backend> Engine<B> {
 
     /// Writes a record through the API (insert, or update of the given columns)
     /// and returns its event.
-    pub async fn put(&self, table: &str, id: Ulid, values: &Values) -> Result<ChangeEvent> {
+    pub async fn put(
+        self: &Arc<Self>,
+        table: &str,
+        id: Ulid,
+        values: &Values,
+    ) -> Result<ChangeEvent> {
         let table = self.table(table)?;
         let values = Self::checked_values(&table, id, values)?;
-        let event = self
-            .write_local(&table, id, Some(values), None, false)
-            .await?;
+        let event = self.write_queued(table.clone(), id, Some(values)).await?;
         event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
     }
 
     /// Deletes a record through the API; `None` when there was no such row.
-    pub async fn delete(&self, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {
+    pub async fn delete(self: &Arc<Self>, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {
         let table = self.table(table)?;
-        self.write_local(&table, id, None, None, false).await
+        self.write_queued(table, id, None).await
     }
 
     /// One local write in its own transaction: `values` upserts (overlaid on the
@@ -792,11 +807,170 @@ impl<B: Backend> Engine<B> {
         force: bool,
     ) -> Result<Option<ChangeEvent>> {
         let _w = self.writer.lock().await;
+        self.write_alone(table, id, values, extra, force).await
+    }
+
+    /// [`Engine::write_local`] with the writer lock already held.
+    async fn write_alone(
+        &self,
+        table: &TableInfo,
+        id: Ulid,
+        values: Option<Values>,
+        extra: Option<(&str, Value)>,
+        force: bool,
+    ) -> Result<Option<ChangeEvent>> {
         let mut tx = self.backend.begin().await?;
         let drained = self.drain_in(&mut tx).await?;
         let mut cache = VersionCache::new();
-        let local = self.cached_version(&mut tx, &mut cache, table, id).await?;
-        let old = self.backend.rows(&mut tx, table, &[id]).await?.remove(&id);
+        match self
+            .write_in(&mut tx, &mut cache, table, id, values, extra, force)
+            .await?
+        {
+            Some(event) => {
+                self.commit_local(tx, &event).await?;
+                Ok(Some(event))
+            }
+            None => {
+                if drained.events > 0 || drained.unchanged > 0 {
+                    self.backend.commit(tx).await?;
+                }
+                if drained.events > 0 {
+                    self.committed();
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes through the API from concurrent callers share transactions (group
+    /// commit): a caller queues its write, and whoever gets the writer lock next
+    /// writes everything queued in one transaction, each write exactly as it
+    /// would be alone, in queue order. If any of them fails, the group is rolled
+    /// back and each write runs in its own transaction, so one caller's error is
+    /// never another's. The group runs in its own task: a caller that goes away
+    /// does not abandon the writes of the others.
+    async fn write_queued(
+        self: &Arc<Self>,
+        table: Arc<TableInfo>,
+        id: Ulid,
+        values: Option<Values>,
+    ) -> Result<Option<ChangeEvent>> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.queue().push(QueuedWrite {
+            table,
+            id,
+            values,
+            reply,
+        });
+        let guard = self.writer.clone().lock_owned().await;
+        let group = std::mem::take(&mut *self.queue());
+        if group.is_empty() {
+            // An earlier group took this write and has answered it.
+            drop(guard);
+        } else {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                me.write_group(group).await;
+            });
+        }
+        done.await.map_err(|_| {
+            StoreError::corrupt("write queue", "a queued write was dropped unanswered")
+        })?
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<QueuedWrite>> {
+        // The queue only holds plain data: a panic elsewhere cannot leave it torn.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn write_group(&self, group: Vec<QueuedWrite>) {
+        if group.len() > 1 {
+            match self.try_group(&group).await {
+                Ok(events) => {
+                    for (w, event) in group.into_iter().zip(events) {
+                        let _ = w.reply.send(Ok(event));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, writes = group.len(), "grouped write failed; writing one by one");
+                }
+            }
+        }
+        for w in group {
+            let result = self
+                .write_alone(&w.table, w.id, w.values, None, false)
+                .await;
+            let _ = w.reply.send(result);
+        }
+    }
+
+    async fn try_group(&self, group: &[QueuedWrite]) -> Result<Vec<Option<ChangeEvent>>> {
+        let mut tx = self.backend.begin().await?;
+        match self.group_in(&mut tx, group).await {
+            Ok((results, own)) => {
+                if !own.0.is_empty() {
+                    self.backend.raise_vector(&mut tx, &own).await?;
+                }
+                self.backend.commit(tx).await?;
+                self.committed();
+                Ok(results)
+            }
+            Err(e) => {
+                self.backend.rollback(tx).await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn group_in(
+        &self,
+        tx: &mut B::Tx,
+        group: &[QueuedWrite],
+    ) -> Result<(Vec<Option<ChangeEvent>>, VersionVector)> {
+        self.drain_in(tx).await?;
+        let mut cache = VersionCache::new();
+        let mut own = VersionVector::new();
+        let mut results = Vec::with_capacity(group.len());
+        for w in group {
+            let event = self
+                .write_in(
+                    tx,
+                    &mut cache,
+                    &w.table,
+                    w.id,
+                    w.values.clone(),
+                    None,
+                    false,
+                )
+                .await?;
+            if let Some(e) = &event {
+                self.backend
+                    .insert_events(tx, std::slice::from_ref(e))
+                    .await?;
+                own.observe(self.node_id, e.hlc);
+            }
+            results.push(event);
+        }
+        Ok((results, own))
+    }
+
+    /// The write itself, inside `tx`: row, version and conflicts (the event is
+    /// returned, not stored). `None`: a delete of an absent row, without `force`.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_in(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        table: &TableInfo,
+        id: Ulid,
+        values: Option<Values>,
+        extra: Option<(&str, Value)>,
+        force: bool,
+    ) -> Result<Option<ChangeEvent>> {
+        let local = self.cached_version(tx, cache, table, id).await?;
+        let old = self.backend.rows(tx, table, &[id]).await?.remove(&id);
         let event = match values {
             Some(values) => {
                 let op = if old.is_some() {
@@ -817,19 +991,13 @@ impl<B: Backend> Engine<B> {
                 };
                 let mut event = self.local_event(table, id, op, old, None, local.as_ref(), extra);
                 self.backend
-                    .upsert_row(&mut tx, table, id, &row, event.hlc, self.node_id)
+                    .upsert_row(tx, table, id, &row, event.hlc, self.node_id)
                     .await?;
-                event.new_values = self.backend.rows(&mut tx, table, &[id]).await?.remove(&id);
+                event.new_values = self.backend.rows(tx, table, &[id]).await?.remove(&id);
                 event
             }
             None => {
                 if old.is_none() && !force {
-                    if drained.events > 0 || drained.unchanged > 0 {
-                        self.backend.commit(tx).await?;
-                    }
-                    if drained.events > 0 {
-                        self.committed();
-                    }
                     return Ok(None);
                 }
                 let event = self.local_event(
@@ -841,12 +1009,11 @@ impl<B: Backend> Engine<B> {
                     local.as_ref(),
                     extra,
                 );
-                self.backend.delete_row(&mut tx, table, id).await?;
+                self.backend.delete_row(tx, table, id).await?;
                 event
             }
         };
-        self.settle(&mut tx, table, &event, &mut cache).await?;
-        self.commit_local(tx, &event).await?;
+        self.settle(tx, table, &event, cache).await?;
         Ok(Some(event))
     }
 
