@@ -31,6 +31,8 @@ use crate::rows::{
 };
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
+/// Most rows one bulk (UNNEST) statement carries.
+const BULK_CHUNK: usize = 1000;
 /// The NOTIFY channel capture triggers signal.
 pub const CAPTURE_CHANNEL: &str = "tidemark_capture";
 const PG_CONFLICT_TIMES: &str = "to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at, \
@@ -571,6 +573,46 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
+    async fn put_versions(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        versions: &[(Ulid, Version)],
+    ) -> Result<()> {
+        for chunk in versions.chunks(BULK_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
+            let hlcs: Vec<i64> = chunk.iter().map(|(_, v)| v.hlc.encode()).collect();
+            let nodes: Vec<String> = chunk.iter().map(|(_, v)| v.node_id.to_string()).collect();
+            let events: Vec<String> = chunk.iter().map(|(_, v)| v.event_id.to_string()).collect();
+            let deleted: Vec<bool> = chunk.iter().map(|(_, v)| v.deleted).collect();
+            let vvs: Vec<String> = chunk.iter().map(|(_, v)| v.vv.to_json().to_string()).collect();
+            let frontiers: Vec<String> = chunk
+                .iter()
+                .map(|(_, v)| v.frontier_json().to_string())
+                .collect();
+            sqlx::query(
+                "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
+                 SELECT $1, r, h, n, e, d, vv::jsonb, f::jsonb \
+                 FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::bool[], $7::text[], $8::text[]) \
+                 AS x(r, h, n, e, d, vv, f) \
+                 ON CONFLICT (table_name, record_id) DO UPDATE SET \
+                 hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
+                 deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
+            )
+            .bind(table)
+            .bind(ids)
+            .bind(hlcs)
+            .bind(nodes)
+            .bind(events)
+            .bind(deleted)
+            .bind(vvs)
+            .bind(frontiers)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn existing_events(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<HashSet<Ulid>> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT event_id::text FROM change_events WHERE event_id = ANY($1::bpchar[])",
@@ -587,25 +629,52 @@ impl Backend for PostgresBackend {
     }
 
     async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
-        for e in events {
+        // One statement per chunk: a column array each, UNNEST-ed into rows.
+        let text = |v: Option<&Values>| v.map(|v| Value::Object(v.clone()).to_string());
+        for chunk in events.chunks(BULK_CHUNK) {
+            let mut cols: [Vec<Option<String>>; 10] = Default::default();
+            let mut hlcs = Vec::with_capacity(chunk.len());
+            let mut walls = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                hlcs.push(e.hlc.encode());
+                walls.push(e.wall_ms);
+                let row = [
+                    Some(e.event_id.to_string()),
+                    Some(e.node_id.to_string()),
+                    Some(e.table_name.clone()),
+                    Some(e.record_id.to_string()),
+                    Some(e.operation.as_str().to_owned()),
+                    e.action.clone(),
+                    e.user_id.map(|u| u.to_string()),
+                    text(e.old_values.as_ref()),
+                    text(e.new_values.as_ref()),
+                    e.metadata.as_ref().map(Value::to_string),
+                ];
+                for (col, v) in cols.iter_mut().zip(row) {
+                    col.push(v);
+                }
+            }
+            let [ids, nodes, tables, records, ops, actions, users, olds, news, metas] = cols;
             sqlx::query(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata) \
-                 VALUES ($1, $2, to_timestamp($3::double precision / 1000.0), $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 SELECT e, h, to_timestamp(w::double precision / 1000.0), n, t, r, o, a, u, ov::jsonb, nv::jsonb, m::jsonb \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                 $8::text[], $9::text[], $10::text[], $11::text[], $12::text[]) AS x(e, h, w, n, t, r, o, a, u, ov, nv, m) \
                  ON CONFLICT (event_id) DO NOTHING",
             )
-            .bind(e.event_id.to_string())
-            .bind(e.hlc.encode())
-            .bind(e.wall_ms)
-            .bind(e.node_id.to_string())
-            .bind(&e.table_name)
-            .bind(e.record_id.to_string())
-            .bind(e.operation.as_str())
-            .bind(e.action.as_deref())
-            .bind(e.user_id.map(|u| u.to_string()))
-            .bind(e.old_values.as_ref().map(Json))
-            .bind(e.new_values.as_ref().map(Json))
-            .bind(e.metadata.as_ref().map(Json))
+            .bind(ids)
+            .bind(hlcs)
+            .bind(walls)
+            .bind(nodes)
+            .bind(tables)
+            .bind(records)
+            .bind(ops)
+            .bind(actions)
+            .bind(users)
+            .bind(olds)
+            .bind(news)
+            .bind(metas)
             .execute(&mut **tx)
             .await?;
         }
