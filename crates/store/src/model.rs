@@ -608,8 +608,8 @@ mod tests {
             parse_ulid("id", "7ZZZZZZZZZZZZZZZZZZZZZZZZZ").expect("largest").0,
             u128::MAX
         );
-        // Found by the store_validators fuzz target: these decode (with the top bits
-        // dropped) to the ids spelled 0... and 1...; they must be refused.
+        // These decode (with the top bits dropped) to the ids spelled 0... and 1...;
+        // they must be refused (the store_validators fuzz target checks the same).
         for bad in ["80000000000000000000000000", "Z1KQ9A7B3C4D5E6F7G8H9J0K1M", "81234567890ABCDEFGHJKMNPQR"] {
             let err = parse_ulid("event_id", bad).expect_err(bad).to_string();
             assert!(
