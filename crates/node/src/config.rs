@@ -12,8 +12,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 use tidemark_replicator::{LocalNode, Peer, ReplicationOptions};
+use tidemark_store::model::parse_ulid;
 use tidemark_store::{ConflictPolicy, StoreUrl};
-use ulid::Ulid;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "TIDEMARK_";
@@ -391,7 +391,7 @@ impl Config {
     /// Checks every value; all problems are reported at once.
     pub fn validate(&self) -> Result<Settings, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let node_id = match Ulid::from_string(&self.node.id) {
+        let node_id = match parse_ulid("node.id", &self.node.id) {
             Ok(id) if id.0 != 0 => Some(id),
             _ => {
                 errors.push(err(
@@ -646,7 +646,7 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             let key = format!("peers[{i}]");
-            match Ulid::from_string(&p.node_id) {
+            match parse_ulid("node_id", &p.node_id) {
                 Ok(id) if Some(id) == node_id => errors.push(err(
                     format!("{key}.node_id"),
                     format!("{} is this node's own id", p.node_id),
@@ -816,6 +816,31 @@ mod tests {
             let e =
                 Config::from_toml(&GOOD.replace("cluster_id", "clusterid")).expect_err("unknown");
             assert!(e.to_string().contains("clusterid"), "{e}");
+        });
+    }
+
+    #[test]
+    fn ulids_beyond_128_bits_are_refused() {
+        // "8..." decodes (top bits dropped) to the id spelled "0...": accepting it
+        // would give one node two names.
+        jailed(|| {
+            let text = GOOD
+                .replace("01JD0000000000000000000001", "81JD0000000000000000000001")
+                .replace("01JD0000000000000000000002", "91JD0000000000000000000002");
+            let errs = Config::from_toml(&text)
+                .expect("parse")
+                .validate()
+                .expect_err("invalid");
+            let joined: Vec<String> = errs.iter().map(ToString::to_string).collect();
+            let joined = joined.join("\n");
+            assert!(
+                joined.contains("node.id: \"81JD0000000000000000000001\" is not a ULID"),
+                "{joined}"
+            );
+            assert!(
+                joined.contains("peers[0].node_id: \"91JD0000000000000000000002\" is not a ULID"),
+                "{joined}"
+            );
         });
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use tidemark_store::model::parse_ulid;
 use tidemark_store::{ChangeEvent, Store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -123,7 +124,7 @@ impl Inner {
                 hello.cluster_id, self.local.node_id, self.local.cluster_id
             )));
         }
-        let sender = Ulid::from_string(&hello.sender_node_id).map_err(|_| {
+        let sender = parse_ulid("hello.sender_node_id", &hello.sender_node_id).map_err(|_| {
             Status::invalid_argument(format!(
                 "hello.sender_node_id: {:?} is not a ULID",
                 hello.sender_node_id

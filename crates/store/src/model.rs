@@ -175,6 +175,19 @@ pub fn parse_ulid(what: &str, text: &str) -> Result<Ulid, StoreError> {
             ),
         ));
     }
+    // 26 base32 characters hold 130 bits and a ULID 128, so the first character is
+    // at most 7. The ulid crate drops the excess bits instead of refusing them,
+    // which would make `8...` another spelling of `0...` (and `80000000000000000000000000`
+    // the nil ULID).
+    if !(b'0'..=b'7').contains(&text.as_bytes()[0]) {
+        return Err(StoreError::invalid(
+            what,
+            format!(
+                "{:?} is not a ULID (the first character must be 0 to 7)",
+                truncate(text)
+            ),
+        ));
+    }
     Ulid::from_string(text)
         .map_err(|e| StoreError::invalid(what, format!("{:?} is not a ULID: {e}", truncate(text))))
 }
@@ -578,5 +591,31 @@ impl ChangeEvent {
             "new_values": self.new_values,
             "metadata": self.metadata,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulid_text_is_canonical() {
+        let id = Ulid::from_parts(1_764_000_000_000, 42);
+        let text = id.to_string();
+        assert_eq!(parse_ulid("id", &text).expect("canonical"), id);
+        assert_eq!(parse_ulid("id", &text.to_lowercase()).expect("lower case"), id);
+        assert_eq!(
+            parse_ulid("id", "7ZZZZZZZZZZZZZZZZZZZZZZZZZ").expect("largest").0,
+            u128::MAX
+        );
+        // These decode (with the top bits dropped) to the ids spelled 0... and 1...;
+        // they must be refused (the store_validators fuzz target checks the same).
+        for bad in ["80000000000000000000000000", "Z1KQ9A7B3C4D5E6F7G8H9J0K1M", "81234567890ABCDEFGHJKMNPQR"] {
+            let err = parse_ulid("event_id", bad).expect_err(bad).to_string();
+            assert!(
+                err.contains("first character must be 0 to 7") && err.contains("event_id"),
+                "{err}"
+            );
+        }
     }
 }
