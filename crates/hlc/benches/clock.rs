@@ -9,8 +9,12 @@ use tidemark_hlc::{Clock, Hlc, WallClock};
 use ulid::Ulid;
 
 fn clock(n: u128) -> Clock {
-    Clock::new(Ulid::from_parts(1_764_000_000_000, n), 5_000, WallClock::System)
-        .expect("a valid clock")
+    Clock::new(
+        Ulid::from_parts(1_764_000_000_000, n),
+        5_000,
+        WallClock::System,
+    )
+    .expect("a valid clock")
 }
 
 fn bench_clock(c: &mut Criterion) {
@@ -42,7 +46,9 @@ fn bench_encoding(c: &mut Criterion) {
     let h = Hlc::from_parts(1_764_000_000_123, 42).expect("valid parts");
     let raw = h.encode();
     let text = raw.to_string();
-    c.bench_function("hlc/encode", |b| b.iter(|| black_box(black_box(h).encode())));
+    c.bench_function("hlc/encode", |b| {
+        b.iter(|| black_box(black_box(h).encode()))
+    });
     c.bench_function("hlc/decode", |b| {
         b.iter(|| Hlc::decode(black_box(raw)).expect("valid"))
     });

@@ -30,7 +30,11 @@ fn events() -> Vec<ChangeEvent> {
                 node_id: origin,
                 table_name: "notes".into(),
                 record_id: record,
-                operation: if i % 2 == 0 { Operation::Insert } else { Operation::Update },
+                operation: if i % 2 == 0 {
+                    Operation::Insert
+                } else {
+                    Operation::Update
+                },
                 action: None,
                 user_id: None,
                 old_values: None,

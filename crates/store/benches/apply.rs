@@ -51,8 +51,12 @@ fn setup() -> Bench {
             .expect("register notes");
         engine
     });
-    let remote = Clock::new(Ulid::from_parts(1_764_000_000_000, 2), 5_000, WallClock::System)
-        .expect("remote clock");
+    let remote = Clock::new(
+        Ulid::from_parts(1_764_000_000_000, 2),
+        5_000,
+        WallClock::System,
+    )
+    .expect("remote clock");
     Bench {
         rt,
         engine: std::sync::Arc::new(engine),

@@ -603,14 +603,23 @@ mod tests {
         let id = Ulid::from_parts(1_764_000_000_000, 42);
         let text = id.to_string();
         assert_eq!(parse_ulid("id", &text).expect("canonical"), id);
-        assert_eq!(parse_ulid("id", &text.to_lowercase()).expect("lower case"), id);
         assert_eq!(
-            parse_ulid("id", "7ZZZZZZZZZZZZZZZZZZZZZZZZZ").expect("largest").0,
+            parse_ulid("id", &text.to_lowercase()).expect("lower case"),
+            id
+        );
+        assert_eq!(
+            parse_ulid("id", "7ZZZZZZZZZZZZZZZZZZZZZZZZZ")
+                .expect("largest")
+                .0,
             u128::MAX
         );
         // These decode (with the top bits dropped) to the ids spelled 0... and 1...;
         // they must be refused (the store_validators fuzz target checks the same).
-        for bad in ["80000000000000000000000000", "Z1KQ9A7B3C4D5E6F7G8H9J0K1M", "81234567890ABCDEFGHJKMNPQR"] {
+        for bad in [
+            "80000000000000000000000000",
+            "Z1KQ9A7B3C4D5E6F7G8H9J0K1M",
+            "81234567890ABCDEFGHJKMNPQR",
+        ] {
             let err = parse_ulid("event_id", bad).expect_err(bad).to_string();
             assert!(
                 err.contains("first character must be 0 to 7") && err.contains("event_id"),

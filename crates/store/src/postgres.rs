@@ -47,6 +47,27 @@ fn migrator() -> sqlx::migrate::Migrator {
 
 /// The URL with its password replaced by `***`, for messages.
 pub fn redact(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        // libpq-style parameters may carry the password too (`?password=...`).
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -585,7 +606,10 @@ impl Backend for PostgresBackend {
             let nodes: Vec<String> = chunk.iter().map(|(_, v)| v.node_id.to_string()).collect();
             let events: Vec<String> = chunk.iter().map(|(_, v)| v.event_id.to_string()).collect();
             let deleted: Vec<bool> = chunk.iter().map(|(_, v)| v.deleted).collect();
-            let vvs: Vec<String> = chunk.iter().map(|(_, v)| v.vv.to_json().to_string()).collect();
+            let vvs: Vec<String> = chunk
+                .iter()
+                .map(|(_, v)| v.vv.to_json().to_string())
+                .collect();
             let frontiers: Vec<String> = chunk
                 .iter()
                 .map(|(_, v)| v.frontier_json().to_string())
@@ -654,7 +678,18 @@ impl Backend for PostgresBackend {
                     col.push(v);
                 }
             }
-            let [ids, nodes, tables, records, ops, actions, users, olds, news, metas] = cols;
+            let [
+                ids,
+                nodes,
+                tables,
+                records,
+                ops,
+                actions,
+                users,
+                olds,
+                news,
+                metas,
+            ] = cols;
             sqlx::query(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata) \
@@ -1025,5 +1060,27 @@ impl Backend for PostgresBackend {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        assert_eq!(
+            redact("postgres://app@db/app?sslmode=require&password=s3cret"),
+            "postgres://app@db/app?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact("postgresql://u:p@h/d?PASSWORD=x&application_name=t"),
+            "postgresql://u:***@h/d?PASSWORD=***&application_name=t"
+        );
+        assert_eq!(redact("postgres://h/d"), "postgres://h/d");
     }
 }
