@@ -250,7 +250,7 @@ impl Cluster {
                  [store]\nurl = \"sqlite://{}\"\n\n\
                  [server]\nlisten_addr = \"127.0.0.1:{}\"\nmetrics_listen_addr = \"127.0.0.1:{}\"\n\n\
                  [tls]\ninsecure = true\n\n[log]\nlevel = \"warn\"\n\n\
-                 [replication]\ncapture_poll_ms = 1\n\n\
+                 \
                  [[tables]]\nname = \"notes\"\n",
                 node.id,
                 i,

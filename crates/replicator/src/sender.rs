@@ -408,15 +408,21 @@ impl SenderInner {
                 if events.is_empty() {
                     break;
                 }
+                // Fewer than asked for: the log held no more when read. A commit
+                // after that read bumps `commits`, so nothing is missed by not
+                // asking again now (one query round per wake-up instead of two).
+                let drained = events.len() < self.opts.batch_size as usize;
                 let mut batch = pb::Batch {
                     batch_id: next_batch + 1,
                     events: Vec::with_capacity(events.len()),
                 };
                 let mut bytes = 0usize;
+                let mut cut = false;
                 for e in &events {
                     let pe = event_to_pb(e);
                     let len = pe.encoded_len();
                     if !batch.events.is_empty() && bytes + len > self.opts.max_batch_bytes {
+                        cut = true;
                         break;
                     }
                     bytes += len;
@@ -434,6 +440,9 @@ impl SenderInner {
                 .map_err(|_| SessionError::Closed)?;
                 inflight.push_back((next_batch, n, Instant::now()));
                 sent_any = true;
+                if drained && !cut {
+                    break;
+                }
             }
             if sent_any {
                 let unacked: u64 = inflight.iter().map(|b| b.1).sum();
