@@ -791,6 +791,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// MiB figures of several daemons, as `22 / 23`.
+fn mib_list(values: &[f64]) -> String {
+    let parts: Vec<String> = values.iter().map(|m| format!("{m:.0}")).collect();
+    parts.join(" / ")
+}
+
 fn render(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "machine: {}\n", r.machine);
@@ -814,7 +820,7 @@ fn render(r: &Report) -> String {
         );
     }
     for run in &r.runs {
-        let rss: Vec<String> = run.peak_rss_mib.iter().map(|m| format!("{m:.0}")).collect();
+        let rss = mib_list(&run.peak_rss_mib);
         let _ = writeln!(
             s,
             "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} |",
@@ -825,15 +831,10 @@ fn render(r: &Report) -> String {
             run.rate.per_sec,
             run.rate.cpu_secs,
             run.rate.per_cpu_sec(),
-            rss.join(" / ")
+            rss
         );
     }
-    let rss: Vec<String> = r
-        .catch_up
-        .peak_rss_mib
-        .iter()
-        .map(|m| format!("{m:.0}"))
-        .collect();
+    let rss = mib_list(&r.catch_up.peak_rss_mib);
     let _ = writeln!(
         s,
         "| catch-up of a backlog | 2 | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} |",
@@ -842,14 +843,9 @@ fn render(r: &Report) -> String {
         r.catch_up.per_sec,
         r.catch_up.cpu_secs,
         r.catch_up.backlog as f64 / r.catch_up.cpu_secs.max(1e-9),
-        rss.join(" / ")
+        rss
     );
-    let rss: Vec<String> = r
-        .lag
-        .steady_rss_mib
-        .iter()
-        .map(|m| format!("{m:.0}"))
-        .collect();
+    let rss = mib_list(&r.lag.steady_rss_mib);
     let _ = writeln!(
         s,
         "\nlag, {} nodes at {} writes/s (achieved {:.0}/s, {} writes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; steady RSS {} MiB",
@@ -860,7 +856,7 @@ fn render(r: &Report) -> String {
         r.lag.p50_ms,
         r.lag.p99_ms,
         r.lag.max_ms,
-        rss.join(" / ")
+        rss
     );
     let ratio = |name: &str| {
         r.runs

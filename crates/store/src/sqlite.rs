@@ -544,46 +544,14 @@ impl Backend for SqliteBackend {
         hlc: Hlc,
         node_id: Ulid,
     ) -> Result<()> {
-        let mut cols: Vec<&String> = table
-            .columns
-            .iter()
-            .filter(|c| values.contains_key(c.as_str()))
-            .collect();
-        if !cols.contains(&&table.primary_key) {
-            cols.insert(0, &table.primary_key);
-        }
-        let names: Vec<String> = cols.iter().map(|c| q(c)).collect();
-        let exprs: Vec<String> = cols
-            .iter()
-            .map(|c| format!("json_extract($1, '$.\"{c}\"')"))
-            .collect();
-        let updates: Vec<String> = cols
-            .iter()
-            .filter(|c| **c != &table.primary_key)
-            .map(|c| format!("{0} = excluded.{0}", q(c)))
-            .chain([
-                "node_id = excluded.node_id".to_owned(),
-                "hlc_modified = excluded.hlc_modified".to_owned(),
-            ])
-            .collect();
-        let sql = format!(
-            "INSERT INTO {t} ({names}, node_id, hlc_modified) SELECT {exprs}, $2, $3 WHERE true \
-             ON CONFLICT ({pk}) DO UPDATE SET {updates}",
-            t = q(&table.table_name),
-            names = names.join(", "),
-            exprs = exprs.join(", "),
-            pk = q(&table.primary_key),
-            updates = updates.join(", "),
-        );
-        let mut values = values.clone();
-        values.insert(table.primary_key.clone(), Value::String(id.to_string()));
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(Value::Object(values).to_string())
-            .bind(node_id.to_string())
-            .bind(hlc.encode())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+        let row = RowWrite {
+            id,
+            values: values.clone(),
+            hlc,
+            node_id,
+        };
+        self.upsert_rows(tx, table, std::slice::from_ref(&row))
+            .await
     }
 
     async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
