@@ -555,16 +555,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
-        let sql = format!(
-            "DELETE FROM {} WHERE {} = $1",
-            q(&table.table_name),
-            q(&table.primary_key)
-        );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+        self.delete_rows(tx, table, &[id]).await
     }
 
     async fn stamp_row(
@@ -575,18 +566,7 @@ impl Backend for SqliteBackend {
         hlc: Hlc,
         node_id: Ulid,
     ) -> Result<()> {
-        let sql = format!(
-            "UPDATE {} SET node_id = $1, hlc_modified = $2 WHERE {} = $3",
-            q(&table.table_name),
-            q(&table.primary_key)
-        );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(node_id.to_string())
-            .bind(hlc.encode())
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+        self.stamp_rows(tx, table, &[(id, hlc, node_id)]).await
     }
 
     async fn put_versions(
