@@ -55,9 +55,24 @@ pub fn free_port() -> u16 {
 /// The test application's table, as created on every node.
 pub fn notes_ddl(db: &TestDb) -> String {
     format!(
-        "CREATE TABLE notes (id {} PRIMARY KEY, title TEXT, body TEXT, stars INTEGER)",
-        db.ulid_type()
+        "CREATE TABLE notes (id {} PRIMARY KEY, title TEXT, body TEXT, stars {})",
+        db.ulid_type(),
+        db.int_type()
     )
+}
+
+/// The schema a sender announces for the test's `notes` table on SQLite, for tests
+/// that speak the replication protocol by hand.
+pub fn notes_schema() -> Vec<tidemark_replicator::pb::TableSchema> {
+    vec![tidemark_replicator::pb::TableSchema {
+        name: "notes".into(),
+        columns: ["id", "title", "body", "stars"].map(String::from).to_vec(),
+        column_types: ["text", "text", "text", "int64"].map(String::from).to_vec(),
+        declared_types: ["TEXT", "TEXT", "TEXT", "INTEGER"]
+            .map(String::from)
+            .to_vec(),
+        backend: "sqlite".into(),
+    }]
 }
 
 /// A read-side connection to a node's database for checks.

@@ -117,6 +117,15 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{} client failed on {sql:?}: {e}", self.kind()))
     }
 
+    /// The SQL type of a 64-bit integer column on this backend (SQLite's INTEGER
+    /// is 64 bits; PostgreSQL's `integer` is 32, and the two are different classes).
+    pub fn int_type(&self) -> &'static str {
+        match self {
+            TestDb::Sqlite { .. } | TestDb::Memory { .. } => "INTEGER",
+            TestDb::Postgres { .. } => "BIGINT",
+        }
+    }
+
     /// The SQL type of a ULID key column on this backend.
     pub fn ulid_type(&self) -> &'static str {
         match self {

@@ -9,7 +9,7 @@ use tidemark_hlc::Hlc;
 use tidemark_replicator::pb::{
     self, receiver_message, replication_client::ReplicationClient, sender_message,
 };
-use tidemark_tests::daemon::{Cluster, TestNode, Topology};
+use tidemark_tests::daemon::{Cluster, TestNode, Topology, notes_schema};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
@@ -23,16 +23,9 @@ struct RawSession {
     next_batch: u64,
 }
 
-fn notes_schema() -> Vec<pb::TableSchema> {
-    vec![pb::TableSchema {
-        name: "notes".into(),
-        columns: ["id", "title", "body", "stars"].map(String::from).to_vec(),
-    }]
-}
-
 fn hello(node: &TestNode) -> pb::Hello {
     pb::Hello {
-        protocol_version: 1,
+        protocol_version: tidemark_replicator::PROTOCOL_VERSION,
         cluster_id: "test".into(),
         sender_node_id: Ulid::generate().to_string(),
         receiver_node_id: node.id.to_string(),
@@ -111,9 +104,14 @@ fn event(
         action: None,
         user_id: None,
         old_values_json: None,
-        new_values_json: values.map(|mut v| {
-            v["id"] = json!(record.to_string());
-            v.to_string()
+        // An event carries the whole row: columns not given are NULL.
+        new_values_json: values.map(|given| {
+            let mut row =
+                json!({"id": record.to_string(), "title": null, "body": null, "stars": null});
+            if let (Some(row), Some(given)) = (row.as_object_mut(), given.as_object()) {
+                row.extend(given.clone());
+            }
+            row.to_string()
         }),
         metadata_json: Some(json!({"vv": {origin.to_string(): hlc.encode()}}).to_string()),
     }
@@ -136,8 +134,8 @@ async fn handshake_mismatches_are_refused_with_clear_errors() {
             "cluster id mismatch: sender is in cluster \"other\"",
         ),
         (
-            Box::new(|h| h.protocol_version = 2),
-            "protocol version 2 is not supported",
+            Box::new(|h| h.protocol_version = tidemark_replicator::PROTOCOL_VERSION + 1),
+            "is not supported: node",
         ),
         (
             Box::new(|h| h.receiver_node_id = Ulid::generate().to_string()),
@@ -150,6 +148,14 @@ async fn handshake_mismatches_are_refused_with_clear_errors() {
         (
             Box::new(|h| h.tables[0].columns.push("extra".into())),
             "table notes has columns (id, title, body, stars) here but (id, title, body, stars, extra) at the peer",
+        ),
+        (
+            Box::new(|h| {
+                h.tables[0].column_types[3] = "int32".into();
+                h.tables[0].declared_types[3] = "integer".into();
+                h.tables[0].backend = "postgres".into();
+            }),
+            "table notes column stars is int64 (INTEGER on sqlite) here but int32 (integer on postgres) at the peer",
         ),
     ];
     for (mutate, expect) in cases {
@@ -411,19 +417,27 @@ async fn hostile_events_are_quarantined_and_the_stream_goes_on() {
         );
         assert!(rej.message.contains(expect), "{expect}: {}", rej.message);
     }
-    // A value of another type than the column's is kept as SQLite takes it
-    // (dynamic typing; the store suite shows PostgreSQL refusing it instead).
-    let ack = s.send(vec![wrong_type]).await.expect("wrong type");
-    assert!(ack.rejected.is_empty(), "{:?}", ack.rejected);
-    assert_eq!(ack.applied, 1);
+    // A value outside its column's class is refused on SQLite too (as on
+    // PostgreSQL), never stored as SQLite's dynamic typing would take it.
+    let ack = s.send(vec![wrong_type.clone()]).await.expect("wrong type");
+    assert_eq!(ack.rejected.len(), 1, "{:?}", ack.rejected);
+    assert_eq!(ack.rejected[0].event_id, wrong_type.event_id);
+    assert!(
+        ack.rejected[0]
+            .message
+            .contains("table notes column stars (int64): expected an integer, found a string"),
+        "{}",
+        ack.rejected[0].message
+    );
+    assert_eq!(ack.applied, 0);
     // Schema untouched, nothing lost; every bad event is in the quarantine.
     assert_eq!(
         node.db.sql("SELECT sql FROM sqlite_master ORDER BY name"),
         schema_before
     );
-    assert!(node.reader().rows().await.contains_key(&r.to_string()));
+    assert_eq!(node.reader().rows().await, rows_before);
     assert_eq!(rows_before.len(), 1);
-    assert_eq!(node.db.sql("SELECT COUNT(*) FROM tidemark_quarantine"), "8");
+    assert_eq!(node.db.sql("SELECT COUNT(*) FROM tidemark_quarantine"), "9");
     assert!(node.log_contains("event quarantined"));
 
     // A timestamp beyond the max drift (but not absurd) refuses the batch: it is

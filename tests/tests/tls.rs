@@ -102,14 +102,11 @@ async fn hello(channel: Channel, node: &TestNode, sender: Ulid) -> Result<(), to
     let (tx, rx) = mpsc::channel(2);
     tx.send(pb::SenderMessage {
         kind: Some(sender_message::Kind::Hello(pb::Hello {
-            protocol_version: 1,
+            protocol_version: tidemark_replicator::PROTOCOL_VERSION,
             cluster_id: "test".into(),
             sender_node_id: sender.to_string(),
             receiver_node_id: node.id.to_string(),
-            tables: vec![pb::TableSchema {
-                name: "notes".into(),
-                columns: ["id", "title", "body", "stars"].map(String::from).to_vec(),
-            }],
+            tables: tidemark_tests::daemon::notes_schema(),
             hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
                 .expect("hlc")
                 .encode(),

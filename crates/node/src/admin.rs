@@ -2,7 +2,7 @@
 //! conflict policies, record history.
 
 use serde_json::Value;
-use tidemark_replicator::convert::{event_to_pb, json_object, vector_to_pb};
+use tidemark_replicator::convert::{event_to_pb, raw_object, vector_to_pb};
 use tidemark_replicator::{Peer, Sender, pb, status};
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{
@@ -230,7 +230,7 @@ impl pb::admin_server::Admin for AdminService {
             Ok(pb::ResolveChoice::KeepLocal) => ResolveChoice::KeepLocal,
             Ok(pb::ResolveChoice::KeepRemote) => ResolveChoice::KeepRemote,
             Ok(pb::ResolveChoice::Merged) => ResolveChoice::Merged(
-                json_object("values_json", &req.values_json).map_err(|e| status::from_field(&e))?,
+                raw_object("values_json", &req.values_json).map_err(|e| status::from_field(&e))?,
             ),
             _ => {
                 return Err(Status::invalid_argument(format!(

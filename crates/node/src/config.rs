@@ -3,7 +3,7 @@
 //! `TIDEMARK_SERVER__LISTEN_ADDR`), validated at start with errors that name the
 //! key and the bad value.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 use tidemark_replicator::{LocalNode, Peer, ReplicationOptions};
 use tidemark_store::model::parse_ulid;
-use tidemark_store::{ConflictPolicy, StoreUrl};
+use tidemark_store::{ColumnType, ConflictPolicy, StoreUrl};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "TIDEMARK_";
@@ -115,6 +115,11 @@ pub struct StoreConfig {
     /// holding the capture queue before it is retried.
     #[serde(default = "StoreConfig::default_lock_timeout_ms")]
     pub lock_timeout_ms: u64,
+    /// Largest event a write may produce (the row's values as JSON): a larger API
+    /// write is refused, a larger direct write is set aside and reported. Must
+    /// leave room in replication.max_message_bytes.
+    #[serde(default = "StoreConfig::default_max_event_bytes")]
+    pub max_event_bytes: u64,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -127,6 +132,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("sqlite_max_page_count", &self.sqlite_max_page_count)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("lock_timeout_ms", &self.lock_timeout_ms)
+            .field("max_event_bytes", &self.max_event_bytes)
             .finish()
     }
 }
@@ -134,6 +140,9 @@ impl std::fmt::Debug for StoreConfig {
 impl StoreConfig {
     const fn default_max_connections() -> u32 {
         4
+    }
+    const fn default_max_event_bytes() -> u64 {
+        tidemark_store::DEFAULT_MAX_EVENT_BYTES as u64
     }
     const fn default_busy_timeout_ms() -> u64 {
         5_000
@@ -283,6 +292,10 @@ pub struct TableConfig {
     /// `lww` (default) or `manual`.
     #[serde(default = "TableConfig::default_policy")]
     pub conflict_policy: String,
+    /// SQLite only: the class of columns whose declared type does not say it,
+    /// e.g. `price = "decimal(10,2)"` for a TEXT column holding exact decimals.
+    #[serde(default)]
+    pub types: BTreeMap<String, String>,
 }
 
 impl TableConfig {
@@ -343,8 +356,20 @@ pub struct Settings {
     pub replication: ReplicationOptions,
     pub capture_poll: Duration,
     pub peers: Vec<Peer>,
-    pub tables: Vec<(String, ConflictPolicy)>,
+    pub tables: Vec<TableSettings>,
+    /// Largest event (a row's values as JSON) a write may produce.
+    pub max_event_bytes: usize,
     pub log: LogConfig,
+}
+
+/// A replicated table as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSettings {
+    pub name: String,
+    /// Applies at first registration only (afterwards the replicated registry rules).
+    pub policy: ConflictPolicy,
+    /// Column class overrides (SQLite).
+    pub types: BTreeMap<String, ColumnType>,
 }
 
 impl Config {
@@ -633,6 +658,17 @@ impl Config {
                 ),
             ));
         }
+        // An event travels in one message, with its ids, stamps and metadata.
+        let event_room = (r.max_message_bytes as u64).saturating_sub(64 << 10);
+        if self.store.max_event_bytes < 1024 || self.store.max_event_bytes > event_room {
+            errors.push(err(
+                "store.max_event_bytes",
+                format!(
+                    "{} must be between 1024 and replication.max_message_bytes less 64 KiB ({event_room})",
+                    self.store.max_event_bytes
+                ),
+            ));
+        }
         if r.max_batch_bytes >= r.max_message_bytes {
             errors.push(err(
                 "replication.max_batch_bytes",
@@ -704,8 +740,21 @@ impl Config {
                     format!("{} is listed twice", t.name),
                 ));
             }
+            let mut types = BTreeMap::new();
+            for (column, class) in &t.types {
+                match class.parse::<ColumnType>() {
+                    Ok(c) => {
+                        types.insert(column.clone(), c);
+                    }
+                    Err(e) => errors.push(err(format!("{key}.types.{column}"), e)),
+                }
+            }
             match t.conflict_policy.parse::<ConflictPolicy>() {
-                Ok(p) => tables.push((t.name.clone(), p)),
+                Ok(policy) => tables.push(TableSettings {
+                    name: t.name.clone(),
+                    policy,
+                    types,
+                }),
                 Err(_) => errors.push(err(
                     format!("{key}.conflict_policy"),
                     format!("{:?} is not one of lww, manual", t.conflict_policy),
@@ -763,6 +812,7 @@ impl Config {
             capture_poll: Duration::from_millis(r.capture_poll_ms),
             peers,
             tables,
+            max_event_bytes: self.store.max_event_bytes as usize,
             log: self.log.clone(),
         })
     }
@@ -805,7 +855,14 @@ mod tests {
                 .validate()
                 .expect("valid");
             assert_eq!(s.peers.len(), 1);
-            assert_eq!(s.tables, vec![("notes".to_owned(), ConflictPolicy::Lww)]);
+            assert_eq!(
+                s.tables,
+                vec![TableSettings {
+                    name: "notes".to_owned(),
+                    policy: ConflictPolicy::Lww,
+                    types: BTreeMap::new(),
+                }]
+            );
             assert_eq!(s.listen_addr.port(), 7070);
         });
     }
@@ -880,7 +937,14 @@ mod tests {
                 .expect("parse")
                 .validate()
                 .expect("valid");
-            assert_eq!(s.tables, vec![("notes".to_owned(), ConflictPolicy::Lww)]);
+            assert_eq!(
+                s.tables,
+                vec![TableSettings {
+                    name: "notes".to_owned(),
+                    policy: ConflictPolicy::Lww,
+                    types: BTreeMap::new(),
+                }]
+            );
         });
     }
 

@@ -139,6 +139,16 @@ fn describe() {
         Unit::Count,
         "Events from a peer quarantined, by gRPC code."
     );
+    describe_gauge!(
+        "tidemark_unreplicated_captures",
+        Unit::Count,
+        "Direct writes set aside because they cannot be replicated (a value outside its column's class, an event over store.max_event_bytes); the rows stay on this node."
+    );
+    describe_counter!(
+        "tidemark_captures_set_aside_total",
+        Unit::Count,
+        "Direct writes set aside since start because they cannot be replicated."
+    );
 }
 
 #[derive(Clone)]
@@ -224,5 +234,6 @@ async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<(
     metrics::gauge!("tidemark_unsynced_events").set(store.count_unsynced().await? as f64);
     metrics::gauge!("tidemark_pending_captures").set(store.pending_captures().await? as f64);
     metrics::gauge!("tidemark_quarantined_events").set(store.count_quarantined().await? as f64);
+    metrics::gauge!("tidemark_unreplicated_captures").set(store.count_set_aside().await? as f64);
     Ok(())
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-pub use config::{Config, Settings};
+pub use config::{Config, Settings, TableSettings};
 
 /// How long shutdown waits for tasks before closing the store anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -78,23 +78,25 @@ impl Node {
             .bind_cluster(&settings.local.cluster_id)
             .await
             .context("node.cluster_id")?;
-        for (table, policy) in &settings.tables {
+        store.set_max_event_bytes(settings.max_event_bytes);
+        for table in &settings.tables {
             let info = store
-                .register_table(table, *policy)
+                .register_table_with(&table.name, table.policy, &table.types)
                 .await
-                .with_context(|| format!("registering table {table} (tables)"))?;
-            if info.conflict_policy != *policy {
+                .with_context(|| format!("registering table {} (tables)", table.name))?;
+            if info.conflict_policy != table.policy {
                 warn!(
-                    table,
-                    configured = %policy,
+                    table = %table.name,
+                    configured = %table.policy,
                     registered = %info.conflict_policy,
                     "the configured conflict_policy applies only at first registration; the cluster-wide policy is {} (change it with `tidemark admin policy set`)",
                     info.conflict_policy
                 );
             }
-            debug!(table, columns = ?info.columns, policy = %info.conflict_policy, "table registered");
+            debug!(table = %table.name, columns = ?info.columns, policy = %info.conflict_policy, "table registered");
         }
         let drained = store.drain().await.context("draining captured writes")?;
+        report_set_aside(&drained.set_aside);
         if drained.events > 0 {
             info!(
                 events = drained.events,
@@ -366,11 +368,10 @@ async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
             match store.drain().await {
                 Ok(out) => {
                     failures = 0;
-                    debug!(
-                        events = out.events,
-                        unchanged = out.unchanged,
-                        "captured writes stamped"
-                    );
+                    debug!(events = out.events, "captured writes stamped");
+                    metrics::counter!("tidemark_events_captured_total", "source" => "sql")
+                        .increment(out.events);
+                    report_set_aside(&out.set_aside);
                 }
                 Err(e) => {
                     failures += 1;
@@ -393,6 +394,23 @@ async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = waiter.wait() => {}
         }
+    }
+}
+
+/// Logs and counts captured writes that cannot be replicated (the rows stay on
+/// this node; `tidemark admin unreplicated` lists them).
+fn report_set_aside(set_aside: &[tidemark_store::SetAside]) {
+    for s in set_aside {
+        warn!(
+            table = %s.table_name,
+            record_id = %s.record_id,
+            operation = %s.operation,
+            reason = %s.reason,
+            "a direct write cannot be replicated: set aside, the row stays on this node"
+        );
+    }
+    if !set_aside.is_empty() {
+        metrics::counter!("tidemark_captures_set_aside_total").increment(set_aside.len() as u64);
     }
 }
 

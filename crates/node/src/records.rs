@@ -1,7 +1,7 @@
 //! The `Records` gRPC service: stamped writes by table and ULID.
 
 use serde_json::Value;
-use tidemark_replicator::convert::json_object;
+use tidemark_replicator::convert::raw_object;
 use tidemark_replicator::pb;
 use tidemark_replicator::status;
 use tidemark_store::{ChangeEvent, Store, model::parse_ulid};
@@ -51,10 +51,10 @@ impl pb::records_server::Records for RecordsService {
         let req = request.into_inner();
         let id = record_id(&req.id)?;
         let values =
-            json_object("values_json", &req.values_json).map_err(|e| status::from_field(&e))?;
+            raw_object("values_json", &req.values_json).map_err(|e| status::from_field(&e))?;
         let event = self
             .store
-            .put(&req.table, id, &values)
+            .put_raw(&req.table, id, &values)
             .await
             .map_err(|e| status::from_store(&e))?;
         metrics::counter!("tidemark_events_captured_total", "source" => "api").increment(1);

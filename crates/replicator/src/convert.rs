@@ -50,6 +50,21 @@ pub fn json_object(field: &str, text: &str) -> Result<Values, FieldError> {
     }
 }
 
+/// Parses a JSON object keeping each value's text (numbers keep every digit), naming
+/// `field` when it is not one.
+pub fn raw_object(field: &str, text: &str) -> Result<tidemark_store::RawValues, FieldError> {
+    match serde_json::from_str::<tidemark_store::RawValues>(text) {
+        Ok(m) => Ok(m),
+        Err(e) => Err(match serde_json::from_str::<Value>(text) {
+            Ok(other) if !other.is_object() => FieldError::new(
+                field,
+                format!("expected a JSON object, found {}", kind(&other)),
+            ),
+            _ => FieldError::new(field, format!("malformed JSON: {e}")),
+        }),
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -92,10 +107,7 @@ pub fn event_to_pb(e: &ChangeEvent) -> pb::Event {
         operation: operation_to_pb(e.operation) as i32,
         action: e.action.clone(),
         user_id: e.user_id.map(|u| u.to_string()),
-        old_values_json: e
-            .old_values
-            .as_ref()
-            .map(|v| Value::Object(v.clone()).to_string()),
+        old_values_json: None,
         new_values_json: e
             .new_values
             .as_ref()
@@ -135,11 +147,7 @@ pub fn event_from_pb(e: pb::Event) -> Result<ChangeEvent, FieldError> {
                 .as_deref()
                 .map(|u| ulid("user_id", u))
                 .transpose()?,
-            old_values: e
-                .old_values_json
-                .as_deref()
-                .map(|v| json_object("old_values_json", v))
-                .transpose()?,
+            old_values: None,
             new_values: e
                 .new_values_json
                 .as_deref()
@@ -194,37 +202,61 @@ pub fn vector_from_pb(
     Ok(out)
 }
 
-pub fn tables_to_pb(tables: &[std::sync::Arc<TableInfo>]) -> Vec<pb::TableSchema> {
+pub fn tables_to_pb(tables: &[std::sync::Arc<TableInfo>], backend: &str) -> Vec<pb::TableSchema> {
     tables
         .iter()
         .map(|t| pb::TableSchema {
             name: t.table_name.clone(),
             columns: t.columns.clone(),
+            column_types: t.types.iter().map(ToString::to_string).collect(),
+            declared_types: t.declared.clone(),
+            backend: backend.to_owned(),
         })
         .collect()
 }
 
-/// Describes how two nodes' replicated schemas differ, `None` when they agree.
+/// Describes how two nodes' replicated schemas differ, `None` when they agree:
+/// tables, columns (names and order) and each column's class.
 pub fn schema_difference(mine: &[pb::TableSchema], theirs: &[pb::TableSchema]) -> Option<String> {
     use std::collections::BTreeMap;
-    let index = |ts: &[pb::TableSchema]| -> BTreeMap<String, Vec<String>> {
-        ts.iter()
-            .map(|t| (t.name.clone(), t.columns.clone()))
-            .collect()
+    let index = |ts: &[pb::TableSchema]| -> BTreeMap<String, pb::TableSchema> {
+        ts.iter().map(|t| (t.name.clone(), t.clone())).collect()
     };
     let (a, b) = (index(mine), index(theirs));
     let mut diffs = Vec::new();
-    for (name, cols) in &a {
+    let declared = |t: &pb::TableSchema, i: usize| {
+        let ty = t.declared_types.get(i).map_or("?", String::as_str);
+        if t.backend.is_empty() {
+            ty.to_owned()
+        } else {
+            format!("{ty} on {}", t.backend)
+        }
+    };
+    for (name, here) in &a {
         match b.get(name) {
             None => diffs.push(format!(
                 "table {name} is replicated here but not by the peer"
             )),
-            Some(other) if other != cols => diffs.push(format!(
+            Some(there) if there.columns != here.columns => diffs.push(format!(
                 "table {name} has columns ({}) here but ({}) at the peer",
-                cols.join(", "),
-                other.join(", ")
+                here.columns.join(", "),
+                there.columns.join(", ")
             )),
-            Some(_) => {}
+            Some(there) => {
+                for (i, col) in here.columns.iter().enumerate() {
+                    let (x, y) = (here.column_types.get(i), there.column_types.get(i));
+                    if x != y {
+                        diffs.push(format!(
+                            "table {name} column {col} is {} ({}) here but {} ({}) at the peer: \
+                             the two cannot hold each other's values",
+                            x.map_or("untyped", String::as_str),
+                            declared(here, i),
+                            y.map_or("untyped", String::as_str),
+                            declared(there, i),
+                        ));
+                    }
+                }
+            }
         }
     }
     for name in b.keys().filter(|n| !a.contains_key(*n)) {
@@ -303,6 +335,9 @@ mod tests {
         let t = |n: &str, c: &[&str]| pb::TableSchema {
             name: n.into(),
             columns: c.iter().map(|s| s.to_string()).collect(),
+            column_types: c.iter().map(|_| "text".to_string()).collect(),
+            declared_types: c.iter().map(|_| "TEXT".to_string()).collect(),
+            backend: "sqlite".into(),
         };
         assert_eq!(
             schema_difference(&[t("a", &["id"])], &[t("a", &["id"])]),
@@ -323,6 +358,20 @@ mod tests {
         );
         assert!(
             d.contains("table c is replicated by the peer but not here"),
+            "{d}"
+        );
+        let mut real = t("a", &["id", "v"]);
+        real.column_types[1] = "float64".into();
+        real.declared_types[1] = "REAL".into();
+        let mut int = t("a", &["id", "v"]);
+        int.column_types[1] = "int32".into();
+        int.declared_types[1] = "integer".into();
+        int.backend = "postgres".into();
+        let d = schema_difference(&[real], &[int]).expect("types differ");
+        assert!(
+            d.contains(
+                "table a column v is float64 (REAL on sqlite) here but int32 (integer on postgres) at the peer"
+            ),
             "{d}"
         );
     }

@@ -39,7 +39,7 @@ pub use sender::{Connector, PeerIo, PeerState, Sender};
 pub use tls::PeerTls;
 
 /// The replication wire protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Who this node is, as peers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -141,7 +141,7 @@ impl Inner {
                 "sender claims this node's own id {sender}"
             )));
         }
-        let mine = tables_to_pb(&self.store.tables());
+        let mine = tables_to_pb(&self.store.tables(), self.store.kind());
         if let Some(diff) = schema_difference(&mine, &hello.tables) {
             return Err(Status::failed_precondition(format!(
                 "replicated schema differs from sender {sender}: {diff}"

@@ -356,7 +356,7 @@ impl SenderInner {
             cluster_id: self.local.cluster_id.clone(),
             sender_node_id: self.local.node_id.to_string(),
             receiver_node_id: peer.node_id.to_string(),
-            tables: tables_to_pb(&self.store.tables()),
+            tables: tables_to_pb(&self.store.tables(), self.store.kind()),
             hlc: self.store.clock().now().encode(),
         };
         tx.send(pb::SenderMessage {

@@ -15,9 +15,10 @@ pub fn from_store(err: &StoreError) -> Status {
             Status::not_found(err.to_string())
         }
         StoreError::ConflictClosed { .. } => Status::failed_precondition(err.to_string()),
-        StoreError::Invalid { .. } | StoreError::UnknownColumn { .. } => {
-            Status::invalid_argument(err.to_string())
-        }
+        StoreError::Invalid { .. }
+        | StoreError::UnknownColumn { .. }
+        | StoreError::InvalidValue { .. }
+        | StoreError::TooLarge { .. } => Status::invalid_argument(err.to_string()),
         StoreError::Clock(ClockError::DriftExceeded { .. }) => {
             Status::out_of_range(err.to_string())
         }

@@ -18,9 +18,10 @@ use ulid::Ulid;
 use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, TableInfo, Values,
-    Version, VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, SetAside, TableInfo,
+    Values, Version, VersionVector,
 };
+use crate::value::ColumnType;
 
 /// What to do with the per-event savepoint of a careful apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,10 @@ pub trait Backend: Send + Sync + 'static {
     fn meta_get(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
     fn meta_set(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
 
+    /// The class of a column of this backend from its declared type (the reason
+    /// when the type is not replicated).
+    fn column_type(&self, declared: &str) -> std::result::Result<ColumnType, String>;
+
     /// Columns and primary key of a table, `None` when no such table exists.
     fn inspect_table(
         &self,
@@ -119,6 +124,16 @@ pub trait Backend: Send + Sync + 'static {
         tx: &mut Self::Tx,
         seqs: &[i64],
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Records captures that cannot be replicated (`tidemark_unreplicated`); the
+    /// caller deletes them from the queue.
+    fn set_aside(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[SetAside],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Captures set aside, oldest first, at most `limit`.
+    fn list_set_aside(&self, limit: u32) -> impl Future<Output = Result<Vec<SetAside>>> + Send;
+    fn count_set_aside(&self) -> impl Future<Output = Result<u64>> + Send;
 
     fn versions(
         &self,
@@ -132,9 +147,12 @@ pub trait Backend: Send + Sync + 'static {
         table: &str,
         id: Ulid,
         version: &Version,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move { self.put_versions(tx, table, &[(id, version.clone())]).await }
+    }
 
-    /// Current replicated values of existing rows.
+    /// Current replicated values of existing rows, in their canonical form (see
+    /// [`crate::value`]).
     fn rows(
         &self,
         tx: &mut Self::Tx,
@@ -151,80 +169,56 @@ pub trait Backend: Send + Sync + 'static {
         values: &Values,
         hlc: Hlc,
         node_id: Ulid,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let row = RowWrite {
+                id,
+                values: values.clone(),
+                hlc,
+                node_id,
+            };
+            self.upsert_rows(tx, table, std::slice::from_ref(&row))
+                .await
+        }
+    }
     fn delete_row(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
         id: Ulid,
-    ) -> impl Future<Output = Result<()>> + Send;
-    /// Writes many versions of one table's records (each id once). Backends
-    /// override it with one statement; the default writes them one by one.
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move { self.delete_rows(tx, table, &[id]).await }
+    }
+    /// Writes many versions of one table's records (each id once), one statement.
     fn put_versions(
         &self,
         tx: &mut Self::Tx,
         table: &str,
         versions: &[(Ulid, Version)],
-    ) -> impl Future<Output = Result<()>> + Send {
-        async move {
-            for (id, v) in versions {
-                self.put_version(tx, table, *id, v).await?;
-            }
-            Ok(())
-        }
-    }
-    /// [`Backend::upsert_row`] for many rows of one table, in order, all with the
-    /// same columns (an id may repeat: the later row wins, as if written in turn).
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Inserts or updates many rows of one table, in order, all with the same
+    /// columns (an id may repeat: the later row wins, as if written in turn);
+    /// values are canonical and written exactly (see [`crate::value`]).
     fn upsert_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
         rows: &[RowWrite],
-    ) -> impl Future<Output = Result<()>> + Send {
-        async move {
-            for r in rows {
-                self.upsert_row(tx, table, r.id, &r.values, r.hlc, r.node_id)
-                    .await?;
-            }
-            Ok(())
-        }
-    }
-    /// [`Backend::delete_row`] for many rows of one table.
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes many rows of one table.
     fn delete_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
         ids: &[Ulid],
-    ) -> impl Future<Output = Result<()>> + Send {
-        async move {
-            for id in ids {
-                self.delete_row(tx, table, *id).await?;
-            }
-            Ok(())
-        }
-    }
-    /// [`Backend::stamp_row`] for many rows of one table (each id once).
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Sets only `hlc_modified`/`node_id` of many rows of one table (after captured
+    /// direct writes; each id once).
     fn stamp_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
         stamps: &[(Ulid, Hlc, Ulid)],
-    ) -> impl Future<Output = Result<()>> + Send {
-        async move {
-            for (id, hlc, node_id) in stamps {
-                self.stamp_row(tx, table, *id, *hlc, *node_id).await?;
-            }
-            Ok(())
-        }
-    }
-    /// Sets only `hlc_modified`/`node_id` of a row (after a captured direct write).
-    fn stamp_row(
-        &self,
-        tx: &mut Self::Tx,
-        table: &TableInfo,
-        id: Ulid,
-        hlc: Hlc,
-        node_id: Ulid,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Which of these event ids are already in `change_events`.

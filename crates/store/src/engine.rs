@@ -14,11 +14,12 @@ use crate::backend::{Backend, RowWrite, SavepointOp};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
-    ApplyOutcome, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
-    ConflictStatus, DrainOutcome, Operation, RejectKind, Rejected, ResolveChoice, TableInfo,
-    Values, Version, VersionVector, parse_ulid,
+    ApplyOutcome, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
+    ConflictSide, ConflictStatus, DrainOutcome, Operation, RejectKind, Rejected, ResolveChoice,
+    SetAside, TableInfo, Values, Version, VersionVector, parse_ulid,
 };
 use crate::rules::{Causality, Resolution, resolve};
+use crate::value::ColumnType;
 
 /// Names reserved for Tidemark's own tables.
 const RESERVED_PREFIX: &str = "tidemark_";
@@ -27,10 +28,25 @@ pub const STAMP_COLUMNS: [&str; 2] = ["node_id", "hlc_modified"];
 /// An event stamped further ahead of the local clock than this is quarantined:
 /// no clock drift explains it (a drift within it only delays the batch).
 const FAR_FUTURE_MS: i64 = 86_400_000;
+/// The latest wall time an event may carry: the end of the year 9999 (SQLite's
+/// date functions, and so `change_events.wall_timestamp`, stop there).
+const MAX_WALL_MS: i64 = 253_402_300_799_999;
 /// How many captures one drain step stamps per query.
 const DRAIN_CHUNK: u32 = 512;
 /// The registry as a replicated pseudo-table: a policy change is an event on it.
 pub const REGISTRY_TABLE: &str = "tidemark_datatypes";
+/// Default largest event (its values as JSON) a write may produce.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// Values as an application wrote them (the write API): each value's JSON text,
+/// so numbers keep every digit (see [`ColumnType::from_api`]).
+pub type RawValues = BTreeMap<String, Box<serde_json::value::RawValue>>;
+
+/// What became of one captured direct write.
+enum Stamped {
+    Event(ChangeEvent),
+    SetAside(SetAside),
+}
 
 /// Record versions read in one transaction, kept current as events settle; and,
 /// for bulk work (a received batch, a drained chunk of captures), the writes held
@@ -151,6 +167,20 @@ fn registry_table() -> TableInfo {
             "table_name".to_owned(),
             "conflict_policy".to_owned(),
         ],
+        types: vec![
+            ColumnType::Char { len: 26 },
+            ColumnType::Text {
+                max_chars: Some(64),
+            },
+            ColumnType::Text {
+                max_chars: Some(20),
+            },
+        ],
+        declared: vec![
+            "CHAR(26)".into(),
+            "VARCHAR(64)".into(),
+            "VARCHAR(20)".into(),
+        ],
         conflict_policy: ConflictPolicy::Lww,
     }
 }
@@ -193,6 +223,8 @@ pub struct Engine<B: Backend> {
     queue: std::sync::Mutex<Vec<QueuedWrite>>,
     /// Bumped after every commit that added events, so senders wake at once.
     commits: watch::Sender<u64>,
+    /// Largest event (its values as JSON) a write may produce.
+    max_event_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -230,6 +262,7 @@ impl<B: Backend> Engine<B> {
             writer: Arc::new(Mutex::new(())),
             queue: std::sync::Mutex::new(Vec::new()),
             commits: watch::Sender::new(0),
+            max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
         };
         let persisted = engine.backend.max_hlc().await?;
         engine.clock.seed(persisted)?;
@@ -245,6 +278,18 @@ impl<B: Backend> Engine<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Sets the largest event (its values as JSON) a write may produce: a larger
+    /// API write is refused, a larger captured write is set aside.
+    pub fn set_max_event_bytes(&self, bytes: usize) {
+        self.max_event_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn node_id(&self) -> Ulid {
@@ -279,12 +324,51 @@ impl<B: Backend> Engine<B> {
     }
 
     async fn reload_tables(&self) -> Result<()> {
-        let loaded = self.backend.load_tables().await?;
+        let mut loaded = self.backend.load_tables().await?;
+        for info in &mut loaded {
+            if info.types.len() != info.columns.len() {
+                self.fill_classes(info).await?;
+            }
+        }
         let map = loaded
             .into_iter()
             .map(|t| (t.table_name.clone(), Arc::new(t)))
             .collect();
         *self.tables.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Fills in the column classes of a table registered before they were kept,
+    /// from its live schema.
+    async fn fill_classes(&self, info: &mut TableInfo) -> Result<()> {
+        let ident = Ident::parse("table name", &info.table_name)?;
+        let shape = self.backend.inspect_table(&ident).await?.ok_or_else(|| {
+            StoreError::corrupt(&info.table_name, "a registered table no longer exists")
+        })?;
+        let (mut types, mut declared) = (Vec::new(), Vec::new());
+        for col in &info.columns {
+            let (_, ty) = shape
+                .columns
+                .iter()
+                .find(|(c, _)| c == col)
+                .ok_or_else(|| {
+                    StoreError::corrupt(&info.table_name, format!("column {col} no longer exists"))
+                })?;
+            let class = if *col == info.primary_key {
+                ColumnType::Text { max_chars: None }
+            } else {
+                self.backend
+                    .column_type(ty)
+                    .map_err(|reason| StoreError::Unregistrable {
+                        table: info.table_name.clone(),
+                        reason: format!("column {col} ({ty}): {reason}"),
+                    })?
+            };
+            types.push(class);
+            declared.push(ty.clone());
+        }
+        info.types = types;
+        info.declared = declared;
         Ok(())
     }
 
@@ -317,6 +401,20 @@ impl<B: Backend> Engine<B> {
     /// Registering again refreshes the column list and triggers; the policy of an
     /// already registered table is kept (change it with [`Engine::set_policy`]).
     pub async fn register_table(&self, name: &str, policy: ConflictPolicy) -> Result<TableInfo> {
+        self.register_table_with(name, policy, &BTreeMap::new())
+            .await
+    }
+
+    /// [`Engine::register_table`] with type overrides: the class of some SQLite
+    /// columns whose declared type does not say it (e.g. `decimal(10,2)` for a
+    /// TEXT column). PostgreSQL's types fix their class; an override there must
+    /// agree with it.
+    pub async fn register_table_with(
+        &self,
+        name: &str,
+        policy: ConflictPolicy,
+        overrides: &BTreeMap<String, ColumnType>,
+    ) -> Result<TableInfo> {
         let ident = Ident::parse("table name", name)?;
         let unregistrable = |reason: String| StoreError::Unregistrable {
             table: name.to_owned(),
@@ -352,7 +450,16 @@ impl<B: Backend> Engine<B> {
                 "primary key {pk} has type {pk_type}; a ULID key must be TEXT, CHAR(26) or VARCHAR(26)"
             )));
         }
+        for col in overrides.keys() {
+            if !shape.columns.iter().any(|(c, _)| c == col) {
+                return Err(unregistrable(format!(
+                    "a type override names column {col:?}, which the table does not have"
+                )));
+            }
+        }
         let mut columns = vec![pk.clone()];
+        let mut types = vec![ColumnType::Text { max_chars: None }];
+        let mut declared = vec![pk_type.clone()];
         for (col, ty) in &shape.columns {
             if col == pk || STAMP_COLUMNS.contains(&col.as_str()) {
                 continue;
@@ -362,13 +469,28 @@ impl<B: Backend> Engine<B> {
                     "column {col:?} is not a plain identifier (letters, digits, _)"
                 ))
             })?;
-            let upper = ty.to_ascii_uppercase();
-            if upper.contains("BLOB") || upper.contains("BYTEA") {
-                return Err(unregistrable(format!(
-                    "column {col} has binary type {ty}, which is not replicated yet"
-                )));
-            }
+            let derived = self.backend.column_type(ty);
+            let class = match (overrides.get(col), self.backend.kind()) {
+                (Some(o), "postgres") => match derived {
+                    Ok(d) if d == *o => d,
+                    Ok(d) => {
+                        return Err(unregistrable(format!(
+                            "column {col}: the override {o} differs from {d}, the class of its PostgreSQL type {ty}; overrides are for SQLite columns"
+                        )));
+                    }
+                    Err(reason) => return Err(unregistrable(format!("column {col}: {reason}"))),
+                },
+                (Some(o), _) => {
+                    o.fits_sqlite(ty)
+                        .map_err(|reason| unregistrable(format!("column {col}: {reason}")))?;
+                    *o
+                }
+                (None, _) => derived
+                    .map_err(|reason| unregistrable(format!("column {col} ({ty}): {reason}")))?,
+            };
             columns.push(col.clone());
+            types.push(class);
+            declared.push(ty.clone());
         }
         let existing = self.table(name).ok();
         let info = TableInfo {
@@ -376,6 +498,8 @@ impl<B: Backend> Engine<B> {
             table_name: name.to_owned(),
             primary_key: pk.clone(),
             columns,
+            types,
+            declared,
             // The registry is authoritative once a table is registered: a policy
             // changes only through set_policy, which replicates.
             conflict_policy: existing.as_ref().map_or(policy, |t| t.conflict_policy),
@@ -384,6 +508,16 @@ impl<B: Backend> Engine<B> {
         // not know yet, and two registrations cannot both snapshot the rows.
         let _w = self.writer.lock().await;
         let existing = self.table(name).ok();
+        if existing.is_some() {
+            // Captures made by the current triggers are read with the current
+            // column list before the triggers change.
+            let mut tx = self.backend.begin().await?;
+            let drained = self.drain_in(&mut tx).await?;
+            self.backend.commit(tx).await?;
+            if drained.events > 0 {
+                self.committed();
+            }
+        }
         self.backend.register(&info, existing.is_none()).await?;
         self.reload_tables().await?;
         Ok(info)
@@ -458,12 +592,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Stamps captured direct writes into `change_events`, oldest first, until the
-    /// queue is empty.
+    /// queue is empty. A capture that cannot be replicated is set aside with its
+    /// reason (`tidemark_unreplicated`) and the rest go on.
     pub async fn drain(&self) -> Result<DrainOutcome> {
         let _w = self.writer.lock().await;
         let mut tx = self.backend.begin().await?;
         let outcome = self.drain_in(&mut tx).await?;
-        if outcome.events > 0 || outcome.unchanged > 0 {
+        if outcome.events > 0 || !outcome.set_aside.is_empty() {
             self.backend.commit(tx).await?;
         }
         if outcome.events > 0 {
@@ -482,15 +617,16 @@ impl<B: Backend> Engine<B> {
             let seqs: Vec<i64> = captures.iter().map(|c| c.seq).collect();
             let mut cache = VersionCache::buffered();
             let records = captures.iter().filter_map(|c| {
-                let id = Ulid::from_string(&c.record_id).ok()?;
+                let id = parse_ulid("record id", &c.record_id).ok()?;
                 Some((c.table_name.clone(), id))
             });
             self.prefetch(tx, &mut cache, records).await?;
             let mut events = Vec::with_capacity(captures.len());
+            let mut set_aside = Vec::new();
             for capture in captures {
                 match self.stamp_capture(tx, capture, &mut cache).await? {
-                    Some(event) => events.push(event),
-                    None => outcome.unchanged += 1,
+                    Stamped::Event(event) => events.push(event),
+                    Stamped::SetAside(s) => set_aside.push(s),
                 }
             }
             self.flush(tx, &mut cache).await?;
@@ -502,7 +638,11 @@ impl<B: Backend> Engine<B> {
                 self.backend.insert_events(tx, &events).await?;
                 self.backend.raise_vector(tx, &own).await?;
             }
+            if !set_aside.is_empty() {
+                self.backend.set_aside(tx, &set_aside).await?;
+            }
             outcome.events += events.len() as u64;
+            outcome.set_aside.extend(set_aside);
             self.backend.delete_captures(tx, &seqs).await?;
             if seqs.len() < DRAIN_CHUNK as usize {
                 break;
@@ -511,52 +651,105 @@ impl<B: Backend> Engine<B> {
         Ok(outcome)
     }
 
-    /// Turns one capture into an event (None when the capture changed nothing).
+    /// The values of a captured row, canonical for its table's classes.
+    fn captured_values(
+        table: &TableInfo,
+        row: CapturedRow,
+    ) -> std::result::Result<Option<Values>, String> {
+        let mut out = Values::new();
+        match row {
+            CapturedRow::Gone => return Ok(None),
+            CapturedRow::Cells(cells) => {
+                if cells.len() < table.columns.len() {
+                    return Err(format!(
+                        "the capture holds {} values for {} columns",
+                        cells.len(),
+                        table.columns.len()
+                    ));
+                }
+                for ((col, ty), cell) in table.columns.iter().zip(&table.types).zip(cells) {
+                    let v = ty
+                        .from_sqlite(cell)
+                        .map_err(|reason| format!("column {col} ({ty}): {reason}"))?;
+                    out.insert(col.clone(), v);
+                }
+            }
+            CapturedRow::Json(text) => {
+                let raw: BTreeMap<String, Box<serde_json::value::RawValue>> =
+                    serde_json::from_str(&text).map_err(|e| format!("unreadable capture: {e}"))?;
+                for (col, ty) in table.columns.iter().zip(&table.types) {
+                    let v = match raw.get(col) {
+                        Some(r) => ty
+                            .from_pg_json(r)
+                            .map_err(|reason| format!("column {col} ({ty}): {reason}"))?,
+                        None => Value::Null,
+                    };
+                    out.insert(col.clone(), v);
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Bytes of `values` as the log and the wire carry them.
+    fn event_bytes(values: Option<&Values>) -> usize {
+        values.map_or(0, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()))
+    }
+
+    /// Turns one capture into an event, or sets it aside with the reason it cannot
+    /// be replicated.
     async fn stamp_capture(
         &self,
         tx: &mut B::Tx,
         capture: Capture,
         cache: &mut VersionCache,
-    ) -> Result<Option<ChangeEvent>> {
-        let table = self.table(&capture.table_name).map_err(|_| {
-            StoreError::corrupt(
-                "tidemark_capture_queue",
-                format!(
-                    "capture {} is for table {:?}, which is not registered",
-                    capture.seq, capture.table_name
-                ),
-            )
-        })?;
-        let record_id = parse_ulid("captured record id", &capture.record_id).map_err(|e| {
-            StoreError::corrupt(
-                "tidemark_capture_queue",
-                format!("capture {}: {e}", capture.seq),
-            )
-        })?;
-        let project = |v: Option<Values>| {
-            v.map(|m| {
-                m.into_iter()
-                    .filter(|(k, _)| table.has_column(k))
-                    .collect::<Values>()
+    ) -> Result<Stamped> {
+        let set_aside = |capture: &Capture, reason: String| {
+            Stamped::SetAside(SetAside {
+                seq: capture.seq,
+                table_name: capture.table_name.clone(),
+                record_id: capture.record_id.clone(),
+                operation: capture.operation.as_str().to_owned(),
+                reason,
+                set_aside_at: String::new(),
             })
         };
-        let old_values = project(capture.old_values);
-        let new_values = project(capture.new_values);
-        if capture.operation == Operation::Update && old_values == new_values {
-            return Ok(None);
+        let Ok(table) = self.table(&capture.table_name) else {
+            let reason = format!("table {:?} is not registered", capture.table_name);
+            return Ok(set_aside(&capture, reason));
+        };
+        let record_id = match parse_ulid("captured record id", &capture.record_id) {
+            Ok(id) => id,
+            Err(e) => return Ok(set_aside(&capture, e.to_string())),
+        };
+        let operation = capture.operation;
+        let new_values = match Self::captured_values(&table, capture.row.clone()) {
+            Ok(v) => v,
+            Err(reason) => return Ok(set_aside(&capture, reason)),
+        };
+        let bytes = Self::event_bytes(new_values.as_ref());
+        if bytes > self.max_event_bytes() {
+            let reason = StoreError::TooLarge {
+                table: table.table_name.clone(),
+                record_id: record_id.to_string(),
+                bytes,
+                limit: self.max_event_bytes(),
+            }
+            .to_string();
+            return Ok(set_aside(&capture, reason));
         }
         let local = self.cached_version(tx, cache, &table, record_id).await?;
         let event = self.local_event(
             &table,
             record_id,
-            capture.operation,
-            old_values,
+            operation,
+            None,
             new_values,
             local.as_ref(),
             None,
         );
         self.settle(tx, &table, &event, cache).await?;
-        if capture.operation != Operation::Delete {
+        if operation != Operation::Delete {
             match cache.pending.as_mut() {
                 Some(p) => p.rows.push(RowOp::Stamp {
                     table: table.clone(),
@@ -566,12 +759,12 @@ impl<B: Backend> Engine<B> {
                 }),
                 None => {
                     self.backend
-                        .stamp_row(tx, &table, record_id, event.hlc, self.node_id)
+                        .stamp_rows(tx, &table, &[(record_id, event.hlc, self.node_id)])
                         .await?
                 }
             }
         }
-        Ok(Some(event))
+        Ok(Stamped::Event(event))
     }
 
     /// The record's version, read once per transaction and kept current in `cache`.
@@ -746,37 +939,64 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Checks `values` against a table: known columns only, primary key (if given)
-    /// equal to `id`. Returns the values with the primary key set.
-    fn checked_values(table: &TableInfo, id: Ulid, values: &Values) -> Result<Values> {
+    /// The class of a column a write may set (known, replicated, not a stamp).
+    fn writable_column(table: &TableInfo, column: &str) -> Result<ColumnType> {
+        if STAMP_COLUMNS.contains(&column) {
+            return Err(StoreError::invalid(
+                format!("column {column}"),
+                "is maintained by Tidemark and cannot be written",
+            ));
+        }
+        table
+            .column_type(column)
+            .ok_or_else(|| StoreError::UnknownColumn {
+                table: table.table_name.clone(),
+                column: crate::model::truncate(column),
+            })
+    }
+
+    /// Checks a write's values, one column at a time, with `read` turning each
+    /// into its canonical form; returns them with the primary key set to `id`.
+    fn checked_values<'v, V: 'v>(
+        table: &TableInfo,
+        id: Ulid,
+        values: impl IntoIterator<Item = (&'v String, &'v V)>,
+        read: impl Fn(ColumnType, &V) -> std::result::Result<Value, String>,
+    ) -> Result<Values> {
         let mut out = Values::new();
+        let key = id.to_string();
         for (k, v) in values {
-            if STAMP_COLUMNS.contains(&k.as_str()) {
-                return Err(StoreError::invalid(
-                    format!("column {k}"),
-                    "is maintained by Tidemark and cannot be written",
-                ));
-            }
-            if !table.has_column(k) {
-                return Err(StoreError::UnknownColumn {
-                    table: table.table_name.clone(),
-                    column: crate::model::truncate(k),
-                });
-            }
-            if k == &table.primary_key && v.as_str() != Some(id.to_string().as_str()) {
+            let ty = Self::writable_column(table, k)?;
+            let v = read(ty, v).map_err(|reason| StoreError::InvalidValue {
+                table: table.table_name.clone(),
+                column: k.clone(),
+                class: ty.to_string(),
+                reason,
+            })?;
+            if k == &table.primary_key && v.as_str() != Some(key.as_str()) {
                 return Err(StoreError::invalid(
                     format!("column {k}"),
                     format!("primary key value {v} does not match record id {id}"),
                 ));
             }
-            out.insert(k.clone(), v.clone());
+            out.insert(k.clone(), v);
         }
-        out.insert(table.primary_key.clone(), Value::String(id.to_string()));
+        out.insert(table.primary_key.clone(), Value::String(key));
         Ok(out)
     }
 
-    /// Writes a record through the API (insert, or update of the given columns)
-    /// and returns its event.
+    /// Values in the log's form (see [`crate::value`]), checked against the table.
+    fn canonical_values(table: &TableInfo, id: Ulid, values: &Values) -> Result<Values> {
+        Self::checked_values(table, id, values, |ty, v| ty.check(v))
+    }
+
+    /// Values as an application wrote them, checked against the table.
+    fn api_values(table: &TableInfo, id: Ulid, values: &RawValues) -> Result<Values> {
+        Self::checked_values(table, id, values, |ty, v| ty.from_api(v))
+    }
+
+    /// Writes a record (insert, or update of the given columns) with values in the
+    /// log's form and returns its event.
     pub async fn put(
         self: &Arc<Self>,
         table: &str,
@@ -784,7 +1004,21 @@ impl<B: Backend> Engine<B> {
         values: &Values,
     ) -> Result<ChangeEvent> {
         let table = self.table(table)?;
-        let values = Self::checked_values(&table, id, values)?;
+        let values = Self::canonical_values(&table, id, values)?;
+        let event = self.write_queued(table.clone(), id, Some(values)).await?;
+        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
+    }
+
+    /// Writes a record through the API (insert, or update of the given columns)
+    /// with values as an application wrote them, and returns its event.
+    pub async fn put_raw(
+        self: &Arc<Self>,
+        table: &str,
+        id: Ulid,
+        values: &RawValues,
+    ) -> Result<ChangeEvent> {
+        let table = self.table(table)?;
+        let values = Self::api_values(&table, id, values)?;
         let event = self.write_queued(table.clone(), id, Some(values)).await?;
         event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
     }
@@ -831,7 +1065,7 @@ impl<B: Backend> Engine<B> {
                 Ok(Some(event))
             }
             None => {
-                if drained.events > 0 || drained.unchanged > 0 {
+                if drained.events > 0 || !drained.set_aside.is_empty() {
                     self.backend.commit(tx).await?;
                 }
                 if drained.events > 0 {
@@ -989,11 +1223,21 @@ impl<B: Backend> Engine<B> {
                     }
                     None => values,
                 };
-                let mut event = self.local_event(table, id, op, old, None, local.as_ref(), extra);
+                let mut event = self.local_event(table, id, op, None, None, local.as_ref(), extra);
                 self.backend
                     .upsert_row(tx, table, id, &row, event.hlc, self.node_id)
                     .await?;
+                // The event carries the row as the database now holds it.
                 event.new_values = self.backend.rows(tx, table, &[id]).await?.remove(&id);
+                let bytes = Self::event_bytes(event.new_values.as_ref());
+                if bytes > self.max_event_bytes() {
+                    return Err(StoreError::TooLarge {
+                        table: table.table_name.clone(),
+                        record_id: id.to_string(),
+                        bytes,
+                        limit: self.max_event_bytes(),
+                    });
+                }
                 event
             }
             None => {
@@ -1004,7 +1248,7 @@ impl<B: Backend> Engine<B> {
                     table,
                     id,
                     Operation::Delete,
-                    old,
+                    None,
                     None,
                     local.as_ref(),
                     extra,
@@ -1056,13 +1300,20 @@ impl<B: Backend> Engine<B> {
         let table = self.table(&conflict.table_name)?;
         let id = conflict.record_id;
         let values = match &choice {
-            ResolveChoice::KeepLocal => conflict.winner.values.clone(),
-            ResolveChoice::KeepRemote => conflict.loser.values.clone(),
-            ResolveChoice::Merged(v) => Some(v.clone()),
+            ResolveChoice::KeepLocal => conflict
+                .winner
+                .values
+                .as_ref()
+                .map(|v| Self::canonical_values(&table, id, v))
+                .transpose()?,
+            ResolveChoice::KeepRemote => conflict
+                .loser
+                .values
+                .as_ref()
+                .map(|v| Self::canonical_values(&table, id, v))
+                .transpose()?,
+            ResolveChoice::Merged(v) => Some(Self::api_values(&table, id, v)?),
         };
-        let values = values
-            .map(|v| Self::checked_values(&table, id, &v))
-            .transpose()?;
         let resolution = json!({
             "kind": choice.kind(),
             "by": resolved_by,
@@ -1124,9 +1375,25 @@ impl<B: Backend> Engine<B> {
         self.backend.record_events(table, id).await
     }
 
-    /// Validates a remote event against the registry before anything is written.
-    fn check_remote(&self, event: &ChangeEvent) -> Result<Arc<TableInfo>> {
+    /// Validates a remote event against the registry and the strictest backend
+    /// before anything is written; returns its table and the event with its values
+    /// in canonical form (old values are not kept: events are state-based).
+    fn check_remote(&self, event: &ChangeEvent) -> Result<(Arc<TableInfo>, ChangeEvent)> {
         let field = |f: &str| format!("event {} {f}", event.event_id);
+        if let Some(action) = &event.action
+            && (action.chars().count() > 20 || action.contains('\0'))
+        {
+            return Err(StoreError::invalid(
+                field("action"),
+                "must be at most 20 characters without NUL",
+            ));
+        }
+        if !(0..=MAX_WALL_MS).contains(&event.wall_ms) {
+            return Err(StoreError::invalid(
+                field("wall_ms"),
+                format!("{} is outside the years 1970 to 9999", event.wall_ms),
+            ));
+        }
         let table = if event.table_name == REGISTRY_TABLE {
             let values = event.new_values.as_ref().ok_or_else(|| {
                 StoreError::invalid(
@@ -1134,7 +1401,7 @@ impl<B: Backend> Engine<B> {
                     "a registry event must carry new values",
                 )
             })?;
-            let (name, policy) = parse_registry_values(values).ok_or_else(|| {
+            let (name, _) = parse_registry_values(values).ok_or_else(|| {
                 StoreError::invalid(
                     field("new_values"),
                     "expected {\"table_name\": .., \"conflict_policy\": \"lww\"|\"manual\"}",
@@ -1147,12 +1414,11 @@ impl<B: Backend> Engine<B> {
                     format!("not the registry record of table {name}"),
                 ));
             }
-            let _ = policy;
-            return Ok(Arc::new(registry_table()));
+            Arc::new(registry_table())
         } else {
             self.table(&event.table_name)?
         };
-        match (event.operation, &event.new_values) {
+        let new_values = match (event.operation, &event.new_values) {
             (Operation::Delete, Some(_)) => {
                 return Err(StoreError::invalid(
                     field("new_values"),
@@ -1165,27 +1431,18 @@ impl<B: Backend> Engine<B> {
                     format!("an {} must carry new values", event.operation),
                 ));
             }
-            _ => {}
-        }
-        for values in [&event.old_values, &event.new_values].into_iter().flatten() {
-            for (k, v) in values {
-                if !table.has_column(k) {
-                    return Err(StoreError::UnknownColumn {
-                        table: table.table_name.clone(),
-                        column: crate::model::truncate(k),
-                    });
-                }
-                if k == &table.primary_key && v.as_str() != Some(&event.record_id.to_string()) {
+            (_, None) => None,
+            (_, Some(values)) => {
+                let canonical = Self::canonical_values(&table, event.record_id, values)?;
+                if let Some(missing) = table.columns.iter().find(|c| !values.contains_key(*c)) {
                     return Err(StoreError::invalid(
-                        field("values"),
-                        format!(
-                            "primary key {k} = {v} does not match record id {}",
-                            event.record_id
-                        ),
+                        field("new_values"),
+                        format!("column {missing} is missing: an event carries the whole row"),
                     ));
                 }
+                Some(canonical)
             }
-        }
+        };
         if let Some(meta) = &event.metadata
             && !meta.is_object()
         {
@@ -1195,7 +1452,14 @@ impl<B: Backend> Engine<B> {
             ));
         }
         event.vector()?;
-        Ok(table)
+        Ok((
+            table,
+            ChangeEvent {
+                old_values: None,
+                new_values,
+                ..event.clone()
+            },
+        ))
     }
 
     /// Applies events from a peer in one transaction (see [`Engine::apply_from`]),
@@ -1269,16 +1533,18 @@ impl<B: Backend> Engine<B> {
                 continue;
             }
             match self.check_remote(event) {
-                Ok(table) => {
+                Ok((table, checked)) => {
                     self.clock.check_drift(event.hlc)?;
-                    accepted.push((event, table));
+                    accepted.push((checked, table));
                 }
                 Err(e @ StoreError::UnknownTable { .. }) => {
                     rejected.push(reject(RejectKind::UnknownTable, e.to_string()))
                 }
-                Err(e @ (StoreError::Invalid { .. } | StoreError::UnknownColumn { .. })) => {
-                    rejected.push(reject(RejectKind::Invalid, e.to_string()))
-                }
+                Err(
+                    e @ (StoreError::Invalid { .. }
+                    | StoreError::UnknownColumn { .. }
+                    | StoreError::InvalidValue { .. }),
+                ) => rejected.push(reject(RejectKind::Invalid, e.to_string())),
                 Err(e) => return Err(e),
             }
         }
@@ -1321,7 +1587,7 @@ impl<B: Backend> Engine<B> {
     async fn apply_in(
         &self,
         tx: &mut B::Tx,
-        accepted: &[(&ChangeEvent, Arc<TableInfo>)],
+        accepted: &[(ChangeEvent, Arc<TableInfo>)],
         careful: bool,
     ) -> Result<ApplyOutcome> {
         let mut outcome = ApplyOutcome {

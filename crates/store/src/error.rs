@@ -11,6 +11,26 @@ pub enum StoreError {
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
 
+    /// A value that is not one of its column's class (see [`crate::value`]).
+    #[error("table {table} column {column} ({class}): {reason}")]
+    InvalidValue {
+        table: String,
+        column: String,
+        class: String,
+        reason: String,
+    },
+
+    /// A write whose event would be larger than the configured limit.
+    #[error(
+        "the write to {table} record {record_id} would be an event of {bytes} bytes, over the limit of {limit} bytes (store.max_event_bytes)"
+    )]
+    TooLarge {
+        table: String,
+        record_id: String,
+        bytes: usize,
+        limit: usize,
+    },
+
     /// A table name that is not registered for replication.
     #[error("table {table:?} is not a replicated table (registered: {registered})")]
     UnknownTable { table: String, registered: String },

@@ -33,6 +33,7 @@ pub mod postgres;
 mod rows;
 pub mod rules;
 pub mod sqlite;
+pub mod value;
 
 use std::sync::Arc;
 
@@ -40,16 +41,17 @@ use tidemark_hlc::Clock;
 use ulid::Ulid;
 
 pub use backend::{Backend, RowWrite};
-pub use engine::{Engine, IdSource, STAMP_COLUMNS};
+pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, STAMP_COLUMNS};
 pub use error::{Result, StoreError};
 pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
-    ConflictStatus, DrainOutcome, Member, Operation, RejectKind, Rejected, ResolveChoice,
+    ConflictStatus, DrainOutcome, Member, Operation, RejectKind, Rejected, ResolveChoice, SetAside,
     TableInfo, Values, Version, VersionVector,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
+pub use value::ColumnType;
 
 /// Where the store lives, parsed from a URL: `sqlite://PATH` or
 /// `postgres://USER:PASSWORD@HOST:PORT/DB`.
@@ -167,6 +169,31 @@ impl Store {
         dispatch!(self, e => e.register_table(name, policy).await)
     }
 
+    /// Registers a table with type overrides for some of its SQLite columns (see
+    /// [`Engine::register_table_with`]).
+    pub async fn register_table_with(
+        &self,
+        name: &str,
+        policy: ConflictPolicy,
+        overrides: &std::collections::BTreeMap<String, ColumnType>,
+    ) -> Result<TableInfo> {
+        dispatch!(self, e => e.register_table_with(name, policy, overrides).await)
+    }
+
+    /// The largest event a write may produce (see [`Engine::set_max_event_bytes`]).
+    pub fn set_max_event_bytes(&self, bytes: usize) {
+        dispatch!(self, e => e.set_max_event_bytes(bytes))
+    }
+
+    /// Captured writes set aside because they cannot be replicated, oldest first.
+    pub async fn list_set_aside(&self, limit: u32) -> Result<Vec<SetAside>> {
+        dispatch!(self, e => e.backend().list_set_aside(limit).await)
+    }
+
+    pub async fn count_set_aside(&self) -> Result<u64> {
+        dispatch!(self, e => e.backend().count_set_aside().await)
+    }
+
     /// Sets a table's conflict policy cluster-wide (the change replicates).
     pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<ChangeEvent> {
         dispatch!(self, e => e.set_policy(table, policy).await)
@@ -206,8 +233,14 @@ impl Store {
         dispatch!(self, e => e.drain().await)
     }
 
+    /// Writes a record with values in the log's form (see [`value`]).
     pub async fn put(&self, table: &str, id: Ulid, values: &Values) -> Result<ChangeEvent> {
         dispatch!(self, e => e.put(table, id, values).await)
+    }
+
+    /// Writes a record with values as an application wrote them (the write API).
+    pub async fn put_raw(&self, table: &str, id: Ulid, values: &RawValues) -> Result<ChangeEvent> {
+        dispatch!(self, e => e.put_raw(table, id, values).await)
     }
 
     pub async fn delete(&self, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {

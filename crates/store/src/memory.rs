@@ -30,13 +30,14 @@ use tidemark_hlc::Hlc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use ulid::Ulid;
 
-use crate::backend::{Backend, SavepointOp, TableShape};
+use crate::backend::{Backend, RowWrite, SavepointOp, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus, Rejected,
-    TableInfo, Values, Version, VersionVector,
+    SetAside, TableInfo, Values, Version, VersionVector,
 };
+use crate::value::ColumnType;
 
 /// One column of a table declared in memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -371,6 +372,56 @@ impl MemoryBackend {
     }
 }
 
+/// One row of an upsert: `INSERT .. ON CONFLICT DO UPDATE` of the given columns,
+/// each value checked against its column's class like a typed database would.
+fn upsert(tx: &mut MemoryTx, table: &TableInfo, r: &RowWrite) -> Result<()> {
+    let t = &tx.state.tables[&table.table_name];
+    let pk = r.id.to_string();
+    let refused = |reason: String| StoreError::Constraint {
+        table: table.table_name.clone(),
+        reason,
+    };
+    // The given replicated columns, the key and the stamps.
+    let mut given = Values::new();
+    for (c, ty) in table.columns.iter().zip(&table.types) {
+        if let Some(v) = r.values.get(c) {
+            let v = ty
+                .check(v)
+                .map_err(|reason| refused(format!("column {c} ({ty}): {reason}")))?;
+            given.insert(c.clone(), v);
+        }
+    }
+    given.insert(table.primary_key.clone(), Value::String(pk.clone()));
+    given.insert("node_id".into(), Value::String(r.node_id.to_string()));
+    given.insert("hlc_modified".into(), Value::from(r.hlc.encode()));
+    // Like INSERT .. ON CONFLICT, NOT NULL is checked on the proposed new row
+    // (defaults for what is not given) before the existing row is considered.
+    let mut proposed = Values::new();
+    for c in &t.columns {
+        let v = given
+            .get(&c.name)
+            .cloned()
+            .or_else(|| c.default.clone())
+            .unwrap_or(Value::Null);
+        if c.not_null && v.is_null() {
+            return Err(refused(format!(
+                "NOT NULL constraint failed: {}.{}",
+                table.table_name, c.name
+            )));
+        }
+        proposed.insert(c.name.clone(), v);
+    }
+    let row = match t.rows.get(&pk) {
+        Some(existing) => {
+            let mut row = existing.clone();
+            row.extend(given);
+            row
+        }
+        None => proposed,
+    };
+    tx.set_row(&table.table_name, pk, Some(row))
+}
+
 fn conflict_matches(c: &Conflict, filter: &ConflictFilter) -> bool {
     filter.table.as_ref().is_none_or(|t| *t == c.table_name)
         && filter.status.is_none_or(|s| s == c.status)
@@ -382,6 +433,14 @@ impl Backend for MemoryBackend {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    /// A declared type is a class name (`float64`, `decimal(10,2)`, ...) or a
+    /// SQLite type name, read as SQLite reads it.
+    fn column_type(&self, declared: &str) -> std::result::Result<ColumnType, String> {
+        declared
+            .parse::<ColumnType>()
+            .or_else(|_| ColumnType::of_sqlite(declared))
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -523,6 +582,20 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn set_aside(&self, _tx: &mut Self::Tx, rows: &[SetAside]) -> Result<()> {
+        // Nothing is ever captured, so nothing is set aside.
+        debug_assert!(rows.is_empty());
+        Ok(())
+    }
+
+    async fn list_set_aside(&self, _limit: u32) -> Result<Vec<SetAside>> {
+        Ok(Vec::new())
+    }
+
+    async fn count_set_aside(&self) -> Result<u64> {
+        Ok(0)
+    }
+
     async fn versions(
         &self,
         tx: &mut Self::Tx,
@@ -540,18 +613,19 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    async fn put_version(
+    async fn put_versions(
         &self,
         tx: &mut Self::Tx,
         table: &str,
-        id: Ulid,
-        version: &Version,
+        versions: &[(Ulid, Version)],
     ) -> Result<()> {
-        tx.set(
-            versions_field,
-            (table.to_owned(), id),
-            Some(version.clone()),
-        );
+        for (id, version) in versions {
+            tx.set(
+                versions_field,
+                (table.to_owned(), *id),
+                Some(version.clone()),
+            );
+        }
         Ok(())
     }
 
@@ -573,82 +647,45 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    async fn upsert_row(
+    async fn upsert_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        id: Ulid,
-        values: &Values,
-        hlc: Hlc,
-        node_id: Ulid,
+        rows: &[RowWrite],
     ) -> Result<()> {
         Self::registered(&tx.state, table)?;
-        let t = &tx.state.tables[&table.table_name];
-        let pk = id.to_string();
-        // The given replicated columns, the key and the stamps.
-        let mut given: Values = table
-            .columns
-            .iter()
-            .filter_map(|c| values.get(c).map(|v| (c.clone(), v.clone())))
-            .collect();
-        given.insert(table.primary_key.clone(), Value::String(pk.clone()));
-        given.insert("node_id".into(), Value::String(node_id.to_string()));
-        given.insert("hlc_modified".into(), Value::from(hlc.encode()));
-        // Like INSERT .. ON CONFLICT, NOT NULL is checked on the proposed new row
-        // (defaults for what is not given) before the existing row is considered.
-        let mut proposed = Values::new();
-        for c in &t.columns {
-            let v = given
-                .get(&c.name)
-                .cloned()
-                .or_else(|| c.default.clone())
-                .unwrap_or(Value::Null);
-            if c.not_null && v.is_null() {
-                return Err(StoreError::Constraint {
-                    table: table.table_name.clone(),
-                    reason: format!(
-                        "NOT NULL constraint failed: {}.{}",
-                        table.table_name, c.name
-                    ),
-                });
-            }
-            proposed.insert(c.name.clone(), v);
-        }
-        let row = match t.rows.get(&pk) {
-            Some(existing) => {
-                let mut row = existing.clone();
-                row.extend(given);
-                row
-            }
-            None => proposed,
-        };
-        tx.set_row(&table.table_name, pk, Some(row))
-    }
-
-    async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
-        Self::registered(&tx.state, table)?;
-        let pk = id.to_string();
-        if tx.state.tables[&table.table_name].rows.contains_key(&pk) {
-            tx.set_row(&table.table_name, pk, None)?;
+        for r in rows {
+            upsert(tx, table, r)?;
         }
         Ok(())
     }
 
-    async fn stamp_row(
+    async fn delete_rows(&self, tx: &mut Self::Tx, table: &TableInfo, ids: &[Ulid]) -> Result<()> {
+        Self::registered(&tx.state, table)?;
+        for id in ids {
+            let pk = id.to_string();
+            if tx.state.tables[&table.table_name].rows.contains_key(&pk) {
+                tx.set_row(&table.table_name, pk, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stamp_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        id: Ulid,
-        hlc: Hlc,
-        node_id: Ulid,
+        stamps: &[(Ulid, Hlc, Ulid)],
     ) -> Result<()> {
         Self::registered(&tx.state, table)?;
-        let pk = id.to_string();
-        if let Some(existing) = tx.state.tables[&table.table_name].rows.get(&pk) {
-            let mut row = existing.clone();
-            row.insert("node_id".into(), Value::String(node_id.to_string()));
-            row.insert("hlc_modified".into(), Value::from(hlc.encode()));
-            tx.set_row(&table.table_name, pk, Some(row))?;
+        for (id, hlc, node_id) in stamps {
+            let pk = id.to_string();
+            if let Some(existing) = tx.state.tables[&table.table_name].rows.get(&pk) {
+                let mut row = existing.clone();
+                row.insert("node_id".into(), Value::String(node_id.to_string()));
+                row.insert("hlc_modified".into(), Value::from(hlc.encode()));
+                tx.set_row(&table.table_name, pk, Some(row))?;
+            }
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use tidemark_hlc::{Hlc, WriteOrder};
 use ulid::Ulid;
 
 use crate::error::StoreError;
+use crate::value::{ColumnType, SqlCell};
 
 /// Column values of one record, keyed by column name (primary key included,
 /// `node_id` and `hlc_modified` excluded).
@@ -394,6 +395,11 @@ pub struct TableInfo {
     pub primary_key: String,
     /// Replicated columns, primary key first.
     pub columns: Vec<String>,
+    /// The class of each column of `columns`, in the same order.
+    pub types: Vec<ColumnType>,
+    /// Each column's declared type on this backend, in the same order (for
+    /// messages; PostgreSQL casts written values to it).
+    pub declared: Vec<String>,
     pub conflict_policy: ConflictPolicy,
 }
 
@@ -401,6 +407,24 @@ impl TableInfo {
     pub fn has_column(&self, name: &str) -> bool {
         self.columns.iter().any(|c| c == name)
     }
+
+    /// The class of column `name`.
+    pub fn column_type(&self, name: &str) -> Option<ColumnType> {
+        let i = self.columns.iter().position(|c| c == name)?;
+        self.types.get(i).copied()
+    }
+}
+
+/// The row a capture trigger recorded, as the backend stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CapturedRow {
+    /// A delete: no row after the write.
+    Gone,
+    /// SQLite: the row's values as stored, in registry column order.
+    Cells(Vec<SqlCell>),
+    /// PostgreSQL (and SQLite captures made before typed capture): the row as
+    /// JSON text, JSON columns as text.
+    Json(String),
 }
 
 /// A direct write recorded by a capture trigger, not yet stamped.
@@ -410,8 +434,20 @@ pub struct Capture {
     pub table_name: String,
     pub record_id: String,
     pub operation: Operation,
-    pub old_values: Option<Values>,
-    pub new_values: Option<Values>,
+    /// The row after the write.
+    pub row: CapturedRow,
+}
+
+/// A captured direct write that cannot be replicated, set aside with its reason
+/// (`tidemark_unreplicated`); the row stays local.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub seq: i64,
+    pub table_name: String,
+    pub record_id: String,
+    pub operation: String,
+    pub reason: String,
+    pub set_aside_at: String,
 }
 
 /// What one apply of remote events did.
@@ -434,12 +470,12 @@ pub struct ApplyOutcome {
 }
 
 /// What one drain of the capture queue did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainOutcome {
     /// Events appended to `change_events`.
     pub events: u64,
-    /// Captured updates that changed no replicated column (dropped).
-    pub unchanged: u64,
+    /// Captures that cannot be replicated, set aside with their reason.
+    pub set_aside: Vec<SetAside>,
 }
 
 /// Whether a conflict still needs a human.
@@ -515,14 +551,15 @@ pub struct ConflictFilter {
 }
 
 /// How an operator resolves a conflict.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum ResolveChoice {
     /// Keep the version every node shows now (the provisional winner).
     KeepLocal,
     /// Keep the concurrent version that lost.
     KeepRemote,
-    /// Write these values (columns not given keep the shown version's values).
-    Merged(Values),
+    /// Write these values, as an application writes them through the API
+    /// (columns not given keep the shown version's values).
+    Merged(crate::engine::RawValues),
 }
 
 impl ResolveChoice {

@@ -6,9 +6,8 @@
 //!
 //! `CHAR(26)` parameters are cast to `bpchar` so comparisons use the indexes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::RwLock;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,17 +17,18 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
-use crate::backend::{Backend, TableShape};
+use crate::backend::{Backend, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, TableInfo, Values,
-    Version, VersionVector,
+    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, SetAside, TableInfo,
+    Values, Version, VersionVector,
 };
 use crate::rows::{
     CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST,
     ULID_REST, VersionRow, rows_to_values, vector_from_rows,
 };
+use crate::value::ColumnType;
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
 /// Most rows one bulk (UNNEST) statement carries.
@@ -123,8 +123,6 @@ impl FromStr for PostgresOptions {
 pub struct PostgresBackend {
     pool: PgPool,
     lock_timeout_ms: u64,
-    /// Per registered table: whether its primary key is `character(n)` (bpchar).
-    bpchar_keys: RwLock<HashMap<String, bool>>,
 }
 
 fn ids_text(ids: &[Ulid]) -> Vec<String> {
@@ -136,14 +134,145 @@ async fn exec(tx: &mut Transaction<'static, Postgres>, sql: String) -> Result<()
     Ok(())
 }
 
-fn project(table: &TableInfo, raw: Value) -> Result<Values> {
-    match raw {
-        Value::Object(m) => Ok(m.into_iter().filter(|(k, _)| table.has_column(k)).collect()),
-        other => Err(StoreError::corrupt(
-            &table.table_name,
-            format!("row JSON is not an object: {other}"),
-        )),
+/// The cast that makes a key parameter match the primary key's type (so the
+/// index is used): `bpchar` for `character(n)` keys.
+fn key_cast(table: &TableInfo) -> &'static str {
+    if table
+        .declared
+        .first()
+        .is_some_and(|t| t.starts_with("character("))
+    {
+        "bpchar"
+    } else {
+        "text"
     }
+}
+
+/// `alias.col AS col, ...` over the replicated columns, JSON columns as text (so
+/// SQL NULL and the JSON document `null` stay apart in `row_to_json`).
+fn select_list(table: &TableInfo, alias: &str) -> String {
+    table
+        .columns
+        .iter()
+        .zip(&table.types)
+        .map(|(c, t)| {
+            let cast = if *t == ColumnType::Json { "::text" } else { "" };
+            format!("{alias}.{0}{cast} AS {0}", q(c))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A type name from `format_type`, safe to put after `::` (it comes from the
+/// catalog; checked anyway, as it is spliced into SQL).
+fn cast_type(declared: &str) -> Result<&str> {
+    if !declared.is_empty()
+        && declared
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" (),_".contains(&b))
+    {
+        Ok(declared)
+    } else {
+        Err(StoreError::corrupt(
+            "tidemark_datatypes",
+            format!("declared type {declared:?} is not a plain type name"),
+        ))
+    }
+}
+
+/// Reads `row_to_json` texts of [`select_list`] rows into canonical values, by id.
+fn decode_rows(table: &TableInfo, rows: Vec<(String,)>) -> Result<HashMap<Ulid, Values>> {
+    let mut out = HashMap::with_capacity(rows.len());
+    for (text,) in rows {
+        let raw: BTreeMap<String, Box<serde_json::value::RawValue>> =
+            serde_json::from_str(&text)
+                .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))?;
+        let mut values = Values::new();
+        for (col, ty) in table.columns.iter().zip(&table.types) {
+            let v = match raw.get(col) {
+                Some(r) => ty
+                    .from_pg_json(r)
+                    .map_err(|reason| StoreError::InvalidValue {
+                        table: table.table_name.clone(),
+                        column: col.clone(),
+                        class: ty.to_string(),
+                        reason,
+                    })?,
+                None => Value::Null,
+            };
+            values.insert(col.clone(), v);
+        }
+        let id = values
+            .get(&table.primary_key)
+            .and_then(Value::as_str)
+            .and_then(|k| Ulid::from_string(k.trim()).ok())
+            .ok_or_else(|| StoreError::corrupt(&table.table_name, "a row's key is not a ULID"))?;
+        out.insert(id, values);
+    }
+    Ok(out)
+}
+
+/// The name of a table's capture function: from its datatype id, so any table
+/// name fits PostgreSQL's 63-byte identifiers.
+fn capture_function(info: &TableInfo) -> String {
+    format!(
+        "tidemark_capture_{}",
+        info.datatype_id.to_string().to_lowercase()
+    )
+}
+
+/// The table's capture trigger function: records the row after each direct
+/// write (JSON text from `row_to_json`, run with settings that make it exact),
+/// skips updates that change no replicated column, refuses keys that are not
+/// ULIDs, and wakes the daemon.
+fn capture_function_sql(info: &TableInfo) -> String {
+    let t_lit = info.table_name.replace('\'', "''");
+    let pk = q(&info.primary_key);
+    format!(
+        r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
+SET extra_float_digits = 3 SET "TimeZone" = 'UTC' SET bytea_output = 'hex' AS $tidemark$
+DECLARE
+    new_row json;
+    old_row json;
+    old_id text;
+    new_id text;
+BEGIN
+    IF current_setting('tidemark.applying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        new_id := NEW.{pk}::text;
+        IF new_id IS NULL OR new_id !~ '^[0-7][0-9A-HJKMNP-TV-Z]{{25}}$' THEN
+            RAISE EXCEPTION 'tidemark: %.% must be a ULID in canonical form (26 uppercase Crockford base32 characters), got %', TG_TABLE_NAME, '{pk_lit}', coalesce(quote_literal(new_id), 'NULL')
+                USING ERRCODE = 'check_violation';
+        END IF;
+        SELECT row_to_json(r) INTO new_row FROM (SELECT {new_list}) r;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        old_id := OLD.{pk}::text;
+    END IF;
+    IF TG_OP = 'UPDATE' AND old_id = new_id THEN
+        SELECT row_to_json(r) INTO old_row FROM (SELECT {old_list}) r;
+        IF old_row::text = new_row::text THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    IF TG_OP = 'UPDATE' AND old_id IS DISTINCT FROM new_id THEN
+        INSERT INTO tidemark_capture_queue (table_name, record_id, operation, new_values)
+        VALUES ('{t_lit}', old_id, 'DELETE', NULL), ('{t_lit}', new_id, 'INSERT', new_row);
+    ELSE
+        INSERT INTO tidemark_capture_queue (table_name, record_id, operation, new_values)
+        VALUES ('{t_lit}', coalesce(new_id, old_id), TG_OP, new_row);
+    END IF;
+    PERFORM pg_notify('tidemark_capture', '');
+    RETURN NULL;
+END
+$tidemark$"#,
+        func = q(&capture_function(info)),
+        pk_lit = info.primary_key.replace('\'', "''"),
+        new_list = select_list(info, "NEW"),
+        old_list = select_list(info, "OLD"),
+    )
 }
 
 impl PostgresBackend {
@@ -158,6 +287,13 @@ impl PostgresBackend {
             connect.get_port(),
             connect.get_database().unwrap_or("")
         );
+        // Exact text for floats, timestamps in UTC, bytea in hex: what the
+        // daemon reads and writes as text means one value only.
+        let connect = connect.options([
+            ("extra_float_digits", "3"),
+            ("TimeZone", "UTC"),
+            ("bytea_output", "hex"),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(2))
             .acquire_timeout(opts.connect_timeout)
@@ -167,21 +303,11 @@ impl PostgresBackend {
         Ok(PostgresBackend {
             pool,
             lock_timeout_ms: opts.lock_timeout.as_millis().max(1) as u64,
-            bpchar_keys: RwLock::new(HashMap::new()),
         })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    fn key_cast(&self, table: &str) -> &'static str {
-        let map = self.bpchar_keys.read().unwrap_or_else(|p| p.into_inner());
-        if map.get(table).copied().unwrap_or(false) {
-            "bpchar"
-        } else {
-            "text"
-        }
     }
 }
 
@@ -190,6 +316,10 @@ impl Backend for PostgresBackend {
 
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn column_type(&self, declared: &str) -> std::result::Result<ColumnType, String> {
+        ColumnType::of_postgres(declared)
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -312,12 +442,13 @@ impl Backend for PostgresBackend {
                 ),
             });
         }
-        let pk_lit = info.primary_key.replace('\'', "''");
         for sql in [
+            capture_function_sql(info),
             format!("DROP TRIGGER IF EXISTS tidemark_capture ON {t}"),
             format!(
                 "CREATE TRIGGER tidemark_capture AFTER INSERT OR UPDATE OR DELETE ON {t} \
-                 FOR EACH ROW EXECUTE FUNCTION tidemark_capture('{pk_lit}')"
+                 FOR EACH ROW EXECUTE FUNCTION {}()",
+                q(&capture_function(info))
             ),
             format!("DROP TRIGGER IF EXISTS tidemark_capture_lock ON {t}"),
             format!(
@@ -332,15 +463,19 @@ impl Backend for PostgresBackend {
         ] {
             exec(&mut tx, sql).await?;
         }
+        let classes: Vec<String> = info.types.iter().map(ToString::to_string).collect();
         sqlx::query(
-            "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, conflict_policy) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET \
-             primary_key = excluded.primary_key, columns = excluded.columns, conflict_policy = excluded.conflict_policy",
+            "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, column_types, declared_types, conflict_policy) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name) DO UPDATE SET \
+             primary_key = excluded.primary_key, columns = excluded.columns, column_types = excluded.column_types, \
+             declared_types = excluded.declared_types, conflict_policy = excluded.conflict_policy",
         )
         .bind(info.datatype_id.to_string())
         .bind(&info.table_name)
         .bind(&info.primary_key)
         .bind(Json(&info.columns))
+        .bind(Json(&classes))
+        .bind(Json(&info.declared))
         .bind(info.conflict_policy.as_str())
         .execute(&mut *tx)
         .await?;
@@ -348,10 +483,11 @@ impl Backend for PostgresBackend {
             exec(
                 &mut tx,
                 format!(
-                    "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, old_values, new_values) \
-                     SELECT '{}', {pk}::text, 'INSERT', NULL, to_jsonb(x) - 'node_id' - 'hlc_modified' \
-                     FROM {t} AS x ORDER BY {pk}",
+                    "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, new_values) \
+                     SELECT '{}', x.{pk}::text, 'INSERT', row_to_json(r) \
+                     FROM {t} AS x, LATERAL (SELECT {}) AS r ORDER BY x.{pk}",
                     info.table_name.replace('\'', "''"),
+                    select_list(info, "x"),
                 ),
             )
             .await?;
@@ -376,29 +512,13 @@ impl Backend for PostgresBackend {
     async fn load_tables(&self) -> Result<Vec<TableInfo>> {
         let rows: Vec<TableRow> = sqlx::query_as(
             "SELECT datatype_id::text AS datatype_id, table_name::text AS table_name, \
-             primary_key::text AS primary_key, columns, conflict_policy::text AS conflict_policy \
+             primary_key::text AS primary_key, columns, column_types, declared_types, \
+             conflict_policy::text AS conflict_policy \
              FROM tidemark_datatypes ORDER BY table_name",
         )
         .fetch_all(&self.pool)
         .await?;
-        let tables: Vec<TableInfo> = rows
-            .into_iter()
-            .map(TableInfo::try_from)
-            .collect::<Result<_>>()?;
-        let mut keys = HashMap::new();
-        for t in &tables {
-            let (ty,): (String,) = sqlx::query_as(
-                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
-            )
-            .bind(q(&t.table_name))
-            .bind(&t.primary_key)
-            .fetch_one(&self.pool)
-            .await?;
-            keys.insert(t.table_name.clone(), ty.starts_with("character("));
-        }
-        *self.bpchar_keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        Ok(tables)
+        rows.into_iter().map(TableInfo::try_from).collect()
     }
 
     async fn begin(&self) -> Result<Self::Tx> {
@@ -408,6 +528,11 @@ impl Backend for PostgresBackend {
             .execute(&mut *tx)
             .await?;
         sqlx::query("LOCK TABLE tidemark_capture_queue IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        // A deferred constraint fails at the statement that breaks it, inside the
+        // savepoint that can set the event aside, not at commit.
+        sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
             .execute(&mut *tx)
             .await?;
         Ok(tx)
@@ -425,8 +550,8 @@ impl Backend for PostgresBackend {
 
     async fn take_captures(&self, tx: &mut Self::Tx, limit: u32) -> Result<Vec<Capture>> {
         let rows: Vec<CaptureRow> = sqlx::query_as(
-            "SELECT seq, table_name::text AS table_name, record_id, operation::text AS operation, old_values, new_values \
-             FROM tidemark_capture_queue ORDER BY seq LIMIT $1",
+            "SELECT seq, table_name::text AS table_name, record_id, operation::text AS operation, \
+             new_values::text AS new_values FROM tidemark_capture_queue ORDER BY seq LIMIT $1",
         )
         .bind(i64::from(limit))
         .fetch_all(&mut **tx)
@@ -440,6 +565,54 @@ impl Backend for PostgresBackend {
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    async fn set_aside(&self, tx: &mut Self::Tx, rows: &[SetAside]) -> Result<()> {
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO tidemark_unreplicated (seq, table_name, record_id, operation, reason) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+            )
+            .bind(r.seq)
+            .bind(&r.table_name)
+            .bind(crate::model::truncate(&r.record_id))
+            .bind(&r.operation)
+            .bind(&r.reason)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn list_set_aside(&self, limit: u32) -> Result<Vec<SetAside>> {
+        let rows: Vec<(i64, String, String, String, String, String)> = sqlx::query_as(
+            "SELECT seq, table_name::text, record_id, operation::text, reason, \
+             to_char(set_aside_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+             FROM tidemark_unreplicated ORDER BY seq LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, table_name, record_id, operation, reason, set_aside_at)| SetAside {
+                    seq,
+                    table_name,
+                    record_id,
+                    operation,
+                    reason,
+                    set_aside_at,
+                },
+            )
+            .collect())
+    }
+
+    async fn count_set_aside(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_unreplicated")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
     }
 
     async fn versions(
@@ -459,32 +632,6 @@ impl Backend for PostgresBackend {
         rows.into_iter().map(VersionRow::into_version).collect()
     }
 
-    async fn put_version(
-        &self,
-        tx: &mut Self::Tx,
-        table: &str,
-        id: Ulid,
-        v: &Version,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (table_name, record_id) DO UPDATE SET \
-             hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
-             deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
-        )
-        .bind(table)
-        .bind(id.to_string())
-        .bind(v.hlc.encode())
-        .bind(v.node_id.to_string())
-        .bind(v.event_id.to_string())
-        .bind(v.deleted)
-        .bind(Json(v.vv.to_json()))
-        .bind(Json(v.frontier_json()))
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
     async fn rows(
         &self,
         tx: &mut Self::Tx,
@@ -492,46 +639,55 @@ impl Backend for PostgresBackend {
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Values>> {
         let sql = format!(
-            "SELECT {pk}::text, to_jsonb(x) FROM {t} AS x WHERE {pk} = ANY($1::{cast}[])",
-            pk = q(&table.primary_key),
+            "SELECT row_to_json(r)::text FROM {t} AS x, LATERAL (SELECT {list}) AS r \
+             WHERE x.{pk} = ANY($1::{cast}[])",
             t = q(&table.table_name),
-            cast = self.key_cast(&table.table_name),
+            list = select_list(table, "x"),
+            pk = q(&table.primary_key),
+            cast = key_cast(table),
         );
-        let rows: Vec<(String, Json<Value>)> = sqlx::query_as(AssertSqlSafe(sql))
+        let rows: Vec<(String,)> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(ids_text(ids))
             .fetch_all(&mut **tx)
             .await?;
-        rows.into_iter()
-            .map(|(id, raw)| {
-                let id = Ulid::from_string(id.trim())
-                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))?;
-                Ok((id, project(table, raw.0)?))
-            })
-            .collect()
+        decode_rows(table, rows)
     }
 
-    async fn upsert_row(
+    async fn upsert_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        id: Ulid,
-        values: &Values,
-        hlc: Hlc,
-        node_id: Ulid,
+        rows: &[RowWrite],
     ) -> Result<()> {
-        let mut cols: Vec<&String> = table
-            .columns
-            .iter()
-            .filter(|c| values.contains_key(c.as_str()))
-            .collect();
-        if !cols.contains(&&table.primary_key) {
-            cols.insert(0, &table.primary_key);
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        // ON CONFLICT cannot touch a row twice in one statement: the last write
+        // of an id is the one that counts (the rows share their columns).
+        let mut last: HashMap<Ulid, usize> = HashMap::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            last.insert(r.id, i);
         }
-        let names: Vec<String> = cols.iter().map(|c| q(c)).collect();
+        let rows: Vec<&RowWrite> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| last.get(&r.id) == Some(i))
+            .map(|(_, r)| r)
+            .collect();
+        let cols: Vec<usize> = (0..table.columns.len())
+            .filter(|&i| i == 0 || first.values.contains_key(&table.columns[i]))
+            .collect();
+        let names: Vec<String> = cols.iter().map(|&i| q(&table.columns[i])).collect();
+        let mut casts = Vec::with_capacity(cols.len());
+        for (n, &i) in cols.iter().enumerate() {
+            casts.push(format!("x.a{n}::{}", cast_type(&table.declared[i])?));
+        }
+        let arrays: Vec<String> = (1..=cols.len()).map(|p| format!("${p}::text[]")).collect();
+        let aliases: Vec<String> = (0..cols.len()).map(|n| format!("a{n}")).collect();
         let updates: Vec<String> = cols
             .iter()
-            .filter(|c| **c != &table.primary_key)
-            .map(|c| format!("{0} = excluded.{0}", q(c)))
+            .skip(1)
+            .map(|&i| format!("{0} = excluded.{0}", q(&table.columns[i])))
             .chain([
                 "node_id = excluded.node_id".to_owned(),
                 "hlc_modified = excluded.hlc_modified".to_owned(),
@@ -539,58 +695,82 @@ impl Backend for PostgresBackend {
             .collect();
         let sql = format!(
             "INSERT INTO {t} ({names}, node_id, hlc_modified) \
-             SELECT {names}, $2, $3 FROM jsonb_populate_record(NULL::{t}, $1) \
-             ON CONFLICT ({pk}) DO UPDATE SET {updates}",
+             SELECT {casts}, x.n, x.h FROM UNNEST({arrays}, ${np}::text[], ${nh}::bigint[]) \
+             AS x({aliases}, n, h) ON CONFLICT ({pk}) DO UPDATE SET {updates}",
             t = q(&table.table_name),
             names = names.join(", "),
+            casts = casts.join(", "),
+            arrays = arrays.join(", "),
+            np = cols.len() + 1,
+            nh = cols.len() + 2,
+            aliases = aliases.join(", "),
             pk = q(&table.primary_key),
             updates = updates.join(", "),
         );
-        let mut values = values.clone();
-        values.insert(table.primary_key.clone(), Value::String(id.to_string()));
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(Json(Value::Object(values)))
-            .bind(node_id.to_string())
-            .bind(hlc.encode())
-            .execute(&mut **tx)
-            .await?;
+        for chunk in rows.chunks(BULK_CHUNK) {
+            let mut query = sqlx::query(AssertSqlSafe(sql.clone()));
+            for &i in &cols {
+                let (col, ty) = (&table.columns[i], table.types[i]);
+                let column: Vec<Option<String>> = chunk
+                    .iter()
+                    .map(|r| {
+                        if i == 0 {
+                            Some(r.id.to_string())
+                        } else {
+                            r.values.get(col).and_then(|v| ty.to_pg_text(v))
+                        }
+                    })
+                    .collect();
+                query = query.bind(column);
+            }
+            let nodes: Vec<String> = chunk.iter().map(|r| r.node_id.to_string()).collect();
+            let hlcs: Vec<i64> = chunk.iter().map(|r| r.hlc.encode()).collect();
+            query.bind(nodes).bind(hlcs).execute(&mut **tx).await?;
+        }
         Ok(())
     }
 
-    async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
+    async fn delete_rows(&self, tx: &mut Self::Tx, table: &TableInfo, ids: &[Ulid]) -> Result<()> {
         let sql = format!(
-            "DELETE FROM {} WHERE {} = $1::{}",
+            "DELETE FROM {} WHERE {} = ANY($1::{}[])",
             q(&table.table_name),
             q(&table.primary_key),
-            self.key_cast(&table.table_name)
+            key_cast(table)
         );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
+        for chunk in ids.chunks(BULK_CHUNK) {
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(ids_text(chunk))
+                .execute(&mut **tx)
+                .await?;
+        }
         Ok(())
     }
 
-    async fn stamp_row(
+    async fn stamp_rows(
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        id: Ulid,
-        hlc: Hlc,
-        node_id: Ulid,
+        stamps: &[(Ulid, Hlc, Ulid)],
     ) -> Result<()> {
         let sql = format!(
-            "UPDATE {} SET node_id = $1, hlc_modified = $2 WHERE {} = $3::{}",
-            q(&table.table_name),
-            q(&table.primary_key),
-            self.key_cast(&table.table_name)
+            "UPDATE {t} SET node_id = s.n, hlc_modified = s.h \
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS s(id, h, n) \
+             WHERE {t}.{pk} = s.id::{cast}",
+            t = q(&table.table_name),
+            pk = q(&table.primary_key),
+            cast = key_cast(table),
         );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(node_id.to_string())
-            .bind(hlc.encode())
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
+        for chunk in stamps.chunks(BULK_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|(id, _, _)| id.to_string()).collect();
+            let hlcs: Vec<i64> = chunk.iter().map(|(_, h, _)| h.encode()).collect();
+            let nodes: Vec<String> = chunk.iter().map(|(_, _, n)| n.to_string()).collect();
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(ids)
+                .bind(hlcs)
+                .bind(nodes)
+                .execute(&mut **tx)
+                .await?;
+        }
         Ok(())
     }
 
@@ -905,16 +1085,18 @@ impl Backend for PostgresBackend {
 
     async fn get_row(&self, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
         let sql = format!(
-            "SELECT to_jsonb(x) FROM {t} AS x WHERE {pk} = $1::{cast}",
-            pk = q(&table.primary_key),
+            "SELECT row_to_json(r)::text FROM {t} AS x, LATERAL (SELECT {list}) AS r \
+             WHERE x.{pk} = $1::{cast}",
             t = q(&table.table_name),
-            cast = self.key_cast(&table.table_name),
+            list = select_list(table, "x"),
+            pk = q(&table.primary_key),
+            cast = key_cast(table),
         );
-        let row: Option<(Json<Value>,)> = sqlx::query_as(AssertSqlSafe(sql))
+        let rows: Vec<(String,)> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        row.map(|(raw,)| project(table, raw.0)).transpose()
+        Ok(decode_rows(table, rows)?.remove(&id))
     }
 
     async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {

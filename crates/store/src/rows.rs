@@ -8,9 +8,10 @@ use ulid::Ulid;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictPolicy, ConflictSide, Member, TableInfo, Values,
-    Version, VersionVector,
+    Capture, CapturedRow, ChangeEvent, Conflict, ConflictPolicy, ConflictSide, Member, Operation,
+    TableInfo, Values, Version, VersionVector,
 };
+use crate::value::ColumnType;
 
 fn ulid(what: &str, text: &str) -> Result<Ulid> {
     Ulid::from_string(text.trim())
@@ -123,14 +124,14 @@ impl VersionRow {
     }
 }
 
+/// A PostgreSQL capture: the row as `to_json` text.
 #[derive(Debug, sqlx::FromRow)]
 pub struct CaptureRow {
     pub seq: i64,
     pub table_name: String,
     pub record_id: String,
     pub operation: String,
-    pub old_values: Option<Json<Value>>,
-    pub new_values: Option<Json<Value>>,
+    pub new_values: Option<String>,
 }
 
 impl TryFrom<CaptureRow> for Capture {
@@ -138,16 +139,19 @@ impl TryFrom<CaptureRow> for Capture {
 
     fn try_from(r: CaptureRow) -> Result<Self> {
         let what = "tidemark_capture_queue";
+        let operation: Operation = r
+            .operation
+            .parse()
+            .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?;
         Ok(Capture {
             seq: r.seq,
             table_name: r.table_name,
             record_id: r.record_id.trim().to_owned(),
-            operation: r
-                .operation
-                .parse()
-                .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?,
-            old_values: object(what, r.old_values)?,
-            new_values: object(what, r.new_values)?,
+            operation,
+            row: match (operation, r.new_values) {
+                (Operation::Delete, _) | (_, None) => CapturedRow::Gone,
+                (_, Some(json)) => CapturedRow::Json(json),
+            },
         })
     }
 }
@@ -158,6 +162,8 @@ pub struct TableRow {
     pub table_name: String,
     pub primary_key: String,
     pub columns: Json<Vec<String>>,
+    pub column_types: Option<Json<Vec<String>>>,
+    pub declared_types: Option<Json<Vec<String>>>,
     pub conflict_policy: String,
 }
 
@@ -166,11 +172,23 @@ impl TryFrom<TableRow> for TableInfo {
 
     fn try_from(r: TableRow) -> Result<Self> {
         let what = "tidemark_datatypes";
+        // Registered before column classes existed: empty, filled from the live
+        // schema when the table is loaded.
+        let types = r
+            .column_types
+            .map(|t| t.0)
+            .unwrap_or_default()
+            .iter()
+            .map(|t| t.parse::<ColumnType>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::corrupt(what, e))?;
         Ok(TableInfo {
             datatype_id: ulid(what, &r.datatype_id)?,
             table_name: r.table_name,
             primary_key: r.primary_key,
             columns: r.columns.0,
+            types,
+            declared: r.declared_types.map(|t| t.0).unwrap_or_default(),
             conflict_policy: r
                 .conflict_policy
                 .parse::<ConflictPolicy>()

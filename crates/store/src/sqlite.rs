@@ -8,16 +8,19 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction, TypeInfo, ValueRef};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
 /// Most rows one bulk statement carries.
 const BULK_CHUNK: usize = 1000;
+/// Most parameters one statement binds (SQLite's SQLITE_MAX_VARIABLE_NUMBER is 32766).
+const MAX_BINDS: usize = 32_000;
 
 /// The SQL of the first SQLite migration (the whole schema), for tools that build
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
@@ -27,20 +30,19 @@ use crate::backend::{Backend, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, TableInfo, Values,
-    Version, VersionVector,
+    Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Operation,
+    Rejected, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::rows::{
-    CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST,
-    ULID_REST, VersionRow, rows_to_values, vector_from_rows,
+    CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST, ULID_REST,
+    VersionRow, rows_to_values, vector_from_rows,
 };
+use crate::value::{ColumnType, SqlCell};
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
 const WALL_MS: &str =
     "CAST(round(unixepoch(wall_timestamp, 'subsec') * 1000) AS INTEGER) AS wall_ms";
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
-/// SQLite caps function arguments; json_object gets at most this many columns per call.
-const JSON_OBJECT_CHUNK: usize = 40;
 
 fn migrator() -> sqlx::migrate::Migrator {
     let mut m = sqlx::migrate!("./migrations/sqlite");
@@ -133,30 +135,6 @@ fn ids_json(ids: &[Ulid]) -> String {
     Value::Array(ids.iter().map(|i| Value::String(i.to_string())).collect()).to_string()
 }
 
-/// `json_object('a', "a", ...)` over the given columns of row alias `row` (e.g. `NEW`),
-/// split into `json_patch` of chunks to stay under SQLite's argument limit.
-fn json_object_sql(columns: &[String], row: &str) -> String {
-    let prefix = if row.is_empty() {
-        String::new()
-    } else {
-        format!("{row}.")
-    };
-    let parts: Vec<String> = columns
-        .chunks(JSON_OBJECT_CHUNK)
-        .map(|chunk| {
-            let args: Vec<String> = chunk
-                .iter()
-                .map(|c| format!("'{c}', {prefix}{}", q(c)))
-                .collect();
-            format!("json_object({})", args.join(", "))
-        })
-        .collect();
-    parts
-        .into_iter()
-        .reduce(|acc, p| format!("json_patch({acc}, {p})"))
-        .unwrap_or_else(|| "json_object()".into())
-}
-
 fn ulid_glob() -> String {
     let mut g = format!("[{ULID_FIRST}]");
     for _ in 0..25 {
@@ -173,39 +151,179 @@ fn trigger_names(table: &str) -> [String; 3] {
     ]
 }
 
+/// The queue column holding the value of the table's `i`-th replicated column.
+fn value_column(i: usize) -> String {
+    format!("v{i}")
+}
+
+/// What a column's values must be, checked by the capture trigger before a
+/// direct write commits: `(condition that refuses, what it must hold)`.
+fn class_check(column: &str, ty: ColumnType) -> (String, String) {
+    let c = format!("NEW.{}", q(column));
+    let typed = |classes: &str| format!("typeof({c}) NOT IN ({classes}, 'null')");
+    let text = |extra: String| {
+        format!(
+            "{} OR instr(CAST({c} AS BLOB), x'00') > 0{extra}",
+            typed("'text'")
+        )
+    };
+    match ty {
+        ColumnType::Int16 | ColumnType::Int32 => {
+            let (lo, hi) = if ty == ColumnType::Int16 {
+                (i64::from(i16::MIN), i64::from(i16::MAX))
+            } else {
+                (i64::from(i32::MIN), i64::from(i32::MAX))
+            };
+            (
+                format!("{} OR {c} NOT BETWEEN {lo} AND {hi}", typed("'integer'")),
+                format!("an integer from {lo} to {hi}"),
+            )
+        }
+        ColumnType::Int64 => (typed("'integer'"), "an integer".into()),
+        ColumnType::Float32 | ColumnType::Float64 => {
+            (typed("'real', 'integer'"), "a number".into())
+        }
+        ColumnType::Bool => (
+            format!("{} OR {c} NOT IN (0, 1)", typed("'integer'")),
+            "0 or 1 (false or true)".into(),
+        ),
+        ColumnType::Bytes => (typed("'blob'"), "a blob".into()),
+        ColumnType::Text { max_chars: Some(n) } | ColumnType::Char { len: n } => (
+            text(format!(" OR length({c}) > {n}")),
+            format!("text of at most {n} characters without NUL"),
+        ),
+        ColumnType::Text { max_chars: None } => (text(String::new()), "text without NUL".into()),
+        ColumnType::Json => (typed("'text', 'integer', 'real'"), "JSON text".into()),
+        _ => (typed("'text'"), "text".into()),
+    }
+}
+
 fn trigger_sql(info: &TableInfo) -> Vec<String> {
     let t = &info.table_name;
     let pk = q(&info.primary_key);
     let guard = "(SELECT active FROM tidemark_capture_guard WHERE id = 1) = 0";
-    let check = format!(
+    let mut checks = format!(
         "SELECT RAISE(ABORT, 'tidemark: {t}.{} must be a ULID in canonical form (26 uppercase Crockford base32 characters)') WHERE NEW.{pk} IS NULL OR NOT (NEW.{pk} GLOB '{}');",
         info.primary_key,
         ulid_glob()
     );
-    let new_obj = json_object_sql(&info.columns, "NEW");
-    let old_obj = json_object_sql(&info.columns, "OLD");
-    let insert_q = "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, old_values, new_values)";
+    for (col, ty) in info.columns.iter().zip(&info.types).skip(1) {
+        let (refuse, what) = class_check(col, *ty);
+        checks.push_str(&format!(
+            " SELECT RAISE(ABORT, 'tidemark: {t}.{col} is replicated as {ty}: it must hold {what} or NULL') WHERE {refuse};"
+        ));
+    }
+    let value_cols: Vec<String> = (0..info.columns.len()).map(value_column).collect();
+    let new_vals: Vec<String> = info
+        .columns
+        .iter()
+        .map(|c| format!("NEW.{}", q(c)))
+        .collect();
+    let insert_row = format!(
+        "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, {}) SELECT '{t}', NEW.{pk}, '%OP%', {}",
+        value_cols.join(", "),
+        new_vals.join(", ")
+    );
+    let insert_delete = format!(
+        "INSERT INTO tidemark_capture_queue (table_name, record_id, operation) SELECT '{t}', OLD.{pk}, 'DELETE'"
+    );
+    let changed: Vec<String> = info
+        .columns
+        .iter()
+        .map(|c| format!("OLD.{0} IS NOT NEW.{0}", q(c)))
+        .collect();
     let [ins, upd, del] = trigger_names(t);
     vec![
         format!(
-            "CREATE TRIGGER {} AFTER INSERT ON {} WHEN {guard} BEGIN {check} {insert_q} VALUES ('{t}', NEW.{pk}, 'INSERT', NULL, {new_obj}); END",
+            "CREATE TRIGGER {} AFTER INSERT ON {} WHEN {guard} BEGIN {checks} {}; END",
             q(&ins),
-            q(t)
+            q(t),
+            insert_row.replace("%OP%", "INSERT")
         ),
+        // An update that changes no replicated column is not captured.
         format!(
-            "CREATE TRIGGER {} AFTER UPDATE ON {} WHEN {guard} BEGIN {check} \
-             {insert_q} SELECT '{t}', NEW.{pk}, 'UPDATE', {old_obj}, {new_obj} WHERE OLD.{pk} IS NEW.{pk}; \
-             {insert_q} SELECT '{t}', OLD.{pk}, 'DELETE', {old_obj}, NULL WHERE OLD.{pk} IS NOT NEW.{pk}; \
-             {insert_q} SELECT '{t}', NEW.{pk}, 'INSERT', NULL, {new_obj} WHERE OLD.{pk} IS NOT NEW.{pk}; END",
+            "CREATE TRIGGER {} AFTER UPDATE ON {} WHEN {guard} AND ({}) BEGIN {checks} \
+             {} WHERE OLD.{pk} IS NEW.{pk}; \
+             {insert_delete} WHERE OLD.{pk} IS NOT NEW.{pk}; \
+             {} WHERE OLD.{pk} IS NOT NEW.{pk}; END",
             q(&upd),
-            q(t)
+            q(t),
+            changed.join(" OR "),
+            insert_row.replace("%OP%", "UPDATE"),
+            insert_row.replace("%OP%", "INSERT"),
         ),
         format!(
-            "CREATE TRIGGER {} AFTER DELETE ON {} WHEN {guard} BEGIN {insert_q} VALUES ('{t}', OLD.{pk}, 'DELETE', {old_obj}, NULL); END",
+            "CREATE TRIGGER {} AFTER DELETE ON {} WHEN {guard} BEGIN {insert_delete}; END",
             q(&del),
             q(t)
         ),
     ]
+}
+
+/// One value of a result row as SQLite stores it.
+fn cell(row: &SqliteRow, i: usize) -> Result<SqlCell> {
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(SqlCell::Null);
+    }
+    let kind = raw.type_info().name().to_owned();
+    Ok(match kind.as_str() {
+        "INTEGER" => SqlCell::Int(row.try_get_unchecked(i)?),
+        "REAL" => SqlCell::Real(row.try_get_unchecked(i)?),
+        "BLOB" => SqlCell::Blob(row.try_get_unchecked(i)?),
+        _ => match row.try_get_unchecked::<String, _>(i) {
+            Ok(text) => SqlCell::Text(text),
+            // Text that is not UTF-8: its bytes, refused by every text class.
+            Err(_) => SqlCell::Blob(row.try_get_unchecked(i)?),
+        },
+    })
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments>;
+
+fn bind_cell(query: SqliteQuery<'_>, cell: SqlCell) -> SqliteQuery<'_> {
+    match cell {
+        SqlCell::Null => query.bind(None::<i64>),
+        SqlCell::Int(i) => query.bind(i),
+        SqlCell::Real(f) => query.bind(f),
+        SqlCell::Text(t) => query.bind(t),
+        SqlCell::Blob(b) => query.bind(b),
+    }
+}
+
+/// Reads rows of `SELECT <table.columns...>` into canonical values, by id.
+fn decode_rows(table: &TableInfo, rows: &[SqliteRow]) -> Result<HashMap<Ulid, Values>> {
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let mut values = Values::new();
+        for (i, (col, ty)) in table.columns.iter().zip(&table.types).enumerate() {
+            let v = ty
+                .from_sqlite(cell(row, i)?)
+                .map_err(|reason| StoreError::InvalidValue {
+                    table: table.table_name.clone(),
+                    column: col.clone(),
+                    class: ty.to_string(),
+                    reason,
+                })?;
+            values.insert(col.clone(), v);
+        }
+        let id = values
+            .get(&table.primary_key)
+            .and_then(Value::as_str)
+            .and_then(|k| Ulid::from_string(k).ok())
+            .ok_or_else(|| StoreError::corrupt(&table.table_name, "a row's key is not a ULID"))?;
+        out.insert(id, values);
+    }
+    Ok(out)
+}
+
+fn select_columns(table: &TableInfo) -> String {
+    table
+        .columns
+        .iter()
+        .map(|c| q(c))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn exec(tx: &mut Transaction<'static, Sqlite>, sql: String) -> Result<()> {
@@ -213,22 +331,15 @@ async fn exec(tx: &mut Transaction<'static, Sqlite>, sql: String) -> Result<()> 
     Ok(())
 }
 
-fn parse_values(table: &TableInfo, raw: &str) -> Result<Values> {
-    match serde_json::from_str::<Value>(raw) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(StoreError::corrupt(
-            &table.table_name,
-            format!("row JSON is not an object: {other}"),
-        )),
-        Err(e) => Err(StoreError::corrupt(&table.table_name, e.to_string())),
-    }
-}
-
 impl Backend for SqliteBackend {
     type Tx = Transaction<'static, Sqlite>;
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn column_type(&self, declared: &str) -> std::result::Result<ColumnType, String> {
+        ColumnType::of_sqlite(declared)
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -369,32 +480,54 @@ impl Backend for SqliteBackend {
                 ),
             });
         }
+        // The queue holds one untyped value column per replicated column, so
+        // values keep their exact storage (a REAL's bits, a BLOB, ...).
+        let queue: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM pragma_table_info('tidemark_capture_queue')")
+                .fetch_all(&mut *tx)
+                .await?;
+        for i in 0..info.columns.len() {
+            let name = value_column(i);
+            if !queue.iter().any(|(c,)| *c == name) {
+                exec(
+                    &mut tx,
+                    format!("ALTER TABLE tidemark_capture_queue ADD COLUMN {name}"),
+                )
+                .await?;
+            }
+        }
         for name in trigger_names(&info.table_name) {
             exec(&mut tx, format!("DROP TRIGGER IF EXISTS {}", q(&name))).await?;
         }
         for sql in trigger_sql(info) {
             exec(&mut tx, sql).await?;
         }
+        let classes: Vec<String> = info.types.iter().map(ToString::to_string).collect();
         sqlx::query(
-            "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, conflict_policy) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET \
-             primary_key = excluded.primary_key, columns = excluded.columns, conflict_policy = excluded.conflict_policy",
+            "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, column_types, declared_types, conflict_policy) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name) DO UPDATE SET \
+             primary_key = excluded.primary_key, columns = excluded.columns, column_types = excluded.column_types, \
+             declared_types = excluded.declared_types, conflict_policy = excluded.conflict_policy",
         )
         .bind(info.datatype_id.to_string())
         .bind(&info.table_name)
         .bind(&info.primary_key)
         .bind(Json(&info.columns))
+        .bind(Json(&classes))
+        .bind(Json(&info.declared))
         .bind(info.conflict_policy.as_str())
         .execute(&mut *tx)
         .await?;
         if first_time {
+            let value_cols: Vec<String> = (0..info.columns.len()).map(value_column).collect();
             exec(
                 &mut tx,
                 format!(
-                    "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, old_values, new_values) \
-                     SELECT '{}', {pk}, 'INSERT', NULL, {} FROM {t} ORDER BY {pk}",
+                    "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, {}) \
+                     SELECT '{}', {pk}, 'INSERT', {} FROM {t} ORDER BY {pk}",
+                    value_cols.join(", "),
                     info.table_name,
-                    json_object_sql(&info.columns, "")
+                    select_columns(info)
                 ),
             )
             .await?;
@@ -418,7 +551,8 @@ impl Backend for SqliteBackend {
 
     async fn load_tables(&self) -> Result<Vec<TableInfo>> {
         let rows: Vec<TableRow> = sqlx::query_as(
-            "SELECT datatype_id, table_name, primary_key, columns, conflict_policy FROM tidemark_datatypes ORDER BY table_name",
+            "SELECT datatype_id, table_name, primary_key, columns, column_types, declared_types, conflict_policy \
+             FROM tidemark_datatypes ORDER BY table_name",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -447,14 +581,105 @@ impl Backend for SqliteBackend {
     }
 
     async fn take_captures(&self, tx: &mut Self::Tx, limit: u32) -> Result<Vec<Capture>> {
-        let rows: Vec<CaptureRow> = sqlx::query_as(
-            "SELECT seq, table_name, record_id, operation, old_values, new_values \
-             FROM tidemark_capture_queue ORDER BY seq LIMIT $1",
+        // Registration adds value columns to the queue: a cached statement would
+        // keep the column list it was prepared with.
+        let rows = sqlx::query("SELECT * FROM tidemark_capture_queue ORDER BY seq LIMIT $1")
+            .persistent(false)
+            .bind(i64::from(limit))
+            .fetch_all(&mut **tx)
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(Vec::new());
+        };
+        // v0, v1, ... by index, wherever they sit among the queue's columns.
+        let mut value_at: Vec<(usize, usize)> = first
+            .columns()
+            .iter()
+            .filter_map(|c| {
+                let i = sqlx::Column::name(c)
+                    .strip_prefix('v')?
+                    .parse::<usize>()
+                    .ok()?;
+                Some((i, sqlx::Column::ordinal(c)))
+            })
+            .collect();
+        value_at.sort_unstable();
+        let what = "tidemark_capture_queue";
+        rows.iter()
+            .map(|row| {
+                let operation: Operation = row
+                    .try_get::<String, _>("operation")?
+                    .parse()
+                    .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?;
+                let legacy: Option<String> = row.try_get("new_values")?;
+                let captured = if operation == Operation::Delete {
+                    CapturedRow::Gone
+                } else if let Some(json) = legacy {
+                    CapturedRow::Json(json)
+                } else {
+                    CapturedRow::Cells(
+                        value_at
+                            .iter()
+                            .map(|(_, ordinal)| cell(row, *ordinal))
+                            .collect::<Result<_>>()?,
+                    )
+                };
+                Ok(Capture {
+                    seq: row.try_get("seq")?,
+                    table_name: row.try_get("table_name")?,
+                    record_id: row.try_get::<String, _>("record_id")?.trim().to_owned(),
+                    operation,
+                    row: captured,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_aside(&self, tx: &mut Self::Tx, rows: &[SetAside]) -> Result<()> {
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO tidemark_unreplicated (seq, table_name, record_id, operation, reason) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+            )
+            .bind(r.seq)
+            .bind(&r.table_name)
+            .bind(crate::model::truncate(&r.record_id))
+            .bind(&r.operation)
+            .bind(&r.reason)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn list_set_aside(&self, limit: u32) -> Result<Vec<SetAside>> {
+        let rows: Vec<(i64, String, String, String, String, String)> = sqlx::query_as(
+            "SELECT seq, table_name, record_id, operation, reason, set_aside_at FROM tidemark_unreplicated \
+             ORDER BY seq LIMIT $1",
         )
         .bind(i64::from(limit))
-        .fetch_all(&mut **tx)
+        .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(Capture::try_from).collect()
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, table_name, record_id, operation, reason, set_aside_at)| SetAside {
+                    seq,
+                    table_name,
+                    record_id,
+                    operation,
+                    reason,
+                    set_aside_at,
+                },
+            )
+            .collect())
+    }
+
+    async fn count_set_aside(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_unreplicated")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
     }
 
     async fn delete_captures(&self, tx: &mut Self::Tx, seqs: &[i64]) -> Result<()> {
@@ -484,32 +709,6 @@ impl Backend for SqliteBackend {
         rows.into_iter().map(VersionRow::into_version).collect()
     }
 
-    async fn put_version(
-        &self,
-        tx: &mut Self::Tx,
-        table: &str,
-        id: Ulid,
-        v: &Version,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (table_name, record_id) DO UPDATE SET \
-             hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
-             deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
-        )
-        .bind(table)
-        .bind(id.to_string())
-        .bind(v.hlc.encode())
-        .bind(v.node_id.to_string())
-        .bind(v.event_id.to_string())
-        .bind(v.deleted)
-        .bind(Json(v.vv.to_json()))
-        .bind(Json(v.frontier_json()))
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
     async fn rows(
         &self,
         tx: &mut Self::Tx,
@@ -517,56 +716,16 @@ impl Backend for SqliteBackend {
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Values>> {
         let sql = format!(
-            "SELECT {pk}, {obj} FROM {t} WHERE {pk} IN (SELECT value FROM json_each($1))",
-            pk = q(&table.primary_key),
-            obj = json_object_sql(&table.columns, ""),
-            t = q(&table.table_name)
+            "SELECT {} FROM {} WHERE {} IN (SELECT value FROM json_each($1))",
+            select_columns(table),
+            q(&table.table_name),
+            q(&table.primary_key),
         );
-        let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql))
+        let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(ids_json(ids))
             .fetch_all(&mut **tx)
             .await?;
-        rows.into_iter()
-            .map(|(id, raw)| {
-                let id = Ulid::from_string(&id)
-                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))?;
-                Ok((id, parse_values(table, &raw)?))
-            })
-            .collect()
-    }
-
-    async fn upsert_row(
-        &self,
-        tx: &mut Self::Tx,
-        table: &TableInfo,
-        id: Ulid,
-        values: &Values,
-        hlc: Hlc,
-        node_id: Ulid,
-    ) -> Result<()> {
-        let row = RowWrite {
-            id,
-            values: values.clone(),
-            hlc,
-            node_id,
-        };
-        self.upsert_rows(tx, table, std::slice::from_ref(&row))
-            .await
-    }
-
-    async fn delete_row(&self, tx: &mut Self::Tx, table: &TableInfo, id: Ulid) -> Result<()> {
-        self.delete_rows(tx, table, &[id]).await
-    }
-
-    async fn stamp_row(
-        &self,
-        tx: &mut Self::Tx,
-        table: &TableInfo,
-        id: Ulid,
-        hlc: Hlc,
-        node_id: Ulid,
-    ) -> Result<()> {
-        self.stamp_rows(tx, table, &[(id, hlc, node_id)]).await
+        decode_rows(table, &rows)
     }
 
     async fn put_versions(
@@ -614,50 +773,53 @@ impl Backend for SqliteBackend {
         let Some(first) = rows.first() else {
             return Ok(());
         };
-        let mut cols: Vec<&String> = table
+        let mut cols: Vec<(&String, ColumnType)> = table
             .columns
             .iter()
-            .filter(|c| first.values.contains_key(c.as_str()))
+            .zip(&table.types)
+            .filter(|(c, _)| first.values.contains_key(c.as_str()) || **c == table.primary_key)
+            .map(|(c, t)| (c, *t))
             .collect();
-        if !cols.contains(&&table.primary_key) {
-            cols.insert(0, &table.primary_key);
-        }
-        let names: Vec<String> = cols.iter().map(|c| q(c)).collect();
-        let exprs: Vec<String> = cols
-            .iter()
-            .map(|c| format!("json_extract(value, '$.v.\"{c}\"')"))
-            .collect();
+        // The primary key first.
+        cols.sort_by_key(|(c, _)| **c != table.primary_key);
+        let names: Vec<String> = cols.iter().map(|(c, _)| q(c)).collect();
         let updates: Vec<String> = cols
             .iter()
-            .filter(|c| **c != &table.primary_key)
-            .map(|c| format!("{0} = excluded.{0}", q(c)))
+            .filter(|(c, _)| **c != table.primary_key)
+            .map(|(c, _)| format!("{0} = excluded.{0}", q(c)))
             .chain([
                 "node_id = excluded.node_id".to_owned(),
                 "hlc_modified = excluded.hlc_modified".to_owned(),
             ])
             .collect();
-        let sql = format!(
-            "INSERT INTO {t} ({names}, node_id, hlc_modified) SELECT {exprs}, value->>'n', value->>'h' \
-             FROM json_each($1) WHERE true ON CONFLICT ({pk}) DO UPDATE SET {updates}",
-            t = q(&table.table_name),
-            names = names.join(", "),
-            exprs = exprs.join(", "),
-            pk = q(&table.primary_key),
-            updates = updates.join(", "),
-        );
-        for chunk in rows.chunks(BULK_CHUNK) {
-            let items: Vec<Value> = chunk
-                .iter()
-                .map(|r| {
-                    let mut values = r.values.clone();
-                    values.insert(table.primary_key.clone(), Value::String(r.id.to_string()));
-                    json!({"v": values, "n": r.node_id.to_string(), "h": r.hlc.encode()})
-                })
-                .collect();
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(Value::Array(items).to_string())
-                .execute(&mut **tx)
-                .await?;
+        let per_row = cols.len() + 2;
+        let placeholders = format!("({})", vec!["?"; per_row].join(", "));
+        let chunk_rows = (MAX_BINDS / per_row).clamp(1, BULK_CHUNK);
+        for chunk in rows.chunks(chunk_rows) {
+            let sql = format!(
+                "INSERT INTO {t} ({names}, node_id, hlc_modified) VALUES {values} \
+                 ON CONFLICT ({pk}) DO UPDATE SET {updates}",
+                t = q(&table.table_name),
+                names = names.join(", "),
+                values = vec![placeholders.as_str(); chunk.len()].join(", "),
+                pk = q(&table.primary_key),
+                updates = updates.join(", "),
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                for (c, ty) in &cols {
+                    let cell = if **c == table.primary_key {
+                        SqlCell::Text(r.id.to_string())
+                    } else {
+                        r.values
+                            .get(c.as_str())
+                            .map_or(SqlCell::Null, |v| ty.to_sqlite(v))
+                    };
+                    query = bind_cell(query, cell);
+                }
+                query = query.bind(r.node_id.to_string()).bind(r.hlc.encode());
+            }
+            query.execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -951,16 +1113,16 @@ impl Backend for SqliteBackend {
 
     async fn get_row(&self, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
         let sql = format!(
-            "SELECT {obj} FROM {t} WHERE {pk} = $1",
-            pk = q(&table.primary_key),
-            obj = json_object_sql(&table.columns, ""),
-            t = q(&table.table_name)
+            "SELECT {} FROM {} WHERE {} = $1",
+            select_columns(table),
+            q(&table.table_name),
+            q(&table.primary_key),
         );
-        let row: Option<(String,)> = sqlx::query_as(AssertSqlSafe(sql))
+        let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        row.map(|(raw,)| parse_values(table, &raw)).transpose()
+        Ok(decode_rows(table, &rows)?.remove(&id))
     }
 
     async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
