@@ -1,0 +1,329 @@
+//! The store's algorithms, written once over [`Backend`] primitives, one file per
+//! stage of the data flow: `registry` (tables, classes, policies), `capture`
+//! (draining direct writes), `write` (API writes and resolutions), `apply`
+//! (remote batches), `settle` (the version rules, conflicts and the bulk write
+//! buffer every path shares) and `progress` (reading the log after a vector,
+//! acks, `synced_at`, lag). This file holds the [`Engine`] itself and its reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use serde_json::{Value, json};
+use tidemark_hlc::{Clock, Hlc};
+use tokio::sync::{Mutex, watch};
+use ulid::Ulid;
+
+use crate::backend::{Backend, RowWrite, SavepointOp};
+use crate::error::{Result, StoreError};
+use crate::ident::Ident;
+use crate::model::{
+    ApplyOutcome, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
+    ConflictSide, ConflictStatus, DrainOutcome, Operation, RejectKind, Rejected, ResolveChoice,
+    SetAside, TableInfo, Values, Version, VersionVector, parse_ulid,
+};
+use crate::rules::{Causality, Resolution, resolve};
+use crate::value::ColumnType;
+
+mod apply;
+mod capture;
+mod progress;
+mod registry;
+mod settle;
+mod write;
+
+pub use registry::datatype_id;
+use registry::{parse_registry_values, registry_table};
+use settle::refused_by_table;
+
+/// Columns Tidemark adds to every replicated table (the seed's entity additions).
+pub const STAMP_COLUMNS: [&str; 2] = ["node_id", "hlc_modified"];
+/// The registry as a replicated pseudo-table: a policy change is an event on it.
+pub const REGISTRY_TABLE: &str = "tidemark_datatypes";
+/// Default largest event (its values as JSON) a write may produce.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// Values as an application wrote them (the write API): each value's JSON text,
+/// so numbers keep every digit (see [`ColumnType::from_api`]).
+pub type RawValues = BTreeMap<String, Box<serde_json::value::RawValue>>;
+
+/// Record versions read in one transaction, kept current as events settle; and,
+/// for bulk work (a received batch, a drained chunk of captures), the writes held
+/// back to be issued as one statement per table by [`Engine::flush`].
+#[derive(Debug, Clone, Default)]
+struct VersionCache {
+    versions: HashMap<(String, Ulid), Option<Version>>,
+    /// `None`: every write goes to the database at once.
+    pending: Option<Pending>,
+}
+
+impl VersionCache {
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn buffered() -> Self {
+        VersionCache {
+            pending: Some(Pending::default()),
+            ..Self::default()
+        }
+    }
+
+    fn get(&self, key: &(String, Ulid)) -> Option<&Option<Version>> {
+        self.versions.get(key)
+    }
+
+    fn insert(&mut self, key: (String, Ulid), version: Option<Version>) {
+        self.versions.insert(key, version);
+    }
+}
+
+/// An API write waiting in the group-commit queue.
+#[derive(Debug)]
+struct QueuedWrite {
+    table: Arc<TableInfo>,
+    id: Ulid,
+    values: Option<Values>,
+    reply: tokio::sync::oneshot::Sender<Result<Option<ChangeEvent>>>,
+}
+
+/// Writes held back in a buffered [`VersionCache`]. The database sees them, in
+/// order, before anything reads what they touch: [`Engine::flush`] runs before
+/// conflict bookkeeping (which reads stored events), before a policy change, and
+/// at the end of the batch.
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    /// The latest version of each record written.
+    versions: BTreeMap<(String, Ulid), Version>,
+    events: Vec<ChangeEvent>,
+    rows: Vec<RowOp>,
+}
+
+#[derive(Debug, Clone)]
+enum RowOp {
+    Upsert {
+        table: Arc<TableInfo>,
+        event_id: Ulid,
+        row: RowWrite,
+    },
+    Delete {
+        table: Arc<TableInfo>,
+        event_id: Ulid,
+        id: Ulid,
+    },
+    Stamp {
+        table: Arc<TableInfo>,
+        id: Ulid,
+        hlc: Hlc,
+        node_id: Ulid,
+    },
+}
+
+impl RowOp {
+    fn table(&self) -> &Arc<TableInfo> {
+        match self {
+            RowOp::Upsert { table, .. }
+            | RowOp::Delete { table, .. }
+            | RowOp::Stamp { table, .. } => table,
+        }
+    }
+
+    /// Whether `other` can go in the same statement as `self`.
+    fn joins(&self, other: &RowOp) -> bool {
+        if self.table().table_name != other.table().table_name {
+            return false;
+        }
+        match (self, other) {
+            (RowOp::Upsert { row: a, .. }, RowOp::Upsert { row: b, .. }) => {
+                a.values.len() == b.values.len()
+                    && a.values.keys().all(|k| b.values.contains_key(k))
+            }
+            (RowOp::Delete { .. }, RowOp::Delete { .. }) => true,
+            (RowOp::Stamp { .. }, RowOp::Stamp { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Where new event ids come from: [`Ulid::generate`] unless a deterministic
+/// source is set with [`Engine::with_ids`] (network simulation).
+pub type IdSource = Arc<dyn Fn() -> Ulid + Send + Sync>;
+
+/// A store over one backend.
+pub struct Engine<B: Backend> {
+    backend: B,
+    node_id: Ulid,
+    clock: Arc<Clock>,
+    ids: IdSource,
+    tables: RwLock<HashMap<String, Arc<TableInfo>>>,
+    /// Serialises the daemon's write transactions, so this node's events enter the
+    /// log in HLC order per origin (the invariant version vectors rely on).
+    writer: Arc<Mutex<()>>,
+    /// API writes waiting for the writer lock, written as one group.
+    queue: std::sync::Mutex<Vec<QueuedWrite>>,
+    /// Bumped after every commit that added events, so senders wake at once.
+    commits: watch::Sender<u64>,
+    /// Largest event (its values as JSON) a write may produce.
+    max_event_bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("backend", &self.backend.kind())
+            .field("node_id", &self.node_id.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Migrates the schema, checks the database belongs to this node, and seeds the
+    /// clock from the highest persisted HLC.
+    pub async fn open(backend: B, clock: Arc<Clock>) -> Result<Self> {
+        backend.migrate().await?;
+        let node_id = clock.node_id();
+        match backend.meta_get("node_id").await? {
+            Some(stored) if stored != node_id.to_string() => {
+                return Err(StoreError::IdentityMismatch {
+                    key: "node_id",
+                    stored,
+                    configured: node_id.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => backend.meta_set("node_id", &node_id.to_string()).await?,
+        }
+        let engine = Engine {
+            backend,
+            node_id,
+            clock,
+            ids: Arc::new(Ulid::generate),
+            tables: RwLock::new(HashMap::new()),
+            writer: Arc::new(Mutex::new(())),
+            queue: std::sync::Mutex::new(Vec::new()),
+            commits: watch::Sender::new(0),
+            max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
+        };
+        let persisted = engine.backend.max_hlc().await?;
+        engine.clock.seed(persisted)?;
+        engine.reload_tables().await?;
+        Ok(engine)
+    }
+
+    /// Takes new event ids from `ids` instead of [`Ulid::generate`].
+    pub fn with_ids(mut self, ids: IdSource) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Sets the largest event (its values as JSON) a write may produce: a larger
+    /// API write is refused, a larger captured write is set aside.
+    pub fn set_max_event_bytes(&self, bytes: usize) {
+        self.max_event_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn node_id(&self) -> Ulid {
+        self.node_id
+    }
+
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+
+    /// A receiver that changes after every commit that added events to the log.
+    pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    fn committed(&self) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Checks the cluster id stored in the database against `cluster_id`, storing it
+    /// on first use.
+    pub async fn bind_cluster(&self, cluster_id: &str) -> Result<()> {
+        match self.backend.meta_get("cluster_id").await? {
+            Some(stored) if stored != cluster_id => Err(StoreError::IdentityMismatch {
+                key: "cluster_id",
+                stored,
+                configured: cluster_id.to_owned(),
+            }),
+            Some(_) => Ok(()),
+            None => self.backend.meta_set("cluster_id", cluster_id).await,
+        }
+    }
+
+    pub async fn conflict(&self, conflict_id: Ulid) -> Result<Option<Conflict>> {
+        self.backend.conflict(conflict_id).await
+    }
+
+    pub async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
+        if let Some(t) = &filter.table {
+            self.table(t)?;
+        }
+        self.backend.list_conflicts(filter).await
+    }
+
+    /// Open conflicts per registered table (zero included).
+    pub async fn open_conflicts_by_table(&self) -> Result<Vec<(String, u64)>> {
+        let counts: HashMap<String, u64> = self
+            .backend
+            .open_conflict_counts()
+            .await?
+            .into_iter()
+            .collect();
+        Ok(self
+            .tables()
+            .iter()
+            .map(|t| {
+                (
+                    t.table_name.clone(),
+                    counts.get(&t.table_name).copied().unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
+    /// Current values of a record (`None` when absent or deleted).
+    pub async fn get(&self, table: &str, id: Ulid) -> Result<Option<Values>> {
+        let table = self.table(table)?;
+        self.backend.get_row(&table, id).await
+    }
+
+    /// The record's current version (tombstones included).
+    pub async fn version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
+        self.table(table)?;
+        self.backend.get_version(table, id).await
+    }
+
+    /// Every event of a record, in the total order.
+    pub async fn history(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
+        self.table(table)?;
+        self.backend.record_events(table, id).await
+    }
+
+    pub async fn count_quarantined(&self) -> Result<u64> {
+        self.backend.count_quarantined().await
+    }
+
+    pub async fn pending_captures(&self) -> Result<u64> {
+        self.backend.pending_captures().await
+    }
+
+    pub async fn has_captures(&self) -> Result<bool> {
+        self.backend.has_captures().await
+    }
+
+    pub async fn close(&self) {
+        self.backend.close().await;
+    }
+}

@@ -1,0 +1,395 @@
+//! Local writes through the API and conflict resolutions, with group commit.
+
+use super::*;
+
+impl<B: Backend> Engine<B> {
+    /// The class of a column a write may set (known, replicated, not a stamp).
+    pub(super) fn writable_column(table: &TableInfo, column: &str) -> Result<ColumnType> {
+        if STAMP_COLUMNS.contains(&column) {
+            return Err(StoreError::invalid(
+                format!("column {column}"),
+                "is maintained by Tidemark and cannot be written",
+            ));
+        }
+        table
+            .column_type(column)
+            .ok_or_else(|| StoreError::UnknownColumn {
+                table: table.table_name.clone(),
+                column: crate::model::truncate(column),
+            })
+    }
+
+    /// Checks a write's values, one column at a time, with `read` turning each
+    /// into its canonical form; returns them with the primary key set to `id`.
+    pub(super) fn checked_values<'v, V: 'v>(
+        table: &TableInfo,
+        id: Ulid,
+        values: impl IntoIterator<Item = (&'v String, &'v V)>,
+        read: impl Fn(ColumnType, &V) -> std::result::Result<Value, String>,
+    ) -> Result<Values> {
+        let mut out = Values::new();
+        let key = id.to_string();
+        for (k, v) in values {
+            let ty = Self::writable_column(table, k)?;
+            let v = read(ty, v).map_err(|reason| StoreError::InvalidValue {
+                table: table.table_name.clone(),
+                column: k.clone(),
+                class: ty.to_string(),
+                reason,
+            })?;
+            if k == &table.primary_key && v.as_str() != Some(key.as_str()) {
+                return Err(StoreError::invalid(
+                    format!("column {k}"),
+                    format!("primary key value {v} does not match record id {id}"),
+                ));
+            }
+            out.insert(k.clone(), v);
+        }
+        out.insert(table.primary_key.clone(), Value::String(key));
+        Ok(out)
+    }
+
+    /// Values in the log's form (see [`crate::value`]), checked against the table.
+    pub(super) fn canonical_values(table: &TableInfo, id: Ulid, values: &Values) -> Result<Values> {
+        Self::checked_values(table, id, values, |ty, v| ty.check(v))
+    }
+
+    /// Values as an application wrote them, checked against the table.
+    pub(super) fn api_values(table: &TableInfo, id: Ulid, values: &RawValues) -> Result<Values> {
+        Self::checked_values(table, id, values, |ty, v| ty.from_api(v))
+    }
+
+    /// Writes a record (insert, or update of the given columns) with values in the
+    /// log's form and returns its event.
+    pub async fn put(
+        self: &Arc<Self>,
+        table: &str,
+        id: Ulid,
+        values: &Values,
+    ) -> Result<ChangeEvent> {
+        let table = self.table(table)?;
+        let values = Self::canonical_values(&table, id, values)?;
+        let event = self.write_queued(table.clone(), id, Some(values)).await?;
+        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
+    }
+
+    /// Writes a record through the API (insert, or update of the given columns)
+    /// with values as an application wrote them, and returns its event.
+    pub async fn put_raw(
+        self: &Arc<Self>,
+        table: &str,
+        id: Ulid,
+        values: &RawValues,
+    ) -> Result<ChangeEvent> {
+        let table = self.table(table)?;
+        let values = Self::api_values(&table, id, values)?;
+        let event = self.write_queued(table.clone(), id, Some(values)).await?;
+        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
+    }
+
+    /// Deletes a record through the API; `None` when there was no such row.
+    pub async fn delete(self: &Arc<Self>, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {
+        let table = self.table(table)?;
+        self.write_queued(table, id, None).await
+    }
+
+    /// One local write in its own transaction: `values` upserts (overlaid on the
+    /// current row), `None` deletes. A delete of an absent row writes nothing
+    /// unless `force` (a resolution that keeps a deleted version).
+    pub(super) async fn write_local(
+        &self,
+        table: &TableInfo,
+        id: Ulid,
+        values: Option<Values>,
+        extra: Option<(&str, Value)>,
+        force: bool,
+    ) -> Result<Option<ChangeEvent>> {
+        let _w = self.writer.lock().await;
+        self.write_alone(table, id, values, extra, force).await
+    }
+
+    /// [`Engine::write_local`] with the writer lock already held.
+    pub(super) async fn write_alone(
+        &self,
+        table: &TableInfo,
+        id: Ulid,
+        values: Option<Values>,
+        extra: Option<(&str, Value)>,
+        force: bool,
+    ) -> Result<Option<ChangeEvent>> {
+        let mut tx = self.backend.begin().await?;
+        let drained = self.drain_in(&mut tx).await?;
+        let mut cache = VersionCache::new();
+        match self
+            .write_in(&mut tx, &mut cache, table, id, values, extra, force)
+            .await?
+        {
+            Some(event) => {
+                self.commit_local(tx, &event).await?;
+                Ok(Some(event))
+            }
+            None => {
+                if drained.events > 0 || !drained.set_aside.is_empty() {
+                    self.backend.commit(tx).await?;
+                }
+                if drained.events > 0 {
+                    self.committed();
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes through the API from concurrent callers share transactions (group
+    /// commit): a caller queues its write, and whoever gets the writer lock next
+    /// writes everything queued in one transaction, each write exactly as it
+    /// would be alone, in queue order. If any of them fails, the group is rolled
+    /// back and each write runs in its own transaction, so one caller's error is
+    /// never another's. The group runs in its own task: a caller that goes away
+    /// does not abandon the writes of the others.
+    pub(super) async fn write_queued(
+        self: &Arc<Self>,
+        table: Arc<TableInfo>,
+        id: Ulid,
+        values: Option<Values>,
+    ) -> Result<Option<ChangeEvent>> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.queue().push(QueuedWrite {
+            table,
+            id,
+            values,
+            reply,
+        });
+        let guard = self.writer.clone().lock_owned().await;
+        let group = std::mem::take(&mut *self.queue());
+        if group.is_empty() {
+            // An earlier group took this write and has answered it.
+            drop(guard);
+        } else {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                me.write_group(group).await;
+            });
+        }
+        done.await.map_err(|_| {
+            StoreError::corrupt("write queue", "a queued write was dropped unanswered")
+        })?
+    }
+
+    pub(super) fn queue(&self) -> std::sync::MutexGuard<'_, Vec<QueuedWrite>> {
+        // The queue only holds plain data: a panic elsewhere cannot leave it torn.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) async fn write_group(&self, group: Vec<QueuedWrite>) {
+        if group.len() > 1 {
+            match self.try_group(&group).await {
+                Ok(events) => {
+                    for (w, event) in group.into_iter().zip(events) {
+                        let _ = w.reply.send(Ok(event));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, writes = group.len(), "grouped write failed; writing one by one");
+                }
+            }
+        }
+        for w in group {
+            let result = self
+                .write_alone(&w.table, w.id, w.values, None, false)
+                .await;
+            let _ = w.reply.send(result);
+        }
+    }
+
+    pub(super) async fn try_group(
+        &self,
+        group: &[QueuedWrite],
+    ) -> Result<Vec<Option<ChangeEvent>>> {
+        let mut tx = self.backend.begin().await?;
+        match self.group_in(&mut tx, group).await {
+            Ok((results, own)) => {
+                if !own.0.is_empty() {
+                    self.backend.raise_vector(&mut tx, &own).await?;
+                }
+                self.backend.commit(tx).await?;
+                self.committed();
+                Ok(results)
+            }
+            Err(e) => {
+                self.backend.rollback(tx).await?;
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn group_in(
+        &self,
+        tx: &mut B::Tx,
+        group: &[QueuedWrite],
+    ) -> Result<(Vec<Option<ChangeEvent>>, VersionVector)> {
+        self.drain_in(tx).await?;
+        let mut cache = VersionCache::new();
+        let mut own = VersionVector::new();
+        let mut results = Vec::with_capacity(group.len());
+        for w in group {
+            let event = self
+                .write_in(
+                    tx,
+                    &mut cache,
+                    &w.table,
+                    w.id,
+                    w.values.clone(),
+                    None,
+                    false,
+                )
+                .await?;
+            if let Some(e) = &event {
+                self.backend
+                    .insert_events(tx, std::slice::from_ref(e))
+                    .await?;
+                own.observe(self.node_id, e.hlc);
+            }
+            results.push(event);
+        }
+        Ok((results, own))
+    }
+
+    /// The write itself, inside `tx`: row, version and conflicts (the event is
+    /// returned, not stored). `None`: a delete of an absent row, without `force`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn write_in(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        table: &TableInfo,
+        id: Ulid,
+        values: Option<Values>,
+        extra: Option<(&str, Value)>,
+        force: bool,
+    ) -> Result<Option<ChangeEvent>> {
+        let local = self.cached_version(tx, cache, table, id).await?;
+        let old = self.backend.rows(tx, table, &[id]).await?.remove(&id);
+        let event = match values {
+            Some(values) => {
+                let op = if old.is_some() {
+                    Operation::Update
+                } else {
+                    Operation::Insert
+                };
+                // An update writes the whole row (current values overlaid with the
+                // given ones): INSERT .. ON CONFLICT checks NOT NULL on the proposed
+                // row first.
+                let row = match &old {
+                    Some(current) => {
+                        let mut full = current.clone();
+                        full.extend(values);
+                        full
+                    }
+                    None => values,
+                };
+                let mut event = self.local_event(table, id, op, None, None, local.as_ref(), extra);
+                self.backend
+                    .upsert_row(tx, table, id, &row, event.hlc, self.node_id)
+                    .await?;
+                // The event carries the row as the database now holds it.
+                event.new_values = self.backend.rows(tx, table, &[id]).await?.remove(&id);
+                let bytes = Self::event_bytes(event.new_values.as_ref());
+                if bytes > self.max_event_bytes() {
+                    return Err(StoreError::TooLarge {
+                        table: table.table_name.clone(),
+                        record_id: id.to_string(),
+                        bytes,
+                        limit: self.max_event_bytes(),
+                    });
+                }
+                event
+            }
+            None => {
+                if old.is_none() && !force {
+                    return Ok(None);
+                }
+                let event = self.local_event(
+                    table,
+                    id,
+                    Operation::Delete,
+                    None,
+                    None,
+                    local.as_ref(),
+                    extra,
+                );
+                self.backend.delete_row(tx, table, id).await?;
+                event
+            }
+        };
+        self.settle(tx, table, &event, cache).await?;
+        Ok(Some(event))
+    }
+
+    pub(super) async fn commit_local(&self, mut tx: B::Tx, event: &ChangeEvent) -> Result<()> {
+        self.backend
+            .insert_events(&mut tx, std::slice::from_ref(event))
+            .await?;
+        let mut own = VersionVector::new();
+        own.observe(self.node_id, event.hlc);
+        self.backend.raise_vector(&mut tx, &own).await?;
+        self.backend.commit(tx).await?;
+        self.committed();
+        Ok(())
+    }
+
+    /// Resolves an open conflict with a new write that has seen both versions: it
+    /// replicates like any write and closes the conflict on every node. Fails,
+    /// changing nothing, for an unknown or already resolved conflict or values with
+    /// unknown columns.
+    pub async fn resolve_conflict(
+        &self,
+        conflict_id: Ulid,
+        choice: ResolveChoice,
+        resolved_by: &str,
+        note: Option<&str>,
+    ) -> Result<ChangeEvent> {
+        let conflict = self
+            .backend
+            .conflict(conflict_id)
+            .await?
+            .ok_or(StoreError::NoSuchConflict { conflict_id })?;
+        if conflict.status != ConflictStatus::Open {
+            return Err(StoreError::ConflictClosed {
+                conflict_id,
+                resolution: conflict.resolution.unwrap_or_default(),
+                by: conflict.resolved_by.unwrap_or_else(|| "?".into()),
+                at: conflict.resolved_at.unwrap_or_default(),
+            });
+        }
+        let table = self.table(&conflict.table_name)?;
+        let id = conflict.record_id;
+        let values = match &choice {
+            ResolveChoice::KeepLocal => conflict
+                .winner
+                .values
+                .as_ref()
+                .map(|v| Self::canonical_values(&table, id, v))
+                .transpose()?,
+            ResolveChoice::KeepRemote => conflict
+                .loser
+                .values
+                .as_ref()
+                .map(|v| Self::canonical_values(&table, id, v))
+                .transpose()?,
+            ResolveChoice::Merged(v) => Some(Self::api_values(&table, id, v)?),
+        };
+        let resolution = json!({
+            "kind": choice.kind(),
+            "by": resolved_by,
+            "note": note,
+            "conflict_id": conflict_id.to_string(),
+        });
+        let event = self
+            .write_local(&table, id, values, Some(("resolve", resolution)), true)
+            .await?;
+        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a resolution wrote no event"))
+    }
+}
