@@ -412,6 +412,7 @@ impl ColumnType {
                 if text.contains("\\u0000") {
                     return Err(nul_in_json());
                 }
+                json_number_fits(text)?;
                 Ok(Value::String(text.to_owned()))
             }
             ColumnType::Int16 | ColumnType::Int32 | ColumnType::Int64 => {
@@ -621,6 +622,7 @@ impl ColumnType {
                 }
                 serde_json::from_str::<&RawValue>(s)
                     .map_err(|e| format!("not a JSON document: {e}"))?;
+                json_number_fits(s)?;
                 s.to_owned()
             }
             ColumnType::Bytes => {
@@ -708,22 +710,55 @@ fn special_float(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The double a JSON number spells, correctly rounded from its text, as any
+/// backend's float input reads it. PostgreSQL's jsonb writes a large
+/// integral double's shortest form as an integer (`-1.152921504606847e18`
+/// becomes `-1152921504606847000`), which reads back as the same double.
 fn number_to_f64(n: &Number) -> Result<f64, String> {
-    if let Some(i) = n.as_i64() {
-        let f = i as f64;
-        if f as i128 == i128::from(i) {
-            return Ok(f);
-        }
-        return Err(format!("the integer {i} has no exact double"));
+    match n.to_string().parse::<f64>() {
+        Ok(f) if f.is_finite() => Ok(f),
+        _ => Err(format!("{n} is not a finite number")),
     }
-    if let Some(u) = n.as_u64() {
-        let f = u as f64;
-        if f as u128 == u128::from(u) {
-            return Ok(f);
-        }
-        return Err(format!("the integer {u} has no exact double"));
+}
+
+/// A JSON document that is a bare number must be one SQLite keeps exactly, since
+/// SQLite's JSON columns (NUMERIC affinity) store such a document as a 64-bit
+/// integer or a double: digits a double cannot hold would be lost there.
+fn json_number_fits(doc: &str) -> Result<(), String> {
+    let t = doc.trim();
+    if !is_number(t) || t.parse::<i64>().is_ok() {
+        return Ok(());
     }
-    n.as_f64().ok_or_else(|| format!("{n} is not a number"))
+    let too_precise = || {
+        format!(
+            "the JSON document {} is a number no 64-bit integer or double holds exactly              (SQLite's JSON columns store a bare number as one); wrap it in an array or a string",
+            shorten(t)
+        )
+    };
+    let f: f64 = t.parse().map_err(|_| too_precise())?;
+    if !f.is_finite() {
+        return Err(too_precise());
+    }
+    let value = |text: &str| -> Result<String, String> {
+        let d = decimal(text, None, 0)?;
+        let d = match d.split_once('.') {
+            Some((i, frac)) => {
+                let frac = frac.trim_end_matches('0');
+                if frac.is_empty() {
+                    i.to_owned()
+                } else {
+                    format!("{i}.{frac}")
+                }
+            }
+            None => d,
+        };
+        Ok(if d == "-0" { "0".into() } else { d })
+    };
+    if value(t)? == value(&format!("{f}"))? {
+        Ok(())
+    } else {
+        Err(too_precise())
+    }
 }
 
 fn is_number(text: &str) -> bool {
@@ -1132,6 +1167,11 @@ mod tests {
             json!(1e18)
         );
         assert!(f.from_sqlite(SqlCell::Int((1 << 53) + 1)).is_err());
+        // jsonb spells -2^60 as the integer of its shortest form; the same double.
+        let v = f
+            .check(&json!(-1_152_921_504_606_847_000i64))
+            .expect("jsonb integer form");
+        assert_eq!(v, json!(-1_152_921_504_606_846_976.0));
         assert_eq!(f.to_pg_text(&json!(1e300)).expect("t"), "1e300");
         assert_eq!(f.to_pg_text(&json!("-0")).expect("t"), "-0");
         assert_eq!(
@@ -1219,6 +1259,28 @@ mod tests {
         );
         assert_eq!(j.from_api(&raw("null")).expect("j"), Value::Null);
         assert_eq!(j.check(&json!("null")).expect("j"), json!("null"));
+        // A bare number SQLite's JSON column would round is refused everywhere.
+        let long = "12345678901234567890123456789012345678901";
+        assert!(
+            j.from_api(&raw(long))
+                .expect_err("long")
+                .contains("no 64-bit integer or double")
+        );
+        assert!(j.check(&json!(long)).is_err());
+        assert!(j.check(&json!("1e400")).is_err());
+        for fine in [
+            "1",
+            "1.10",
+            "-0.5",
+            "9223372036854775807",
+            "0.30000000000000004",
+        ] {
+            assert_eq!(j.check(&json!(fine)).expect(fine), json!(fine));
+        }
+        assert_eq!(
+            j.check(&json!(format!("[{long}]"))).expect("nested"),
+            json!(format!("[{long}]"))
+        );
         assert!(j.check(&json!("{")).is_err());
         let b = ColumnType::Bytes;
         assert_eq!(
