@@ -285,7 +285,7 @@ async fn replayed_and_reordered_batches_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_events_are_quarantined_and_the_stream_goes_on() {
+async fn hostile_events_hold_only_their_origin_and_the_stream_goes_on() {
     let c = single_node("[clock]\nmax_drift_ms = 1000\n").await;
     let node = &c.nodes[0];
     let x = Ulid::from_parts(1, 0xA);
@@ -370,6 +370,15 @@ async fn hostile_events_are_quarantined_and_the_stream_goes_on() {
         Some(json!({"title": "max"})),
     );
     max_hlc.hlc = i64::MAX;
+    let mut no_origin = event(
+        x,
+        -35,
+        0,
+        r,
+        pb::Operation::Update,
+        Some(json!({"title": "x"})),
+    );
+    no_origin.node_id = "not an origin".into();
     let cases: Vec<(pb::Event, &str, &str)> = vec![
         (
             bad_id,
@@ -399,64 +408,108 @@ async fn hostile_events_are_quarantined_and_the_stream_goes_on() {
             "new_values_json: malformed JSON: recursion limit exceeded",
         ),
         (max_hlc, "OUT_OF_RANGE", "no clock drift explains it"),
+        // A value outside its column's class holds its origin on SQLite too (as
+        // on PostgreSQL), never stored as SQLite's dynamic typing would take it.
+        (
+            wrong_type,
+            "INVALID_ARGUMENT",
+            "table notes column stars (int64): expected an integer, found a string",
+        ),
     ];
     let mut s = open(node, hello(node)).await.expect("session");
     let ack = s.send(vec![good.clone()]).await.expect("good");
     assert_eq!(ack.applied, 1);
     let schema_before = node.db.sql("SELECT sql FROM sqlite_master ORDER BY name");
     let rows_before = node.reader().rows().await;
-    for (bad, code, expect) in cases {
-        // The same session goes on after every bad event.
+    for (n, (mut bad, code, expect)) in cases.into_iter().enumerate() {
+        // Each bad event from an origin of its own: a held origin's later events
+        // in the same session wait with it. The session goes on after each.
+        bad.node_id = Ulid::from_parts(2, n as u128).to_string();
         let ack = s.send(vec![bad.clone()]).await.expect(expect);
-        assert_eq!(ack.rejected.len(), 1, "{expect}");
-        let rej = &ack.rejected[0];
+        assert!(ack.rejected.is_empty(), "{expect}: {:?}", ack.rejected);
+        assert_eq!(ack.held.len(), 1, "{expect}");
+        let h = &ack.held[0];
         assert_eq!(
-            (rej.event_id.as_str(), rej.code.as_str()),
-            (bad.event_id.as_str(), code),
+            (h.origin.as_str(), h.event_id.as_str(), h.code.as_str()),
+            (bad.node_id.as_str(), bad.event_id.as_str(), code),
             "{expect}"
         );
-        assert!(rej.message.contains(expect), "{expect}: {}", rej.message);
+        assert!(h.message.contains(expect), "{expect}: {}", h.message);
+        assert!(h.retry_after_ms > 0);
+        assert_eq!(ack.applied, 0, "{expect}");
     }
-    // A value outside its column's class is refused on SQLite too (as on
-    // PostgreSQL), never stored as SQLite's dynamic typing would take it.
-    let ack = s.send(vec![wrong_type.clone()]).await.expect("wrong type");
+    // An event with no origin to hold is set aside in the quarantine.
+    let ack = s.send(vec![no_origin.clone()]).await.expect("no origin");
     assert_eq!(ack.rejected.len(), 1, "{:?}", ack.rejected);
-    assert_eq!(ack.rejected[0].event_id, wrong_type.event_id);
-    assert!(
-        ack.rejected[0]
-            .message
-            .contains("table notes column stars (int64): expected an integer, found a string"),
-        "{}",
-        ack.rejected[0].message
+    assert_eq!(
+        (
+            ack.rejected[0].event_id.as_str(),
+            ack.rejected[0].code.as_str()
+        ),
+        (no_origin.event_id.as_str(), "INVALID_ARGUMENT")
     );
-    assert_eq!(ack.applied, 0);
-    // Schema untouched, nothing lost; every bad event is in the quarantine.
+    // Schema untouched, nothing lost or half-applied.
     assert_eq!(
         node.db.sql("SELECT sql FROM sqlite_master ORDER BY name"),
         schema_before
     );
     assert_eq!(node.reader().rows().await, rows_before);
     assert_eq!(rows_before.len(), 1);
-    assert_eq!(node.db.sql("SELECT COUNT(*) FROM tidemark_quarantine"), "9");
+    assert_eq!(node.db.sql("SELECT COUNT(*) FROM tidemark_quarantine"), "1");
+    assert!(node.log_contains("origin held"));
     assert!(node.log_contains("event quarantined"));
 
-    // A timestamp beyond the max drift (but not absurd) refuses the batch: it is
-    // retried later, not quarantined.
+    // A timestamp beyond the max drift (but not absurd) holds its origin: what
+    // came before it applies, its later events wait in this session (the sender
+    // may have sent them before it learned of the hold), and the stream goes on.
+    let y = Ulid::from_parts(3, 1);
+    let (r1, r2) = (Ulid::generate(), Ulid::generate());
+    let before = event(
+        y,
+        -20,
+        0,
+        r1,
+        pb::Operation::Insert,
+        Some(json!({"title": "y1"})),
+    );
     let future = event(
-        x,
+        y,
         3_600_000,
         0,
-        r,
+        r1,
         pb::Operation::Update,
         Some(json!({"title": "future"})),
     );
-    let status = s.send(vec![future]).await.expect_err("drift");
-    assert_eq!(status.code(), Code::OutOfRange);
-    assert!(
-        status.message().contains("ahead of local wall clock"),
-        "{}",
-        status.message()
+    let after = event(
+        y,
+        3_600_001,
+        0,
+        r2,
+        pb::Operation::Insert,
+        Some(json!({"title": "y3"})),
     );
+    let ack = s
+        .send(vec![before.clone(), future.clone()])
+        .await
+        .expect("drift holds, no error");
+    assert_eq!(ack.applied, 1);
+    assert_eq!(ack.held.len(), 1);
+    assert_eq!(
+        (ack.held[0].event_id.as_str(), ack.held[0].code.as_str()),
+        (future.event_id.as_str(), "OUT_OF_RANGE")
+    );
+    assert!(
+        ack.held[0].message.contains("beyond the max drift"),
+        "{}",
+        ack.held[0].message
+    );
+    let ack = s.send(vec![after]).await.expect("skipped");
+    assert_eq!((ack.applied, ack.held.len()), (0, 0));
+    // Resent from the held event (as a sender does): evaluated again, held again.
+    let ack = s.send(vec![future.clone()]).await.expect("again");
+    assert_eq!(ack.held.len(), 1);
+    assert!(node.reader().rows().await.contains_key(&r1.to_string()));
+    assert!(!node.reader().rows().await.contains_key(&r2.to_string()));
 
     // A batch over the event limit.
     let mut s = open(node, hello(node)).await.expect("session");

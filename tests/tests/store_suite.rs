@@ -186,7 +186,7 @@ async fn migrations_up_down_up(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2]
+        vec![1, 2, 3]
     );
     store.migrate_down().await.expect("down");
     assert_eq!(
@@ -205,7 +205,7 @@ async fn migrations_up_down_up(db: TestDb) {
     store.migrate_up().await.expect("up again");
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2]
+        vec![1, 2, 3]
     );
     assert_eq!(db.sql("SELECT COUNT(*) FROM change_events"), "0");
     store.close().await;
@@ -687,7 +687,7 @@ async fn concurrent_versions_converge_in_any_order(db: TestDb) {
     s2.close().await;
 }
 
-async fn bad_remote_events_are_quarantined(db: TestDb) {
+async fn bad_remote_events_hold_their_origin(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     let peer = Ulid::from_parts(1, 1);
     let r = id(3);
@@ -765,40 +765,99 @@ async fn bad_remote_events_are_quarantined(db: TestDb) {
         (wrong_pk, "INVALID_ARGUMENT", "does not match record id"),
         (bad_vv, "INVALID_ARGUMENT", "is not a ULID"),
         (far_future, "OUT_OF_RANGE", "no clock drift explains it"),
-        (
-            refused_by_table,
-            "FAILED_PRECONDITION",
-            "table notes refused the values",
-        ),
     ];
-    let mut quarantined = 0;
-    for (bad, code, expect) in cases {
+    let other = Ulid::from_parts(1, 77);
+    for (n, (bad, code, expect)) in cases.into_iter().enumerate() {
         let before = notes_rows(&db).await;
-        // The good event travels in the same batch and applies (once).
+        // The good event travels in the same batch and applies (once); an event
+        // of another origin after the bad one applies too: only the bad event's
+        // origin is held, from the bad event on.
+        let bystander = remote_event(
+            other,
+            hlc_at(-200, n as u16),
+            id(300 + n as u128),
+            Operation::Insert,
+            Some(json!({"id": id(300 + n as u128).to_string(), "title": "bystander"})),
+        );
         let out = store
-            .apply_remote(&[good.clone(), bad.clone()])
+            .apply_remote(&[good.clone(), bad.clone(), bystander.clone()])
             .await
             .expect(expect);
-        assert_eq!(out.quarantined.len(), 1, "{expect}");
-        let q = &out.quarantined[0];
+        assert!(
+            out.quarantined.is_empty(),
+            "{expect}: {:?}",
+            out.quarantined
+        );
+        assert_eq!(out.held.len(), 1, "{expect}");
+        let h = &out.held[0];
         assert_eq!(
-            (q.event_id.as_str(), q.kind.code()),
-            (bad.event_id.to_string().as_str(), code),
+            (h.origin, h.hlc, h.event_id.as_str(), h.kind.code()),
+            (
+                bad.node_id,
+                bad.hlc,
+                bad.event_id.to_string().as_str(),
+                code
+            ),
             "{expect}"
         );
-        assert!(q.reason.contains(expect), "{expect}: {}", q.reason);
-        quarantined += 1;
-        assert_eq!(store.count_quarantined().await.expect("count"), quarantined);
-        // Nothing of the bad event reached the table or the log.
+        assert!(h.reason.contains(expect), "{expect}: {}", h.reason);
+        assert!(h.retry_after_ms > 0, "{expect}");
+        assert_eq!(store.count_quarantined().await.expect("count"), 0);
+        // Nothing of the bad event reached the table or the log; the bystander did.
         let events = all_events(&store).await;
-        assert_eq!(events.len(), 1, "{expect}");
-        assert_eq!(events[0].event_id, good.event_id);
-        if quarantined > 1 {
-            assert_eq!(notes_rows(&db).await, before, "{expect}");
+        assert!(events.iter().any(|e| e.event_id == good.event_id));
+        assert!(events.iter().any(|e| e.event_id == bystander.event_id));
+        assert!(
+            !events.iter().any(|e| e.event_id == bad.event_id),
+            "{expect}"
+        );
+        assert_eq!(events.len(), 2 + n, "{expect}");
+        if n > 0 {
+            assert_eq!(
+                count_notes(&db).await,
+                before.lines().count() + 1,
+                "{expect}"
+            );
         }
     }
-    assert_eq!(count_notes(&db).await, 1);
     assert_eq!(notes_cell(&db, r, "title").await, "ok");
+    let rows_before = count_notes(&db).await;
+    // A row the table refuses (NOT NULL) is not a hole: the event is kept in the
+    // log (and relayed), its record is blocked here with the table's reason.
+    let out = store
+        .apply_remote(std::slice::from_ref(&refused_by_table))
+        .await
+        .expect("refused by the table");
+    assert!(out.quarantined.is_empty(), "{:?}", out.quarantined);
+    assert_eq!(out.blocked, 1);
+    assert!(
+        all_events(&store)
+            .await
+            .iter()
+            .any(|e| e.event_id == refused_by_table.event_id),
+        "the refused event stays in the log"
+    );
+    let blocked = store.list_blocked(None, 10).await.expect("blocked");
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(
+        (blocked[0].record_id, blocked[0].event_id, blocked[0].kind),
+        (
+            id(6),
+            refused_by_table.event_id,
+            tidemark_store::BlockKind::Refused
+        )
+    );
+    assert!(
+        blocked[0].reason.contains("the table refuses the row")
+            && blocked[0].reason.to_lowercase().contains("null"),
+        "{}",
+        blocked[0].reason
+    );
+    assert_eq!(
+        count_notes(&db).await,
+        rows_before,
+        "no row for the blocked record"
+    );
     // A value the column's type cannot hold.
     let typed = remote_event(
         peer,
@@ -811,19 +870,18 @@ async fn bad_remote_events_are_quarantined(db: TestDb) {
         .apply_remote(std::slice::from_ref(&typed))
         .await
         .expect("typed");
-    // A value outside its column's class is refused alike on every backend
-    // (SQLite would store the text; it is never carried there either).
-    assert_eq!(out.quarantined.len(), 1);
-    assert_eq!(out.quarantined[0].kind.code(), "INVALID_ARGUMENT");
+    // A value outside its column's class holds its origin alike on every
+    // backend (SQLite would store the text; it is never carried there either).
+    assert_eq!(out.held.len(), 1);
+    assert_eq!(out.held[0].kind.code(), "INVALID_ARGUMENT");
     assert!(
-        out.quarantined[0]
+        out.held[0]
             .reason
             .contains("column stars (int64): expected an integer, found a string"),
         "{}",
-        out.quarantined[0].reason
+        out.held[0].reason
     );
     assert_eq!(notes_cell(&db, id(7), "stars").await, "");
-    // The same bad event again stays a single quarantine entry.
     let again = store
         .apply_remote(std::slice::from_ref(&good))
         .await
@@ -831,8 +889,8 @@ async fn bad_remote_events_are_quarantined(db: TestDb) {
     assert_eq!(again.duplicates, 1);
 
     let stored = all_events(&store).await.len();
-    // A timestamp beyond the max drift but not absurd refuses the whole batch,
-    // changing nothing: it may apply once the clocks agree.
+    // A timestamp beyond the max drift but not absurd holds its origin from that
+    // event on; what came before it applies, and it may apply once the clocks agree.
     let r2 = id(9);
     let later = remote_event(
         peer,
@@ -848,16 +906,25 @@ async fn bad_remote_events_are_quarantined(db: TestDb) {
         Operation::Update,
         Some(json!({"id": r2.to_string(), "title": "future"})),
     );
-    let err = store
-        .apply_remote(&[later.clone(), future])
+    let out = store
+        .apply_remote(&[later.clone(), future.clone()])
         .await
-        .expect_err("drift");
-    assert!(
-        err.to_string().contains("ahead of local wall clock"),
-        "{err}"
+        .expect("drift");
+    assert_eq!(out.applied, 1);
+    assert_eq!(out.held.len(), 1);
+    assert_eq!(
+        (out.held[0].event_id.as_str(), out.held[0].kind.code()),
+        (future.event_id.to_string().as_str(), "OUT_OF_RANGE")
     );
-    assert_eq!(all_events(&store).await.len(), stored);
-    // Out-of-order events of one origin refuse the batch too.
+    assert!(
+        out.held[0].reason.contains("beyond the max drift"),
+        "{}",
+        out.held[0].reason
+    );
+    assert!(out.held[0].retry_after_ms >= 1_000);
+    assert_eq!(all_events(&store).await.len(), stored + 1);
+    assert_eq!(store.vector().await.expect("vv").get(peer), later.hlc);
+    // An origin's events out of order hold it at the first one out of order.
     // Below `later` by construction (the wall clock moved since `later` was made).
     let earlier = remote_event(
         peer,
@@ -866,11 +933,31 @@ async fn bad_remote_events_are_quarantined(db: TestDb) {
         Operation::Insert,
         Some(json!({"id": id(8).to_string(), "title": "earlier"})),
     );
-    let err = store
-        .apply_remote(&[later, earlier])
+    let next = remote_event(
+        peer,
+        hlc_at(-1, 0),
+        id(10),
+        Operation::Insert,
+        Some(json!({"id": id(10).to_string(), "title": "next"})),
+    );
+    let out = store
+        .apply_remote(&[later, earlier.clone(), next.clone()])
         .await
-        .expect_err("order");
-    assert!(err.to_string().contains("out of order"), "{err}");
+        .expect("order");
+    assert_eq!(out.held.len(), 1);
+    assert_eq!(out.held[0].event_id, earlier.event_id.to_string());
+    assert!(
+        out.held[0].reason.contains("out of order"),
+        "{}",
+        out.held[0].reason
+    );
+    assert!(
+        !all_events(&store)
+            .await
+            .iter()
+            .any(|e| e.event_id == next.event_id),
+        "nothing of a held origin after the held event applies"
+    );
     // Malformed ids and operations are named when parsed.
     let err = tidemark_store::model::parse_ulid("event_id", "01ARZ3NDEK").expect_err("short");
     assert_eq!(
@@ -1516,7 +1603,7 @@ suite!(
         registration_checks_the_key,
         remote_apply_is_idempotent_and_lww,
         concurrent_versions_converge_in_any_order,
-        bad_remote_events_are_quarantined,
+        bad_remote_events_hold_their_origin,
         events_after_a_vector,
         synced_when_every_peer_acked,
         identity_and_clock_survive_restart,

@@ -48,6 +48,8 @@ pub struct Hlc(i64);
 impl Hlc {
     /// The zero timestamp: lower than every timestamp a clock issues.
     pub const ZERO: Hlc = Hlc(0);
+    /// The greatest timestamp the encoding holds.
+    pub const MAX: Hlc = Hlc(i64::MAX);
 
     /// Builds a timestamp from its parts. Fails when `wall_ms` is negative or beyond
     /// [`MAX_WALL_MS`], or `counter` does not fit 16 bits.

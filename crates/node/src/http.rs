@@ -140,6 +140,26 @@ fn describe() {
         "Events from a peer quarantined, by gRPC code."
     );
     describe_gauge!(
+        "tidemark_peer_held_origins",
+        Unit::Count,
+        "Origins a peer holds: their events wait (beyond its max drift, malformed, not allowed), the others go on."
+    );
+    describe_gauge!(
+        "tidemark_peer_blocked_records",
+        Unit::Count,
+        "Records whose rows a peer cannot place (a UNIQUE clash with a greater write, a missing parent, a refusal by its table), as of its last ack."
+    );
+    describe_counter!(
+        "tidemark_events_held_total",
+        Unit::Count,
+        "Holds of an origin at one of its events from a peer, by gRPC code."
+    );
+    describe_gauge!(
+        "tidemark_blocked_records",
+        Unit::Count,
+        "Records on this node whose winning event is in the log but whose row cannot be placed here."
+    );
+    describe_gauge!(
         "tidemark_unreplicated_captures",
         Unit::Count,
         "Direct writes set aside because they cannot be replicated (a value outside its column's class, an event over store.max_event_bytes); the rows stay on this node."
@@ -235,5 +255,6 @@ async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<(
     metrics::gauge!("tidemark_pending_captures").set(store.pending_captures().await? as f64);
     metrics::gauge!("tidemark_quarantined_events").set(store.count_quarantined().await? as f64);
     metrics::gauge!("tidemark_unreplicated_captures").set(store.count_set_aside().await? as f64);
+    metrics::gauge!("tidemark_blocked_records").set(store.count_blocked().await? as f64);
     Ok(())
 }

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use std::collections::HashMap;
+
+use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
-use tidemark_store::{ChangeEvent, Store};
+use tidemark_store::{ChangeEvent, Held, RejectKind, Store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,8 @@ use crate::pb::{self, receiver_message, sender_message};
 use crate::{LocalNode, PROTOCOL_VERSION, ReplicationOptions, status};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// When the sender should retry an origin held at an event it could not decode.
+const HOLD_MALFORMED_MS: u64 = 5_000;
 
 /// The `Replication` service.
 #[derive(Debug, Clone)]
@@ -150,7 +155,16 @@ impl Inner {
         Ok(sender)
     }
 
-    async fn apply_batch(&self, sender: Ulid, batch: pb::Batch) -> Result<pb::Ack, Status> {
+    /// Applies one batch and builds its Ack. `holds` are this session's held
+    /// origins (origin -> the HLC it was held at): the sender may have pipelined
+    /// more of a held origin's events before it learned of the hold; they are
+    /// skipped until it resends from the held event, which lifts the hold.
+    async fn apply_batch(
+        &self,
+        sender: Ulid,
+        batch: pb::Batch,
+        holds: &mut HashMap<Ulid, Hlc>,
+    ) -> Result<pb::Ack, Status> {
         let peer = sender.to_string();
         let may_relay = self
             .authenticated
@@ -166,21 +180,54 @@ impl Inner {
         }
         let mut events: Vec<ChangeEvent> = Vec::with_capacity(batch.events.len());
         let mut rejected = Vec::new();
+        let mut held: Vec<Held> = Vec::new();
+        let received = batch.events.len();
         for raw in batch.events {
-            let json = crate::convert::event_json(&raw);
+            let identity = match (
+                parse_ulid("node_id", &raw.node_id),
+                tidemark_hlc::Hlc::decode(raw.hlc),
+            ) {
+                (Ok(origin), Ok(hlc)) => Some((origin, hlc)),
+                _ => None,
+            };
+            if let Some((origin, hlc)) = identity {
+                if let Some(&at) = holds.get(&origin) {
+                    match hlc.cmp(&at) {
+                        std::cmp::Ordering::Greater => continue,
+                        std::cmp::Ordering::Equal => {
+                            holds.remove(&origin);
+                        }
+                        std::cmp::Ordering::Less => {}
+                    }
+                }
+                if held.iter().any(|h| h.origin == origin) {
+                    continue;
+                }
+            }
             let event_id = raw.event_id.clone();
-            match event_from_pb(raw) {
-                Ok(e) => events.push(e),
-                Err(e) => rejected.push(tidemark_store::Rejected {
+            let json = crate::convert::event_json(&raw);
+            match (event_from_pb(raw), identity) {
+                (Ok(e), _) => events.push(e),
+                (Err(e), Some((origin, hlc))) => held.push(Held {
+                    origin,
+                    hlc,
                     event_id,
-                    kind: tidemark_store::RejectKind::Invalid,
+                    kind: RejectKind::Invalid,
+                    reason: e.to_string(),
+                    retry_after_ms: HOLD_MALFORMED_MS,
+                }),
+                (Err(e), None) => rejected.push(tidemark_store::Rejected {
+                    event_id,
+                    kind: RejectKind::Invalid,
                     reason: e.to_string(),
                     event: json,
                 }),
             }
         }
+        // An origin held at a malformed event: its later events wait too.
+        events.retain(|e| held.iter().all(|h| h.origin != e.node_id || e.hlc < h.hlc));
         metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
-            .record((events.len() + rejected.len()) as f64);
+            .record(received as f64);
         let allowed = move |origin: Ulid| may_relay || origin == sender;
         let outcome = match self
             .store
@@ -189,25 +236,30 @@ impl Inner {
         {
             Ok(o) => o,
             Err(e) => {
-                if matches!(e, tidemark_store::StoreError::Clock(_)) {
-                    metrics::counter!("tidemark_drift_rejections_total", "peer" => peer.clone())
-                        .increment(1);
-                    warn!(%sender, error = %e, "events refused: timestamp beyond max drift; they stay unsynced at the sender until the clocks agree");
-                } else if !matches!(
-                    e,
-                    tidemark_store::StoreError::Invalid { .. }
-                        | tidemark_store::StoreError::UnknownTable { .. }
-                        | tidemark_store::StoreError::UnknownColumn { .. }
-                ) {
-                    metrics::counter!("tidemark_store_errors_total", "op" => "apply").increment(1);
-                }
+                metrics::counter!("tidemark_store_errors_total", "op" => "apply").increment(1);
                 return Err(status::from_store(&e));
             }
         };
+        held.extend(outcome.held.iter().cloned());
+        for h in &held {
+            let first = holds.insert(h.origin, h.hlc).is_none();
+            metrics::counter!("tidemark_events_held_total", "peer" => peer.clone(), "code" => h.kind.code())
+                .increment(1);
+            if matches!(h.kind, RejectKind::Drift | RejectKind::FarFuture) {
+                metrics::counter!("tidemark_drift_rejections_total", "peer" => peer.clone())
+                    .increment(1);
+            }
+            if first {
+                warn!(%sender, origin = %h.origin, event_id = %h.event_id, code = h.kind.code(), reason = %h.reason, retry_after_ms = h.retry_after_ms, "origin held: its events wait, the others go on");
+            }
+        }
         for q in &outcome.quarantined {
             warn!(%sender, event_id = %q.event_id, code = q.kind.code(), reason = %q.reason, "event quarantined");
             metrics::counter!("tidemark_events_quarantined_total", "peer" => peer.clone(), "code" => q.kind.code())
                 .increment(1);
+        }
+        if outcome.blocked > 0 {
+            debug!(%sender, records = outcome.blocked, "records blocked by constraints");
         }
         // Apply delay: apply wall time minus the event's HLC wall time (never
         // negative: a sender whose clock runs ahead gives 0, not a negative lag).
@@ -228,11 +280,17 @@ impl Inner {
             .vector()
             .await
             .map_err(|e| status::from_store(&e))?;
+        let blocked_records = self
+            .store
+            .count_blocked()
+            .await
+            .map_err(|e| status::from_store(&e))?;
         debug!(
             batch_id = batch.batch_id,
             applied = outcome.applied,
             superseded = outcome.superseded,
             duplicates = outcome.duplicates,
+            held = held.len(),
             "batch applied"
         );
         Ok(pb::Ack {
@@ -250,6 +308,18 @@ impl Inner {
                     message: q.reason.clone(),
                 })
                 .collect(),
+            held: held
+                .iter()
+                .map(|h| pb::Hold {
+                    origin: h.origin.to_string(),
+                    hlc: h.hlc.encode(),
+                    event_id: h.event_id.clone(),
+                    code: h.kind.code().to_owned(),
+                    message: h.reason.clone(),
+                    retry_after_ms: h.retry_after_ms,
+                })
+                .collect(),
+            blocked_records,
         })
     }
 
@@ -260,6 +330,7 @@ impl Inner {
         mut inbound: Streaming<pb::SenderMessage>,
         out: mpsc::Sender<Result<pb::ReceiverMessage, Status>>,
     ) {
+        let mut holds: HashMap<Ulid, Hlc> = HashMap::new();
         loop {
             let msg = tokio::select! {
                 _ = self.cancel.cancelled() => {
@@ -297,7 +368,7 @@ impl Inner {
                 }
             };
             let batch_id = batch.batch_id;
-            let reply = match self.apply_batch(sender, batch).await {
+            let reply = match self.apply_batch(sender, batch, &mut holds).await {
                 Ok(ack) => Ok(pb::ReceiverMessage {
                     kind: Some(receiver_message::Kind::Ack(ack)),
                 }),

@@ -20,13 +20,14 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tidemark_store::model::parse_ulid;
 use tidemark_store::{Store, StoreError, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use ulid::Ulid;
 
 use crate::convert::{event_to_pb, tables_to_pb};
@@ -71,6 +72,71 @@ pub struct PeerState {
     /// Last successful ack, ms since the epoch.
     pub last_ack_wall_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// Origins the peer holds (their events wait), with why.
+    pub held: Vec<HeldOrigin>,
+    /// Records whose rows the peer cannot place (as of its last ack).
+    pub blocked_records: u64,
+}
+
+/// An origin whose events a peer does not take now (see `Hold` in the proto).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldOrigin {
+    pub origin: Ulid,
+    /// The peer's gRPC status code name for it.
+    pub code: String,
+    pub reason: String,
+    /// When the events are resent, ms since the epoch.
+    pub retry_at_ms: i64,
+}
+
+/// Longest wait before an origin a peer holds is resent.
+const MAX_HOLD: Duration = Duration::from_secs(300);
+
+/// Held origins of one session: when each is resent, and how many times each was
+/// held (the wait doubles each time, up to [`MAX_HOLD`]).
+#[derive(Debug, Default)]
+struct Holds {
+    until: std::collections::HashMap<Ulid, Instant>,
+    times: std::collections::HashMap<Ulid, u32>,
+}
+
+impl Holds {
+    /// `cursor` with every held origin moved past its last event, for reading
+    /// what to send.
+    fn skipping(&self, cursor: &VersionVector) -> VersionVector {
+        let mut v = cursor.clone();
+        for origin in self.until.keys() {
+            v.0.insert(*origin, tidemark_hlc::Hlc::MAX);
+        }
+        v
+    }
+
+    fn hold(&mut self, origin: Ulid, retry_after: Duration) {
+        let times = self.times.entry(origin).or_insert(0);
+        let wait = retry_after
+            .max(Duration::from_millis(100))
+            .saturating_mul(1 << (*times).min(8))
+            .min(MAX_HOLD);
+        *times += 1;
+        self.until.insert(origin, Instant::now() + wait);
+    }
+
+    fn is_held(&self, origin: Ulid) -> bool {
+        self.until.contains_key(&origin)
+    }
+
+    /// The earliest resend time.
+    fn next(&self) -> Option<Instant> {
+        self.until.values().min().copied()
+    }
+
+    /// Releases the holds whose time has come; returns whether any was.
+    fn release_due(&mut self) -> bool {
+        let now = Instant::now();
+        let before = self.until.len();
+        self.until.retain(|_, t| *t > now);
+        self.until.len() != before
+    }
 }
 
 /// A byte stream to a peer, as a [`Connector`] opens it.
@@ -250,6 +316,8 @@ impl Sender {
                 self.inner.update(peer.node_id, |s| {
                     s.connected = false;
                     s.unacked_events = 0;
+                    // A new session starts with no holds (the peer's are per session).
+                    s.held.clear();
                 });
                 if cancel.is_cancelled() {
                     break;
@@ -288,6 +356,10 @@ impl SenderInner {
         let label = peer.to_string();
         metrics::gauge!("tidemark_peer_connected", "peer" => label.clone())
             .set(if state.connected { 1.0 } else { 0.0 });
+        metrics::gauge!("tidemark_peer_held_origins", "peer" => label.clone())
+            .set(state.held.len() as f64);
+        metrics::gauge!("tidemark_peer_blocked_records", "peer" => label.clone())
+            .set(state.blocked_records as f64);
         if let Some(ms) = state.last_ack_wall_ms {
             metrics::gauge!("tidemark_peer_last_ack_timestamp_seconds", "peer" => label)
                 .set(ms as f64 / 1000.0);
@@ -397,13 +469,19 @@ impl SenderInner {
         let mut inflight: VecDeque<(u64, u64, Instant)> = VecDeque::new();
         let mut next_batch = 0u64;
         let ack_timeout = Duration::from_millis(self.opts.ack_timeout_ms);
+        let mut holds = Holds::default();
+        // Room in one message for an event's ids and stamps besides its values.
+        let max_event = self.opts.max_message_bytes.saturating_sub(64 << 10);
         loop {
+            if holds.release_due() {
+                self.show_holds(peer.node_id, &holds);
+            }
             // Fill the window with what the peer lacks.
             let mut sent_any = false;
             while inflight.len() < window {
                 let events = self
                     .store
-                    .events_after(&cursor, self.opts.batch_size)
+                    .events_after(&holds.skipping(&cursor), self.opts.batch_size)
                     .await?;
                 if events.is_empty() {
                     break;
@@ -419,8 +497,38 @@ impl SenderInner {
                 let mut bytes = 0usize;
                 let mut cut = false;
                 for e in &events {
+                    if holds.is_held(e.node_id) {
+                        continue;
+                    }
                     let pe = event_to_pb(e);
                     let len = pe.encoded_len();
+                    if len > max_event {
+                        // No message can carry it to this peer (its limit is
+                        // lower than the origin's): hold the origin here, send
+                        // the rest, and say so.
+                        error!(
+                            origin = %e.node_id,
+                            event_id = %e.event_id,
+                            bytes = len,
+                            limit = max_event,
+                            "event larger than replication.max_message_bytes allows: its origin is held for this peer; raise the limit on every node"
+                        );
+                        holds.hold(e.node_id, MAX_HOLD);
+                        self.update(peer.node_id, |s| {
+                            s.held.retain(|h| h.origin != e.node_id);
+                            s.held.push(HeldOrigin {
+                                origin: e.node_id,
+                                code: "RESOURCE_EXHAUSTED".into(),
+                                reason: format!(
+                                    "event {} is {len} bytes, over the {max_event} bytes a message may carry",
+                                    e.event_id
+                                ),
+                                retry_at_ms: tidemark_hlc::system_wall_ms()
+                                    + MAX_HOLD.as_millis() as i64,
+                            });
+                        });
+                        continue;
+                    }
                     if !batch.events.is_empty() && bytes + len > self.opts.max_batch_bytes {
                         cut = true;
                         break;
@@ -428,6 +536,9 @@ impl SenderInner {
                     bytes += len;
                     cursor.observe(e.node_id, e.hlc);
                     batch.events.push(pe);
+                }
+                if batch.events.is_empty() {
+                    continue;
                 }
                 next_batch += 1;
                 let n = batch.events.len() as u64;
@@ -462,8 +573,9 @@ impl SenderInner {
                 _ = tokio::time::sleep_until(deadline), if !inflight.is_empty() => {
                     return Err(SessionError::AckTimeout(ack_timeout));
                 }
+                _ = tokio::time::sleep_until(holds.next().unwrap_or(deadline)), if holds.next().is_some() => {}
                 msg = inbound.message() => {
-                    self.on_reply(peer, msg, &mut inflight).await?;
+                    self.on_reply(peer, msg, &mut inflight, &mut cursor, &mut holds).await?;
                 }
                 changed = commits.changed() => {
                     if changed.is_err() {
@@ -474,11 +586,20 @@ impl SenderInner {
         }
     }
 
+    /// Publishes a session's holds in the peer's state and metrics.
+    fn show_holds(&self, peer: Ulid, holds: &Holds) {
+        self.update(peer, |s| {
+            s.held.retain(|h| holds.is_held(h.origin));
+        });
+    }
+
     async fn on_reply(
         &self,
         peer: &Peer,
         msg: Result<Option<pb::ReceiverMessage>, tonic::Status>,
         inflight: &mut VecDeque<(u64, u64, Instant)>,
+        cursor: &mut VersionVector,
+        holds: &mut Holds,
     ) -> Result<(), SessionError> {
         let ack = match msg.map_err(SessionError::Refused)? {
             Some(pb::ReceiverMessage {
@@ -499,6 +620,35 @@ impl SenderInner {
         }
         let vector = peer_vector("ack.vector", ack.vector)
             .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        for hold in &ack.held {
+            let origin = parse_ulid("ack.held.origin", &hold.origin)
+                .map_err(|e| SessionError::Protocol(e.to_string()))?;
+            // The peer took nothing of this origin from the held event on:
+            // resend from what it has, after the delay.
+            match vector.0.get(&origin) {
+                Some(h) => cursor.0.insert(origin, *h),
+                None => cursor.0.remove(&origin),
+            };
+            holds.hold(origin, Duration::from_millis(hold.retry_after_ms));
+            let retry_at_ms = tidemark_hlc::system_wall_ms() + hold.retry_after_ms as i64;
+            warn!(
+                %origin,
+                event_id = %hold.event_id,
+                code = %hold.code,
+                reason = %hold.message,
+                "peer holds an origin: its events wait, the others go on"
+            );
+            self.update(peer.node_id, |s| {
+                s.held.retain(|h| h.origin != origin);
+                s.held.push(HeldOrigin {
+                    origin,
+                    code: hold.code.clone(),
+                    reason: hold.message.clone(),
+                    retry_at_ms,
+                });
+            });
+        }
+        self.update(peer.node_id, |s| s.blocked_records = ack.blocked_records);
         self.acked(peer.node_id, &vector).await?;
         let unacked: u64 = inflight.iter().map(|b| b.1).sum();
         self.update(peer.node_id, |s| s.unacked_events = unacked);

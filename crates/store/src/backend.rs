@@ -18,8 +18,8 @@ use ulid::Ulid;
 use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, SetAside, TableInfo,
-    Values, Version, VersionVector,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey, Rejected,
+    SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -58,6 +58,12 @@ pub struct TableShape {
     pub columns: Vec<(String, String)>,
     /// Primary key columns.
     pub primary_key: Vec<String>,
+    /// UNIQUE constraints and unique indexes over plain columns, other than the
+    /// primary key (partial and expression indexes are not listed: the database
+    /// alone enforces them).
+    pub uniques: Vec<Vec<String>>,
+    /// FOREIGN KEYs (`parent_columns` empty when the declaration names none).
+    pub foreign_keys: Vec<ForeignKey>,
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -221,6 +227,54 @@ pub trait Backend: Send + Sync + 'static {
         stamps: &[(Ulid, Hlc, Ulid)],
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Rows of `table` whose columns at `columns` (indexes into
+    /// `table.columns`) equal `values` (canonical), other than `except`.
+    fn matching_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        columns: &[usize],
+        values: &[serde_json::Value],
+        except: Option<Ulid>,
+    ) -> impl Future<Output = Result<Vec<Ulid>>> + Send;
+
+    // ---- records whose rows cannot be placed here -------------------------------
+
+    /// Records (or replaces) a blocked record.
+    fn put_blocked(
+        &self,
+        tx: &mut Self::Tx,
+        b: &Blocked,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn remove_blocked(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn blocked(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Option<Blocked>>> + Send;
+    /// Records blocked by any of these records, or by the table of one of them
+    /// with no record named.
+    fn blocked_by_any(
+        &self,
+        tx: &mut Self::Tx,
+        blockers: &[(String, Ulid)],
+    ) -> impl Future<Output = Result<Vec<Blocked>>> + Send;
+    /// Whether any record is blocked (cheap).
+    fn has_blocked(&self, tx: &mut Self::Tx) -> impl Future<Output = Result<bool>> + Send;
+    /// Blocked records in key order, after `after`, at most `limit`.
+    fn list_blocked(
+        &self,
+        after: Option<(String, Ulid)>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Blocked>>> + Send;
+    fn count_blocked(&self) -> impl Future<Output = Result<u64>> + Send;
+
     /// Which of these event ids are already in `change_events`.
     fn existing_events(
         &self,
@@ -269,6 +323,12 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         tx: &mut Self::Tx,
         conflict: &Conflict,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Removes a conflict (a constraint clash that no longer holds).
+    fn delete_conflict(
+        &self,
+        tx: &mut Self::Tx,
+        id: Ulid,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Resolves the open conflicts among `ids`.
     fn close_conflicts(

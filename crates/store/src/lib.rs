@@ -45,9 +45,10 @@ pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, STAMP_COL
 pub use error::{Result, StoreError};
 pub use memory::MemoryBackend;
 pub use model::{
-    ApplyOutcome, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictSide,
-    ConflictStatus, DrainOutcome, Member, Operation, RejectKind, Rejected, ResolveChoice, SetAside,
-    TableInfo, Values, Version, VersionVector,
+    ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,
+    ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, Member,
+    Operation, RejectKind, Rejected, ResolveChoice, SetAside, TableInfo, Values, Version,
+    VersionVector,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
@@ -192,6 +193,20 @@ impl Store {
 
     pub async fn count_set_aside(&self) -> Result<u64> {
         dispatch!(self, e => e.backend().count_set_aside().await)
+    }
+
+    /// Records whose winning event is kept but whose row is not placed here, in
+    /// key order after `after`.
+    pub async fn list_blocked(
+        &self,
+        after: Option<(String, Ulid)>,
+        limit: u32,
+    ) -> Result<Vec<Blocked>> {
+        dispatch!(self, e => e.backend().list_blocked(after, limit).await)
+    }
+
+    pub async fn count_blocked(&self) -> Result<u64> {
+        dispatch!(self, e => e.backend().count_blocked().await)
     }
 
     /// Sets a table's conflict policy cluster-wide (the change replicates).

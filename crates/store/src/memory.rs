@@ -34,8 +34,8 @@ use crate::backend::{Backend, RowWrite, SavepointOp, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus, Rejected,
-    SetAside, TableInfo, Values, Version, VersionVector,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus,
+    ForeignKey, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -49,6 +49,13 @@ pub struct Column {
     pub not_null: bool,
     /// Value of the column when a new row does not give one (NULL when `None`).
     pub default: Option<Value>,
+    /// `UNIQUE`: no two rows hold the same non-NULL value.
+    pub unique: bool,
+    /// `REFERENCES parent(column)`: a non-NULL value must be held by a parent
+    /// row; deleting a parent with children is refused (RESTRICT).
+    pub references: Option<(String, String)>,
+    /// `CHECK (column BETWEEN min AND max)` on a number.
+    pub check_range: Option<(f64, f64)>,
 }
 
 impl Column {
@@ -59,7 +66,25 @@ impl Column {
             primary_key: false,
             not_null: false,
             default: None,
+            unique: false,
+            references: None,
+            check_range: None,
         }
+    }
+
+    pub fn unique(mut self) -> Column {
+        self.unique = true;
+        self
+    }
+
+    pub fn references(mut self, table: &str, column: &str) -> Column {
+        self.references = Some((table.to_owned(), column.to_owned()));
+        self
+    }
+
+    pub fn check_range(mut self, min: f64, max: f64) -> Column {
+        self.check_range = Some((min, max));
+        self
     }
 
     pub fn primary_key(mut self) -> Column {
@@ -110,6 +135,8 @@ struct State {
     quarantine: BTreeMap<String, Rejected>,
     /// `(peer, origin)` -> acknowledged HLC.
     progress: BTreeMap<(Ulid, Ulid), Hlc>,
+    /// `tidemark_blocked`, by (table, record).
+    blocked: BTreeMap<(String, Ulid), Blocked>,
 }
 
 type Undo = Box<dyn FnOnce(&mut State) + Send>;
@@ -244,6 +271,9 @@ fn quarantine_field(s: &mut State) -> &mut BTreeMap<String, Rejected> {
 }
 fn registry_field(s: &mut State) -> &mut BTreeMap<String, TableInfo> {
     &mut s.registry
+}
+fn blocked_field(s: &mut State) -> &mut BTreeMap<(String, Ulid), Blocked> {
+    &mut s.blocked
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms (the SQL backends' format).
@@ -419,6 +449,40 @@ fn upsert(tx: &mut MemoryTx, table: &TableInfo, r: &RowWrite) -> Result<()> {
         }
         None => proposed,
     };
+    for c in &t.columns {
+        let Some(v) = row.get(&c.name).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let failed = |what: &str| {
+            refused(format!(
+                "{what} constraint failed: {}.{}",
+                table.table_name, c.name
+            ))
+        };
+        if c.unique
+            && t.rows
+                .iter()
+                .any(|(k, r)| *k != pk && r.get(&c.name) == Some(v))
+        {
+            return Err(failed("UNIQUE"));
+        }
+        if let Some((parent, column)) = &c.references {
+            let held = tx
+                .state
+                .tables
+                .get(parent)
+                .is_some_and(|p| p.rows.values().any(|r| r.get(column) == Some(v)));
+            if !held {
+                return Err(failed("FOREIGN KEY"));
+            }
+        }
+        if let Some((min, max)) = c.check_range {
+            let n = v.as_f64().unwrap_or(f64::NAN);
+            if !(min..=max).contains(&n) {
+                return Err(failed("CHECK"));
+            }
+        }
+    }
     tx.set_row(&table.table_name, pk, Some(row))
 }
 
@@ -493,6 +557,24 @@ impl Backend for MemoryBackend {
                 .iter()
                 .filter(|c| c.primary_key)
                 .map(|c| c.name.clone())
+                .collect(),
+            uniques: t
+                .columns
+                .iter()
+                .filter(|c| c.unique && !c.primary_key)
+                .map(|c| vec![c.name.clone()])
+                .collect(),
+            foreign_keys: t
+                .columns
+                .iter()
+                .filter_map(|c| {
+                    let (parent, column) = c.references.as_ref()?;
+                    Some(ForeignKey {
+                        columns: vec![c.name.clone()],
+                        parent: parent.clone(),
+                        parent_columns: vec![column.clone()],
+                    })
+                })
                 .collect(),
         }))
     }
@@ -664,9 +746,123 @@ impl Backend for MemoryBackend {
         Self::registered(&tx.state, table)?;
         for id in ids {
             let pk = id.to_string();
-            if tx.state.tables[&table.table_name].rows.contains_key(&pk) {
-                tx.set_row(&table.table_name, pk, None)?;
+            let Some(row) = tx.state.tables[&table.table_name].rows.get(&pk) else {
+                continue;
+            };
+            // RESTRICT: a row some child still references stays.
+            for (child, t) in &tx.state.tables {
+                for c in &t.columns {
+                    let Some((parent, column)) = &c.references else {
+                        continue;
+                    };
+                    let held = row.get(column).filter(|v| !v.is_null());
+                    if *parent == table.table_name
+                        && held.is_some_and(|v| t.rows.values().any(|r| r.get(&c.name) == Some(v)))
+                    {
+                        return Err(StoreError::Constraint {
+                            table: table.table_name.clone(),
+                            reason: format!(
+                                "FOREIGN KEY constraint failed: {child}.{} references the row",
+                                c.name
+                            ),
+                        });
+                    }
+                }
             }
+            tx.set_row(&table.table_name, pk, None)?;
+        }
+        Ok(())
+    }
+
+    async fn matching_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        columns: &[usize],
+        values: &[Value],
+        except: Option<Ulid>,
+    ) -> Result<Vec<Ulid>> {
+        Self::registered(&tx.state, table)?;
+        let skip = except.map(|e| e.to_string());
+        Ok(tx.state.tables[&table.table_name]
+            .rows
+            .iter()
+            .filter(|(pk, _)| skip.as_ref() != Some(*pk))
+            .filter(|(_, row)| {
+                columns
+                    .iter()
+                    .zip(values)
+                    .all(|(&i, v)| !v.is_null() && row.get(&table.columns[i]) == Some(v))
+            })
+            .filter_map(|(pk, _)| Ulid::from_string(pk).ok())
+            .collect())
+    }
+
+    async fn put_blocked(&self, tx: &mut Self::Tx, b: &Blocked) -> Result<()> {
+        let mut b = b.clone();
+        b.blocked_at = self.now();
+        tx.set(blocked_field, (b.table_name.clone(), b.record_id), Some(b));
+        Ok(())
+    }
+
+    async fn remove_blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<()> {
+        if tx.state.blocked.contains_key(&(table.to_owned(), id)) {
+            tx.set(blocked_field, (table.to_owned(), id), None);
+        }
+        Ok(())
+    }
+
+    async fn blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<Option<Blocked>> {
+        Ok(tx.state.blocked.get(&(table.to_owned(), id)).cloned())
+    }
+
+    async fn blocked_by_any(
+        &self,
+        tx: &mut Self::Tx,
+        blockers: &[(String, Ulid)],
+    ) -> Result<Vec<Blocked>> {
+        Ok(tx
+            .state
+            .blocked
+            .values()
+            .filter(|b| {
+                blockers.iter().any(|(t, id)| {
+                    b.blocker_table.as_deref() == Some(t.as_str())
+                        && b.blocker_id.is_none_or(|x| x == *id)
+                })
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn has_blocked(&self, tx: &mut Self::Tx) -> Result<bool> {
+        Ok(!tx.state.blocked.is_empty())
+    }
+
+    async fn list_blocked(
+        &self,
+        after: Option<(String, Ulid)>,
+        limit: u32,
+    ) -> Result<Vec<Blocked>> {
+        let s = self.state.lock().await;
+        let start = match after {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        Ok(s.blocked
+            .range((start, Bound::Unbounded))
+            .take(limit as usize)
+            .map(|(_, b)| b.clone())
+            .collect())
+    }
+
+    async fn count_blocked(&self) -> Result<u64> {
+        Ok(self.state.lock().await.blocked.len() as u64)
+    }
+
+    async fn delete_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        if tx.state.conflicts.contains_key(&id) {
+            tx.set(conflicts_field, id, None);
         }
         Ok(())
     }

@@ -387,6 +387,71 @@ impl Version {
     }
 }
 
+/// A FOREIGN KEY of a replicated table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ForeignKey {
+    pub columns: Vec<String>,
+    pub parent: String,
+    /// The parent's columns the key references (its primary key when the
+    /// declaration names none).
+    pub parent_columns: Vec<String>,
+}
+
+/// Why a record's row cannot be placed on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockKind {
+    /// Another record's greater write holds the same UNIQUE value.
+    Unique,
+    /// Its parent row is not here (deleted, or not arrived yet).
+    ForeignKey,
+    /// The table refuses the row (CHECK, NOT NULL, a constraint Tidemark does
+    /// not decide itself).
+    Refused,
+}
+
+impl BlockKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BlockKind::Unique => "unique",
+            BlockKind::ForeignKey => "foreign_key",
+            BlockKind::Refused => "refused",
+        }
+    }
+}
+
+impl FromStr for BlockKind {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unique" => Ok(BlockKind::Unique),
+            "foreign_key" => Ok(BlockKind::ForeignKey),
+            "refused" => Ok(BlockKind::Refused),
+            other => Err(StoreError::invalid(
+                "block kind",
+                format!("{other:?} is not one of unique, foreign_key, refused"),
+            )),
+        }
+    }
+}
+
+/// A record whose winning event is in the log but whose row is not placed here
+/// (`tidemark_blocked`); it is retried when its blocker changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub table_name: String,
+    pub record_id: Ulid,
+    /// The record's winning event, not applied here.
+    pub event_id: Ulid,
+    pub kind: BlockKind,
+    pub reason: String,
+    /// The record holding the clashing value, or the missing parent (its table
+    /// alone when the parent cannot be named by id).
+    pub blocker_table: Option<String>,
+    pub blocker_id: Option<Ulid>,
+    pub blocked_at: String,
+}
+
 /// A registered replicated table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInfo {
@@ -401,6 +466,11 @@ pub struct TableInfo {
     /// messages; PostgreSQL casts written values to it).
     pub declared: Vec<String>,
     pub conflict_policy: ConflictPolicy,
+    /// UNIQUE constraints other than the primary key (columns each), read from
+    /// the live schema.
+    pub uniques: Vec<Vec<String>>,
+    /// FOREIGN KEYs, read from the live schema.
+    pub foreign_keys: Vec<ForeignKey>,
 }
 
 impl TableInfo {
@@ -412,6 +482,34 @@ impl TableInfo {
     pub fn column_type(&self, name: &str) -> Option<ColumnType> {
         let i = self.columns.iter().position(|c| c == name)?;
         self.types.get(i).copied()
+    }
+
+    /// Indexes of these columns among `columns` (None if one is not replicated).
+    pub fn indexes_of(&self, names: &[String]) -> Option<Vec<usize>> {
+        names
+            .iter()
+            .map(|n| self.columns.iter().position(|c| c == n))
+            .collect()
+    }
+
+    /// The constraints as the handshake compares them, sorted: `unique(a,b)`,
+    /// `fk(c)->parent(x)`.
+    pub fn constraint_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .uniques
+            .iter()
+            .map(|u| format!("unique({})", u.join(",")))
+            .chain(self.foreign_keys.iter().map(|f| {
+                format!(
+                    "fk({})->{}({})",
+                    f.columns.join(","),
+                    f.parent,
+                    f.parent_columns.join(",")
+                )
+            }))
+            .collect();
+        out.sort();
+        out
     }
 }
 
@@ -467,6 +565,26 @@ pub struct ApplyOutcome {
     pub fresh: Vec<Hlc>,
     /// Events set aside in the quarantine (new ones and ones already there).
     pub quarantined: Vec<Rejected>,
+    /// Records blocked in this apply: kept in the log, their rows not placed
+    /// here (see `tidemark_blocked`).
+    pub blocked: u64,
+    /// Origins held at an event this node cannot take now; nothing of theirs
+    /// from that event on was applied.
+    pub held: Vec<Held>,
+}
+
+/// An origin held at one of its events: that event and the origin's later ones
+/// were not applied (the node's vector stays below them); the sender resends
+/// them from the node's vector after `retry_after_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub origin: Ulid,
+    pub hlc: Hlc,
+    /// The event it was held at, as received.
+    pub event_id: String,
+    pub kind: RejectKind,
+    pub reason: String,
+    pub retry_after_ms: u64,
 }
 
 /// What one drain of the capture queue did.
@@ -519,13 +637,59 @@ pub struct ConflictSide {
     pub values: Option<Values>,
 }
 
-/// Two concurrent versions of a record: the one every node shows (the winner by
-/// `(hlc, node_id, event_id)`) and one that lost. Its id is the losing event's id.
+/// What two writes clashed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConflictKind {
+    /// Concurrent versions of one record.
+    Version,
+    /// Two records' winning writes hold the same value of a UNIQUE constraint.
+    Unique,
+    /// A record's parent row is deleted (its delete wins over the child).
+    ForeignKey,
+}
+
+impl ConflictKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConflictKind::Version => "version",
+            ConflictKind::Unique => "unique",
+            ConflictKind::ForeignKey => "foreign_key",
+        }
+    }
+}
+
+impl FromStr for ConflictKind {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "version" => Ok(ConflictKind::Version),
+            "unique" => Ok(ConflictKind::Unique),
+            "foreign_key" => Ok(ConflictKind::ForeignKey),
+            other => Err(StoreError::invalid(
+                "conflict kind",
+                format!("{other:?} is not one of version, unique, foreign_key"),
+            )),
+        }
+    }
+}
+
+/// Two clashing writes: the one every node shows and one that lost. For a
+/// version conflict both are versions of one record (the winner is the greater
+/// by `(hlc, node_id, event_id)`); for a constraint conflict the loser's record
+/// has no row and the winner is the other record's write that holds the value
+/// (or the delete of its parent). Its id is the losing event's id.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conflict {
     pub conflict_id: Ulid,
+    pub kind: ConflictKind,
     pub table_name: String,
     pub record_id: Ulid,
+    /// What clashed (e.g. `email = "a@x"`), for constraint conflicts.
+    pub detail: Option<String>,
+    /// The winner's record when it is another record (constraint conflicts).
+    pub winner_table: Option<String>,
+    pub winner_record_id: Option<Ulid>,
     /// The table's policy when the conflict was last (re)classified.
     pub policy: ConflictPolicy,
     pub status: ConflictStatus,
@@ -583,6 +747,8 @@ pub enum RejectKind {
     NotAllowed,
     /// A timestamp so far ahead that no clock drift explains it.
     FarFuture,
+    /// A timestamp beyond the max drift: it may apply once the clocks agree.
+    Drift,
     /// The table refused the values (a constraint or type the row breaks).
     Refused,
 }
@@ -594,7 +760,7 @@ impl RejectKind {
             RejectKind::Invalid => "INVALID_ARGUMENT",
             RejectKind::UnknownTable => "NOT_FOUND",
             RejectKind::NotAllowed => "PERMISSION_DENIED",
-            RejectKind::FarFuture => "OUT_OF_RANGE",
+            RejectKind::FarFuture | RejectKind::Drift => "OUT_OF_RANGE",
             RejectKind::Refused => "FAILED_PRECONDITION",
         }
     }

@@ -21,12 +21,12 @@ use crate::backend::{Backend, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Rejected, SetAside, TableInfo,
-    Values, Version, VersionVector,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey, Rejected,
+    SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::rows::{
-    CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST,
-    ULID_REST, VersionRow, rows_to_values, vector_from_rows,
+    BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
+    ULID_FIRST, ULID_REST, VersionRow, rows_to_values, vector_from_rows,
 };
 use crate::value::ColumnType;
 
@@ -38,6 +38,10 @@ pub const CAPTURE_CHANNEL: &str = "tidemark_capture";
 const PG_CONFLICT_TIMES: &str = "to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at, \
      to_char(resolved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS resolved_at";
 const WALL_MS: &str = "CAST(round(extract(epoch FROM wall_timestamp) * 1000) AS BIGINT) AS wall_ms";
+const PG_BLOCKED: &str = "table_name::text AS table_name, record_id::text AS record_id, \
+     event_id::text AS event_id, kind::text AS kind, reason, blocker_table::text AS blocker_table, \
+     blocker_id::text AS blocker_id, \
+     to_char(blocked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS blocked_at";
 
 fn migrator() -> sqlx::migrate::Migrator {
     let mut m = sqlx::migrate!("./migrations/postgres");
@@ -393,10 +397,51 @@ impl Backend for PostgresBackend {
         .bind(name.quoted())
         .fetch_all(&self.pool)
         .await?;
+        let uniques: Vec<(Vec<String>,)> = sqlx::query_as(
+            "SELECT (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                     FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                     WHERE k.ord <= i.indnkeyatts) \
+             FROM pg_index i WHERE i.indrelid = to_regclass($1) AND i.indisunique \
+             AND NOT i.indisprimary AND i.indpred IS NULL AND i.indexprs IS NULL \
+             ORDER BY i.indexrelid",
+        )
+        .bind(name.quoted())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut unique_cols: Vec<Vec<String>> = Vec::new();
+        for (cols,) in uniques {
+            if !unique_cols.contains(&cols) {
+                unique_cols.push(cols);
+            }
+        }
+        let fks: Vec<(Vec<String>, Vec<String>, String)> = sqlx::query_as(
+            "SELECT (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                     FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum), \
+                    (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                     FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum), \
+                    (SELECT c.relname::text FROM pg_class c WHERE c.oid = con.confrelid) \
+             FROM pg_constraint con WHERE con.conrelid = to_regclass($1) AND con.contype = 'f' \
+             ORDER BY con.conname",
+        )
+        .bind(name.quoted())
+        .fetch_all(&self.pool)
+        .await?;
         Ok(Some(TableShape {
             name: name.clone(),
             columns: cols,
             primary_key: pk.into_iter().map(|p| p.0).collect(),
+            uniques: unique_cols,
+            foreign_keys: fks
+                .into_iter()
+                .map(|(columns, parent_columns, parent)| ForeignKey {
+                    columns,
+                    parent,
+                    parent_columns,
+                })
+                .collect(),
         }))
     }
 
@@ -924,15 +969,168 @@ impl Backend for PostgresBackend {
         rows_to_values(rows)
     }
 
+    async fn matching_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        columns: &[usize],
+        values: &[Value],
+        except: Option<Ulid>,
+    ) -> Result<Vec<Ulid>> {
+        let mut conds = Vec::with_capacity(columns.len() + 1);
+        for (n, &i) in columns.iter().enumerate() {
+            conds.push(format!(
+                "x.{} = ${}::{}",
+                q(&table.columns[i]),
+                n + 1,
+                cast_type(&table.declared[i])?
+            ));
+        }
+        if except.is_some() {
+            conds.push(format!(
+                "x.{} <> ${}::{}",
+                q(&table.primary_key),
+                columns.len() + 1,
+                key_cast(table)
+            ));
+        }
+        let sql = format!(
+            "SELECT x.{}::text FROM {} AS x WHERE {}",
+            q(&table.primary_key),
+            q(&table.table_name),
+            conds.join(" AND ")
+        );
+        let mut query = sqlx::query_as::<_, (String,)>(AssertSqlSafe(sql));
+        for (&i, v) in columns.iter().zip(values) {
+            query = query.bind(table.types[i].to_pg_text(v));
+        }
+        if let Some(e) = except {
+            query = query.bind(e.to_string());
+        }
+        query
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(|(id,)| {
+                Ulid::from_string(id.trim())
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn put_blocked(&self, tx: &mut Self::Tx, b: &Blocked) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidemark_blocked (table_name, record_id, event_id, kind, reason, blocker_table, blocker_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
+             event_id = excluded.event_id, kind = excluded.kind, reason = excluded.reason, \
+             blocker_table = excluded.blocker_table, blocker_id = excluded.blocker_id",
+        )
+        .bind(&b.table_name)
+        .bind(b.record_id.to_string())
+        .bind(b.event_id.to_string())
+        .bind(b.kind.as_str())
+        .bind(&b.reason)
+        .bind(b.blocker_table.as_deref())
+        .bind(b.blocker_id.map(|i| i.to_string()))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM tidemark_blocked WHERE table_name = $1 AND record_id = $2::bpchar",
+        )
+        .bind(table)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<Option<Blocked>> {
+        let row: Option<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {PG_BLOCKED} FROM tidemark_blocked WHERE table_name = $1 AND record_id = $2::bpchar"
+        )))
+        .bind(table)
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.map(Blocked::try_from).transpose()
+    }
+
+    async fn blocked_by_any(
+        &self,
+        tx: &mut Self::Tx,
+        blockers: &[(String, Ulid)],
+    ) -> Result<Vec<Blocked>> {
+        let tables: Vec<String> = blockers.iter().map(|(t, _)| t.clone()).collect();
+        let ids: Vec<String> = blockers.iter().map(|(_, id)| id.to_string()).collect();
+        let rows: Vec<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {PG_BLOCKED} FROM tidemark_blocked WHERE \
+             (blocker_table::text, blocker_id::text) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
+             OR (blocker_id IS NULL AND blocker_table::text = ANY($1::text[]))"
+        )))
+        .bind(tables)
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(Blocked::try_from).collect()
+    }
+
+    async fn has_blocked(&self, tx: &mut Self::Tx) -> Result<bool> {
+        let (b,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM tidemark_blocked)")
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(b)
+    }
+
+    async fn list_blocked(
+        &self,
+        after: Option<(String, Ulid)>,
+        limit: u32,
+    ) -> Result<Vec<Blocked>> {
+        let (t, r) = after.map_or((String::new(), String::new()), |(t, r)| (t, r.to_string()));
+        let rows: Vec<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {PG_BLOCKED} FROM tidemark_blocked \
+             WHERE (table_name::text, record_id::text) > ($1, $2) ORDER BY table_name, record_id LIMIT $3"
+        )))
+        .bind(t)
+        .bind(r)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Blocked::try_from).collect()
+    }
+
+    async fn count_blocked(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_blocked")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn delete_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        sqlx::query("DELETE FROM tidemark_conflicts WHERE conflict_id = $1::bpchar")
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
-        sqlx::query(AssertSqlSafe("INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
+        sqlx::query(
+            "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
              winner_event_id, winner_hlc, winner_node_id, winner_values, \
-             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at) \
+             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at, \
+             kind, detail, winner_table, winner_record_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             CASE WHEN $5 = 'resolved' THEN CURRENT_TIMESTAMP END) \
+             CASE WHEN $5 = 'resolved' THEN CURRENT_TIMESTAMP END, $16, $17, $18, $19) \
              ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
              winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
-             winner_values = excluded.winner_values".to_string()))
+             winner_values = excluded.winner_values, kind = excluded.kind, detail = excluded.detail, \
+             winner_table = excluded.winner_table, winner_record_id = excluded.winner_record_id",
+        )
         .bind(c.conflict_id.to_string())
         .bind(&c.table_name)
         .bind(c.record_id.to_string())
@@ -948,6 +1146,10 @@ impl Backend for PostgresBackend {
         .bind(c.loser.values.as_ref().map(Json))
         .bind(c.resolved_by.as_deref())
         .bind(c.resolution.as_deref())
+        .bind(c.kind.as_str())
+        .bind(c.detail.as_deref())
+        .bind(c.winner_table.as_deref())
+        .bind(c.winner_record_id.map(|i| i.to_string()))
         .execute(&mut **tx)
         .await?;
         Ok(())

@@ -8,8 +8,8 @@ use ulid::Ulid;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Capture, CapturedRow, ChangeEvent, Conflict, ConflictPolicy, ConflictSide, Member, Operation,
-    TableInfo, Values, Version, VersionVector,
+    Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictPolicy, ConflictSide, Member,
+    Operation, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -189,6 +189,9 @@ impl TryFrom<TableRow> for TableInfo {
             columns: r.columns.0,
             types,
             declared: r.declared_types.map(|t| t.0).unwrap_or_default(),
+            // Read from the live schema when the table is loaded.
+            uniques: Vec::new(),
+            foreign_keys: Vec::new(),
             conflict_policy: r
                 .conflict_policy
                 .parse::<ConflictPolicy>()
@@ -198,14 +201,56 @@ impl TryFrom<TableRow> for TableInfo {
 }
 
 /// Columns of [`ConflictRow`] except the timestamps, which each backend formats.
-pub const CONFLICT_COLUMNS: &str = "conflict_id, table_name, record_id, policy, status, \
+pub const CONFLICT_COLUMNS: &str = "conflict_id, kind, table_name, record_id, policy, status, \
     winner_event_id, winner_hlc, winner_node_id, winner_values, \
     loser_event_id, loser_hlc, loser_node_id, loser_values, \
-    resolved_by, resolution, resolution_note, resolution_event_id";
+    resolved_by, resolution, resolution_note, resolution_event_id, \
+    detail, winner_table, winner_record_id";
+
+/// Columns of [`BlockedRow`] except `blocked_at`, which each backend formats.
+pub const BLOCKED_COLUMNS: &str =
+    "table_name, record_id, event_id, kind, reason, blocker_table, blocker_id";
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct BlockedRow {
+    pub table_name: String,
+    pub record_id: String,
+    pub event_id: String,
+    pub kind: String,
+    pub reason: String,
+    pub blocker_table: Option<String>,
+    pub blocker_id: Option<String>,
+    pub blocked_at: String,
+}
+
+impl TryFrom<BlockedRow> for Blocked {
+    type Error = StoreError;
+
+    fn try_from(r: BlockedRow) -> Result<Self> {
+        let what = "tidemark_blocked";
+        Ok(Blocked {
+            table_name: r.table_name,
+            record_id: ulid(what, &r.record_id)?,
+            event_id: ulid(what, &r.event_id)?,
+            kind: r
+                .kind
+                .parse()
+                .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?,
+            reason: r.reason,
+            blocker_table: r.blocker_table,
+            blocker_id: r.blocker_id.as_deref().map(|i| ulid(what, i)).transpose()?,
+            blocked_at: r.blocked_at,
+        })
+    }
+}
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct ConflictRow {
     pub conflict_id: String,
+    pub kind: String,
+    pub detail: Option<String>,
+    pub winner_table: Option<String>,
+    pub winner_record_id: Option<String>,
     pub table_name: String,
     pub record_id: String,
     pub policy: String,
@@ -234,6 +279,14 @@ impl TryFrom<ConflictRow> for Conflict {
         let corrupt = |e: StoreError| StoreError::corrupt(what, e.to_string());
         Ok(Conflict {
             conflict_id: ulid(what, &r.conflict_id)?,
+            kind: r.kind.parse().map_err(corrupt)?,
+            detail: r.detail,
+            winner_table: r.winner_table,
+            winner_record_id: r
+                .winner_record_id
+                .as_deref()
+                .map(|i| ulid(what, i))
+                .transpose()?,
             table_name: r.table_name,
             record_id: ulid(what, &r.record_id)?,
             policy: r.policy.parse().map_err(corrupt)?,

@@ -30,12 +30,12 @@ use crate::backend::{Backend, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, Operation,
-    Rejected, SetAside, TableInfo, Values, Version, VersionVector,
+    Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
+    ForeignKey, Operation, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::rows::{
-    CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow, ULID_FIRST, ULID_REST,
-    VersionRow, rows_to_values, vector_from_rows,
+    BLOCKED_COLUMNS, BlockedRow, CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
+    ULID_FIRST, ULID_REST, VersionRow, rows_to_values, vector_from_rows,
 };
 use crate::value::{ColumnType, SqlCell};
 
@@ -423,10 +423,65 @@ impl Backend for SqliteBackend {
             .map(|c| (c.2, c.0.clone()))
             .collect();
         pk.sort();
+        let primary_key: Vec<String> = pk.into_iter().map(|p| p.1).collect();
+        let indexes: Vec<(String, i64, String, i64)> = sqlx::query_as(
+            "SELECT name, \"unique\", origin, partial FROM pragma_index_list($1) ORDER BY name",
+        )
+        .bind(name.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut uniques = Vec::new();
+        for (index, unique, origin, partial) in indexes {
+            if unique != 1 || origin == "pk" || partial != 0 {
+                continue;
+            }
+            let cols: Vec<(i64, Option<String>)> =
+                sqlx::query_as("SELECT cid, name FROM pragma_index_info($1) ORDER BY seqno")
+                    .bind(&index)
+                    .fetch_all(&self.pool)
+                    .await?;
+            // An index over an expression is the database's alone to enforce.
+            let names: Option<Vec<String>> = cols
+                .into_iter()
+                .map(|(cid, n)| if cid < 0 { None } else { n })
+                .collect();
+            if let Some(names) = names
+                && names != primary_key
+                && !uniques.contains(&names)
+            {
+                uniques.push(names);
+            }
+        }
+        let fk_rows: Vec<(i64, i64, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, seq, \"table\", \"from\", \"to\" FROM pragma_foreign_key_list($1) ORDER BY id, seq",
+        )
+        .bind(name.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut foreign_keys: Vec<ForeignKey> = Vec::new();
+        let mut last_id = None;
+        for (id, _, parent, from, to) in fk_rows {
+            if last_id != Some(id) {
+                foreign_keys.push(ForeignKey {
+                    columns: Vec::new(),
+                    parent,
+                    parent_columns: Vec::new(),
+                });
+                last_id = Some(id);
+            }
+            if let Some(fk) = foreign_keys.last_mut() {
+                fk.columns.push(from);
+                if let Some(to) = to {
+                    fk.parent_columns.push(to);
+                }
+            }
+        }
         Ok(Some(TableShape {
             name: name.clone(),
             columns: cols.into_iter().map(|(n, t, _)| (n, t)).collect(),
-            primary_key: pk.into_iter().map(|p| p.1).collect(),
+            primary_key,
+            uniques,
+            foreign_keys,
         }))
     }
 
@@ -946,16 +1001,155 @@ impl Backend for SqliteBackend {
         rows_to_values(rows)
     }
 
+    async fn matching_rows(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        columns: &[usize],
+        values: &[Value],
+        except: Option<Ulid>,
+    ) -> Result<Vec<Ulid>> {
+        let mut conds: Vec<String> = columns
+            .iter()
+            .map(|&i| format!("{} = ?", q(&table.columns[i])))
+            .collect();
+        if except.is_some() {
+            conds.push(format!("{} <> ?", q(&table.primary_key)));
+        }
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {}",
+            q(&table.primary_key),
+            q(&table.table_name),
+            conds.join(" AND ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (&i, v) in columns.iter().zip(values) {
+            query = bind_cell(query, table.types[i].to_sqlite(v));
+        }
+        if let Some(e) = except {
+            query = query.bind(e.to_string());
+        }
+        let rows = query.fetch_all(&mut **tx).await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                Ulid::from_string(&id)
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn put_blocked(&self, tx: &mut Self::Tx, b: &Blocked) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidemark_blocked (table_name, record_id, event_id, kind, reason, blocker_table, blocker_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
+             event_id = excluded.event_id, kind = excluded.kind, reason = excluded.reason, \
+             blocker_table = excluded.blocker_table, blocker_id = excluded.blocker_id",
+        )
+        .bind(&b.table_name)
+        .bind(b.record_id.to_string())
+        .bind(b.event_id.to_string())
+        .bind(b.kind.as_str())
+        .bind(&b.reason)
+        .bind(b.blocker_table.as_deref())
+        .bind(b.blocker_id.map(|i| i.to_string()))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<()> {
+        sqlx::query("DELETE FROM tidemark_blocked WHERE table_name = $1 AND record_id = $2")
+            .bind(table)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<Option<Blocked>> {
+        let row: Option<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked WHERE table_name = $1 AND record_id = $2"
+        )))
+        .bind(table)
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.map(Blocked::try_from).transpose()
+    }
+
+    async fn blocked_by_any(
+        &self,
+        tx: &mut Self::Tx,
+        blockers: &[(String, Ulid)],
+    ) -> Result<Vec<Blocked>> {
+        let keys: Vec<Value> = blockers
+            .iter()
+            .map(|(t, id)| json!([t, id.to_string()]))
+            .collect();
+        let rows: Vec<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked WHERE \
+             (blocker_table, blocker_id) IN (SELECT value->>0, value->>1 FROM json_each($1)) \
+             OR (blocker_id IS NULL AND blocker_table IN (SELECT value->>0 FROM json_each($1)))"
+        )))
+        .bind(Value::Array(keys).to_string())
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.into_iter().map(Blocked::try_from).collect()
+    }
+
+    async fn has_blocked(&self, tx: &mut Self::Tx) -> Result<bool> {
+        let (b,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM tidemark_blocked)")
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(b)
+    }
+
+    async fn list_blocked(
+        &self,
+        after: Option<(String, Ulid)>,
+        limit: u32,
+    ) -> Result<Vec<Blocked>> {
+        let (t, r) = after.map_or((String::new(), String::new()), |(t, r)| (t, r.to_string()));
+        let rows: Vec<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked \
+             WHERE (table_name, record_id) > ($1, $2) ORDER BY table_name, record_id LIMIT $3"
+        )))
+        .bind(t)
+        .bind(r)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Blocked::try_from).collect()
+    }
+
+    async fn count_blocked(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tidemark_blocked")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn delete_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        sqlx::query("DELETE FROM tidemark_conflicts WHERE conflict_id = $1")
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
              winner_event_id, winner_hlc, winner_node_id, winner_values, \
-             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at) \
+             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at, \
+             kind, detail, winner_table, winner_record_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             CASE WHEN $5 = 'resolved' THEN {NOW} END) \
+             CASE WHEN $5 = 'resolved' THEN {NOW} END, $16, $17, $18, $19) \
              ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
              winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
-             winner_values = excluded.winner_values"
+             winner_values = excluded.winner_values, kind = excluded.kind, detail = excluded.detail, \
+             winner_table = excluded.winner_table, winner_record_id = excluded.winner_record_id"
         )))
         .bind(c.conflict_id.to_string())
         .bind(&c.table_name)
@@ -972,6 +1166,10 @@ impl Backend for SqliteBackend {
         .bind(c.loser.values.as_ref().map(Json))
         .bind(c.resolved_by.as_deref())
         .bind(c.resolution.as_deref())
+        .bind(c.kind.as_str())
+        .bind(c.detail.as_deref())
+        .bind(c.winner_table.as_deref())
+        .bind(c.winner_record_id.map(|i| i.to_string()))
         .execute(&mut **tx)
         .await?;
         Ok(())

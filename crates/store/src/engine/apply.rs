@@ -1,11 +1,17 @@
 //! Applying batches of remote events: validation before the transaction,
 //! idempotent apply, refusals kept per event.
 
+use super::place::Winner;
 use super::*;
 
-/// An event stamped further ahead of the local clock than this is quarantined:
-/// no clock drift explains it (a drift within it only delays the batch).
+/// An event stamped further ahead of the local clock than this is reported as
+/// far in the future (no clock drift explains it); its origin is held either way.
 const FAR_FUTURE_MS: i64 = 86_400_000;
+/// When to retry an origin held for a malformed event, or an unknown table or
+/// column (a schema change in flight): the sender backs off from here.
+const HOLD_INVALID_MS: u64 = 5_000;
+/// When to retry an origin its sender may not relay (a configuration to fix).
+const HOLD_NOT_ALLOWED_MS: u64 = 60_000;
 /// The latest wall time an event may carry: the end of the year 9999 (SQLite's
 /// date functions, and so `change_events.wall_timestamp`, stop there).
 const MAX_WALL_MS: i64 = 253_402_300_799_999;
@@ -111,91 +117,109 @@ impl<B: Backend> Engine<B> {
     /// already present changes nothing), the winner per record decided by the
     /// rules, conflicts recorded, every new event kept in `change_events`.
     ///
-    /// Events that cannot be applied — `rejected` (the caller could not decode
-    /// them), events of an origin `allowed` refuses, malformed ones, ones of an
-    /// unknown table or column, ones the table's constraints refuse, ones stamped
-    /// further ahead than any drift explains — go to the quarantine in the same
-    /// transaction and the rest apply, so one bad event never blocks the stream.
-    /// The whole batch is refused, changing nothing, when events of one origin
-    /// come out of HLC order or one is beyond the max drift (it may apply later,
-    /// once the clocks agree).
+    /// Each origin's events apply in order up to the first one this node cannot
+    /// take now; that origin is then *held* for the rest of the batch and
+    /// reported in [`ApplyOutcome::held`] with the reason and when to retry, while
+    /// every other origin goes on. An origin is held for an event stamped beyond
+    /// the max drift (it may apply once the clocks agree), one its sender may not
+    /// relay, one that is malformed or out of its origin's order, or one of a
+    /// table or column this node does not know. Holding keeps the node's vector a
+    /// true summary: it never passes an event the log does not hold. `rejected`
+    /// (events the caller could not even identify) go to the quarantine.
     pub async fn apply_from(
         &self,
         peer: Option<Ulid>,
         events: &[ChangeEvent],
-        mut rejected: Vec<Rejected>,
+        rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> Result<ApplyOutcome> {
         let mut accepted = Vec::with_capacity(events.len());
+        let mut held: Vec<Held> = Vec::new();
         let mut last_per_origin: BTreeMap<Ulid, (Hlc, Ulid)> = BTreeMap::new();
         let now_ms = self.clock.wall_ms();
+        let max_drift_ms = self.clock.max_drift_ms() as i64;
         for event in events {
+            if held.iter().any(|h| h.origin == event.node_id) {
+                continue;
+            }
+            let mut hold = |kind, reason: String, retry_after_ms: u64| {
+                held.push(Held {
+                    origin: event.node_id,
+                    hlc: event.hlc,
+                    event_id: event.event_id.to_string(),
+                    kind,
+                    reason,
+                    retry_after_ms,
+                })
+            };
             let last = last_per_origin
                 .entry(event.node_id)
                 .or_insert((Hlc::ZERO, event.event_id));
             // Strictly increasing per origin (the same event twice is a duplicate).
             if event.hlc < last.0 || (event.hlc == last.0 && event.event_id != last.1) {
-                return Err(StoreError::invalid(
-                    format!("event {} hlc", event.event_id),
-                    format!(
-                        "events of origin {} out of order: {} after {}",
-                        event.node_id, event.hlc, last.0
-                    ),
-                ));
+                let reason = format!(
+                    "event {} of origin {} is out of order: {} after {}",
+                    event.event_id, event.node_id, event.hlc, last.0
+                );
+                hold(RejectKind::Invalid, reason, HOLD_INVALID_MS);
+                continue;
             }
             *last = (event.hlc, event.event_id);
-            let reject = |kind, reason: String| Rejected {
-                event_id: event.event_id.to_string(),
-                kind,
-                reason,
-                event: event.to_json(),
-            };
             if !allowed(event.node_id) {
-                rejected.push(reject(
-                    RejectKind::NotAllowed,
-                    format!(
-                        "the sending peer may not relay events of origin {}",
-                        event.node_id
-                    ),
-                ));
+                let reason = format!(
+                    "the sending peer may not relay events of origin {}",
+                    event.node_id
+                );
+                hold(RejectKind::NotAllowed, reason, HOLD_NOT_ALLOWED_MS);
                 continue;
             }
             let ahead_ms = event.hlc.wall_ms().saturating_sub(now_ms);
-            if ahead_ms > FAR_FUTURE_MS {
-                rejected.push(reject(
-                    RejectKind::FarFuture,
-                    format!(
-                        "hlc {} is {ahead_ms} ms ahead of this node's clock: no clock drift explains it",
-                        event.hlc
-                    ),
-                ));
+            if ahead_ms > max_drift_ms {
+                let (kind, note) = if ahead_ms > FAR_FUTURE_MS {
+                    (RejectKind::FarFuture, "no clock drift explains it")
+                } else {
+                    (RejectKind::Drift, "held until the clocks agree")
+                };
+                let reason = format!(
+                    "event {} of origin {}: hlc {} is {ahead_ms} ms ahead of this node's clock, beyond the max drift of {max_drift_ms} ms; {note}",
+                    event.event_id, event.node_id, event.hlc
+                );
+                let wait = (ahead_ms - max_drift_ms).clamp(100, HOLD_NOT_ALLOWED_MS as i64);
+                hold(kind, reason, wait as u64);
                 continue;
             }
             match self.check_remote(event) {
-                Ok((table, checked)) => {
-                    self.clock.check_drift(event.hlc)?;
-                    accepted.push((checked, table));
-                }
+                Ok((table, checked)) => accepted.push((checked, table)),
                 Err(e @ StoreError::UnknownTable { .. }) => {
-                    rejected.push(reject(RejectKind::UnknownTable, e.to_string()))
+                    hold(RejectKind::UnknownTable, e.to_string(), HOLD_INVALID_MS)
                 }
                 Err(
                     e @ (StoreError::Invalid { .. }
                     | StoreError::UnknownColumn { .. }
                     | StoreError::InvalidValue { .. }),
-                ) => rejected.push(reject(RejectKind::Invalid, e.to_string())),
+                ) => hold(RejectKind::Invalid, e.to_string(), HOLD_INVALID_MS),
                 Err(e) => return Err(e),
             }
         }
         if accepted.is_empty() && rejected.is_empty() {
-            return Ok(ApplyOutcome::default());
+            return Ok(ApplyOutcome {
+                held,
+                ..ApplyOutcome::default()
+            });
         }
         let _w = self.writer.lock().await;
+        // The policy a table has now, read under the writer lock: a session that
+        // waited for the lock must not apply with a policy another changed.
+        for (_, table) in accepted.iter_mut() {
+            if table.table_name != REGISTRY_TABLE {
+                *table = self.table(&table.table_name)?;
+            }
+        }
         let mut tx = self.backend.begin().await?;
         let mut outcome = match self.apply_in(&mut tx, &accepted, false).await {
             Ok(o) => o,
-            // A row the table refused: start over, one savepoint per event, and
-            // quarantine the refused ones.
+            // A row the table refused: start over, each row under a savepoint, and
+            // block the records whose rows are refused.
             Err(StoreError::RowRefused { .. }) => {
                 self.backend.rollback(tx).await?;
                 tx = self.backend.begin().await?;
@@ -203,6 +227,7 @@ impl<B: Backend> Engine<B> {
             }
             Err(e) => return Err(e),
         };
+        outcome.held = held;
         outcome.quarantined.splice(0..0, rejected);
         if !outcome.quarantined.is_empty() {
             self.backend
@@ -220,9 +245,6 @@ impl<B: Backend> Engine<B> {
         Ok(outcome)
     }
 
-    /// Applies checked events inside `tx`. With `careful`, each event runs under a
-    /// savepoint and one the table refuses is rolled back and reported in
-    /// `quarantined`; without, a refusal fails the whole call.
     pub(super) async fn apply_in(
         &self,
         tx: &mut B::Tx,
@@ -235,28 +257,18 @@ impl<B: Backend> Engine<B> {
         };
         let ids: Vec<Ulid> = accepted.iter().map(|(e, _)| e.event_id).collect();
         let mut seen = self.backend.existing_events(tx, &ids).await?;
-        // A careful pass writes through, so a savepoint covers each event's writes.
-        let mut cache = if careful {
-            VersionCache::new()
-        } else {
-            VersionCache::buffered()
-        };
+        let mut cache = VersionCache::buffered();
         let records = accepted
             .iter()
             .filter(|(e, _)| !seen.contains(&e.event_id))
             .map(|(e, t)| (t.table_name.clone(), e.record_id));
         self.prefetch(tx, &mut cache, records).await?;
-        let mut fresh = Vec::new();
         let mut vector = VersionVector::new();
         let mut overrides: HashMap<String, ConflictPolicy> = HashMap::new();
         for (event, table) in accepted {
             if !seen.insert(event.event_id) {
                 outcome.duplicates += 1;
                 continue;
-            }
-            let backup = careful.then(|| cache.clone());
-            if careful {
-                self.backend.savepoint(tx, SavepointOp::Set).await?;
             }
             // A policy change earlier in this batch applies to the rest of it.
             let table = match overrides.get(&table.table_name) {
@@ -269,55 +281,43 @@ impl<B: Backend> Engine<B> {
             let policy_change = (table.table_name == REGISTRY_TABLE)
                 .then(|| event.new_values.as_ref().and_then(parse_registry_values))
                 .flatten();
-            match self.apply_one(tx, event, &table, &mut cache).await {
-                Ok(res) => {
-                    let policy_change = policy_change.filter(|_| res.incoming_wins);
-                    if careful {
-                        self.backend.savepoint(tx, SavepointOp::Release).await?;
-                    }
-                    if res.causality == Causality::Concurrent {
-                        outcome.conflicts += 1;
-                    }
-                    if res.incoming_wins {
-                        outcome.applied += 1;
-                    } else {
-                        outcome.superseded += 1;
-                    }
-                    vector.observe(event.node_id, event.hlc);
-                    outcome.fresh.push(event.hlc);
-                    fresh.push((*event).clone());
-                    if let Some((name, policy)) = policy_change {
-                        overrides.insert(name, policy);
-                    }
-                }
-                Err(StoreError::RowRefused { reason, .. }) if careful => {
-                    self.backend.savepoint(tx, SavepointOp::RollbackTo).await?;
-                    self.backend.savepoint(tx, SavepointOp::Release).await?;
-                    cache = backup.unwrap_or_default();
-                    outcome.quarantined.push(Rejected {
-                        event_id: event.event_id.to_string(),
-                        kind: RejectKind::Refused,
-                        reason: format!("table {} refused the values: {reason}", table.table_name),
-                        event: event.to_json(),
-                    });
-                }
-                Err(e) => return Err(e),
+            let res = self
+                .apply_one(tx, event, &table, &mut cache, careful)
+                .await?;
+            if res.causality == Causality::Concurrent {
+                outcome.conflicts += 1;
+            }
+            if res.incoming_wins {
+                outcome.applied += 1;
+            } else {
+                outcome.superseded += 1;
+            }
+            vector.observe(event.node_id, event.hlc);
+            outcome.fresh.push(event.hlc);
+            if let Some((name, policy)) = policy_change.filter(|_| res.incoming_wins) {
+                overrides.insert(name, policy);
             }
         }
+        self.finish_blocks(tx, &mut cache).await?;
         self.flush(tx, &mut cache).await?;
-        if !fresh.is_empty() {
+        if !outcome.fresh.is_empty() {
             self.backend.raise_vector(tx, &vector).await?;
         }
+        outcome.blocked = cache.blocked;
         Ok(outcome)
     }
 
-    /// One new event: observe its HLC, settle its record, write the row.
+    /// One new event: observe its HLC, settle its record, keep the event, and
+    /// make the row follow the record's winner. The event is kept whatever
+    /// becomes of its row: a row the table cannot take blocks its record
+    /// (see `place`), so the log never has a hole.
     pub(super) async fn apply_one(
         &self,
         tx: &mut B::Tx,
         event: &ChangeEvent,
         table: &Arc<TableInfo>,
         cache: &mut VersionCache,
+        careful: bool,
     ) -> Result<Resolution> {
         self.clock.observe(event.hlc)?;
         let res = self.settle(tx, table, event, cache).await?;
@@ -335,28 +335,6 @@ impl<B: Backend> Engine<B> {
         if !res.incoming_wins {
             return Ok(res);
         }
-        if let Some(p) = cache.pending.as_mut()
-            && table.table_name != REGISTRY_TABLE
-        {
-            p.rows.push(match &event.new_values {
-                Some(values) => RowOp::Upsert {
-                    table: table.clone(),
-                    event_id: event.event_id,
-                    row: RowWrite {
-                        id: event.record_id,
-                        values: values.clone(),
-                        hlc: event.hlc,
-                        node_id: event.node_id,
-                    },
-                },
-                None => RowOp::Delete {
-                    table: table.clone(),
-                    event_id: event.event_id,
-                    id: event.record_id,
-                },
-            });
-            return Ok(res);
-        }
         if table.table_name == REGISTRY_TABLE {
             self.flush(tx, cache).await?;
             let (name, policy) = event
@@ -367,29 +345,40 @@ impl<B: Backend> Engine<B> {
             self.apply_policy(tx, &name, policy, cache).await?;
             return Ok(res);
         }
-        let written = match &event.new_values {
-            Some(values) => {
-                self.backend
-                    .upsert_row(tx, table, event.record_id, values, event.hlc, event.node_id)
-                    .await
-            }
-            None => self.backend.delete_row(tx, table, event.record_id).await,
-        };
-        match written {
-            Ok(()) => Ok(res),
-            Err(StoreError::Db(e)) if refused_by_table(&e) => Err(StoreError::RowRefused {
-                table: table.table_name.clone(),
-                event_id: event.event_id,
-                reason: e
-                    .as_database_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
-            }),
-            Err(StoreError::Constraint { reason, .. }) => Err(StoreError::RowRefused {
-                table: table.table_name.clone(),
-                event_id: event.event_id,
-                reason,
-            }),
-            Err(e) => Err(e),
+        if !careful && !self.constrained(table) && cache.pending.is_some() {
+            // No constraint Tidemark decides: written in bulk; a refusal by the
+            // table fails the batch, which is then applied carefully.
+            cache
+                .cleared
+                .insert((table.table_name.clone(), event.record_id));
+            let Some(p) = cache.pending.as_mut() else {
+                return Err(StoreError::corrupt("apply", "the write buffer vanished"));
+            };
+            p.rows.push(match &event.new_values {
+                Some(values) => RowOp::upsert(
+                    table.clone(),
+                    event.event_id,
+                    RowWrite {
+                        id: event.record_id,
+                        values: values.clone(),
+                        hlc: event.hlc,
+                        node_id: event.node_id,
+                    },
+                ),
+                None => RowOp::Delete {
+                    table: table.clone(),
+                    event_id: event.event_id,
+                    id: event.record_id,
+                },
+            });
+            return Ok(res);
         }
+        let winner = Winner {
+            order: event.order(),
+            values: event.new_values.clone(),
+        };
+        self.place(tx, cache, table, event.record_id, &winner, careful)
+            .await?;
+        Ok(res)
     }
 }

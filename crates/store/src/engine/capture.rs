@@ -65,6 +65,7 @@ impl<B: Backend> Engine<B> {
             outcome.events += events.len() as u64;
             outcome.set_aside.extend(set_aside);
             self.backend.delete_captures(tx, &seqs).await?;
+            self.finish_blocks(tx, &mut cache).await?;
             if seqs.len() < DRAIN_CHUNK as usize {
                 break;
             }
@@ -170,6 +171,7 @@ impl<B: Backend> Engine<B> {
             None,
         );
         self.settle(tx, &table, &event, cache).await?;
+        self.note_written(cache, &table, record_id);
         if operation != Operation::Delete {
             match cache.pending.as_mut() {
                 Some(p) => p.rows.push(RowOp::Stamp {

@@ -17,15 +17,17 @@ use crate::backend::{Backend, RowWrite, SavepointOp};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
-    ApplyOutcome, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
-    ConflictSide, ConflictStatus, DrainOutcome, Operation, RejectKind, Rejected, ResolveChoice,
-    SetAside, TableInfo, Values, Version, VersionVector, parse_ulid,
+    ApplyOutcome, BlockKind, Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter,
+    ConflictKind, ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, Held, Operation,
+    RejectKind, Rejected, ResolveChoice, SetAside, TableInfo, Values, Version, VersionVector,
+    parse_ulid,
 };
 use crate::rules::{Causality, Resolution, resolve};
 use crate::value::ColumnType;
 
 mod apply;
 mod capture;
+mod place;
 mod progress;
 mod registry;
 mod settle;
@@ -33,7 +35,6 @@ mod write;
 
 pub use registry::datatype_id;
 use registry::{parse_registry_values, registry_table};
-use settle::refused_by_table;
 
 /// Columns Tidemark adds to every replicated table (the seed's entity additions).
 pub const STAMP_COLUMNS: [&str; 2] = ["node_id", "hlc_modified"];
@@ -54,6 +55,13 @@ struct VersionCache {
     versions: HashMap<(String, Ulid), Option<Version>>,
     /// `None`: every write goes to the database at once.
     pending: Option<Pending>,
+    /// Rows of constrained tables written or removed in this transaction: the
+    /// records they blocked are retried before it commits.
+    touched: std::collections::BTreeSet<(String, Ulid)>,
+    /// Rows written without constraint checks (their records' blocks are over).
+    cleared: std::collections::BTreeSet<(String, Ulid)>,
+    /// Records blocked in this transaction.
+    blocked: u64,
 }
 
 impl VersionCache {
@@ -119,6 +127,14 @@ enum RowOp {
 }
 
 impl RowOp {
+    fn upsert(table: Arc<TableInfo>, event_id: Ulid, row: RowWrite) -> RowOp {
+        RowOp::Upsert {
+            table,
+            event_id,
+            row,
+        }
+    }
+
     fn table(&self) -> &Arc<TableInfo> {
         match self {
             RowOp::Upsert { table, .. }

@@ -13,6 +13,12 @@ impl<B: Backend> Engine<B> {
             if info.types.len() != info.columns.len() {
                 self.fill_classes(info).await?;
             }
+            let ident = Ident::parse("table name", &info.table_name)?;
+            if let Some(shape) = self.backend.inspect_table(&ident).await? {
+                let (uniques, foreign_keys) = self.constraints(info, &shape).await?;
+                info.uniques = uniques;
+                info.foreign_keys = foreign_keys;
+            }
         }
         let map = loaded
             .into_iter()
@@ -20,6 +26,39 @@ impl<B: Backend> Engine<B> {
             .collect();
         *self.tables.write().unwrap_or_else(|p| p.into_inner()) = map;
         Ok(())
+    }
+
+    /// The UNIQUE constraints and FOREIGN KEYs of a table over its replicated
+    /// columns, as Tidemark decides clashes on them (a FOREIGN KEY naming no
+    /// parent columns references the parent's primary key).
+    pub(super) async fn constraints(
+        &self,
+        info: &TableInfo,
+        shape: &crate::backend::TableShape,
+    ) -> Result<(Vec<Vec<String>>, Vec<crate::model::ForeignKey>)> {
+        let replicated = |cols: &[String]| cols.iter().all(|c| info.has_column(c));
+        let uniques: Vec<Vec<String>> = shape
+            .uniques
+            .iter()
+            .filter(|u| replicated(u))
+            .cloned()
+            .collect();
+        let mut foreign_keys = Vec::new();
+        for fk in &shape.foreign_keys {
+            if !replicated(&fk.columns) {
+                continue;
+            }
+            let mut fk = fk.clone();
+            if fk.parent_columns.is_empty() {
+                let parent = Ident::parse("table name", &fk.parent)?;
+                if let Some(p) = self.backend.inspect_table(&parent).await? {
+                    fk.parent_columns = p.primary_key;
+                }
+            }
+            foreign_keys.push(fk);
+        }
+        foreign_keys.sort();
+        Ok((uniques, foreign_keys))
     }
 
     /// Fills in the column classes of a table registered before they were kept,
@@ -177,7 +216,7 @@ impl<B: Backend> Engine<B> {
             declared.push(ty.clone());
         }
         let existing = self.table(name).ok();
-        let info = TableInfo {
+        let mut info = TableInfo {
             datatype_id: datatype_id(name),
             table_name: name.to_owned(),
             primary_key: pk.clone(),
@@ -187,7 +226,10 @@ impl<B: Backend> Engine<B> {
             // The registry is authoritative once a table is registered: a policy
             // changes only through set_policy, which replicates.
             conflict_policy: existing.as_ref().map_or(policy, |t| t.conflict_policy),
+            uniques: Vec::new(),
+            foreign_keys: Vec::new(),
         };
+        (info.uniques, info.foreign_keys) = self.constraints(&info, &shape).await?;
         // Held across the reload, so no drain meets captures of a table it does
         // not know yet, and two registrations cannot both snapshot the rows.
         let _w = self.writer.lock().await;
@@ -312,6 +354,8 @@ pub(super) fn registry_table() -> TableInfo {
             "VARCHAR(20)".into(),
         ],
         conflict_policy: ConflictPolicy::Lww,
+        uniques: Vec::new(),
+        foreign_keys: Vec::new(),
     }
 }
 

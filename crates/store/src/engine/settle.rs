@@ -116,6 +116,10 @@ impl<B: Backend> Engine<B> {
         for loser in &res.next.frontier[..res.next.frontier.len() - 1] {
             let conflict = Conflict {
                 conflict_id: loser.event_id,
+                kind: ConflictKind::Version,
+                detail: None,
+                winner_table: None,
+                winner_record_id: None,
                 table_name: table.table_name.clone(),
                 record_id: event.record_id,
                 policy: table.conflict_policy,

@@ -125,6 +125,7 @@ impl<B: Backend> Engine<B> {
             .await?
         {
             Some(event) => {
+                self.finish_blocks(&mut tx, &mut cache).await?;
                 self.commit_local(tx, &event).await?;
                 Ok(Some(event))
             }
@@ -254,6 +255,7 @@ impl<B: Backend> Engine<B> {
             }
             results.push(event);
         }
+        self.finish_blocks(tx, &mut cache).await?;
         Ok((results, own))
     }
 
@@ -320,11 +322,21 @@ impl<B: Backend> Engine<B> {
                     local.as_ref(),
                     extra,
                 );
-                self.backend.delete_row(tx, table, id).await?;
-                event
+                // The version says deleted before the row goes, so its children
+                // are blocked by a delete that wins, as on the nodes it reaches.
+                self.settle(tx, table, &event, cache).await?;
+                if self.constrained(table) {
+                    let arc = self.table(&table.table_name)?;
+                    self.unplace(tx, cache, vec![(arc, id)]).await?;
+                } else {
+                    self.backend.delete_row(tx, table, id).await?;
+                }
+                self.note_written(cache, table, id);
+                return Ok(Some(event));
             }
         };
         self.settle(tx, table, &event, cache).await?;
+        self.note_written(cache, table, id);
         Ok(Some(event))
     }
 

@@ -1,0 +1,633 @@
+//! Placing a record's row: the row follows the record's winning event unless a
+//! constraint says otherwise, decided the same way on every node, whatever the
+//! order events arrive in.
+//!
+//! * **UNIQUE**: when two records' winning writes hold the same value, the row
+//!   of the greater write (by `(hlc, node_id, event_id)`) stays and the other
+//!   record is blocked: it has no row. A write that arrives greater than the row
+//!   holding its value displaces that row. This is the greedy rule "place records
+//!   in descending order of their winning writes, skipping any that clash with a
+//!   placed one", kept incrementally: whenever a row is written or removed, the
+//!   records it blocked are tried again, greatest first.
+//! * **FOREIGN KEY**: a child row is placed only while its parent row is. A child
+//!   that arrives before its parent waits (blocked) and is placed when the parent
+//!   arrives. A parent's delete wins over its children regardless of order: its
+//!   children are blocked before its row goes (re-creating a deleted parent from
+//!   a child's reference would invent values no one wrote).
+//! * Anything else the table refuses (CHECK, NOT NULL, a partial or expression
+//!   index the database alone enforces) blocks the record with the database's
+//!   reason; it is retried when its blocker changes or on demand.
+//!
+//! A blocked record keeps its winning event in the log (relayed like any event,
+//! so no node's vector ever covers an event it does not hold) and is listed in
+//! `tidemark_blocked`. A UNIQUE clash, and a child whose parent is deleted, is
+//! also a conflict decided by the table's policy: under `lww` it is recorded as
+//! decided, under `manual` it stays open for an operator, on every node alike.
+//! When a blocked record is placed again without a new write, its conflict row
+//! goes away: it was never a final outcome.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::model::ForeignKey;
+use tidemark_hlc::WriteOrder;
+
+/// Below every write: the order of a row that no write of the log made.
+const LEAST: WriteOrder = WriteOrder {
+    hlc: tidemark_hlc::Hlc::ZERO,
+    node_id: Ulid::nil(),
+    event_id: Ulid::nil(),
+};
+
+/// Most placements one transaction retries before it leaves the rest for the
+/// next change (they stay blocked and listed; nothing is lost).
+const MAX_RETRIES_PER_TX: usize = 10_000;
+
+/// The winning event of a record, as placement needs it.
+#[derive(Debug, Clone)]
+pub(super) struct Winner {
+    pub order: WriteOrder,
+    /// The record's whole row after the write; `None` for a delete.
+    pub values: Option<Values>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// FOREIGN KEYs of registered tables that reference `table`.
+    fn children_of(&self, table: &str) -> Vec<(Arc<TableInfo>, ForeignKey)> {
+        self.tables()
+            .into_iter()
+            .flat_map(|t| {
+                t.foreign_keys
+                    .iter()
+                    .filter(|fk| fk.parent == table)
+                    .map(|fk| (t.clone(), fk.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Whether rows of `table` are placed with constraint checks (it has UNIQUE
+    /// constraints or FOREIGN KEYs, or a FOREIGN KEY references it); others are
+    /// written in bulk.
+    pub(super) fn constrained(&self, table: &TableInfo) -> bool {
+        !table.uniques.is_empty()
+            || !table.foreign_keys.is_empty()
+            || self.tables().iter().any(|t| {
+                t.foreign_keys
+                    .iter()
+                    .any(|fk| fk.parent == table.table_name)
+            })
+    }
+
+    /// Places the row of `record` as its winning write says (see the module
+    /// docs). With `careful`, the row write runs under a savepoint and a refusal
+    /// by the table blocks the record instead of failing the transaction.
+    pub(super) async fn place(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        table: &Arc<TableInfo>,
+        record: Ulid,
+        winner: &Winner,
+        careful: bool,
+    ) -> Result<()> {
+        self.flush(tx, cache).await?;
+        cache.touched.insert((table.table_name.clone(), record));
+        let previous = self.backend.blocked(tx, &table.table_name, record).await?;
+        let Some(values) = &winner.values else {
+            self.unplace(tx, cache, vec![(table.clone(), record)])
+                .await?;
+            if previous.is_some() {
+                self.backend
+                    .remove_blocked(tx, &table.table_name, record)
+                    .await?;
+            }
+            return Ok(());
+        };
+        // A parent that is not here blocks the child.
+        for fk in &table.foreign_keys {
+            let Some(parent) = self.table(&fk.parent).ok() else {
+                continue;
+            };
+            let (Some(cols), Some(pcols)) = (
+                table.indexes_of(&fk.columns),
+                parent.indexes_of(&fk.parent_columns),
+            ) else {
+                continue;
+            };
+            let key: Vec<Value> = cols
+                .iter()
+                .map(|&i| {
+                    values
+                        .get(&table.columns[i])
+                        .cloned()
+                        .unwrap_or(Value::Null)
+                })
+                .collect();
+            if key.iter().any(Value::is_null) {
+                continue;
+            }
+            if !self
+                .backend
+                .matching_rows(tx, &parent, &pcols, &key, None)
+                .await?
+                .is_empty()
+            {
+                continue;
+            }
+            let parent_id = (fk.parent_columns == [parent.primary_key.clone()])
+                .then(|| key[0].as_str().and_then(|k| Ulid::from_string(k).ok()))
+                .flatten();
+            let parent_version = match parent_id {
+                Some(p) => self.cached_version(tx, cache, &parent, p).await?,
+                None => None,
+            };
+            let detail = describe(&fk.columns, &key);
+            let deleted = parent_version.as_ref().filter(|v| v.deleted);
+            let reason = match deleted {
+                Some(_) => format!(
+                    "its parent in {} ({}) is deleted: the delete wins",
+                    fk.parent, detail
+                ),
+                None => format!(
+                    "waits for its parent in {} ({}), which is not here",
+                    fk.parent, detail
+                ),
+            };
+            let clash = deleted.map(|v| Clash {
+                kind: ConflictKind::ForeignKey,
+                detail: detail.clone(),
+                table: parent.table_name.clone(),
+                record: parent_id.unwrap_or(record),
+                order: v.order(),
+                values: None,
+            });
+            return self
+                .block(
+                    tx,
+                    cache,
+                    table,
+                    record,
+                    winner,
+                    BlockKind::ForeignKey,
+                    reason,
+                    (parent.table_name.clone(), parent_id),
+                    clash,
+                )
+                .await;
+        }
+        // Rows holding one of its UNIQUE values: the greater write keeps the value.
+        let mut clashes: Vec<Clash> = Vec::new();
+        for unique in &table.uniques {
+            let Some(cols) = table.indexes_of(unique) else {
+                continue;
+            };
+            let key: Vec<Value> = cols
+                .iter()
+                .map(|&i| {
+                    values
+                        .get(&table.columns[i])
+                        .cloned()
+                        .unwrap_or(Value::Null)
+                })
+                .collect();
+            if key.iter().any(Value::is_null) {
+                continue;
+            }
+            for other in self
+                .backend
+                .matching_rows(tx, table, &cols, &key, Some(record))
+                .await?
+            {
+                let order = self
+                    .cached_version(tx, cache, table, other)
+                    .await?
+                    .map_or(LEAST, |v| v.order());
+                clashes.push(Clash {
+                    kind: ConflictKind::Unique,
+                    detail: describe(unique, &key),
+                    table: table.table_name.clone(),
+                    record: other,
+                    order,
+                    values: self.row_of(tx, table, other).await?,
+                });
+            }
+        }
+        if let Some(top) = clashes.iter().max_by_key(|c| c.order).cloned() {
+            if top.order > winner.order {
+                let reason = format!(
+                    "{} is held by record {} of {}, whose write is greater",
+                    top.detail, top.record, top.table
+                );
+                return self
+                    .block(
+                        tx,
+                        cache,
+                        table,
+                        record,
+                        winner,
+                        BlockKind::Unique,
+                        reason,
+                        (table.table_name.clone(), Some(top.record)),
+                        Some(top),
+                    )
+                    .await;
+            }
+            for c in clashes {
+                let version = self.cached_version(tx, cache, table, c.record).await?;
+                let Some(version) = version else {
+                    // A row no write of the log made: its value gives way.
+                    self.unplace(tx, cache, vec![(table.clone(), c.record)])
+                        .await?;
+                    continue;
+                };
+                let loser = Winner {
+                    order: version.order(),
+                    values: c.values.clone(),
+                };
+                let reason = format!(
+                    "{} is held by record {record} of {}, whose write is greater",
+                    c.detail, table.table_name
+                );
+                let clash = Clash {
+                    kind: ConflictKind::Unique,
+                    detail: c.detail.clone(),
+                    table: table.table_name.clone(),
+                    record,
+                    order: winner.order,
+                    values: winner.values.clone(),
+                };
+                self.block(
+                    tx,
+                    cache,
+                    table,
+                    c.record,
+                    &loser,
+                    BlockKind::Unique,
+                    reason,
+                    (table.table_name.clone(), Some(record)),
+                    Some(clash),
+                )
+                .await?;
+            }
+        }
+        let row = RowWrite {
+            id: record,
+            values: values.clone(),
+            hlc: winner.order.hlc,
+            node_id: winner.order.node_id,
+        };
+        if careful {
+            self.backend.savepoint(tx, SavepointOp::Set).await?;
+        }
+        match self
+            .write_rows(
+                tx,
+                vec![RowOp::upsert(table.clone(), winner.order.event_id, row)],
+            )
+            .await
+        {
+            Ok(()) => {
+                if careful {
+                    self.backend.savepoint(tx, SavepointOp::Release).await?;
+                }
+                if let Some(b) = previous {
+                    self.backend
+                        .remove_blocked(tx, &table.table_name, record)
+                        .await?;
+                    if b.event_id == winner.order.event_id {
+                        // Placed again without a new write: the clash is gone.
+                        self.backend.delete_conflict(tx, b.event_id).await?;
+                    }
+                }
+                Ok(())
+            }
+            Err(StoreError::RowRefused { reason, .. }) if careful => {
+                self.backend.savepoint(tx, SavepointOp::RollbackTo).await?;
+                self.backend.savepoint(tx, SavepointOp::Release).await?;
+                let reason = format!("the table refuses the row: {reason}");
+                self.block(
+                    tx,
+                    cache,
+                    table,
+                    record,
+                    winner,
+                    BlockKind::Refused,
+                    reason,
+                    (String::new(), None),
+                    None,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The row's current values, if it has one.
+    async fn row_of(&self, tx: &mut B::Tx, table: &TableInfo, id: Ulid) -> Result<Option<Values>> {
+        Ok(self.backend.rows(tx, table, &[id]).await?.remove(&id))
+    }
+
+    /// Blocks `record`: its row goes (children first), it is listed with its
+    /// reason, and a clash with another write is recorded as a conflict.
+    #[allow(clippy::too_many_arguments)]
+    async fn block(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        table: &Arc<TableInfo>,
+        record: Ulid,
+        winner: &Winner,
+        kind: BlockKind,
+        reason: String,
+        blocker: (String, Option<Ulid>),
+        clash: Option<Clash>,
+    ) -> Result<()> {
+        self.unplace(tx, cache, vec![(table.clone(), record)])
+            .await?;
+        cache.blocked += 1;
+        let (blocker_table, blocker_id) = blocker;
+        self.backend
+            .put_blocked(
+                tx,
+                &Blocked {
+                    table_name: table.table_name.clone(),
+                    record_id: record,
+                    event_id: winner.order.event_id,
+                    kind,
+                    reason,
+                    blocker_table: (!blocker_table.is_empty()).then_some(blocker_table),
+                    blocker_id,
+                    blocked_at: String::new(),
+                },
+            )
+            .await?;
+        if let Some(clash) = clash {
+            self.record_clash(tx, table, record, winner, &clash).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a constraint clash in the conflict table, keyed by the blocked
+    /// write's event id: open under `manual`, decided under `lww`.
+    async fn record_clash(
+        &self,
+        tx: &mut B::Tx,
+        table: &TableInfo,
+        record: Ulid,
+        loser: &Winner,
+        clash: &Clash,
+    ) -> Result<()> {
+        let manual = table.conflict_policy == ConflictPolicy::Manual;
+        let conflict = Conflict {
+            conflict_id: loser.order.event_id,
+            kind: clash.kind,
+            table_name: table.table_name.clone(),
+            record_id: record,
+            detail: Some(clash.detail.clone()),
+            winner_table: Some(clash.table.clone()),
+            winner_record_id: Some(clash.record),
+            policy: table.conflict_policy,
+            status: if manual {
+                ConflictStatus::Open
+            } else {
+                ConflictStatus::Resolved
+            },
+            winner: ConflictSide {
+                event_id: clash.order.event_id,
+                hlc: clash.order.hlc,
+                node_id: clash.order.node_id,
+                values: clash.values.clone(),
+            },
+            loser: ConflictSide {
+                event_id: loser.order.event_id,
+                hlc: loser.order.hlc,
+                node_id: loser.order.node_id,
+                values: loser.values.clone(),
+            },
+            detected_at: String::new(),
+            resolved_at: None,
+            resolved_by: (!manual).then(|| "lww".to_owned()),
+            resolution: (!manual).then(|| "lww".to_owned()),
+            resolution_note: None,
+            resolution_event_id: None,
+        };
+        self.backend.upsert_conflict(tx, &conflict).await
+    }
+
+    /// Removes these rows, blocking first every child row that references one of
+    /// them (and their children in turn); children go before their parents.
+    pub(super) async fn unplace(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        start: Vec<(Arc<TableInfo>, Ulid)>,
+    ) -> Result<()> {
+        let mut order: Vec<(Arc<TableInfo>, Ulid)> = Vec::new();
+        let mut seen: BTreeSet<(String, Ulid)> = BTreeSet::new();
+        let mut stack = start;
+        while let Some((table, id)) = stack.pop() {
+            if !seen.insert((table.table_name.clone(), id)) {
+                continue;
+            }
+            let children = self.children_of(&table.table_name);
+            if !children.is_empty()
+                && let Some(row) = self.row_of(tx, &table, id).await?
+            {
+                let parent = self.cached_version(tx, cache, &table, id).await?;
+                let deleted = parent.as_ref().filter(|v| v.deleted);
+                for (child, fk) in children {
+                    let (Some(pcols), Some(cols)) = (
+                        table.indexes_of(&fk.parent_columns),
+                        child.indexes_of(&fk.columns),
+                    ) else {
+                        continue;
+                    };
+                    let key: Vec<Value> = pcols
+                        .iter()
+                        .map(|&i| row.get(&table.columns[i]).cloned().unwrap_or(Value::Null))
+                        .collect();
+                    if key.iter().any(Value::is_null) {
+                        continue;
+                    }
+                    for kid in self
+                        .backend
+                        .matching_rows(tx, &child, &cols, &key, None)
+                        .await?
+                    {
+                        if child.table_name == table.table_name && kid == id {
+                            continue;
+                        }
+                        let Some(kv) = self.cached_version(tx, cache, &child, kid).await? else {
+                            continue;
+                        };
+                        let kid_winner = Winner {
+                            order: kv.order(),
+                            values: self.row_of(tx, &child, kid).await?,
+                        };
+                        let detail = describe(&fk.columns, &key);
+                        let reason = match deleted {
+                            Some(_) => format!(
+                                "its parent in {} ({detail}) is deleted: the delete wins",
+                                table.table_name
+                            ),
+                            None => format!(
+                                "waits for its parent in {} ({detail}), which is not here",
+                                table.table_name
+                            ),
+                        };
+                        self.backend
+                            .put_blocked(
+                                tx,
+                                &Blocked {
+                                    table_name: child.table_name.clone(),
+                                    record_id: kid,
+                                    event_id: kv.event_id,
+                                    kind: BlockKind::ForeignKey,
+                                    reason,
+                                    blocker_table: Some(table.table_name.clone()),
+                                    blocker_id: Some(id),
+                                    blocked_at: String::new(),
+                                },
+                            )
+                            .await?;
+                        if let Some(v) = deleted {
+                            let clash = Clash {
+                                kind: ConflictKind::ForeignKey,
+                                detail,
+                                table: table.table_name.clone(),
+                                record: id,
+                                order: v.order(),
+                                values: None,
+                            };
+                            self.record_clash(tx, &child, kid, &kid_winner, &clash)
+                                .await?;
+                        }
+                        stack.push((child.clone(), kid));
+                    }
+                }
+            }
+            order.push((table, id));
+        }
+        for (table, id) in order.into_iter().rev() {
+            self.backend.delete_rows(tx, &table, &[id]).await?;
+            cache.touched.insert((table.table_name.clone(), id));
+        }
+        Ok(())
+    }
+
+    /// Notes a row this node wrote itself (a direct write, an API write, a
+    /// remote write without constraint checks): a block its record had is over,
+    /// and records it blocked may be placed now.
+    pub(super) fn note_written(&self, cache: &mut VersionCache, table: &TableInfo, id: Ulid) {
+        cache.cleared.insert((table.table_name.clone(), id));
+        if self.constrained(table) {
+            cache.touched.insert((table.table_name.clone(), id));
+        }
+    }
+
+    /// Ends a transaction's placements: drops the blocks of records whose rows
+    /// were written without [`Engine::place`], then retries the records blocked
+    /// by rows this transaction wrote or removed, greatest write first, until
+    /// nothing more changes. Costs one query when nothing is blocked.
+    pub(super) async fn finish_blocks(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+    ) -> Result<()> {
+        if cache.touched.is_empty() && cache.cleared.is_empty() {
+            return Ok(());
+        }
+        self.flush(tx, cache).await?;
+        if !self.backend.has_blocked(tx).await? {
+            cache.touched.clear();
+            cache.cleared.clear();
+            return Ok(());
+        }
+        for (table, id) in std::mem::take(&mut cache.cleared) {
+            self.backend.remove_blocked(tx, &table, id).await?;
+        }
+        self.retry_blocked(tx, cache).await
+    }
+
+    /// Tries again the records blocked by rows this transaction wrote or removed,
+    /// greatest write first, until nothing more changes.
+    async fn retry_blocked(&self, tx: &mut B::Tx, cache: &mut VersionCache) -> Result<()> {
+        let mut tries = 0;
+        while !cache.touched.is_empty() && tries < MAX_RETRIES_PER_TX {
+            let keys: Vec<(String, Ulid)> =
+                std::mem::take(&mut cache.touched).into_iter().collect();
+            let mut waiting = self.backend.blocked_by_any(tx, &keys).await?;
+            if waiting.is_empty() {
+                break;
+            }
+            let mut candidates = Vec::with_capacity(waiting.len());
+            for b in waiting.drain(..) {
+                let Ok(table) = self.table(&b.table_name) else {
+                    continue;
+                };
+                let Some(version) = self.cached_version(tx, cache, &table, b.record_id).await?
+                else {
+                    continue;
+                };
+                if version.event_id != b.event_id {
+                    continue;
+                }
+                candidates.push((version.order(), table, b));
+            }
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+            for (order, table, b) in candidates {
+                tries += 1;
+                // Still blocked on the same write (an earlier retry may have moved it).
+                let current = self
+                    .backend
+                    .blocked(tx, &table.table_name, b.record_id)
+                    .await?;
+                if current.as_ref().is_none_or(|c| c.event_id != b.event_id) {
+                    continue;
+                }
+                let values = self
+                    .backend
+                    .event_values(tx, &[b.event_id])
+                    .await?
+                    .remove(&b.event_id)
+                    .flatten();
+                let winner = Winner { order, values };
+                self.place(tx, cache, &table, b.record_id, &winner, true)
+                    .await?;
+            }
+        }
+        if tries >= MAX_RETRIES_PER_TX {
+            tracing::warn!(
+                tries,
+                "stopped retrying blocked records in one transaction; the rest wait for the next change"
+            );
+        }
+        cache.touched.clear();
+        Ok(())
+    }
+}
+
+/// What a blocked write clashed with.
+#[derive(Debug, Clone)]
+struct Clash {
+    kind: ConflictKind,
+    /// e.g. `email = "a@x"`.
+    detail: String,
+    /// The record holding the value, or the deleted parent.
+    table: String,
+    record: Ulid,
+    /// Its winning write, and the values that write holds (none for a delete).
+    order: WriteOrder,
+    values: Option<Values>,
+}
+
+/// `a = 1, b = "x"`, for messages.
+fn describe(columns: &[String], values: &[Value]) -> String {
+    columns
+        .iter()
+        .zip(values)
+        .map(|(c, v)| format!("{c} = {}", crate::model::truncate(&v.to_string())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
