@@ -72,6 +72,7 @@ pub fn notes_schema() -> Vec<tidemark_replicator::pb::TableSchema> {
             .map(String::from)
             .to_vec(),
         backend: "sqlite".into(),
+        constraints: Vec::new(),
     }]
 }
 

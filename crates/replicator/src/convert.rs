@@ -211,6 +211,7 @@ pub fn tables_to_pb(tables: &[std::sync::Arc<TableInfo>], backend: &str) -> Vec<
             column_types: t.types.iter().map(ToString::to_string).collect(),
             declared_types: t.declared.clone(),
             backend: backend.to_owned(),
+            constraints: t.constraint_names(),
         })
         .collect()
 }
@@ -243,6 +244,14 @@ pub fn schema_difference(mine: &[pb::TableSchema], theirs: &[pb::TableSchema]) -
                 there.columns.join(", ")
             )),
             Some(there) => {
+                if here.constraints != there.constraints {
+                    diffs.push(format!(
+                        "table {name} has constraints [{}] here but [{}] at the peer: \
+                         clashes would be decided differently",
+                        here.constraints.join(", "),
+                        there.constraints.join(", ")
+                    ));
+                }
                 for (i, col) in here.columns.iter().enumerate() {
                     let (x, y) = (here.column_types.get(i), there.column_types.get(i));
                     if x != y {
@@ -338,6 +347,7 @@ mod tests {
             column_types: c.iter().map(|_| "text".to_string()).collect(),
             declared_types: c.iter().map(|_| "TEXT".to_string()).collect(),
             backend: "sqlite".into(),
+            constraints: Vec::new(),
         };
         assert_eq!(
             schema_difference(&[t("a", &["id"])], &[t("a", &["id"])]),
@@ -367,11 +377,18 @@ mod tests {
         int.column_types[1] = "int32".into();
         int.declared_types[1] = "integer".into();
         int.backend = "postgres".into();
-        let d = schema_difference(&[real], &[int]).expect("types differ");
+        let d = schema_difference(&[real.clone()], &[int]).expect("types differ");
         assert!(
             d.contains(
                 "table a column v is float64 (REAL on sqlite) here but int32 (integer on postgres) at the peer"
             ),
+            "{d}"
+        );
+        let mut unique = real.clone();
+        unique.constraints = vec!["unique(v)".into()];
+        let d = schema_difference(&[real], &[unique]).expect("constraints differ");
+        assert!(
+            d.contains("table a has constraints [] here but [unique(v)] at the peer"),
             "{d}"
         );
     }
