@@ -2,13 +2,15 @@
 //! throwaway PostgreSQL cluster, SQLite files in temp dirs, the in-memory backend)
 //! and the SQL backends' real command line clients (`psql`, `sqlite3`); whole
 //! daemons ([`daemon`]), a fault-injecting proxy for the links between them
-//! ([`proxy`]), and the checks every fault scenario ends with ([`check`]).
+//! ([`proxy`]), the checks every fault scenario ends with ([`check`]), and the
+//! schema of the constraint tests ([`schema`]).
 
 pub mod backlog;
 pub mod check;
 pub mod daemon;
 pub mod pg;
 pub mod proxy;
+pub mod schema;
 
 use std::path::PathBuf;
 use std::sync::Arc;

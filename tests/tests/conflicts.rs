@@ -246,6 +246,7 @@ async fn bad_resolutions_are_refused_and_change_nothing() {
             values_json: values.into(),
             resolved_by: by.into(),
             note: String::new(),
+            expected_winner_event_id: String::new(),
         }
     };
     let cases = [
@@ -288,6 +289,15 @@ async fn bad_resolutions_are_refused_and_change_nothing() {
             resolve(&c.conflict_id, pb::ResolveChoice::KeepLocal, "", " "),
             Code::InvalidArgument,
             "resolved_by",
+        ),
+        (
+            // A compare-and-set against a winner that is not the conflict's.
+            pb::ResolveConflictRequest {
+                expected_winner_event_id: Ulid::generate().to_string(),
+                ..resolve(&c.conflict_id, pb::ResolveChoice::KeepLocal, "", "bob")
+            },
+            Code::Aborted,
+            "changed since you looked",
         ),
     ];
     for (req, code, expect) in cases {

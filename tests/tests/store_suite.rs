@@ -1226,7 +1226,13 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
 
     // Bad resolutions change nothing.
     let err = store
-        .resolve_conflict(Ulid::generate(), ResolveChoice::KeepLocal, "alice", None)
+        .resolve_conflict(
+            Ulid::generate(),
+            ResolveChoice::KeepLocal,
+            "alice",
+            None,
+            None,
+        )
         .await
         .expect_err("unknown");
     assert!(err.to_string().starts_with("no conflict"), "{err}");
@@ -1235,6 +1241,7 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
             c.conflict_id,
             ResolveChoice::Merged(raw_obj(json!({"colour": "red"}))),
             "alice",
+            None,
             None,
         )
         .await
@@ -1260,6 +1267,7 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
             ResolveChoice::KeepRemote,
             "alice",
             Some("left was right"),
+            None,
         )
         .await
         .expect("resolve");
@@ -1285,7 +1293,7 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
         1
     );
     let err = store
-        .resolve_conflict(c.conflict_id, ResolveChoice::KeepLocal, "bob", None)
+        .resolve_conflict(c.conflict_id, ResolveChoice::KeepLocal, "bob", None, None)
         .await
         .expect_err("already resolved");
     assert!(
@@ -1471,7 +1479,13 @@ async fn one_batch_with_policy_and_concurrent_versions(db: TestDb) {
     );
     // Keeping the loser restores its values (not a delete).
     store
-        .resolve_conflict(c.conflict_id, ResolveChoice::KeepRemote, "alice", None)
+        .resolve_conflict(
+            c.conflict_id,
+            ResolveChoice::KeepRemote,
+            "alice",
+            None,
+            None,
+        )
         .await
         .expect("resolve");
     assert_eq!(

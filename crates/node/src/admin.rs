@@ -245,10 +245,14 @@ impl pb::admin_server::Admin for AdminService {
             ));
         }
         let note = (!req.note.is_empty()).then_some(req.note.as_str());
+        let expected = (!req.expected_winner_event_id.is_empty())
+            .then(|| parse_ulid("expected_winner_event_id", &req.expected_winner_event_id))
+            .transpose()
+            .map_err(store_status)?;
         let kind = choice.kind();
         let event = self
             .store
-            .resolve_conflict(id, choice, &req.resolved_by, note)
+            .resolve_conflict(id, choice, &req.resolved_by, note, expected)
             .await
             .map_err(store_status)?;
         info!(

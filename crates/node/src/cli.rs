@@ -130,6 +130,10 @@ pub enum ConflictsCommand {
         /// Why.
         #[arg(long)]
         note: Option<String>,
+        /// Resolve only if the winner is still this event (default: the winner
+        /// the conflict shows when the command starts).
+        #[arg(long)]
+        expect_winner: Option<String>,
     },
 }
 
@@ -451,7 +455,22 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             values,
             by,
             note,
+            expect_winner,
         }) => {
+            // Compare-and-set against the winner the operator saw.
+            let expected = match expect_winner {
+                Some(e) => e,
+                None => client
+                    .get_conflict(pb::GetConflictRequest {
+                        conflict_id: id.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .local
+                    .map(|v| v.event_id)
+                    .unwrap_or_default(),
+            };
             let (choice, values_json) = match (keep, values) {
                 (Some(Keep::Local), _) => (pb::ResolveChoice::KeepLocal, String::new()),
                 (Some(Keep::Remote), _) => (pb::ResolveChoice::KeepRemote, String::new()),
@@ -465,6 +484,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     values_json,
                     resolved_by: by,
                     note: note.unwrap_or_default(),
+                    expected_winner_event_id: expected,
                 })
                 .await
                 .map_err(status)?

@@ -15,6 +15,7 @@ pub fn from_store(err: &StoreError) -> Status {
             Status::not_found(err.to_string())
         }
         StoreError::ConflictClosed { .. } => Status::failed_precondition(err.to_string()),
+        StoreError::StaleResolution { .. } => Status::aborted(err.to_string()),
         StoreError::Invalid { .. }
         | StoreError::UnknownColumn { .. }
         | StoreError::InvalidValue { .. }

@@ -324,12 +324,9 @@ pub trait Backend: Send + Sync + 'static {
         tx: &mut Self::Tx,
         conflict: &Conflict,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Removes a conflict (a constraint clash that no longer holds).
-    fn delete_conflict(
-        &self,
-        tx: &mut Self::Tx,
-        id: Ulid,
-    ) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the constraint conflict (kind other than `version`) with this id,
+    /// a clash that no longer holds.
+    fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> impl Future<Output = Result<()>> + Send;
     /// Resolves the open conflicts among `ids`.
     fn close_conflicts(
         &self,
@@ -359,6 +356,12 @@ pub trait Backend: Send + Sync + 'static {
         ids: &[Ulid],
     ) -> impl Future<Output = Result<u64>> + Send;
     fn conflict(&self, id: Ulid) -> impl Future<Output = Result<Option<Conflict>>> + Send;
+    /// [`Backend::conflict`] inside a daemon transaction (seeing its writes).
+    fn conflict_in(
+        &self,
+        tx: &mut Self::Tx,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Option<Conflict>>> + Send;
     fn list_conflicts(
         &self,
         filter: &ConflictFilter,

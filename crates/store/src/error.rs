@@ -52,6 +52,16 @@ pub enum StoreError {
         at: String,
     },
 
+    /// A resolution of a conflict whose winner changed since the operator looked.
+    #[error(
+        "conflict {conflict_id} changed since you looked: its winner is now event {current}, not {expected}; look again and resolve anew"
+    )]
+    StaleResolution {
+        conflict_id: ulid::Ulid,
+        expected: ulid::Ulid,
+        current: ulid::Ulid,
+    },
+
     /// A table cannot be registered for replication.
     #[error("cannot replicate table {table:?}: {reason}")]
     Unregistrable { table: String, reason: String },

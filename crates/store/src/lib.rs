@@ -214,14 +214,17 @@ impl Store {
         dispatch!(self, e => e.set_policy(table, policy).await)
     }
 
+    /// Resolves a conflict (see [`Engine::resolve_conflict`]); with
+    /// `expected_winner`, only if its winner is still that event.
     pub async fn resolve_conflict(
         &self,
         conflict_id: Ulid,
         choice: ResolveChoice,
         resolved_by: &str,
         note: Option<&str>,
+        expected_winner: Option<Ulid>,
     ) -> Result<ChangeEvent> {
-        dispatch!(self, e => e.resolve_conflict(conflict_id, choice, resolved_by, note).await)
+        dispatch!(self, e => e.resolve_conflict(conflict_id, choice, resolved_by, note, expected_winner).await)
     }
 
     pub async fn conflict(&self, conflict_id: Ulid) -> Result<Option<Conflict>> {

@@ -860,8 +860,13 @@ impl Backend for MemoryBackend {
         Ok(self.state.lock().await.blocked.len() as u64)
     }
 
-    async fn delete_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
-        if tx.state.conflicts.contains_key(&id) {
+    async fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        if tx
+            .state
+            .conflicts
+            .get(&id)
+            .is_some_and(|c| c.kind != crate::model::ConflictKind::Version)
+        {
             tx.set(conflicts_field, id, None);
         }
         Ok(())
@@ -974,8 +979,13 @@ impl Backend for MemoryBackend {
 
     async fn upsert_conflict(&self, tx: &mut Self::Tx, conflict: &Conflict) -> Result<()> {
         let next = match tx.state.conflicts.get(&conflict.conflict_id) {
+            // Like the SQL backends: the winner side and what the clash is.
             Some(existing) => Conflict {
                 winner: conflict.winner.clone(),
+                kind: conflict.kind,
+                detail: conflict.detail.clone(),
+                winner_table: conflict.winner_table.clone(),
+                winner_record_id: conflict.winner_record_id,
                 ..existing.clone()
             },
             None => {
@@ -1090,6 +1100,10 @@ impl Backend for MemoryBackend {
 
     async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
         Ok(self.state.lock().await.conflicts.get(&id).cloned())
+    }
+
+    async fn conflict_in(&self, tx: &mut Self::Tx, id: Ulid) -> Result<Option<Conflict>> {
+        Ok(tx.state.conflicts.get(&id).cloned())
     }
 
     async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {

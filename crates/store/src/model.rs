@@ -565,8 +565,8 @@ pub struct ApplyOutcome {
     pub fresh: Vec<Hlc>,
     /// Events set aside in the quarantine (new ones and ones already there).
     pub quarantined: Vec<Rejected>,
-    /// Records blocked in this apply: kept in the log, their rows not placed
-    /// here (see `tidemark_blocked`).
+    /// Records (re)blocked by this apply, each once: their events are kept in
+    /// the log, their rows not placed here (see `tidemark_blocked`).
     pub blocked: u64,
     /// Origins held at an event this node cannot take now; nothing of theirs
     /// from that event on was applied.

@@ -1110,11 +1110,13 @@ impl Backend for PostgresBackend {
         Ok(n.max(0) as u64)
     }
 
-    async fn delete_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
-        sqlx::query("DELETE FROM tidemark_conflicts WHERE conflict_id = $1::bpchar")
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
+    async fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM tidemark_conflicts WHERE conflict_id = $1::bpchar AND kind <> 'version'",
+        )
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
@@ -1254,6 +1256,16 @@ impl Backend for PostgresBackend {
         )))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
+        .await?;
+        row.map(Conflict::try_from).transpose()
+    }
+
+    async fn conflict_in(&self, tx: &mut Self::Tx, id: Ulid) -> Result<Option<Conflict>> {
+        let row: Option<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CONFLICT_COLUMNS}, {PG_CONFLICT_TIMES} FROM tidemark_conflicts WHERE conflict_id = $1::bpchar"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
         .await?;
         row.map(Conflict::try_from).transpose()
     }

@@ -1130,8 +1130,8 @@ impl Backend for SqliteBackend {
         Ok(n.max(0) as u64)
     }
 
-    async fn delete_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
-        sqlx::query("DELETE FROM tidemark_conflicts WHERE conflict_id = $1")
+    async fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        sqlx::query("DELETE FROM tidemark_conflicts WHERE conflict_id = $1 AND kind <> 'version'")
             .bind(id.to_string())
             .execute(&mut **tx)
             .await?;
@@ -1278,6 +1278,16 @@ impl Backend for SqliteBackend {
         )))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
+        .await?;
+        row.map(Conflict::try_from).transpose()
+    }
+
+    async fn conflict_in(&self, tx: &mut Self::Tx, id: Ulid) -> Result<Option<Conflict>> {
+        let row: Option<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts WHERE conflict_id = $1"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
         .await?;
         row.map(Conflict::try_from).transpose()
     }

@@ -1,7 +1,7 @@
 //! Applying batches of remote events: validation before the transaction,
 //! idempotent apply, refusals kept per event.
 
-use super::place::Winner;
+use super::place::{Placing, Winner};
 use super::*;
 
 /// An event stamped further ahead of the local clock than this is reported as
@@ -303,7 +303,7 @@ impl<B: Backend> Engine<B> {
         if !outcome.fresh.is_empty() {
             self.backend.raise_vector(tx, &vector).await?;
         }
-        outcome.blocked = cache.blocked;
+        outcome.blocked = cache.blocked.len() as u64;
         Ok(outcome)
     }
 
@@ -377,7 +377,12 @@ impl<B: Backend> Engine<B> {
             order: event.order(),
             values: event.new_values.clone(),
         };
-        self.place(tx, cache, table, event.record_id, &winner, careful)
+        let how = if careful {
+            Placing::NewCareful
+        } else {
+            Placing::New
+        };
+        self.place(tx, cache, table, event.record_id, &winner, how)
             .await?;
         Ok(res)
     }

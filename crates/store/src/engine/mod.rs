@@ -60,8 +60,8 @@ struct VersionCache {
     touched: std::collections::BTreeSet<(String, Ulid)>,
     /// Rows written without constraint checks (their records' blocks are over).
     cleared: std::collections::BTreeSet<(String, Ulid)>,
-    /// Records blocked in this transaction.
-    blocked: u64,
+    /// Records blocked in this transaction (each once).
+    blocked: std::collections::BTreeSet<(String, Ulid)>,
 }
 
 impl VersionCache {

@@ -39,9 +39,27 @@ const LEAST: WriteOrder = WriteOrder {
     event_id: Ulid::nil(),
 };
 
+/// Most times one transaction tries a blocked record again (each try follows a
+/// real change of a row it waits on; this only bounds a pathological chain).
+const MAX_RETRIES_PER_RECORD: u32 = 64;
+
 /// Most placements one transaction retries before it leaves the rest for the
 /// next change (they stay blocked and listed; nothing is lost).
 const MAX_RETRIES_PER_TX: usize = 10_000;
+
+/// How a row is placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Placing {
+    /// A new winner in a batch that fails whole if the table refuses a row (it
+    /// is then applied again, carefully).
+    New,
+    /// A new winner, its row written under a savepoint: a row the table refuses
+    /// blocks its record instead of failing the transaction.
+    NewCareful,
+    /// A blocked record tried again (carefully): its winner did not change, so
+    /// it counts as changed only if its row does.
+    Retry,
+}
 
 /// The winning event of a record, as placement needs it.
 #[derive(Debug, Clone)]
@@ -80,8 +98,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Places the row of `record` as its winning write says (see the module
-    /// docs). With `careful`, the row write runs under a savepoint and a refusal
-    /// by the table blocks the record instead of failing the transaction.
+    /// docs and [`Placing`]).
     pub(super) async fn place(
         &self,
         tx: &mut B::Tx,
@@ -89,10 +106,16 @@ impl<B: Backend> Engine<B> {
         table: &Arc<TableInfo>,
         record: Ulid,
         winner: &Winner,
-        careful: bool,
+        how: Placing,
     ) -> Result<()> {
+        let careful = how != Placing::New;
+        let retrying = how == Placing::Retry;
         self.flush(tx, cache).await?;
-        cache.touched.insert((table.table_name.clone(), record));
+        if !retrying {
+            // A new winner: what waits on this record is tried again, even when
+            // its row stays absent (a parent whose delete now wins).
+            cache.touched.insert((table.table_name.clone(), record));
+        }
         let previous = self.backend.blocked(tx, &table.table_name, record).await?;
         let Some(values) = &winner.values else {
             self.unplace(tx, cache, vec![(table.clone(), record)])
@@ -213,8 +236,17 @@ impl<B: Backend> Engine<B> {
                 });
             }
         }
+        // The displacements and the row write stand or fall together: a row the
+        // table then refuses leaves the holders it would have displaced in place.
+        let touched_before = careful.then(|| cache.touched.clone());
+        if careful {
+            self.backend.savepoint(tx, SavepointOp::Set).await?;
+        }
         if let Some(top) = clashes.iter().max_by_key(|c| c.order).cloned() {
             if top.order > winner.order {
+                if careful {
+                    self.backend.savepoint(tx, SavepointOp::Release).await?;
+                }
                 let reason = format!(
                     "{} is held by record {} of {}, whose write is greater",
                     top.detail, top.record, top.table
@@ -277,9 +309,6 @@ impl<B: Backend> Engine<B> {
             hlc: winner.order.hlc,
             node_id: winner.order.node_id,
         };
-        if careful {
-            self.backend.savepoint(tx, SavepointOp::Set).await?;
-        }
         match self
             .write_rows(
                 tx,
@@ -291,13 +320,14 @@ impl<B: Backend> Engine<B> {
                 if careful {
                     self.backend.savepoint(tx, SavepointOp::Release).await?;
                 }
+                cache.touched.insert((table.table_name.clone(), record));
                 if let Some(b) = previous {
                     self.backend
                         .remove_blocked(tx, &table.table_name, record)
                         .await?;
                     if b.event_id == winner.order.event_id {
                         // Placed again without a new write: the clash is gone.
-                        self.backend.delete_conflict(tx, b.event_id).await?;
+                        self.backend.delete_clash(tx, b.event_id).await?;
                     }
                 }
                 Ok(())
@@ -305,7 +335,14 @@ impl<B: Backend> Engine<B> {
             Err(StoreError::RowRefused { reason, .. }) if careful => {
                 self.backend.savepoint(tx, SavepointOp::RollbackTo).await?;
                 self.backend.savepoint(tx, SavepointOp::Release).await?;
+                // Nothing the rolled-back displacements touched changed.
+                if let Some(before) = touched_before {
+                    cache.touched = before;
+                }
                 let reason = format!("the table refuses the row: {reason}");
+                // Blocked by its own table: tried again when a row of it changes,
+                // so it meets a greater write that takes one of its values (a
+                // UNIQUE clash decides it then, as in any order).
                 self.block(
                     tx,
                     cache,
@@ -314,7 +351,7 @@ impl<B: Backend> Engine<B> {
                     winner,
                     BlockKind::Refused,
                     reason,
-                    (String::new(), None),
+                    (table.table_name.clone(), None),
                     None,
                 )
                 .await
@@ -345,7 +382,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<()> {
         self.unplace(tx, cache, vec![(table.clone(), record)])
             .await?;
-        cache.blocked += 1;
+        cache.blocked.insert((table.table_name.clone(), record));
         let (blocker_table, blocker_id) = blocker;
         self.backend
             .put_blocked(
@@ -362,10 +399,12 @@ impl<B: Backend> Engine<B> {
                 },
             )
             .await?;
-        if let Some(clash) = clash {
-            self.record_clash(tx, table, record, winner, &clash).await?;
+        match clash {
+            Some(clash) => self.record_clash(tx, table, record, winner, &clash).await,
+            // Blocked for another reason now (waiting for a parent that is not
+            // deleted, refused by the table): a clash recorded before is over.
+            None => self.backend.delete_clash(tx, winner.order.event_id).await,
         }
-        Ok(())
     }
 
     /// Keeps a constraint clash in the conflict table, keyed by the blocked
@@ -430,10 +469,11 @@ impl<B: Backend> Engine<B> {
             if !seen.insert((table.table_name.clone(), id)) {
                 continue;
             }
+            let Some(row) = self.row_of(tx, &table, id).await? else {
+                continue;
+            };
             let children = self.children_of(&table.table_name);
-            if !children.is_empty()
-                && let Some(row) = self.row_of(tx, &table, id).await?
-            {
+            if !children.is_empty() {
                 let parent = self.cached_version(tx, cache, &table, id).await?;
                 let deleted = parent.as_ref().filter(|v| v.deleted);
                 for (child, fk) in children {
@@ -476,6 +516,7 @@ impl<B: Backend> Engine<B> {
                                 table.table_name
                             ),
                         };
+                        cache.blocked.insert((child.table_name.clone(), kid));
                         self.backend
                             .put_blocked(
                                 tx,
@@ -554,6 +595,7 @@ impl<B: Backend> Engine<B> {
     /// greatest write first, until nothing more changes.
     async fn retry_blocked(&self, tx: &mut B::Tx, cache: &mut VersionCache) -> Result<()> {
         let mut tries = 0;
+        let mut per_record: HashMap<(String, Ulid), u32> = HashMap::new();
         while !cache.touched.is_empty() && tries < MAX_RETRIES_PER_TX {
             let keys: Vec<(String, Ulid)> =
                 std::mem::take(&mut cache.touched).into_iter().collect();
@@ -577,6 +619,13 @@ impl<B: Backend> Engine<B> {
             }
             candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
             for (order, table, b) in candidates {
+                let attempts = per_record
+                    .entry((b.table_name.clone(), b.record_id))
+                    .or_insert(0);
+                *attempts += 1;
+                if *attempts > MAX_RETRIES_PER_RECORD {
+                    continue;
+                }
                 tries += 1;
                 // Still blocked on the same write (an earlier retry may have moved it).
                 let current = self
@@ -593,7 +642,7 @@ impl<B: Backend> Engine<B> {
                     .remove(&b.event_id)
                     .flatten();
                 let winner = Winner { order, values };
-                self.place(tx, cache, &table, b.record_id, &winner, true)
+                self.place(tx, cache, &table, b.record_id, &winner, Placing::Retry)
                     .await?;
             }
         }

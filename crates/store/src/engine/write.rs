@@ -1,5 +1,6 @@
 //! Local writes through the API and conflict resolutions, with group commit.
 
+use super::place::{Placing, Winner};
 use super::*;
 
 impl<B: Backend> Engine<B> {
@@ -93,35 +94,20 @@ impl<B: Backend> Engine<B> {
         self.write_queued(table, id, None).await
     }
 
-    /// One local write in its own transaction: `values` upserts (overlaid on the
-    /// current row), `None` deletes. A delete of an absent row writes nothing
-    /// unless `force` (a resolution that keeps a deleted version).
-    pub(super) async fn write_local(
-        &self,
-        table: &TableInfo,
-        id: Ulid,
-        values: Option<Values>,
-        extra: Option<(&str, Value)>,
-        force: bool,
-    ) -> Result<Option<ChangeEvent>> {
-        let _w = self.writer.lock().await;
-        self.write_alone(table, id, values, extra, force).await
-    }
-
-    /// [`Engine::write_local`] with the writer lock already held.
+    /// One local write in its own transaction, the writer lock held: `values`
+    /// upserts (overlaid on the current row), `None` deletes (nothing when there
+    /// is no row).
     pub(super) async fn write_alone(
         &self,
         table: &TableInfo,
         id: Ulid,
         values: Option<Values>,
-        extra: Option<(&str, Value)>,
-        force: bool,
     ) -> Result<Option<ChangeEvent>> {
         let mut tx = self.backend.begin().await?;
         let drained = self.drain_in(&mut tx).await?;
         let mut cache = VersionCache::new();
         match self
-            .write_in(&mut tx, &mut cache, table, id, values, extra, force)
+            .write_in(&mut tx, &mut cache, table, id, values)
             .await?
         {
             Some(event) => {
@@ -198,9 +184,7 @@ impl<B: Backend> Engine<B> {
             }
         }
         for w in group {
-            let result = self
-                .write_alone(&w.table, w.id, w.values, None, false)
-                .await;
+            let result = self.write_alone(&w.table, w.id, w.values).await;
             let _ = w.reply.send(result);
         }
     }
@@ -237,15 +221,7 @@ impl<B: Backend> Engine<B> {
         let mut results = Vec::with_capacity(group.len());
         for w in group {
             let event = self
-                .write_in(
-                    tx,
-                    &mut cache,
-                    &w.table,
-                    w.id,
-                    w.values.clone(),
-                    None,
-                    false,
-                )
+                .write_in(tx, &mut cache, &w.table, w.id, w.values.clone())
                 .await?;
             if let Some(e) = &event {
                 self.backend
@@ -260,7 +236,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The write itself, inside `tx`: row, version and conflicts (the event is
-    /// returned, not stored). `None`: a delete of an absent row, without `force`.
+    /// returned, not stored). `None`: a delete of an absent row.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn write_in(
         &self,
@@ -269,8 +245,6 @@ impl<B: Backend> Engine<B> {
         table: &TableInfo,
         id: Ulid,
         values: Option<Values>,
-        extra: Option<(&str, Value)>,
-        force: bool,
     ) -> Result<Option<ChangeEvent>> {
         let local = self.cached_version(tx, cache, table, id).await?;
         let old = self.backend.rows(tx, table, &[id]).await?.remove(&id);
@@ -292,7 +266,7 @@ impl<B: Backend> Engine<B> {
                     }
                     None => values,
                 };
-                let mut event = self.local_event(table, id, op, None, None, local.as_ref(), extra);
+                let mut event = self.local_event(table, id, op, None, None, local.as_ref(), None);
                 self.backend
                     .upsert_row(tx, table, id, &row, event.hlc, self.node_id)
                     .await?;
@@ -310,7 +284,7 @@ impl<B: Backend> Engine<B> {
                 event
             }
             None => {
-                if old.is_none() && !force {
+                if old.is_none() {
                     return Ok(None);
                 }
                 let event = self.local_event(
@@ -320,7 +294,7 @@ impl<B: Backend> Engine<B> {
                     None,
                     None,
                     local.as_ref(),
-                    extra,
+                    None,
                 );
                 // The version says deleted before the row goes, so its children
                 // are blocked by a delete that wins, as on the nodes it reaches.
@@ -352,20 +326,67 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Resolves an open conflict with a new write that has seen both versions: it
-    /// replicates like any write and closes the conflict on every node. Fails,
-    /// changing nothing, for an unknown or already resolved conflict or values with
-    /// unknown columns.
+    /// Resolves an open conflict with a new write that has seen both sides: it
+    /// replicates like any write and closes the conflict on every node. The
+    /// write is the greatest of the record's, so it is placed even where another
+    /// record holds a value it needs (keeping the side that lost a UNIQUE clash
+    /// displaces the holder, everywhere). For a constraint clash, keeping the
+    /// winner deletes the blocked record; merged values overlay the blocked
+    /// side's. With `expected_winner`, the resolution is a compare-and-set: it is
+    /// refused, changing nothing, when the conflict's winner is no longer the one
+    /// the operator saw. Fails, changing nothing, for an unknown or already
+    /// resolved conflict, or values the table's columns do not take.
     pub async fn resolve_conflict(
         &self,
         conflict_id: Ulid,
         choice: ResolveChoice,
         resolved_by: &str,
         note: Option<&str>,
+        expected_winner: Option<Ulid>,
+    ) -> Result<ChangeEvent> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.backend.begin().await?;
+        let drained = self.drain_in(&mut tx).await?;
+        let resolved = self
+            .resolve_in(
+                &mut tx,
+                conflict_id,
+                &choice,
+                resolved_by,
+                note,
+                expected_winner,
+            )
+            .await;
+        match resolved {
+            Ok(event) => {
+                self.commit_local(tx, &event).await?;
+                Ok(event)
+            }
+            Err(e) => {
+                self.backend.rollback(tx).await?;
+                if drained.events > 0 {
+                    // The drained captures are drained again by the next write.
+                    tracing::debug!("a refused resolution rolled back drained captures");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Engine::resolve_conflict`] inside `tx`, under the writer lock: the
+    /// conflict read here cannot change before commit.
+    async fn resolve_in(
+        &self,
+        tx: &mut B::Tx,
+        conflict_id: Ulid,
+        choice: &ResolveChoice,
+        resolved_by: &str,
+        note: Option<&str>,
+        expected_winner: Option<Ulid>,
     ) -> Result<ChangeEvent> {
         let conflict = self
             .backend
-            .conflict(conflict_id)
+            .conflict_in(tx, conflict_id)
             .await?
             .ok_or(StoreError::NoSuchConflict { conflict_id })?;
         if conflict.status != ConflictStatus::Open {
@@ -376,22 +397,45 @@ impl<B: Backend> Engine<B> {
                 at: conflict.resolved_at.unwrap_or_default(),
             });
         }
+        if let Some(expected) = expected_winner
+            && expected != conflict.winner.event_id
+        {
+            return Err(StoreError::StaleResolution {
+                conflict_id,
+                expected,
+                current: conflict.winner.event_id,
+            });
+        }
         let table = self.table(&conflict.table_name)?;
         let id = conflict.record_id;
-        let values = match &choice {
-            ResolveChoice::KeepLocal => conflict
-                .winner
-                .values
-                .as_ref()
+        let mut cache = VersionCache::new();
+        let local = self.cached_version(tx, &mut cache, &table, id).await?;
+        let row = self.backend.rows(tx, &table, &[id]).await?.remove(&id);
+        let canonical = |v: &Option<Values>| {
+            v.as_ref()
                 .map(|v| Self::canonical_values(&table, id, v))
-                .transpose()?,
-            ResolveChoice::KeepRemote => conflict
-                .loser
-                .values
-                .as_ref()
-                .map(|v| Self::canonical_values(&table, id, v))
-                .transpose()?,
-            ResolveChoice::Merged(v) => Some(Self::api_values(&table, id, v)?),
+                .transpose()
+        };
+        let constraint = conflict.kind != ConflictKind::Version;
+        let loser = canonical(&conflict.loser.values)?;
+        let values = match choice {
+            ResolveChoice::KeepLocal if constraint => None,
+            ResolveChoice::KeepLocal => canonical(&conflict.winner.values)?,
+            ResolveChoice::KeepRemote => loser,
+            ResolveChoice::Merged(given) => {
+                let mut base = if constraint { loser } else { row.clone() }.unwrap_or_default();
+                base.extend(Self::api_values(&table, id, given)?);
+                // An event carries the whole row.
+                for col in &table.columns {
+                    base.entry(col.clone()).or_insert(Value::Null);
+                }
+                Some(base)
+            }
+        };
+        let operation = match (&values, &row) {
+            (None, _) => Operation::Delete,
+            (Some(_), Some(_)) => Operation::Update,
+            (Some(_), None) => Operation::Insert,
         };
         let resolution = json!({
             "kind": choice.kind(),
@@ -399,9 +443,32 @@ impl<B: Backend> Engine<B> {
             "note": note,
             "conflict_id": conflict_id.to_string(),
         });
-        let event = self
-            .write_local(&table, id, values, Some(("resolve", resolution)), true)
+        let event = self.local_event(
+            &table,
+            id,
+            operation,
+            None,
+            values.clone(),
+            local.as_ref(),
+            Some(("resolve", resolution)),
+        );
+        let bytes = Self::event_bytes(event.new_values.as_ref());
+        if bytes > self.max_event_bytes() {
+            return Err(StoreError::TooLarge {
+                table: table.table_name.clone(),
+                record_id: id.to_string(),
+                bytes,
+                limit: self.max_event_bytes(),
+            });
+        }
+        self.settle(tx, &table, &event, &mut cache).await?;
+        let winner = Winner {
+            order: event.order(),
+            values,
+        };
+        self.place(tx, &mut cache, &table, id, &winner, Placing::New)
             .await?;
-        event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a resolution wrote no event"))
+        self.finish_blocks(tx, &mut cache).await?;
+        Ok(event)
     }
 }

@@ -1,0 +1,106 @@
+//! The schema of the constraint tests (`tests/tests/constraints.rs`) on every
+//! backend: `users` (a UNIQUE `email`, a CHECK on `age`) and the tables that
+//! reference it, `orders` (ON DELETE CASCADE), `payments` (ON DELETE RESTRICT)
+//! and, on PostgreSQL only, `invoices` (a DEFERRABLE INITIALLY DEFERRED key).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tidemark_hlc::{Clock, WallClock};
+use tidemark_store::memory::Column;
+use tidemark_store::{ConflictPolicy, MemoryBackend, Store, Values};
+use ulid::Ulid;
+
+use crate::TestDb;
+
+/// The tables whose `user_id` references `users(id)` on this backend.
+pub fn child_tables(db: &TestDb) -> &'static [&'static str] {
+    match db {
+        TestDb::Postgres { .. } => &["orders", "payments", "invoices"],
+        _ => &["orders", "payments"],
+    }
+}
+
+/// Creates the tables: by DDL through the SQL client, declared in memory.
+async fn create(db: &TestDb) {
+    match db.memory_db() {
+        Some(memory) => declare(db, memory).await,
+        None => {
+            let (key, int) = (db.ulid_type(), db.int_type());
+            db.sql(&format!(
+                "CREATE TABLE users (id {key} PRIMARY KEY, email TEXT UNIQUE, name TEXT, \
+                 age {int} CHECK (age IS NULL OR age BETWEEN 0 AND 200))"
+            ));
+            for (table, on_delete) in [("orders", "CASCADE"), ("payments", "RESTRICT")] {
+                db.sql(&format!(
+                    "CREATE TABLE {table} (id {key} PRIMARY KEY, \
+                     user_id {key} REFERENCES users(id) ON DELETE {on_delete}, amount {int})"
+                ));
+            }
+            if child_tables(db).contains(&"invoices") {
+                db.sql(
+                    "CREATE TABLE invoices (id CHAR(26) PRIMARY KEY, user_id CHAR(26) \
+                     REFERENCES users(id) DEFERRABLE INITIALLY DEFERRED, amount BIGINT)",
+                );
+            }
+        }
+    }
+}
+
+/// The same tables on the in-memory backend.
+async fn declare(db: &TestDb, memory: &MemoryBackend) {
+    memory
+        .create_table(
+            "users",
+            vec![
+                Column::new("id", "TEXT").primary_key(),
+                Column::new("email", "TEXT").unique(),
+                Column::new("name", "TEXT"),
+                Column::new("age", "INTEGER").check_range(0.0, 200.0),
+            ],
+        )
+        .await
+        .expect("create users");
+    for table in child_tables(db) {
+        memory
+            .create_table(
+                table,
+                vec![
+                    Column::new("id", "TEXT").primary_key(),
+                    Column::new("user_id", "TEXT").references("users", "id"),
+                    Column::new("amount", "INTEGER"),
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create {table}: {e}"));
+    }
+}
+
+/// Creates the tables on `db`, opens a store of a new node on it and registers
+/// them, parents first, with `policy`.
+pub async fn open(db: &TestDb, policy: ConflictPolicy) -> Store {
+    create(db).await;
+    let clock = Clock::new(Ulid::generate(), 5_000, WallClock::System).expect("clock");
+    let store = db.open(Arc::new(clock)).await.expect("open store");
+    for table in std::iter::once(&"users").chain(child_tables(db)) {
+        store
+            .register_table(table, policy)
+            .await
+            .unwrap_or_else(|e| panic!("register {table} on {}: {e}", db.kind()));
+    }
+    store
+}
+
+/// A whole `users` row.
+pub fn user_row(id: Ulid, email: Option<&str>, name: &str, age: i64) -> Values {
+    row(json!({"id": id.to_string(), "email": email, "name": name, "age": age}))
+}
+
+/// A whole row of a table referencing `users`.
+pub fn child_row(id: Ulid, user: Ulid, amount: i64) -> Values {
+    row(json!({"id": id.to_string(), "user_id": user.to_string(), "amount": amount}))
+}
+
+fn row(v: Value) -> Values {
+    v.as_object().cloned().expect("a row is a JSON object")
+}
