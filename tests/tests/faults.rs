@@ -349,3 +349,41 @@ async fn disk_full_receiver_rolls_back_backs_off_and_catches_up() {
     assert_eq!(snap.rows.len(), 41);
     check::after_heal(&cluster, &ids).await;
 }
+
+/// A node whose database is restored from an older copy (its latest events
+/// exist only at its peers) gets them back from its peers, stamps its new
+/// events after them, and the cluster converges with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_an_older_copy_gets_its_events_back() {
+    let mut c = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    let put = async |node: &TestNode, title: &str| {
+        node.put(Ulid::generate(), json!({"title": title})).await;
+    };
+    for i in 0..5 {
+        put(&c.nodes[0], &format!("before {i}")).await;
+    }
+    c.converged(CONVERGE).await;
+    let backup = c.nodes[0].dir.join("node0-backup.db");
+    c.nodes[0].db.sql(&format!(".backup {}", backup.display()));
+    // Events made after the copy: they reach the peer, then the node's database
+    // is rolled back to the copy.
+    for i in 0..5 {
+        put(&c.nodes[0], &format!("after {i}")).await;
+    }
+    let full = c.converged(CONVERGE).await;
+    assert_eq!(full.rows.len(), 10);
+    c.nodes[0].stop();
+    c.nodes[0].db.sql(&format!(".restore {}", backup.display()));
+    assert_eq!(c.nodes[0].reader().rows().await.len(), 5, "restored copy");
+    c.nodes[0].start().await;
+    put(&c.nodes[0], "restored").await;
+    let end = c.converged(CONVERGE).await;
+    assert_eq!(end.rows.len(), 11, "{:?}", end.rows);
+    assert_eq!(end.events.len(), full.events.len() + 1, "one new event");
+    assert!(
+        full.events.iter().all(|e| end.events.contains(e)),
+        "an event was lost"
+    );
+    assert!(c.nodes[0].log_contains("the peer holds events of this node that its own log lacks"));
+    c.assert_lww().await;
+}

@@ -310,3 +310,69 @@ async fn admin_requires_its_token_and_can_listen_apart() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A second daemon started on a database another daemon already writes to
+/// (the same config started twice, or a copy with another node id) stops at
+/// start with a message naming the holder; the first keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_one_database_is_refused() {
+    for backend in ["sqlite", "postgres"] {
+        let mut cluster = Cluster::prepare(&[backend], Topology::Mesh, "test", "");
+        cluster.nodes[0].start().await;
+        let node = &cluster.nodes[0];
+        // Other ports, same database: only the writer lock stands in the way.
+        let config = std::fs::read_to_string(node.config_path()).expect("config");
+        let second = node.config_path().with_extension("second.toml");
+        std::fs::write(
+            &second,
+            config
+                .replace(&format!(":{}\"", node.port), &format!(":{}\"", free_port()))
+                .replace(
+                    &format!(":{}\"", node.metrics_port),
+                    &format!(":{}\"", free_port()),
+                ),
+        )
+        .expect("second config");
+        let mut cmd = Command::new(tidemark_bin());
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TIDEMARK_")) {
+            cmd.env_remove(key);
+        }
+        let mut child = cmd
+            .args(["run", "--config"])
+            .arg(&second)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: a second daemon on the same database kept running"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = child.wait_with_output().expect("output");
+        assert!(!out.status.success(), "{backend}: {:?}", out.status);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("another tidemark daemon already writes to"),
+            "{backend}: {text}"
+        );
+        // The first daemon was not disturbed.
+        let id = Ulid::generate();
+        node.put(id, json!({"title": "still here"})).await;
+        assert!(node.is_running(), "{backend}");
+        let rows = node.reader().rows().await;
+        assert!(
+            rows.get(&id.to_string())
+                .is_some_and(|row| row.contains("still here")),
+            "{backend}: {rows:?}"
+        );
+    }
+}

@@ -33,6 +33,8 @@ fn hello(node: &TestNode) -> pb::Hello {
         hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
             .expect("hlc")
             .encode(),
+        instance_id: Ulid::generate().to_string(),
+        receiver_origin_hlc: 0,
     }
 }
 
@@ -186,6 +188,52 @@ async fn handshake_mismatches_are_refused_with_clear_errors() {
     open(node, hello(node))
         .await
         .expect("a correct hello is still accepted");
+}
+
+/// Two live daemons claiming one node id (a copied config) are told apart by
+/// their instance ids: the second is refused while the first is connected, and
+/// accepted once the first has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_of_a_node_id_is_refused_while_the_first_is_live() {
+    let c = single_node("").await;
+    let node = &c.nodes[0];
+    let first = hello(node);
+    let session = open(node, first.clone()).await.expect("first instance");
+    // The same instance may open another connection (a reconnect that overlaps).
+    let again = open(node, first.clone())
+        .await
+        .expect("same instance again");
+    let mut twin = first.clone();
+    twin.instance_id = Ulid::generate().to_string();
+    let status = open(node, twin.clone())
+        .await
+        .err()
+        .expect("a second instance is refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "node {} is already connected from another running daemon (instance {}",
+            first.sender_node_id, first.instance_id
+        )),
+        "{}",
+        status.message()
+    );
+    // Once the first instance's connections are closed, the other is accepted.
+    drop(session);
+    drop(again);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match open(node, twin.clone()).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still refused after the first instance left: {status:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1071,6 +1071,38 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     store.close().await;
 }
 
+async fn one_daemon_per_database(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    // A second daemon on the same database is refused, naming who holds it,
+    // whatever node id it claims.
+    for node in [me, Ulid::generate()] {
+        let err = db.open(clock(node)).await.expect_err("second daemon");
+        assert!(matches!(err, StoreError::AlreadyRunning { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("another tidemark daemon already writes to"),
+            "{msg}"
+        );
+        let who = match db.kind() {
+            "sqlite" => format!("pid {}", std::process::id()),
+            _ => "holds its advisory lock".to_owned(),
+        };
+        assert!(msg.contains(&who), "{msg}");
+    }
+    // The first keeps its lock and keeps working.
+    store.check_lock().await.expect("still held");
+    store
+        .put("notes", id(1), &obj(json!({"title": "x"})))
+        .await
+        .expect("put");
+    // Closing releases it: the daemon restarts.
+    store.close().await;
+    let store = open(&db, me).await;
+    store.check_lock().await.expect("held again");
+    store.close().await;
+}
+
 async fn identity_and_clock_survive_restart(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -1637,6 +1669,7 @@ suite!(
         key_change_is_delete_plus_insert,
         non_ulid_keys_are_refused_by_the_trigger,
         registration_snapshots_existing_rows,
+        one_daemon_per_database,
     ],
 );
 

@@ -110,6 +110,9 @@ async fn hello(channel: Channel, node: &TestNode, sender: Ulid) -> Result<(), to
             hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
                 .expect("hlc")
                 .encode(),
+            // One process per claimed node id.
+            instance_id: sender.to_string(),
+            receiver_origin_hlc: 0,
         })),
     })
     .await
@@ -160,6 +163,9 @@ async fn mutual_tls_replicates_and_refuses_bad_certificates() {
     let snap = cluster.converged(Duration::from_secs(60)).await;
     assert_eq!(snap.rows.len(), 2);
     assert!(!cluster.nodes[0].log_contains("plaintext"));
+    // The handshakes below claim the peer's node id from this process: the
+    // real peer stops first (a second live instance of a node id is refused).
+    cluster.nodes[1].stop();
 
     let node = &cluster.nodes[0];
     let peer = &cluster.nodes[1];
@@ -167,7 +173,7 @@ async fn mutual_tls_replicates_and_refuses_bad_certificates() {
     let peer_cert = std::fs::read_to_string(dir.join(format!("{}.pem", peer.name))).expect("cert");
     let peer_key = std::fs::read_to_string(dir.join(format!("{}.key", peer.name))).expect("key");
 
-    // The peer's own certificate works (a second session is accepted).
+    // The peer's own certificate works.
     hello(
         channel(node, &ca, Some((&peer_cert, &peer_key))).await,
         node,

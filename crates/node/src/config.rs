@@ -243,6 +243,10 @@ pub struct ReplicationConfig {
     /// SQLite: how often to look for direct writes to capture (PostgreSQL is woken
     /// by NOTIFY and polls at this interval only as a fallback, at least 1 s).
     pub capture_poll_ms: u64,
+    /// At start, how long API writes and capture draining wait for every peer
+    /// to say how far it holds this node's own events (a database restored from
+    /// an older copy lacks some); 0 starts writing at once.
+    pub startup_check_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -259,6 +263,7 @@ impl Default for ReplicationConfig {
             reconnect_initial_ms: o.reconnect_initial_ms,
             reconnect_max_ms: o.reconnect_max_ms,
             capture_poll_ms: 10,
+            startup_check_ms: 10_000,
         }
     }
 }
@@ -355,6 +360,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub replication: ReplicationOptions,
     pub capture_poll: Duration,
+    /// See `replication.startup_check_ms`.
+    pub startup_check: Duration,
     pub peers: Vec<Peer>,
     pub tables: Vec<TableSettings>,
     /// Largest event (a row's values as JSON) a write may produce.
@@ -598,7 +605,7 @@ impl Config {
             errors.push(err("server.max_concurrent_streams", "0 must be at least 1"));
         }
         let r = &self.replication;
-        let ranges: [(&str, u64, u64, u64); 9] = [
+        let ranges: [(&str, u64, u64, u64); 10] = [
             (
                 "replication.batch_size",
                 u64::from(r.batch_size),
@@ -643,6 +650,12 @@ impl Config {
                 600_000,
             ),
             ("replication.capture_poll_ms", r.capture_poll_ms, 1, 60_000),
+            (
+                "replication.startup_check_ms",
+                r.startup_check_ms,
+                0,
+                600_000,
+            ),
         ];
         for (key, value, lo, hi) in ranges {
             if !(lo..=hi).contains(&value) {
@@ -810,6 +823,7 @@ impl Config {
                 reconnect_max_ms: r.reconnect_max_ms,
             },
             capture_poll: Duration::from_millis(r.capture_poll_ms),
+            startup_check: Duration::from_millis(r.startup_check_ms),
             peers,
             tables,
             max_event_bytes: self.store.max_event_bytes as usize,

@@ -49,6 +49,8 @@ pub struct Node {
     pub sender: Sender,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Why the node stopped by itself, if it did (the writer lock was lost).
+    fault: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Node {
@@ -94,6 +96,11 @@ impl Node {
                 );
             }
             debug!(table = %table.name, columns = ?info.columns, policy = %info.conflict_policy, "table registered");
+        }
+        // New own events wait until the peers have said how far they hold this
+        // node's origin (a restored database takes its lost events back first).
+        if !settings.peers.is_empty() && !settings.startup_check.is_zero() {
+            store.hold_own_writes();
         }
         let drained = store.drain().await.context("draining captured writes")?;
         report_set_aside(&drained.set_aside);
@@ -261,6 +268,14 @@ impl Node {
             tracker.spawn(sender.clone().run_peer(peer.clone(), cancel.clone()));
         }
         tracker.spawn(sender.clone().run_sync_marker(cancel.clone()));
+        tracker.spawn(startup_check(
+            store.clone(),
+            settings.peers.iter().map(|p| p.node_id).collect(),
+            settings.startup_check,
+            cancel.clone(),
+        ));
+        let fault = Arc::new(std::sync::OnceLock::new());
+        tracker.spawn(lock_watch(store.clone(), fault.clone(), cancel.clone()));
         info!(
             node = %node_id,
             name = %settings.name,
@@ -281,7 +296,14 @@ impl Node {
             sender,
             cancel,
             tracker,
+            fault,
         })
+    }
+
+    /// Why the node stopped by itself, if it did: set before the shutdown it
+    /// caused.
+    pub fn fault(&self) -> Arc<std::sync::OnceLock<String>> {
+        self.fault.clone()
     }
 
     /// Waits for shutdown, lets every task finish, and closes the store.
@@ -337,7 +359,87 @@ async fn operator_services() -> anyhow::Result<(
 }
 
 /// Drains the capture queue whenever direct writes may be pending.
+/// Releases new own events once every peer has said how far it holds this
+/// node's origin (or `wait` is over) and the log holds every own event a peer
+/// has (or they stopped arriving for `wait`).
+async fn startup_check(
+    store: Store,
+    peers: Vec<ulid::Ulid>,
+    wait: Duration,
+    cancel: CancellationToken,
+) {
+    if !store.own_writes_held() {
+        return;
+    }
+    let me = store.clock().node_id();
+    let started = tokio::time::Instant::now();
+    let pause = async |ms: u64| {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => true,
+        }
+    };
+    loop {
+        let heard = store.own_heard_from();
+        let silent: Vec<String> = peers
+            .iter()
+            .filter(|p| !heard.contains(p))
+            .map(|p| p.to_string())
+            .collect();
+        if silent.is_empty() {
+            break;
+        }
+        if started.elapsed() >= wait {
+            warn!(
+                ?silent,
+                "not every peer answered within replication.startup_check_ms; writing anyway (if this database was restored from an older copy, the events it lost are asked back when those peers answer)"
+            );
+            break;
+        }
+        if !pause(50).await {
+            return;
+        }
+    }
+    let mut progress: Option<(tidemark_hlc::Hlc, tokio::time::Instant)> = None;
+    loop {
+        let missing = match store.own_missing().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot check this node's own events against its peers'");
+                None
+            }
+        };
+        let Some(upto) = missing else { break };
+        let have = store.vector().await.map(|v| v.get(me)).unwrap_or_default();
+        match progress {
+            Some((last, since)) if last == have => {
+                if since.elapsed() >= wait {
+                    error!(
+                        peer_has = %upto,
+                        log_has = %have,
+                        "events of this node its peers hold stopped arriving (a peer that may not relay cannot send them: see `tidemark admin status`); writing anyway, they stay asked for"
+                    );
+                    break;
+                }
+            }
+            _ => {
+                info!(peer_has = %upto, log_has = %have, "taking back this node's own events from its peers before writing");
+                progress = Some((have, tokio::time::Instant::now()));
+            }
+        }
+        if !pause(100).await {
+            return;
+        }
+    }
+    store.release_own_writes();
+    info!(after = ?started.elapsed(), "own events checked with the peers; writes open");
+}
+
 async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = store.own_writes_released() => {}
+    }
     let fallback = if store.kind() == "postgres" {
         poll.max(Duration::from_secs(1))
     } else {
@@ -427,8 +529,36 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         wait_for_signal().await;
         signals.cancel();
     });
+    let fault = node.fault();
     node.stopped().await;
-    Ok(())
+    match fault.get() {
+        Some(why) => anyhow::bail!("stopped: {why}"),
+        None => Ok(()),
+    }
+}
+
+/// How often the writer lock is checked (PostgreSQL's lock lives with one session).
+const LOCK_CHECK: Duration = Duration::from_secs(5);
+
+/// Stops the node if it loses the database's writer lock and cannot take it
+/// again: another daemon may be writing beside it.
+async fn lock_watch(
+    store: Store,
+    fault: Arc<std::sync::OnceLock<String>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(LOCK_CHECK) => {}
+        }
+        if let Err(e) = store.check_lock().await {
+            error!(error = %e, "stopping");
+            let _ = fault.set(e.to_string());
+            cancel.cancel();
+            return;
+        }
+    }
 }
 
 async fn wait_for_signal() {

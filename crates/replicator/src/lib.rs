@@ -41,6 +41,29 @@ pub use tls::PeerTls;
 /// The replication wire protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// This daemon process's instance id: random, new at every start, sent in each
+/// Hello so a receiver can tell two live daemons claiming one node id apart
+/// from one daemon reconnecting.
+pub fn instance_id() -> Ulid {
+    static INSTANCE: std::sync::OnceLock<Ulid> = std::sync::OnceLock::new();
+    *INSTANCE.get_or_init(Ulid::generate)
+}
+
+/// Reports a peer holding events of this node's origin that its log lacks.
+pub(crate) fn own_events_missing(
+    peer: Ulid,
+    peer_has: tidemark_hlc::Hlc,
+    log_has: tidemark_hlc::Hlc,
+) {
+    tracing::error!(
+        %peer,
+        %peer_has,
+        %log_has,
+        "the peer holds events of this node that its own log lacks: the database was restored from an older copy, or another daemon wrote with this node id; new events are stamped after the peer's and the missing ones are asked back from the peers (only peers that may relay can send them)"
+    );
+    metrics::counter!("tidemark_own_events_missing_total", "peer" => peer.to_string()).increment(1);
+}
+
 /// Who this node is, as peers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNode {

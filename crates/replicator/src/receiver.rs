@@ -49,6 +49,39 @@ struct Inner {
     /// Under mutual TLS: the configured peers (and whether each may relay); a
     /// sender must present a certificate naming one of them.
     authenticated: Option<std::collections::HashMap<Ulid, bool>>,
+    /// Live sessions per sending node: which instance (daemon process) holds
+    /// them, and how many (one per connection).
+    sessions: std::sync::Mutex<HashMap<Ulid, LiveSessions>>,
+}
+
+#[derive(Debug)]
+struct LiveSessions {
+    instance: String,
+    count: usize,
+    since_ms: i64,
+}
+
+/// A session counted in [`Inner::sessions`], uncounted when dropped.
+#[derive(Debug)]
+struct SessionGuard {
+    inner: Arc<Inner>,
+    sender: Ulid,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = sessions.get_mut(&self.sender) {
+            live.count -= 1;
+            if live.count == 0 {
+                sessions.remove(&self.sender);
+            }
+        }
+    }
 }
 
 impl ReceiverService {
@@ -74,6 +107,7 @@ impl ReceiverService {
                 tracker,
                 authenticated: authenticated_peers
                     .map(|ps| ps.iter().map(|p| (p.node_id, p.may_relay)).collect()),
+                sessions: Default::default(),
             }),
         }
     }
@@ -115,6 +149,39 @@ impl ReceiverService {
 }
 
 impl Inner {
+    /// Counts a session of `sender`'s `instance`, or refuses it while another
+    /// instance of that node id holds live sessions (two daemons claiming one
+    /// node id). An empty instance id is not checked.
+    fn enter(
+        self: &Arc<Self>,
+        sender: Ulid,
+        instance: &str,
+    ) -> Result<Option<SessionGuard>, Status> {
+        if instance.is_empty() {
+            return Ok(None);
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let live = sessions.entry(sender).or_insert_with(|| LiveSessions {
+            instance: instance.to_owned(),
+            count: 0,
+            since_ms: tidemark_hlc::system_wall_ms(),
+        });
+        if live.instance != instance {
+            metrics::counter!("tidemark_duplicate_instances_refused_total", "peer" => sender.to_string())
+                .increment(1);
+            return Err(Status::failed_precondition(format!(
+                "node {sender} is already connected from another running daemon (instance {}, connected {} ms ago): two daemons claim one node id; stop one (each node needs its own node id and database). If that daemon is gone, its session times out within 30 s",
+                live.instance,
+                tidemark_hlc::system_wall_ms() - live.since_ms,
+            )));
+        }
+        live.count += 1;
+        Ok(Some(SessionGuard {
+            inner: self.clone(),
+            sender,
+        }))
+    }
+
     /// Checks a Hello; the error names what does not match.
     fn check_hello(&self, hello: &pb::Hello) -> Result<Ulid, Status> {
         if hello.protocol_version != PROTOCOL_VERSION {
@@ -277,7 +344,7 @@ impl Inner {
         metrics::counter!("tidemark_conflicts_detected_total").increment(outcome.conflicts);
         let vector = self
             .store
-            .vector()
+            .advertised_vector()
             .await
             .map_err(|e| status::from_store(&e))?;
         let blocked_records = self
@@ -435,7 +502,12 @@ impl pb::replication_server::Replication for ReceiverService {
                 Some(_) => Ok(sender),
             }
         });
-        let sender = match checked {
+        let entered = checked.and_then(|sender| {
+            self.inner
+                .enter(sender, &hello.instance_id)
+                .map(|guard| (sender, guard))
+        });
+        let (sender, guard) = match entered {
             Ok(s) => s,
             Err(status) => {
                 warn!(?peer_addr, sender = %hello.sender_node_id, message = status.message(), "handshake refused");
@@ -447,10 +519,23 @@ impl pb::replication_server::Replication for ReceiverService {
         {
             warn!(%sender, error = %e, "peer clock is ahead beyond max drift; its events will be refused until it is fixed");
         }
-        let vector = self
-            .inner
-            .store
-            .vector()
+        let store = &self.inner.store;
+        let peer_has = tidemark_hlc::Hlc::decode(hello.receiver_origin_hlc)
+            .map_err(|e| Status::invalid_argument(format!("hello.receiver_origin_hlc: {e}")))?;
+        if store
+            .peer_holds_own(sender, peer_has)
+            .await
+            .map_err(|e| status::from_store(&e))?
+        {
+            let log_has = store
+                .vector()
+                .await
+                .map_err(|e| status::from_store(&e))?
+                .get(self.inner.local.node_id);
+            crate::own_events_missing(sender, peer_has, log_has);
+        }
+        let vector = store
+            .advertised_vector()
             .await
             .map_err(|e| status::from_store(&e))?;
         info!(%sender, ?peer_addr, "replication session accepted");
@@ -468,9 +553,13 @@ impl pb::replication_server::Replication for ReceiverService {
             .map_err(|_| Status::cancelled("sender went away"))?;
         let inner = self.inner.clone();
         let span = info_span!("receive", %sender);
-        self.inner
-            .tracker
-            .spawn(inner.serve(sender, inbound, tx).instrument(span));
+        self.inner.tracker.spawn(
+            async move {
+                let _guard = guard;
+                inner.serve(sender, inbound, tx).await
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{Store, StoreError, VersionVector};
 use tokio::sync::mpsc;
@@ -398,6 +399,20 @@ impl SenderInner {
         })
     }
 
+    /// Tells the store how far `peer` holds this node's own origin; a peer
+    /// holding own events the log lacks means the database was restored from
+    /// an older copy, or another daemon wrote with this node id.
+    async fn check_own_origin(&self, peer: Ulid, held_there: Hlc) -> Result<(), SessionError> {
+        if self.store.peer_holds_own(peer, held_there).await? {
+            crate::own_events_missing(
+                peer,
+                held_there,
+                self.store.vector().await?.get(self.local.node_id),
+            );
+        }
+        Ok(())
+    }
+
     /// Records an ack (the peer's vector) and wakes the synced_at marker.
     async fn acked(&self, peer: Ulid, vector: &VersionVector) -> Result<(), SessionError> {
         self.store.record_ack(peer, vector).await?;
@@ -430,6 +445,8 @@ impl SenderInner {
             receiver_node_id: peer.node_id.to_string(),
             tables: tables_to_pb(&self.store.tables(), self.store.kind()),
             hlc: self.store.clock().now().encode(),
+            instance_id: crate::instance_id().to_string(),
+            receiver_origin_hlc: self.store.vector().await?.get(peer.node_id).encode(),
         };
         tx.send(pb::SenderMessage {
             kind: Some(sender_message::Kind::Hello(hello)),
@@ -456,6 +473,8 @@ impl SenderInner {
         }
         let mut cursor = peer_vector("welcome.vector", welcome.vector)
             .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        self.check_own_origin(peer.node_id, cursor.get(self.local.node_id))
+            .await?;
         self.acked(peer.node_id, &cursor).await?;
         backoff.reset();
         self.update(peer.node_id, |s| {

@@ -422,5 +422,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Events with `synced_at` still NULL.
     fn count_unsynced(&self) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Checks that this daemon still holds the database's writer lock (taken
+    /// when the backend connected), taking it again if its connection broke.
+    fn check_lock(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Closes the connections and releases the writer lock.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }

@@ -82,6 +82,19 @@ pub enum StoreError {
         source: sqlx::Error,
     },
 
+    /// Another daemon already writes to this database.
+    #[error(
+        "another tidemark daemon already writes to {target} ({holder}); stop it first: two daemons on one database would interleave their events out of order"
+    )]
+    AlreadyRunning { target: String, holder: String },
+
+    /// The lock that keeps a second daemon off the database was lost (its
+    /// connection broke and could not be taken again).
+    #[error(
+        "lost the writer lock on {target}: {reason}; stopping so no second daemon writes beside this one"
+    )]
+    LockLost { target: String, reason: String },
+
     /// The database belongs to another node (or cluster) than the configuration says.
     #[error(
         "database identity mismatch: {key} is {stored} in the database but {configured} in the configuration"

@@ -37,7 +37,7 @@ pub mod value;
 
 use std::sync::Arc;
 
-use tidemark_hlc::Clock;
+use tidemark_hlc::{Clock, Hlc};
 use ulid::Ulid;
 
 pub use backend::{Backend, RowWrite};
@@ -297,6 +297,43 @@ impl Store {
         dispatch!(self, e => e.count_quarantined().await)
     }
 
+    /// See [`Engine::advertised_vector`].
+    pub async fn advertised_vector(&self) -> Result<VersionVector> {
+        dispatch!(self, e => e.advertised_vector().await)
+    }
+
+    /// See [`Engine::peer_holds_own`].
+    pub async fn peer_holds_own(&self, peer: Ulid, hlc: Hlc) -> Result<bool> {
+        dispatch!(self, e => e.peer_holds_own(peer, hlc).await)
+    }
+
+    /// See [`Engine::own_heard_from`].
+    pub fn own_heard_from(&self) -> std::collections::BTreeSet<Ulid> {
+        dispatch!(self, e => e.own_heard_from())
+    }
+
+    /// See [`Engine::own_missing`].
+    pub async fn own_missing(&self) -> Result<Option<Hlc>> {
+        dispatch!(self, e => e.own_missing().await)
+    }
+
+    /// See [`Engine::hold_own_writes`].
+    pub fn hold_own_writes(&self) {
+        dispatch!(self, e => e.hold_own_writes())
+    }
+
+    pub fn release_own_writes(&self) {
+        dispatch!(self, e => e.release_own_writes())
+    }
+
+    pub fn own_writes_held(&self) -> bool {
+        dispatch!(self, e => e.own_writes_held())
+    }
+
+    pub async fn own_writes_released(&self) {
+        dispatch!(self, e => e.own_writes_released().await)
+    }
+
     pub async fn vector(&self) -> Result<VersionVector> {
         dispatch!(self, e => e.vector().await)
     }
@@ -367,6 +404,12 @@ impl Store {
     /// Applies pending migrations (again after [`Store::migrate_down`]).
     pub async fn migrate_up(&self) -> Result<()> {
         dispatch!(self, e => e.backend().migrate().await)
+    }
+
+    /// Checks that this daemon still holds the database's writer lock (one
+    /// daemon per database), taking it again if its session broke.
+    pub async fn check_lock(&self) -> Result<()> {
+        dispatch!(self, e => e.backend().check_lock().await)
     }
 
     pub async fn close(&self) {

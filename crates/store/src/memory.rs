@@ -1257,6 +1257,10 @@ impl Backend for MemoryBackend {
         Ok(s.events.values().filter(|e| e.synced_at.is_none()).count() as u64)
     }
 
+    async fn check_lock(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn close(&self) {}
 }
 

@@ -127,6 +127,56 @@ impl FromStr for PostgresOptions {
 pub struct PostgresBackend {
     pool: PgPool,
     lock_timeout_ms: u64,
+    /// A session holding the database's advisory writer lock: one daemon per
+    /// database (the lock goes with the session).
+    writer_lock: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+    lock_options: PgConnectOptions,
+    target: String,
+}
+
+/// The advisory lock key of a Tidemark daemon (per database).
+const WRITER_LOCK_KEY: i64 = 0x7469_6465_6d61_726b; // "tidemark"
+
+/// Takes the advisory writer lock on a session of its own, or says who holds it.
+async fn take_writer_lock(options: &PgConnectOptions, target: &str) -> Result<sqlx::PgConnection> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(options)
+        .await
+        .map_err(|source| StoreError::Connect {
+            target: target.to_owned(),
+            source,
+        })?;
+    let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+        .bind(WRITER_LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await?;
+    if taken {
+        return Ok(conn);
+    }
+    let holder: Option<(i32, String, String)> = sqlx::query_as(
+        "SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'a local socket') \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.database = \
+         (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND ((l.classid::bigint << 32) | l.objid::bigint) = $1 LIMIT 1",
+    )
+    .bind(WRITER_LOCK_KEY)
+    .fetch_optional(&mut conn)
+    .await?;
+    Err(StoreError::AlreadyRunning {
+        target: target.to_owned(),
+        holder: match holder {
+            Some((pid, app, addr)) => format!(
+                "PostgreSQL session pid {pid} ({}) from {addr} holds its advisory lock",
+                if app.is_empty() {
+                    "no application name"
+                } else {
+                    app.as_str()
+                }
+            ),
+            None => "another session holds its advisory lock".into(),
+        },
+    })
 }
 
 fn ids_text(ids: &[Ulid]) -> Vec<String> {
@@ -293,20 +343,29 @@ impl PostgresBackend {
         );
         // Exact text for floats, timestamps in UTC, bytea in hex: what the
         // daemon reads and writes as text means one value only.
-        let connect = connect.options([
-            ("extra_float_digits", "3"),
-            ("TimeZone", "UTC"),
-            ("bytea_output", "hex"),
-        ]);
+        let connect = connect
+            .options([
+                ("extra_float_digits", "3"),
+                ("TimeZone", "UTC"),
+                ("bytea_output", "hex"),
+            ])
+            .application_name("tidemark");
+        let writer_lock = take_writer_lock(&connect, &target).await?;
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(2))
             .acquire_timeout(opts.connect_timeout)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
-            .map_err(|source| StoreError::Connect { target, source })?;
+            .map_err(|source| StoreError::Connect {
+                target: target.clone(),
+                source,
+            })?;
         Ok(PostgresBackend {
             pool,
             lock_timeout_ms: opts.lock_timeout.as_millis().max(1) as u64,
+            writer_lock: tokio::sync::Mutex::new(Some(writer_lock)),
+            lock_options: connect,
+            target,
         })
     }
 
@@ -1454,8 +1513,38 @@ impl Backend for PostgresBackend {
         Ok(n.max(0) as u64)
     }
 
+    async fn check_lock(&self) -> Result<()> {
+        use sqlx::Connection;
+        let mut held = self.writer_lock.lock().await;
+        if let Some(conn) = held.as_mut()
+            && conn.ping().await.is_ok()
+        {
+            return Ok(());
+        }
+        // The session (and the lock with it) is gone: take it again, unless
+        // another daemon took it meanwhile.
+        match take_writer_lock(&self.lock_options, &self.target).await {
+            Ok(conn) => {
+                *held = Some(conn);
+                tracing::warn!(target = %self.target, "the writer lock's session broke; lock taken again");
+                Ok(())
+            }
+            Err(e) => {
+                *held = None;
+                Err(StoreError::LockLost {
+                    target: self.target.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
     async fn close(&self) {
         self.pool.close().await;
+        if let Some(conn) = self.writer_lock.lock().await.take() {
+            use sqlx::Connection;
+            let _ = conn.close().await;
+        }
     }
 }
 

@@ -80,6 +80,59 @@ impl SqliteOptions {
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     pool: SqlitePool,
+    /// `<database>-tidemark.lock`, locked while this backend is open: one
+    /// daemon per database.
+    lock: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
+
+/// Who holds a lock, as written into the lock file.
+fn lock_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown host".into());
+    format!(
+        "pid {} on {host}, since {} ms after the epoch",
+        std::process::id(),
+        tidemark_hlc::system_wall_ms()
+    )
+}
+
+/// Takes the lock file next to the database (see [`SqliteBackend`]), or says
+/// who holds it.
+fn take_lock(db: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push("-tidemark.lock");
+    let path = db.with_file_name(name);
+    let target = format!("SQLite database {}", db.display());
+    let io = |e: std::io::Error| StoreError::AlreadyRunning {
+        target: target.clone(),
+        holder: format!("cannot take the lock file {}: {e}", path.display()),
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).map_err(io)?;
+            file.rewind().map_err(io)?;
+            file.write_all(lock_holder().as_bytes()).map_err(io)?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(StoreError::AlreadyRunning {
+                target,
+                holder: format!("{}, lock file {}", holder.trim(), path.display()),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 impl SqliteBackend {
@@ -95,6 +148,7 @@ impl SqliteBackend {
                 file: opts.path.clone(),
             });
         }
+        let lock = take_lock(&opts.path)?;
         let mut connect = SqliteConnectOptions::new()
             .filename(&opts.path)
             .create_if_missing(true)
@@ -117,7 +171,10 @@ impl SqliteBackend {
                 target: format!("SQLite database {}", opts.path.display()),
                 source,
             })?;
-        Ok(SqliteBackend { pool })
+        Ok(SqliteBackend {
+            pool,
+            lock: std::sync::Arc::new(std::sync::Mutex::new(Some(lock))),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -1474,8 +1531,15 @@ impl Backend for SqliteBackend {
         Ok(n.max(0) as u64)
     }
 
+    async fn check_lock(&self) -> Result<()> {
+        // A file lock lasts as long as the open file: nothing can take it away.
+        Ok(())
+    }
+
     async fn close(&self) {
         self.pool.close().await;
+        // Dropping the file releases the lock.
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 

@@ -16,6 +16,11 @@ impl<B: Backend> Engine<B> {
     /// queue is empty. A capture that cannot be replicated is set aside with its
     /// reason (`tidemark_unreplicated`) and the rest go on.
     pub async fn drain(&self) -> Result<DrainOutcome> {
+        // Held while a restarting daemon checks its log with its peers: the
+        // captures wait in their queue.
+        if self.own_writes_held() {
+            return Ok(DrainOutcome::default());
+        }
         let _w = self.writer.lock().await;
         let mut tx = self.backend.begin().await?;
         let outcome = self.drain_in(&mut tx).await?;

@@ -180,6 +180,24 @@ pub struct Engine<B: Backend> {
     commits: watch::Sender<u64>,
     /// Largest event (its values as JSON) a write may produce.
     max_event_bytes: std::sync::atomic::AtomicUsize,
+    /// This node's own origin against its peers' copies of it.
+    own: OwnOrigin,
+}
+
+/// What a node knows of its own origin's log against the copies its peers
+/// hold: a database restored from an older copy lacks events its peers have.
+#[derive(Debug)]
+struct OwnOrigin {
+    /// The own-origin entry of the vector when the store opened.
+    at_open: Hlc,
+    /// The highest own-origin HLC a peer holds that the log lacked: until the
+    /// log holds it, the vector this node advertises stops at `at_open`, so
+    /// peers send everything after it.
+    missing_upto: std::sync::Mutex<Option<Hlc>>,
+    /// Whether API writes and capture draining may stamp new own events.
+    writes: watch::Sender<bool>,
+    /// Peers that told this node how far they hold its origin since it opened.
+    heard_from: std::sync::Mutex<std::collections::BTreeSet<Ulid>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -208,6 +226,7 @@ impl<B: Backend> Engine<B> {
             Some(_) => {}
             None => backend.meta_set("node_id", &node_id.to_string()).await?,
         }
+        let own_at_open = backend.vector().await?.get(node_id);
         let engine = Engine {
             backend,
             node_id,
@@ -218,6 +237,12 @@ impl<B: Backend> Engine<B> {
             queue: std::sync::Mutex::new(Vec::new()),
             commits: watch::Sender::new(0),
             max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
+            own: OwnOrigin {
+                at_open: own_at_open,
+                missing_upto: std::sync::Mutex::new(None),
+                writes: watch::Sender::new(true),
+                heard_from: Default::default(),
+            },
         };
         let persisted = engine.backend.max_hlc().await?;
         engine.clock.seed(persisted)?;

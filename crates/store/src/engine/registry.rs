@@ -259,6 +259,7 @@ impl<B: Backend> Engine<B> {
         let registry = registry_table();
         let record = datatype_id(&info.table_name);
         let values = registry_values(&info.table_name, policy);
+        self.own_writes_released().await;
         let _w = self.writer.lock().await;
         let mut tx = self.backend.begin().await?;
         self.drain_in(&mut tx).await?;

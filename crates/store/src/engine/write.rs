@@ -70,6 +70,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<ChangeEvent> {
         let table = self.table(table)?;
         let values = Self::canonical_values(&table, id, values)?;
+        self.own_writes_released().await;
         let event = self.write_queued(table.clone(), id, Some(values)).await?;
         event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
     }
@@ -84,6 +85,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<ChangeEvent> {
         let table = self.table(table)?;
         let values = Self::api_values(&table, id, values)?;
+        self.own_writes_released().await;
         let event = self.write_queued(table.clone(), id, Some(values)).await?;
         event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
     }
@@ -91,6 +93,7 @@ impl<B: Backend> Engine<B> {
     /// Deletes a record through the API; `None` when there was no such row.
     pub async fn delete(self: &Arc<Self>, table: &str, id: Ulid) -> Result<Option<ChangeEvent>> {
         let table = self.table(table)?;
+        self.own_writes_released().await;
         self.write_queued(table, id, None).await
     }
 
@@ -344,6 +347,7 @@ impl<B: Backend> Engine<B> {
         note: Option<&str>,
         expected_winner: Option<Ulid>,
     ) -> Result<ChangeEvent> {
+        self.own_writes_released().await;
         let _w = self.writer.lock().await;
         let mut tx = self.backend.begin().await?;
         let drained = self.drain_in(&mut tx).await?;
