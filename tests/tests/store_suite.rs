@@ -186,7 +186,7 @@ async fn migrations_up_down_up(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2, 3]
+        vec![1, 2, 3, 4]
     );
     store.migrate_down().await.expect("down");
     assert_eq!(
@@ -205,7 +205,7 @@ async fn migrations_up_down_up(db: TestDb) {
     store.migrate_up().await.expect("up again");
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2, 3]
+        vec![1, 2, 3, 4]
     );
     assert_eq!(db.sql("SELECT COUNT(*) FROM change_events"), "0");
     store.close().await;
@@ -1721,4 +1721,63 @@ fn bad_urls_are_named() {
         .parse::<StoreUrl>()
         .expect_err("port");
     assert!(!err.to_string().contains("pw@"), "{err}");
+}
+
+/// SQLite's REPLACE conflict resolution deletes the rows a write clashes with
+/// (on a UNIQUE column or the primary key) without firing delete triggers: the
+/// deletions are captured all the same, and `OR IGNORE` captures nothing.
+#[tokio::test]
+async fn sqlite_replace_deletions_are_captured() {
+    let db = TestDb::sqlite();
+    db.sql("CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT UNIQUE, name TEXT)");
+    let node = Ulid::generate();
+    let store = open(&db, node).await;
+    store
+        .register_table("users", ConflictPolicy::Lww)
+        .await
+        .expect("register");
+    let (u1, u2, u3, u4) = (id(1), id(2), id(3), id(4));
+    db.sql(&format!(
+        "INSERT INTO users (id, email, name) VALUES ('{u1}', 'e@x', 'first'); \
+         INSERT INTO users (id, email, name) VALUES ('{u4}', 'f@x', 'fourth')"
+    ));
+    store.drain().await.expect("drain");
+    let before = all_events(&store).await.len();
+
+    // u2 takes u1's email: u1 is deleted by the REPLACE.
+    db.sql(&format!(
+        "INSERT OR REPLACE INTO users (id, email, name) VALUES ('{u2}', 'e@x', 'second')"
+    ));
+    // u3 would take it too, but OR IGNORE leaves everything as it was.
+    db.sql(&format!(
+        "INSERT OR IGNORE INTO users (id, email, name) VALUES ('{u3}', 'e@x', 'third')"
+    ));
+    // u2 takes u4's email by an update: u4 is deleted.
+    db.sql(&format!(
+        "UPDATE OR REPLACE users SET email = 'f@x' WHERE id = '{u2}'"
+    ));
+    store.drain().await.expect("drain");
+    let ops: Vec<(Ulid, Operation)> = all_events(&store).await[before..]
+        .iter()
+        .map(|e| (e.record_id, e.operation))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (u1, Operation::Delete),
+            (u2, Operation::Insert),
+            (u4, Operation::Delete),
+            (u2, Operation::Update),
+        ]
+    );
+    for (gone, there) in [(u1, false), (u3, false), (u4, false), (u2, true)] {
+        assert_eq!(
+            store.get("users", gone).await.expect("get").is_some(),
+            there,
+            "{gone}"
+        );
+    }
+    assert!(store.version("users", u1).await.expect("v").expect("v").deleted);
+    assert!(store.version("users", u3).await.expect("v").is_none());
+    store.close().await;
 }

@@ -181,7 +181,7 @@ impl Node {
         }
         let peer_router = peer_builder
             .add_service(receiver.into_server())
-            .add_service(records.into_server(max_message));
+            .add_service(records.into_server(max_message, settings.max_event_bytes));
         let admin_addr = match settings.admin_addr {
             // Admin, health and reflection on a listener of their own.
             Some(addr) => {

@@ -18,27 +18,41 @@ impl RecordsService {
         RecordsService { store }
     }
 
-    pub fn into_server(self, max_message_bytes: usize) -> pb::records_server::RecordsServer<Self> {
+    /// The tonic server. A request may be up to four times the largest event
+    /// (at least `max_message_bytes`), so a write over `store.max_event_bytes`
+    /// reaches the store and is refused naming that limit.
+    pub fn into_server(
+        self,
+        max_message_bytes: usize,
+        max_event_bytes: usize,
+    ) -> pb::records_server::RecordsServer<Self> {
+        let max_request = max_message_bytes.max(max_event_bytes.saturating_mul(4));
         pb::records_server::RecordsServer::new(self)
-            .max_decoding_message_size(max_message_bytes)
+            .max_decoding_message_size(max_request)
             .max_encoding_message_size(max_message_bytes)
     }
 }
+
+/// Largest row a write response echoes (see `WriteResponse.values_omitted`).
+const ECHO_LIMIT: usize = 1 << 20;
 
 fn record_id(id: &str) -> Result<Ulid, Status> {
     parse_ulid("id", id).map_err(|e| status::from_store(&e))
 }
 
 fn written(event: &ChangeEvent) -> pb::WriteResponse {
+    let values_json = event
+        .new_values
+        .as_ref()
+        .map(|v| Value::Object(v.clone()).to_string());
+    let values_omitted = values_json.as_ref().is_some_and(|v| v.len() > ECHO_LIMIT);
     pb::WriteResponse {
         written: true,
         event_id: event.event_id.to_string(),
         hlc: event.hlc.encode(),
         operation: event.operation.as_str().to_owned(),
-        values_json: event
-            .new_values
-            .as_ref()
-            .map(|v| Value::Object(v.clone()).to_string()),
+        values_json: values_json.filter(|_| !values_omitted),
+        values_omitted,
     }
 }
 

@@ -518,6 +518,9 @@ impl TableInfo {
 pub enum CapturedRow {
     /// A delete: no row after the write.
     Gone,
+    /// A row a write may have deleted without a delete trigger firing (SQLite's
+    /// REPLACE conflict resolution): a delete if the row is gone when drained.
+    IfGone,
     /// SQLite: the row's values as stored, in registry column order.
     Cells(Vec<SqlCell>),
     /// PostgreSQL (and SQLite captures made before typed capture): the row as

@@ -200,13 +200,21 @@ fn ulid_glob() -> String {
     g
 }
 
-fn trigger_names(table: &str) -> [String; 3] {
+fn trigger_names(table: &str) -> [String; 5] {
     [
         format!("tidemark_capture_{table}_insert"),
         format!("tidemark_capture_{table}_update"),
         format!("tidemark_capture_{table}_delete"),
+        format!("tidemark_capture_{table}_insert_replaces"),
+        format!("tidemark_capture_{table}_update_replaces"),
     ]
 }
+
+// Rows a write may delete by the REPLACE conflict resolution (`INSERT OR
+// REPLACE`, `REPLACE INTO`, `UPDATE OR REPLACE`, `ON CONFLICT REPLACE` in the
+// schema) fire no delete trigger: a trigger *before* the write queues every row
+// it clashes with as a DELETE with `if_gone = 1`, and draining stamps it only if
+// the row is gone by then (an `OR IGNORE` write left it in place).
 
 /// The queue column holding the value of the table's `i`-th replicated column.
 fn value_column(i: usize) -> String {
@@ -289,8 +297,44 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
         .iter()
         .map(|c| format!("OLD.{0} IS NOT NEW.{0}", q(c)))
         .collect();
-    let [ins, upd, del] = trigger_names(t);
-    vec![
+    let [ins, upd, del, ins_replaces, upd_replaces] = trigger_names(t);
+    // Rows the new values clash with on a UNIQUE constraint (NULLs never clash).
+    let clashes: Vec<String> = info
+        .uniques
+        .iter()
+        .map(|cols| {
+            let each: Vec<String> = cols
+                .iter()
+                .map(|c| format!("{0} = NEW.{0}", q(c)))
+                .collect();
+            format!("({})", each.join(" AND "))
+        })
+        .collect();
+    let maybe_replaced = |condition: String| {
+        format!(
+            "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, if_gone) \
+             SELECT '{t}', {pk}, 'DELETE', 1 FROM {} WHERE {condition}",
+            q(t)
+        )
+    };
+    let mut replaces = Vec::new();
+    if !clashes.is_empty() {
+        replaces.push(format!(
+            "CREATE TRIGGER {} BEFORE INSERT ON {} WHEN {guard} BEGIN {}; END",
+            q(&ins_replaces),
+            q(t),
+            maybe_replaced(format!("{pk} IS NOT NEW.{pk} AND ({})", clashes.join(" OR ")))
+        ));
+    }
+    let mut targets = vec![format!("{pk} = NEW.{pk}")];
+    targets.extend(clashes);
+    replaces.push(format!(
+        "CREATE TRIGGER {} BEFORE UPDATE ON {} WHEN {guard} BEGIN {}; END",
+        q(&upd_replaces),
+        q(t),
+        maybe_replaced(format!("{pk} IS NOT OLD.{pk} AND ({})", targets.join(" OR ")))
+    ));
+    let mut all = vec![
         format!(
             "CREATE TRIGGER {} AFTER INSERT ON {} WHEN {guard} BEGIN {checks} {}; END",
             q(&ins),
@@ -314,7 +358,9 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
             q(&del),
             q(t)
         ),
-    ]
+    ];
+    all.extend(replaces);
+    all
 }
 
 /// One value of a result row as SQLite stores it.
@@ -723,8 +769,11 @@ impl Backend for SqliteBackend {
                     .try_get::<String, _>("operation")?
                     .parse()
                     .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?;
+                let maybe_replaced = row.try_get::<i64, _>("if_gone")? != 0;
                 let legacy: Option<String> = row.try_get("new_values")?;
-                let captured = if operation == Operation::Delete {
+                let captured = if maybe_replaced {
+                    CapturedRow::IfGone
+                } else if operation == Operation::Delete {
                     CapturedRow::Gone
                 } else if let Some(json) = legacy {
                     CapturedRow::Json(json)

@@ -9,6 +9,8 @@ const DRAIN_CHUNK: u32 = 512;
 enum Stamped {
     Event(ChangeEvent),
     SetAside(SetAside),
+    /// A row a write might have replaced is still there: nothing happened to it.
+    Nothing,
 }
 
 impl<B: Backend> Engine<B> {
@@ -53,6 +55,7 @@ impl<B: Backend> Engine<B> {
                 match self.stamp_capture(tx, capture, &mut cache).await? {
                     Stamped::Event(event) => events.push(event),
                     Stamped::SetAside(s) => set_aside.push(s),
+                    Stamped::Nothing => {}
                 }
             }
             self.flush(tx, &mut cache).await?;
@@ -85,7 +88,7 @@ impl<B: Backend> Engine<B> {
     ) -> std::result::Result<Option<Values>, String> {
         let mut out = Values::new();
         match row {
-            CapturedRow::Gone => return Ok(None),
+            CapturedRow::Gone | CapturedRow::IfGone => return Ok(None),
             CapturedRow::Cells(cells) => {
                 if cells.len() < table.columns.len() {
                     return Err(format!(
@@ -150,6 +153,11 @@ impl<B: Backend> Engine<B> {
             Err(e) => return Ok(set_aside(&capture, e.to_string())),
         };
         let operation = capture.operation;
+        if capture.row == CapturedRow::IfGone
+            && !self.backend.rows(tx, &table, &[record_id]).await?.is_empty()
+        {
+            return Ok(Stamped::Nothing);
+        }
         let new_values = match Self::captured_values(&table, capture.row.clone()) {
             Ok(v) => v,
             Err(reason) => return Ok(set_aside(&capture, reason)),

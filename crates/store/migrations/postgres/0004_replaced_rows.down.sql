@@ -1,0 +1,1 @@
+ALTER TABLE tidemark_capture_queue DROP COLUMN if_gone;
