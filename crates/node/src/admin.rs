@@ -1,15 +1,19 @@
 //! The `Admin` gRPC service: node status, conflicts and their resolution,
-//! conflict policies, record history.
+//! conflict policies, record history, blocked records, captures set aside, and
+//! row digests that compare nodes.
 
 use serde_json::Value;
 use tidemark_replicator::convert::{event_to_pb, raw_object, vector_to_pb};
 use tidemark_replicator::{Peer, Sender, pb, status};
+use tidemark_store::engine::digest::MAX_RECORDS;
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{
-    Conflict, ConflictFilter, ConflictPolicy, ConflictSide, ConflictStatus, ResolveChoice, Store,
+    Blocked, Conflict, ConflictFilter, ConflictPolicy, ConflictSide, ConflictStatus, ResolveChoice,
+    SetAside, Store,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
+use ulid::Ulid;
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
@@ -97,6 +101,74 @@ fn store_status(e: tidemark_store::StoreError) -> Status {
     status::from_store(&e)
 }
 
+fn page_size(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+/// A blocked record as the wire shows it.
+fn blocked_to_pb(b: &Blocked) -> pb::BlockedRecord {
+    pb::BlockedRecord {
+        table: b.table_name.clone(),
+        record_id: b.record_id.to_string(),
+        event_id: b.event_id.to_string(),
+        kind: b.kind.as_str().to_owned(),
+        reason: b.reason.clone(),
+        blocker_table: b.blocker_table.clone().unwrap_or_default(),
+        blocker_id: b.blocker_id.map(|i| i.to_string()).unwrap_or_default(),
+        blocked_at: b.blocked_at.clone(),
+    }
+}
+
+fn set_aside_to_pb(s: &SetAside) -> pb::UnreplicatedCapture {
+    pb::UnreplicatedCapture {
+        seq: s.seq,
+        table: s.table_name.clone(),
+        record_id: s.record_id.clone(),
+        operation: s.operation.clone(),
+        reason: s.reason.clone(),
+        set_aside_at: s.set_aside_at.clone(),
+    }
+}
+
+/// The page token after a blocked record: its table and record id.
+fn blocked_token(b: &Blocked) -> String {
+    format!("{}/{}", b.table_name, b.record_id)
+}
+
+fn parse_blocked_token(token: &str) -> Result<(String, Ulid), Status> {
+    let (table, record) = token.rsplit_once('/').ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "page_token: {token:?} is not a token this service gave"
+        ))
+    })?;
+    let record = parse_ulid("page_token", record).map_err(store_status)?;
+    Ok((table.to_owned(), record))
+}
+
+/// A key below every record of `table` in (table, record) order: `table` less
+/// its last character (a prefix sorts first), after every id. Records of tables
+/// between it and `table` are passed over by the caller.
+fn before_table(table: &str) -> (String, Ulid) {
+    let mut prefix = table.to_owned();
+    prefix.pop();
+    (prefix, Ulid::from(u128::MAX))
+}
+
+/// An optional record id of a Digest range: empty is none.
+fn range_id(field: &str, text: &str) -> Result<Option<Ulid>, Status> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_ulid(field, text).map(Some).map_err(store_status)
+}
+
+fn id_text(id: Option<Ulid>) -> String {
+    id.map(|i| i.to_string()).unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn status(
@@ -121,6 +193,17 @@ impl pb::admin_server::Admin for AdminService {
                 last_ack_ms: state.last_ack_wall_ms.unwrap_or(0),
                 last_error: state.last_error.unwrap_or_default(),
                 acked: Some(vector_to_pb(&acked)),
+                held: state
+                    .held
+                    .iter()
+                    .map(|h| pb::HeldOrigin {
+                        origin: h.origin.to_string(),
+                        code: h.code.clone(),
+                        reason: h.reason.clone(),
+                        retry_at_ms: h.retry_at_ms,
+                    })
+                    .collect(),
+                blocked_records: state.blocked_records,
             });
         }
         let open: std::collections::HashMap<String, u64> = self
@@ -152,6 +235,10 @@ impl pb::admin_server::Admin for AdminService {
             tables,
             unsynced_events: self.store.count_unsynced().await.map_err(store_status)?,
             pending_captures: self.store.pending_captures().await.map_err(store_status)?,
+            blocked_records: self.store.count_blocked().await.map_err(store_status)?,
+            unreplicated_captures: self.store.count_set_aside().await.map_err(store_status)?,
+            quarantined_events: self.store.count_quarantined().await.map_err(store_status)?,
+            writes_held: self.store.own_writes_held(),
         }))
     }
 
@@ -168,10 +255,7 @@ impl pb::admin_server::Admin for AdminService {
             "" => None,
             t => Some(parse_ulid("page_token", t).map_err(store_status)?),
         };
-        let limit = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+        let limit = page_size(req.page_size);
         let filter = ConflictFilter {
             table: (!req.table.is_empty()).then_some(req.table),
             status,
@@ -306,6 +390,125 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(store_status)?;
         Ok(Response::new(pb::RecordHistoryResponse {
             events: events.iter().map(event_to_pb).collect(),
+        }))
+    }
+
+    async fn list_blocked(
+        &self,
+        request: Request<pb::ListBlockedRequest>,
+    ) -> Result<Response<pb::ListBlockedResponse>, Status> {
+        let req = request.into_inner();
+        let table = (!req.table.is_empty()).then_some(req.table);
+        if let Some(t) = &table {
+            self.store.table(t).map_err(store_status)?;
+        }
+        let limit = page_size(req.page_size) as usize;
+        let mut cursor = match (req.page_token.as_str(), &table) {
+            ("", None) => None,
+            ("", Some(t)) => Some(before_table(t)),
+            (token, _) => Some(parse_blocked_token(token)?),
+        };
+        // One more than a page tells whether another follows. The store pages
+        // every table in its key order (the database's, for table names):
+        // records of other tables are passed over, and a table's records come
+        // together, so the first other table after them ends the list.
+        let mut found: Vec<Blocked> = Vec::new();
+        'pages: loop {
+            let page = self
+                .store
+                .list_blocked(cursor.clone(), limit as u32 + 1)
+                .await
+                .map_err(store_status)?;
+            let last_page = page.len() <= limit;
+            for b in page {
+                cursor = Some((b.table_name.clone(), b.record_id));
+                if table.as_ref().is_some_and(|t| b.table_name != *t) {
+                    if found.is_empty() {
+                        continue;
+                    }
+                    break 'pages;
+                }
+                found.push(b);
+                if found.len() > limit {
+                    break 'pages;
+                }
+            }
+            if last_page {
+                break;
+            }
+        }
+        let more = found.len() > limit;
+        found.truncate(limit);
+        let next_page_token = match (more, found.last()) {
+            (true, Some(last)) => blocked_token(last),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListBlockedResponse {
+            blocked: found.iter().map(blocked_to_pb).collect(),
+            next_page_token,
+            total: self.store.count_blocked().await.map_err(store_status)?,
+        }))
+    }
+
+    async fn list_unreplicated(
+        &self,
+        request: Request<pb::ListUnreplicatedRequest>,
+    ) -> Result<Response<pb::ListUnreplicatedResponse>, Status> {
+        let limit = page_size(request.into_inner().limit);
+        let captures = self
+            .store
+            .list_set_aside(limit)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListUnreplicatedResponse {
+            captures: captures.iter().map(set_aside_to_pb).collect(),
+            total: self.store.count_set_aside().await.map_err(store_status)?,
+        }))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<pb::DigestRequest>,
+    ) -> Result<Response<pb::DigestResponse>, Status> {
+        let req = request.into_inner();
+        let from = range_id("from_id", &req.from_id)?;
+        let to = range_id("to_id", &req.to_id)?;
+        if req.records {
+            let hashes = self
+                .store
+                .record_hashes(&req.table, from, to, MAX_RECORDS)
+                .await
+                .map_err(store_status)?;
+            return Ok(Response::new(pb::DigestResponse {
+                ranges: Vec::new(),
+                records: hashes
+                    .records
+                    .into_iter()
+                    .map(|r| pb::RecordHash {
+                        id: r.id.to_string(),
+                        hash: r.hash,
+                    })
+                    .collect(),
+                truncated: hashes.truncated,
+            }));
+        }
+        let ranges = self
+            .store
+            .digest(&req.table, from, to, req.parts)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::DigestResponse {
+            ranges: ranges
+                .into_iter()
+                .map(|r| pb::RangeDigest {
+                    from_id: id_text(r.from),
+                    to_id: id_text(r.to),
+                    rows: r.rows,
+                    digest: r.digest,
+                })
+                .collect(),
+            records: Vec::new(),
+            truncated: false,
         }))
     }
 }

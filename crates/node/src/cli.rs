@@ -1,9 +1,14 @@
 //! `tidemark admin ...`: a client of a node's Admin service, printing readable
-//! tables, or JSON with `--json` for scripts.
+//! tables, or JSON with `--json` for scripts; `tidemark admin check` compares
+//! the rows of several nodes through their digests.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tidemark_replicator::pb::{self, admin_client::AdminClient};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Client certificate options, for a node whose listener requires mutual TLS
@@ -76,6 +81,33 @@ pub enum AdminCommand {
         table: String,
         /// The record's ULID.
         id: String,
+    },
+    /// Records whose winning event this node keeps but whose row it cannot
+    /// place (a UNIQUE clash, a missing parent, a row the table refuses).
+    Blocked {
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this page token (printed at the end of a full page).
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Direct writes captured on this node and set aside because they cannot be
+    /// replicated (their rows stay on this node only), oldest first.
+    Unreplicated {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Compare the rows of several nodes (exit 1 when they differ): per-table
+    /// digests, then the ranges and records that differ. Ignores --addr.
+    Check {
+        /// A node's gRPC address (repeat: at least two).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Only this table (default: every table any of the nodes replicates).
+        #[arg(long)]
+        table: Option<String>,
     },
 }
 
@@ -243,31 +275,80 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-/// Runs one admin command against the node at `args.addr`.
-pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let channel = connect(&args.addr, &args.tls).await?;
-    let token = match &args.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
-            let header: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-                format!("Bearer {}", text.trim()).parse().map_err(|_| {
-                    anyhow::anyhow!(
-                        "--token-file {}: the token is not printable ASCII",
-                        path.display()
-                    )
-                })?;
-            Some(header)
-        }
-        None => None,
-    };
-    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token {
+/// Presents the admin bearer token (`--token-file`) on every call, when given.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BearerToken")
+            .field(&self.0.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl BearerToken {
+    /// The token in `path` (none without a path).
+    pub fn read(path: Option<&std::path::Path>) -> anyhow::Result<BearerToken> {
+        let Some(path) = path else {
+            return Ok(BearerToken(None));
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+        let header = format!("Bearer {}", text.trim()).parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--token-file {}: the token is not printable ASCII",
+                path.display()
+            )
+        })?;
+        Ok(BearerToken(Some(header)))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
             req.metadata_mut().insert("authorization", t.clone());
         }
         Ok(req)
-    });
-    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    }
+}
+
+/// A client of a node's Admin service.
+pub type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connects an Admin client to `addr`.
+pub async fn admin_client(
+    addr: &str,
+    tls: &ClientTlsArgs,
+    token: &BearerToken,
+) -> anyhow::Result<Admin> {
+    Ok(AdminClient::with_interceptor(
+        connect(addr, tls).await?,
+        token.clone(),
+    ))
+}
+
+/// How a node's refusal reads.
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs one admin command against the node at `args.addr` (`check`: against
+/// every `--node`). False when `check` found the nodes differ.
+pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
+    let token = BearerToken::read(args.token_file.as_deref())?;
+    if let AdminCommand::Check { nodes, table } = &args.command {
+        return check(nodes, table.as_deref(), &args.tls, &token, args.json).await;
+    }
+    let mut client = admin_client(&args.addr, &args.tls, &token).await?;
+    let status = rpc_error;
     match args.command {
         AdminCommand::Status => {
             let s = client
@@ -280,25 +361,44 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     "node_id": s.node_id, "name": s.name, "cluster_id": s.cluster_id,
                     "store": s.store, "hlc": s.hlc, "vector": vector_json(&s.vector),
                     "unsynced_events": s.unsynced_events, "pending_captures": s.pending_captures,
+                    "blocked_records": s.blocked_records,
+                    "unreplicated_captures": s.unreplicated_captures,
+                    "quarantined_events": s.quarantined_events,
+                    "writes_held": s.writes_held,
                     "peers": s.peers.iter().map(|p| json!({
                         "node_id": p.node_id, "address": p.address, "connected": p.connected,
                         "unacked_events": p.unacked_events, "last_ack_ms": p.last_ack_ms,
                         "last_error": p.last_error, "acked": vector_json(&p.acked),
+                        "blocked_records": p.blocked_records,
+                        "held": p.held.iter().map(|h| json!({
+                            "origin": h.origin, "code": h.code, "reason": h.reason,
+                            "retry_at_ms": h.retry_at_ms,
+                        })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                     "tables": s.tables.iter().map(|t| json!({
                         "name": t.name, "conflict_policy": t.conflict_policy,
                         "columns": t.columns, "open_conflicts": t.open_conflicts,
                     })).collect::<Vec<_>>(),
                 }));
-                return Ok(());
+                return Ok(true);
             }
             println!("node     {} ({})", s.node_id, s.name);
             println!("cluster  {}", s.cluster_id);
             println!("store    {}", s.store);
             println!(
-                "unsynced {} events, {} captured writes pending\n",
+                "unsynced {} events, {} captured writes pending",
                 s.unsynced_events, s.pending_captures
             );
+            println!(
+                "stuck    {} blocked records (admin blocked), {} unreplicated captures (admin unreplicated), {} quarantined events",
+                s.blocked_records, s.unreplicated_captures, s.quarantined_events
+            );
+            if s.writes_held {
+                println!(
+                    "writes   held: new writes wait until the peers say how far they hold this node's events"
+                );
+            }
+            println!();
             let rows: Vec<Vec<String>> = s
                 .peers
                 .iter()
@@ -312,14 +412,37 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                             "down".into()
                         },
                         p.unacked_events.to_string(),
+                        p.blocked_records.to_string(),
+                        p.held.len().to_string(),
                         or_dash(&p.last_error),
                     ]
                 })
                 .collect();
             print_table(
-                &["peer", "address", "state", "unacked", "last error"],
+                &[
+                    "peer",
+                    "address",
+                    "state",
+                    "unacked",
+                    "blocked",
+                    "held origins",
+                    "last error",
+                ],
                 &rows,
             );
+            let now = now_ms();
+            for p in &s.peers {
+                for h in &p.held {
+                    println!(
+                        "  {} holds origin {}: {} {} (resent in {} s)",
+                        p.node_id,
+                        h.origin,
+                        h.code,
+                        h.reason,
+                        (h.retry_at_ms - now).max(0).unsigned_abs().div_ceil(1000)
+                    );
+                }
+            }
             println!();
             let rows: Vec<Vec<String>> = s
                 .tables
@@ -368,7 +491,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     "conflicts": resp.conflicts.iter().map(conflict_json).collect::<Vec<_>>(),
                     "next_page_token": resp.next_page_token,
                 }));
-                return Ok(());
+                return Ok(true);
             }
             let rows: Vec<Vec<String>> = resp
                 .conflicts
@@ -412,7 +535,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .into_inner();
             if args.json {
                 print_json(&conflict_json(&c));
-                return Ok(());
+                return Ok(true);
             }
             println!("conflict  {}", c.conflict_id);
             println!("record    {} {}", c.table, c.record_id);
@@ -528,7 +651,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .into_inner();
             if args.json {
                 print_json(&Value::Array(r.events.iter().map(event_json).collect()));
-                return Ok(());
+                return Ok(true);
             }
             let rows: Vec<Vec<String>> = r
                 .events
@@ -547,8 +670,461 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .collect();
             print_table(&["hlc", "node", "op", "action", "new values"], &rows);
         }
+        AdminCommand::Blocked {
+            table,
+            limit,
+            page_token,
+        } => {
+            let r = client
+                .list_blocked(pb::ListBlockedRequest {
+                    table: table.unwrap_or_default(),
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({
+                    "blocked": r.blocked.iter().map(|b| json!({
+                        "table": b.table, "record_id": b.record_id, "event_id": b.event_id,
+                        "kind": b.kind, "reason": b.reason, "blocker_table": b.blocker_table,
+                        "blocker_id": b.blocker_id, "blocked_at": b.blocked_at,
+                    })).collect::<Vec<_>>(),
+                    "next_page_token": r.next_page_token,
+                    "total": r.total,
+                }));
+                return Ok(true);
+            }
+            let rows: Vec<Vec<String>> = r
+                .blocked
+                .iter()
+                .map(|b| {
+                    let blocker = match (b.blocker_table.as_str(), b.blocker_id.as_str()) {
+                        ("", _) => "-".to_owned(),
+                        (t, "") => t.to_owned(),
+                        (t, id) => format!("{t} {id}"),
+                    };
+                    vec![
+                        b.table.clone(),
+                        b.record_id.clone(),
+                        b.kind.clone(),
+                        blocker,
+                        b.blocked_at.clone(),
+                        b.reason.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["table", "record", "kind", "blocked by", "since", "reason"],
+                &rows,
+            );
+            println!(
+                "\n{} blocked records on this node: their winning events are kept and \
+                 replicated, their rows are not here",
+                r.total
+            );
+            if !r.next_page_token.is_empty() {
+                println!("more: --page-token {}", r.next_page_token);
+            }
+        }
+        AdminCommand::Unreplicated { limit } => {
+            let r = client
+                .list_unreplicated(pb::ListUnreplicatedRequest { limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({
+                    "captures": r.captures.iter().map(|c| json!({
+                        "seq": c.seq, "table": c.table, "record_id": c.record_id,
+                        "operation": c.operation, "reason": c.reason,
+                        "set_aside_at": c.set_aside_at,
+                    })).collect::<Vec<_>>(),
+                    "total": r.total,
+                }));
+                return Ok(true);
+            }
+            let rows: Vec<Vec<String>> = r
+                .captures
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.seq.to_string(),
+                        c.table.clone(),
+                        c.record_id.clone(),
+                        c.operation.clone(),
+                        c.set_aside_at.clone(),
+                        c.reason.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["seq", "table", "record", "op", "set aside", "reason"],
+                &rows,
+            );
+            println!(
+                "\n{} captured writes set aside on this node: their rows stay here, \
+                 no other node has them",
+                r.total
+            );
+        }
+        AdminCommand::Check { nodes, table } => {
+            return check(&nodes, table.as_deref(), &args.tls, &token, args.json).await;
+        }
+    }
+    Ok(true)
+}
+
+/// A range whose rows are at most this many on every node is compared record by
+/// record.
+const CHECK_RECORD_ROWS: u64 = 64;
+/// How many parts a range that differs is split into.
+const CHECK_PARTS: u32 = 16;
+
+/// One node `admin check` compares.
+#[derive(Debug)]
+struct CheckNode {
+    url: String,
+    node_id: String,
+    name: String,
+    tables: Vec<String>,
+    client: Admin,
+}
+
+/// A record that is not the same on every node comparing the table.
+#[derive(Debug)]
+struct RecordDiff {
+    id: String,
+    /// Per node comparing the table: the row's hash, `None` where it is absent.
+    hashes: Vec<Option<String>>,
+}
+
+/// What `admin check` found for one table.
+#[derive(Debug)]
+struct TableCheck {
+    table: String,
+    /// Per node (in `--node` order): its rows and digest of the whole table;
+    /// `None` where the table is not replicated.
+    totals: Vec<Option<(u64, String)>>,
+    /// The nodes that replicate the table (indexes into the nodes).
+    compared: Vec<usize>,
+    records: Vec<RecordDiff>,
+    /// A node held more rows in a small range than one answer carries (rows
+    /// changed during the check): some records were not compared.
+    truncated: bool,
+}
+
+impl TableCheck {
+    fn equal(&self) -> bool {
+        let digests: BTreeSet<&String> = self.totals.iter().flatten().map(|(_, d)| d).collect();
+        self.totals.iter().all(Option::is_some) && digests.len() <= 1 && self.records.is_empty()
+    }
+}
+
+/// The short form of a hash in text output.
+fn short_hash(h: &str) -> &str {
+    h.get(..16).unwrap_or(h)
+}
+
+async fn digest(
+    node: &mut CheckNode,
+    table: &str,
+    range: &(String, String),
+    parts: u32,
+    records: bool,
+) -> anyhow::Result<pb::DigestResponse> {
+    node.client
+        .digest(pb::DigestRequest {
+            table: table.to_owned(),
+            from_id: range.0.clone(),
+            to_id: range.1.clone(),
+            parts,
+            records,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| anyhow::anyhow!("{}: {}", node.url, rpc_error(s)))
+}
+
+/// Compares one table across `nodes`: whole-table digests, then the parts of
+/// each range that differ, split again until they are small, then their rows.
+async fn check_table(nodes: &mut [CheckNode], table: &str) -> anyhow::Result<TableCheck> {
+    let whole = (String::new(), String::new());
+    let mut report = TableCheck {
+        table: table.to_owned(),
+        totals: vec![None; nodes.len()],
+        compared: Vec::new(),
+        records: Vec::new(),
+        truncated: false,
+    };
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if !node.tables.iter().any(|t| t == table) {
+            continue;
+        }
+        let answer = digest(node, table, &whole, 1, false).await?;
+        let [range] = answer.ranges.as_slice() else {
+            anyhow::bail!(
+                "{}: expected one digest, got {}",
+                node.url,
+                answer.ranges.len()
+            );
+        };
+        report.totals[i] = Some((range.rows, range.digest.clone()));
+        report.compared.push(i);
+    }
+    let digests: BTreeSet<&String> = report.totals.iter().flatten().map(|(_, d)| d).collect();
+    if digests.len() <= 1 {
+        return Ok(report);
+    }
+    let mut differing = VecDeque::from([whole]);
+    while let Some(range) = differing.pop_front() {
+        let mut answers = Vec::with_capacity(report.compared.len());
+        for &i in &report.compared {
+            answers.push(digest(&mut nodes[i], table, &range, CHECK_PARTS, false).await?);
+        }
+        let parts = &answers[0].ranges;
+        let same_split = answers.iter().all(|a| {
+            a.ranges.len() == parts.len()
+                && a.ranges
+                    .iter()
+                    .zip(parts)
+                    .all(|(x, y)| (&x.from_id, &x.to_id) == (&y.from_id, &y.to_id))
+        });
+        if !same_split {
+            anyhow::bail!(
+                "{table}: the nodes split [{:?}, {:?}) differently (different versions of tidemark?)",
+                range.0,
+                range.1
+            );
+        }
+        for (p, part) in parts.iter().enumerate() {
+            let ranges: Vec<&pb::RangeDigest> = answers.iter().map(|a| &a.ranges[p]).collect();
+            if ranges.iter().all(|r| r.digest == part.digest) {
+                continue;
+            }
+            let sub = (part.from_id.clone(), part.to_id.clone());
+            if ranges.iter().all(|r| r.rows <= CHECK_RECORD_ROWS) {
+                compare_records(nodes, &mut report, &sub).await?;
+            } else {
+                differing.push_back(sub);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Compares the rows of a small range record by record.
+async fn compare_records(
+    nodes: &mut [CheckNode],
+    report: &mut TableCheck,
+    range: &(String, String),
+) -> anyhow::Result<()> {
+    let mut by_id: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+    let n = report.compared.len();
+    for (k, &i) in report.compared.iter().enumerate() {
+        let answer = digest(&mut nodes[i], &report.table, range, 0, true).await?;
+        report.truncated |= answer.truncated;
+        for r in answer.records {
+            by_id.entry(r.id).or_insert_with(|| vec![None; n])[k] = Some(r.hash);
+        }
+    }
+    for (id, hashes) in by_id {
+        let first = &hashes[0];
+        if first.is_some() && hashes.iter().all(|h| h == first) {
+            continue;
+        }
+        report.records.push(RecordDiff { id, hashes });
     }
     Ok(())
+}
+
+/// `tidemark admin check`: compares the rows of `urls`' nodes; false when they
+/// differ.
+async fn check(
+    urls: &[String],
+    table: Option<&str>,
+    tls: &ClientTlsArgs,
+    token: &BearerToken,
+    json: bool,
+) -> anyhow::Result<bool> {
+    if urls.len() < 2 {
+        anyhow::bail!("--node: give at least two nodes to compare");
+    }
+    let mut nodes = Vec::with_capacity(urls.len());
+    for url in urls {
+        let mut client = admin_client(url, tls, token).await?;
+        let s = client
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{url}: {}", rpc_error(s)))?
+            .into_inner();
+        nodes.push(CheckNode {
+            url: url.clone(),
+            node_id: s.node_id,
+            name: s.name,
+            tables: s.tables.into_iter().map(|t| t.name).collect(),
+            client,
+        });
+    }
+    let tables: BTreeSet<String> = match table {
+        Some(t) if !nodes.iter().any(|n| n.tables.iter().any(|x| x == t)) => {
+            anyhow::bail!("--table: none of the nodes replicates a table {t:?}")
+        }
+        Some(t) => BTreeSet::from([t.to_owned()]),
+        None => nodes.iter().flat_map(|n| n.tables.clone()).collect(),
+    };
+    let mut reports = Vec::with_capacity(tables.len());
+    for t in &tables {
+        reports.push(check_table(&mut nodes, t).await?);
+    }
+    let equal = reports.iter().all(TableCheck::equal);
+    if json {
+        print_json(&check_json(&nodes, &reports, equal));
+    } else {
+        print_check(&nodes, &reports, equal);
+    }
+    Ok(equal)
+}
+
+fn check_json(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) -> Value {
+    let tables: Vec<Value> = reports
+        .iter()
+        .map(|r| {
+            let per_node: serde_json::Map<String, Value> = nodes
+                .iter()
+                .zip(&r.totals)
+                .map(|(n, t)| {
+                    let v = match t {
+                        Some((rows, digest)) => json!({"rows": rows, "digest": digest}),
+                        None => Value::Null,
+                    };
+                    (n.url.clone(), v)
+                })
+                .collect();
+            let records: Vec<Value> = r
+                .records
+                .iter()
+                .map(|d| {
+                    let urls = r.compared.iter().map(|&i| &nodes[i].url);
+                    let hashes: serde_json::Map<String, Value> = urls
+                        .clone()
+                        .zip(&d.hashes)
+                        .map(|(u, h)| (u.clone(), json!(h)))
+                        .collect();
+                    let missing_on: Vec<&String> = urls
+                        .zip(&d.hashes)
+                        .filter(|(_, h)| h.is_none())
+                        .map(|(u, _)| u)
+                        .collect();
+                    let values: BTreeSet<&String> = d.hashes.iter().flatten().collect();
+                    json!({
+                        "id": d.id,
+                        "hashes": hashes,
+                        "missing_on": missing_on,
+                        "values_differ": values.len() > 1,
+                    })
+                })
+                .collect();
+            json!({
+                "table": r.table,
+                "equal": r.equal(),
+                "nodes": per_node,
+                "not_replicated_on": nodes.iter().zip(&r.totals)
+                    .filter(|(_, t)| t.is_none()).map(|(n, _)| &n.url).collect::<Vec<_>>(),
+                "records": records,
+                "truncated": r.truncated,
+            })
+        })
+        .collect();
+    json!({
+        "equal": equal,
+        "nodes": nodes.iter().map(|n| json!({
+            "url": n.url, "node_id": n.node_id, "name": n.name,
+        })).collect::<Vec<_>>(),
+        "tables": tables,
+    })
+}
+
+fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
+    for n in nodes {
+        println!("node {} ({} {})", n.url, n.name, n.node_id);
+    }
+    println!();
+    for r in reports {
+        let absent: Vec<&str> = nodes
+            .iter()
+            .zip(&r.totals)
+            .filter(|(_, t)| t.is_none())
+            .map(|(n, _)| n.url.as_str())
+            .collect();
+        let totals: Vec<&(u64, String)> = r.totals.iter().flatten().collect();
+        if r.equal() {
+            if let Some((rows, digest)) = totals.first() {
+                println!(
+                    "{}: equal on every node, {rows} rows, digest {}",
+                    r.table,
+                    short_hash(digest)
+                );
+            }
+            continue;
+        }
+        let rows: Vec<String> = r
+            .compared
+            .iter()
+            .zip(&totals)
+            .map(|(&i, (rows, digest))| {
+                format!("{} {rows} rows ({})", nodes[i].url, short_hash(digest))
+            })
+            .collect();
+        println!("{}: differs: {}", r.table, rows.join(", "));
+        if !absent.is_empty() {
+            println!("  not replicated on {}", absent.join(", "));
+        }
+        for d in &r.records {
+            let urls: Vec<&str> = r.compared.iter().map(|&i| nodes[i].url.as_str()).collect();
+            let missing: Vec<&str> = urls
+                .iter()
+                .zip(&d.hashes)
+                .filter(|(_, h)| h.is_none())
+                .map(|(u, _)| *u)
+                .collect();
+            // Nodes grouped by the value they hold, in --node order.
+            let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+            for (u, h) in urls.iter().zip(&d.hashes) {
+                let Some(h) = h.as_deref() else { continue };
+                match groups.iter_mut().find(|(g, _)| *g == h) {
+                    Some((_, us)) => us.push(u),
+                    None => groups.push((h, vec![u])),
+                }
+            }
+            let mut said = Vec::new();
+            if !missing.is_empty() {
+                said.push(format!("missing on {}", missing.join(", ")));
+            }
+            if groups.len() > 1 {
+                let values: Vec<String> = groups
+                    .iter()
+                    .map(|(h, us)| format!("{} ({})", us.join(", "), short_hash(h)))
+                    .collect();
+                said.push(format!("different values: {}", values.join(" | ")));
+            } else if let Some((_, us)) = groups.first() {
+                said.push(format!("present on {}", us.join(", ")));
+            }
+            println!("  {}  {}", d.id, said.join("; "));
+        }
+        if r.truncated {
+            println!("  (rows changed during the check: some ranges were cut; run it again)");
+        }
+    }
+    println!(
+        "\n{}",
+        if equal {
+            "every table is equal on every node"
+        } else {
+            "the nodes differ"
+        }
+    );
 }
 
 #[derive(Debug, Args)]

@@ -39,7 +39,8 @@ enum Command {
     },
     /// Measure replication throughput, lag, catch-up and memory on this machine.
     Bench(tidemark::bench::BenchArgs),
-    /// Operate a running node: status, conflicts, policies, record history.
+    /// Operate a running node: status, conflicts, policies, record history, blocked
+    /// records, unreplicated writes; compare nodes' rows (`admin check`).
     Admin(tidemark::cli::AdminArgs),
     /// Write and read records through a node's write API (JSON output).
     Records(tidemark::cli::RecordsArgs),
@@ -151,7 +152,12 @@ fn main() -> ExitCode {
             init_logging("error", false);
             runtime.block_on(tidemark::bench::run(args))
         }
-        Command::Admin(args) => runtime.block_on(tidemark::cli::run(args)),
+        Command::Admin(args) => match runtime.block_on(tidemark::cli::run(args)) {
+            Ok(true) => Ok(()),
+            // `admin check` found the nodes differ (it printed how).
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Records(args) => match runtime.block_on(tidemark::cli::records(args)) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

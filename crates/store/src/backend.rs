@@ -428,4 +428,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Closes the connections and releases the writer lock.
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Ids of `table`'s rows in `[from, to)` (`None`: from the first, to the
+    /// last), ascending, at most `limit`. Keys are canonical ULID text, whose
+    /// text order is id order.
+    fn row_ids(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        from: Option<Ulid>,
+        to: Option<Ulid>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Ulid>>> + Send;
 }

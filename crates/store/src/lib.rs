@@ -415,4 +415,28 @@ impl Store {
     pub async fn close(&self) {
         dispatch!(self, e => e.close().await)
     }
+
+    /// Digests of `table`'s rows in `[from, to)` split into `parts` ranges (see
+    /// [`engine::digest`]).
+    pub async fn digest(
+        &self,
+        table: &str,
+        from: Option<Ulid>,
+        to: Option<Ulid>,
+        parts: u32,
+    ) -> Result<Vec<engine::digest::RangeDigest>> {
+        dispatch!(self, e => e.digest(table, from, to, parts).await)
+    }
+
+    /// The hash of each of `table`'s rows in `[from, to)`, at most `limit` (see
+    /// [`engine::digest`]).
+    pub async fn record_hashes(
+        &self,
+        table: &str,
+        from: Option<Ulid>,
+        to: Option<Ulid>,
+        limit: u32,
+    ) -> Result<engine::digest::RecordHashes> {
+        dispatch!(self, e => e.record_hashes(table, from, to, limit).await)
+    }
 }

@@ -1262,6 +1262,28 @@ impl Backend for MemoryBackend {
     }
 
     async fn close(&self) {}
+
+    async fn row_ids(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        from: Option<Ulid>,
+        to: Option<Ulid>,
+        limit: u32,
+    ) -> Result<Vec<Ulid>> {
+        Self::registered(&tx.state, table)?;
+        let lower = from.map_or(Bound::Unbounded, |f| Bound::Included(f.to_string()));
+        let upper = to.map_or(Bound::Unbounded, |t| Bound::Excluded(t.to_string()));
+        tx.state.tables[&table.table_name]
+            .rows
+            .range::<String, _>((lower, upper))
+            .take(limit as usize)
+            .map(|(pk, _)| {
+                Ulid::from_string(pk)
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
+            })
+            .collect()
+    }
 }
 
 /// Entries of `origin` with HLC above `after`, in `(hlc, event_id)` order.

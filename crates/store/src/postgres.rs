@@ -1546,6 +1546,48 @@ impl Backend for PostgresBackend {
             let _ = conn.close().await;
         }
     }
+
+    async fn row_ids(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        from: Option<Ulid>,
+        to: Option<Ulid>,
+        limit: u32,
+    ) -> Result<Vec<Ulid>> {
+        let (pk, cast) = (q(&table.primary_key), key_cast(table));
+        let mut conds = Vec::new();
+        if from.is_some() {
+            conds.push(format!("x.{pk} >= ${}::{cast}", conds.len() + 1));
+        }
+        if to.is_some() {
+            conds.push(format!("x.{pk} < ${}::{cast}", conds.len() + 1));
+        }
+        let filter = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT x.{pk}::text FROM {} AS x{filter} ORDER BY x.{pk} LIMIT ${}",
+            q(&table.table_name),
+            conds.len() + 1
+        );
+        let mut query = sqlx::query_as::<_, (String,)>(AssertSqlSafe(sql));
+        for bound in [from, to].into_iter().flatten() {
+            query = query.bind(bound.to_string());
+        }
+        query
+            .bind(i64::from(limit))
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(|(id,)| {
+                Ulid::from_string(id.trim_end())
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -1590,6 +1590,47 @@ impl Backend for SqliteBackend {
         // Dropping the file releases the lock.
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
+
+    async fn row_ids(
+        &self,
+        tx: &mut Self::Tx,
+        table: &TableInfo,
+        from: Option<Ulid>,
+        to: Option<Ulid>,
+        limit: u32,
+    ) -> Result<Vec<Ulid>> {
+        let pk = q(&table.primary_key);
+        let mut conds = Vec::new();
+        if from.is_some() {
+            conds.push(format!("{pk} >= ?"));
+        }
+        if to.is_some() {
+            conds.push(format!("{pk} < ?"));
+        }
+        let filter = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {pk} FROM {}{filter} ORDER BY {pk} LIMIT ?",
+            q(&table.table_name)
+        );
+        let mut query = sqlx::query_as::<_, (String,)>(AssertSqlSafe(sql));
+        for bound in [from, to].into_iter().flatten() {
+            query = query.bind(bound.to_string());
+        }
+        query
+            .bind(i64::from(limit))
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(|(id,)| {
+                Ulid::from_string(&id)
+                    .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
+            })
+            .collect()
+    }
 }
 
 impl FromStr for SqliteOptions {

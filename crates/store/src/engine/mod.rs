@@ -27,6 +27,7 @@ use crate::value::ColumnType;
 
 mod apply;
 mod capture;
+pub mod digest;
 mod place;
 mod progress;
 mod registry;
