@@ -1071,6 +1071,52 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     store.close().await;
 }
 
+async fn capture_around_the_triggers_is_reported(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    assert_eq!(
+        store.check_capture().await.expect("check"),
+        Vec::<String>::new()
+    );
+    match db.kind() {
+        "postgres" => {
+            // Sessions that skip ordinary triggers (replication tools, bulk
+            // loaders) are captured all the same.
+            db.sql(&format!(
+                "SET session_replication_role = replica; INSERT INTO notes (id, title) VALUES ('{}', 'replica role')",
+                id(1)
+            ));
+            assert_eq!(store.pending_captures().await.expect("pending"), 1);
+            db.sql("ALTER TABLE notes DISABLE TRIGGER tidemark_capture");
+            let problems = store.check_capture().await.expect("check");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0]
+                    .starts_with("table notes: capture trigger tidemark_capture is disabled")
+                    && problems[0].contains("ENABLE ALWAYS TRIGGER tidemark_capture"),
+                "{problems:?}"
+            );
+        }
+        _ => {
+            db.sql("DROP TRIGGER tidemark_capture_notes_delete");
+            let problems = store.check_capture().await.expect("check");
+            assert_eq!(
+                problems,
+                vec!["table notes: capture trigger tidemark_capture_notes_delete is missing, so direct writes go uncaptured; restart the daemon to recreate it".to_owned()]
+            );
+        }
+    }
+    // Registering again (as every start does) restores them.
+    store
+        .register_table("notes", ConflictPolicy::Lww)
+        .await
+        .expect("register");
+    assert_eq!(
+        store.check_capture().await.expect("check"),
+        Vec::<String>::new()
+    );
+    store.close().await;
+}
+
 async fn one_daemon_per_database(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -1670,6 +1716,7 @@ suite!(
         non_ulid_keys_are_refused_by_the_trigger,
         registration_snapshots_existing_rows,
         one_daemon_per_database,
+        capture_around_the_triggers_is_reported,
     ],
 );
 
@@ -1777,7 +1824,14 @@ async fn sqlite_replace_deletions_are_captured() {
             "{gone}"
         );
     }
-    assert!(store.version("users", u1).await.expect("v").expect("v").deleted);
+    assert!(
+        store
+            .version("users", u1)
+            .await
+            .expect("v")
+            .expect("v")
+            .deleted
+    );
     assert!(store.version("users", u3).await.expect("v").is_none());
     store.close().await;
 }

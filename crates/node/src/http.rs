@@ -155,6 +155,21 @@ fn describe() {
         "Holds of an origin at one of its events from a peer, by gRPC code."
     );
     describe_gauge!(
+        "tidemark_capture_problems",
+        Unit::Count,
+        "Capture triggers of replicated tables that are missing or disabled (direct writes would go uncaptured), checked every 30 s."
+    );
+    describe_counter!(
+        "tidemark_own_events_missing_total",
+        Unit::Count,
+        "Handshakes where a peer held events of this node's origin its log lacked (a database restored from an older copy)."
+    );
+    describe_counter!(
+        "tidemark_duplicate_instances_refused_total",
+        Unit::Count,
+        "Handshakes refused because another live daemon claims the sender's node id."
+    );
+    describe_gauge!(
         "tidemark_blocked_records",
         Unit::Count,
         "Records on this node whose winning event is in the log but whose row cannot be placed here."

@@ -275,7 +275,7 @@ impl Node {
             cancel.clone(),
         ));
         let fault = Arc::new(std::sync::OnceLock::new());
-        tracker.spawn(lock_watch(store.clone(), fault.clone(), cancel.clone()));
+        tracker.spawn(store_watch(store.clone(), fault.clone(), cancel.clone()));
         info!(
             node = %node_id,
             name = %settings.name,
@@ -539,15 +539,36 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
 /// How often the writer lock is checked (PostgreSQL's lock lives with one session).
 const LOCK_CHECK: Duration = Duration::from_secs(5);
+/// How often the capture triggers are checked, in lock checks.
+const CAPTURE_CHECK_EVERY: u32 = 6;
 
 /// Stops the node if it loses the database's writer lock and cannot take it
-/// again: another daemon may be writing beside it.
-async fn lock_watch(
+/// again (another daemon may be writing beside it); reports capture triggers
+/// that are missing or disabled (writes around them would never replicate).
+async fn store_watch(
     store: Store,
     fault: Arc<std::sync::OnceLock<String>>,
     cancel: CancellationToken,
 ) {
-    loop {
+    let mut reported: Vec<String> = Vec::new();
+    for round in 0u32.. {
+        if round % CAPTURE_CHECK_EVERY == 0 {
+            match store.check_capture().await {
+                Ok(problems) => {
+                    if problems != reported {
+                        for p in &problems {
+                            error!(problem = %p, "capture is incomplete");
+                        }
+                        if problems.is_empty() {
+                            info!("capture triggers are complete again");
+                        }
+                        reported = problems;
+                    }
+                    metrics::gauge!("tidemark_capture_problems").set(reported.len() as f64);
+                }
+                Err(e) => warn!(error = %e, "cannot check the capture triggers"),
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(LOCK_CHECK) => {}

@@ -422,6 +422,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Events with `synced_at` still NULL.
     fn count_unsynced(&self) -> impl Future<Output = Result<u64>> + Send;
 
+    /// What is wrong with the capture triggers of `tables` (missing, or
+    /// disabled so writes would go uncaptured), one message each; empty when
+    /// all is well.
+    fn check_capture(
+        &self,
+        tables: &[std::sync::Arc<TableInfo>],
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+
     /// Checks that this daemon still holds the database's writer lock (taken
     /// when the backend connected), taking it again if its connection broke.
     fn check_lock(&self) -> impl Future<Output = Result<()>> + Send;

@@ -406,6 +406,13 @@ impl Store {
         dispatch!(self, e => e.backend().migrate().await)
     }
 
+    /// What is wrong with the registered tables' capture triggers (missing or
+    /// disabled), one message each.
+    pub async fn check_capture(&self) -> Result<Vec<String>> {
+        let tables = self.tables();
+        dispatch!(self, e => e.backend().check_capture(&tables).await)
+    }
+
     /// Checks that this daemon still holds the database's writer lock (one
     /// daemon per database), taking it again if its session broke.
     pub async fn check_lock(&self) -> Result<()> {

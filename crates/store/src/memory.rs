@@ -1257,6 +1257,11 @@ impl Backend for MemoryBackend {
         Ok(s.events.values().filter(|e| e.synced_at.is_none()).count() as u64)
     }
 
+    async fn check_capture(&self, _tables: &[std::sync::Arc<TableInfo>]) -> Result<Vec<String>> {
+        // Every write goes through the store: nothing to bypass.
+        Ok(Vec::new())
+    }
+
     async fn check_lock(&self) -> Result<()> {
         Ok(())
     }

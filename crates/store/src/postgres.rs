@@ -564,6 +564,12 @@ impl Backend for PostgresBackend {
                 "CREATE TRIGGER tidemark_refuse_truncate BEFORE TRUNCATE ON {t} \
                  FOR EACH STATEMENT EXECUTE FUNCTION tidemark_refuse_truncate()"
             ),
+            // Fired in sessions with session_replication_role = replica too
+            // (bulk loaders and other replication tools set it): no write to a
+            // replicated table goes around capture.
+            format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER tidemark_capture"),
+            format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER tidemark_capture_lock"),
+            format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER tidemark_refuse_truncate"),
         ] {
             exec(&mut tx, sql).await?;
         }
@@ -1511,6 +1517,43 @@ impl Backend for PostgresBackend {
                 .fetch_one(&self.pool)
                 .await?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn check_capture(&self, tables: &[std::sync::Arc<TableInfo>]) -> Result<Vec<String>> {
+        const NEEDED: [&str; 3] = [
+            "tidemark_capture",
+            "tidemark_capture_lock",
+            "tidemark_refuse_truncate",
+        ];
+        let mut problems = Vec::new();
+        for info in tables {
+            let found: Vec<(String, String)> = sqlx::query_as(
+                "SELECT tgname::text, tgenabled::text FROM pg_trigger \
+                 WHERE tgrelid = to_regclass(quote_ident($1)) AND tgname = ANY($2)",
+            )
+            .bind(&info.table_name)
+            .bind(NEEDED.map(str::to_owned).to_vec())
+            .fetch_all(&self.pool)
+            .await?;
+            for name in NEEDED {
+                let t = &info.table_name;
+                match found
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, e)| e.chars().next().unwrap_or('?'))
+                {
+                    None => problems.push(format!(
+                        "table {t}: capture trigger {name} is missing, so direct writes go uncaptured; restart the daemon to recreate it"
+                    )),
+                    Some('A') => {}
+                    Some(state) => problems.push(format!(
+                        "table {t}: capture trigger {name} is {} (pg_trigger.tgenabled = {state:?}), so some direct writes go uncaptured; run ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}",
+                        if state == 'D' { "disabled" } else { "not enabled ALWAYS" }
+                    )),
+                }
+            }
+        }
+        Ok(problems)
     }
 
     async fn check_lock(&self) -> Result<()> {

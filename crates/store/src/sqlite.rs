@@ -323,7 +323,10 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
             "CREATE TRIGGER {} BEFORE INSERT ON {} WHEN {guard} BEGIN {}; END",
             q(&ins_replaces),
             q(t),
-            maybe_replaced(format!("{pk} IS NOT NEW.{pk} AND ({})", clashes.join(" OR ")))
+            maybe_replaced(format!(
+                "{pk} IS NOT NEW.{pk} AND ({})",
+                clashes.join(" OR ")
+            ))
         ));
     }
     let mut targets = vec![format!("{pk} = NEW.{pk}")];
@@ -332,7 +335,10 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
         "CREATE TRIGGER {} BEFORE UPDATE ON {} WHEN {guard} BEGIN {}; END",
         q(&upd_replaces),
         q(t),
-        maybe_replaced(format!("{pk} IS NOT OLD.{pk} AND ({})", targets.join(" OR ")))
+        maybe_replaced(format!(
+            "{pk} IS NOT OLD.{pk} AND ({})",
+            targets.join(" OR ")
+        ))
     ));
     let mut all = vec![
         format!(
@@ -1578,6 +1584,30 @@ impl Backend for SqliteBackend {
                 .fetch_one(&self.pool)
                 .await?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn check_capture(&self, tables: &[std::sync::Arc<TableInfo>]) -> Result<Vec<String>> {
+        let present: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut problems = Vec::new();
+        for info in tables {
+            let [ins, upd, del, ins_replaces, upd_replaces] = trigger_names(&info.table_name);
+            let mut needed = vec![ins, upd, del, upd_replaces];
+            if !info.uniques.is_empty() {
+                needed.push(ins_replaces);
+            }
+            for name in needed {
+                if !present.iter().any(|(p,)| *p == name) {
+                    problems.push(format!(
+                        "table {}: capture trigger {name} is missing, so direct writes go uncaptured; restart the daemon to recreate it",
+                        info.table_name
+                    ));
+                }
+            }
+        }
+        Ok(problems)
     }
 
     async fn check_lock(&self) -> Result<()> {

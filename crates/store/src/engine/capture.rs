@@ -154,7 +154,11 @@ impl<B: Backend> Engine<B> {
         };
         let operation = capture.operation;
         if capture.row == CapturedRow::IfGone
-            && !self.backend.rows(tx, &table, &[record_id]).await?.is_empty()
+            && !self
+                .backend
+                .rows(tx, &table, &[record_id])
+                .await?
+                .is_empty()
         {
             return Ok(Stamped::Nothing);
         }
