@@ -277,6 +277,44 @@ pub async fn assert_same_state(nodes: &[TestNode]) -> State {
     reference.clone()
 }
 
+/// A blocked record: (table, record, winning event, kind, blocker table, blocker id).
+pub type Blocked = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// Every running node lists the same blocked records (`tidemark_blocked`) and
+/// the same conflicts, open and resolved, with their kinds and resolutions.
+pub async fn assert_same_blocked(nodes: &[TestNode]) {
+    type Decided = (String, String, String, String, Option<String>);
+    let mut seen: Option<(&str, Vec<Blocked>, Vec<Decided>)> = None;
+    for node in running(nodes) {
+        let blocked: Vec<Blocked> = fetch(
+            node.reader(),
+            "SELECT table_name, record_id, event_id, kind, blocker_table, blocker_id \
+             FROM tidemark_blocked ORDER BY table_name, record_id",
+        )
+        .await;
+        let conflicts: Vec<Decided> = fetch(
+            node.reader(),
+            "SELECT conflict_id, kind, record_id, status, resolution \
+             FROM tidemark_conflicts ORDER BY conflict_id",
+        )
+        .await;
+        match &seen {
+            None => seen = Some((&node.name, blocked, conflicts)),
+            Some((first, b, c)) => {
+                assert_eq!(&blocked, b, "blocked records of {} and {first}", node.name);
+                assert_eq!(&conflicts, c, "conflicts of {} and {first}", node.name);
+            }
+        }
+    }
+}
+
 /// Checker 3: under `lww`, every running node's `notes` rows are the greatest
 /// event per record of the union of every node's events.
 pub async fn assert_lww_union(nodes: &[TestNode]) {

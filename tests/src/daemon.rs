@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
-use tidemark_replicator::pb::{self, records_client::RecordsClient};
+use tidemark_replicator::pb::{self, admin_client::AdminClient, records_client::RecordsClient};
 use tonic::transport::Channel;
 use ulid::Ulid;
 
@@ -118,6 +118,22 @@ impl Reader {
         }
     }
 
+    /// The rows of any query, on either backend.
+    pub async fn fetch_all<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
+        let safe = || sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Reader::Sqlite(p) => sqlx::query_as(safe()).fetch_all(p).await,
+            Reader::Postgres(p) => sqlx::query_as(safe()).fetch_all(p).await,
+        }
+        .unwrap_or_else(|e| panic!("query failed: {e}\n{sql}"))
+    }
+
     /// Rows of `notes` normalised to JSON text, by id.
     pub async fn rows(&self) -> BTreeMap<String, String> {
         const SQL: &str = "SELECT id, title, body, CAST(stars AS BIGINT) FROM notes ORDER BY id";
@@ -216,6 +232,9 @@ pub struct TestNode {
     /// Extra environment for the daemon process (e.g. test-only pauses), applied
     /// at every start.
     pub env: Vec<(String, String)>,
+    /// `[[tables]]` entries replicated besides `notes` (see [`Table`]), written
+    /// into the config by [`TestNode::write_config`].
+    pub tables: String,
     child: Option<Child>,
     reader: Option<Reader>,
 }
@@ -246,12 +265,13 @@ impl TestNode {
             "[node]\nid = \"{}\"\nname = \"{}\"\ncluster_id = \"{cluster_id}\"\n\n\
              [store]\nurl = \"{}\"\n\n[server]\nlisten_addr = \"127.0.0.1:{}\"\nmetrics_listen_addr = \"127.0.0.1:{}\"\n\n\
              [replication]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\ncapture_poll_ms = 5\n\n\
-             [[tables]]\nname = \"notes\"\n\n{tls}{extra}\n",
+             [[tables]]\nname = \"notes\"\n\n{}{tls}{extra}\n",
             self.id,
             self.name,
             self.db.url(),
             self.port,
-            self.metrics_port
+            self.metrics_port,
+            self.tables
         );
         for (id, port) in peers {
             text.push_str(&format!(
@@ -450,6 +470,34 @@ impl TestNode {
             .into_inner()
     }
 
+    /// Puts a record of any replicated table; the node's answer as it is. The
+    /// answer holds the whole row: it is read whatever its size (a client's
+    /// default limit is 4 MiB).
+    pub async fn put_to(
+        &self,
+        table: &str,
+        id: Ulid,
+        values: Value,
+    ) -> Result<pb::WriteResponse, tonic::Status> {
+        self.client()
+            .await
+            .max_decoding_message_size(usize::MAX)
+            .put(pb::PutRequest {
+                table: table.into(),
+                id: id.to_string(),
+                values_json: values.to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A client of the node's Admin service (served on the gRPC listener).
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(self.grpc_url())
+            .await
+            .expect("connect admin api")
+    }
+
     /// GET `path` from the node's HTTP listener: (status code, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -518,6 +566,34 @@ pub enum Topology {
     Chain,
 }
 
+/// A table a cluster replicates besides `notes`: created on every node before
+/// it starts and listed in its `[[tables]]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Table {
+    pub name: &'static str,
+    /// The `CREATE TABLE` statement on a node's backend.
+    pub ddl: fn(&TestDb) -> String,
+    /// `lww` or `manual`.
+    pub policy: &'static str,
+    /// SQLite only: the `types` override of the entry, e.g. `{ d = "decimal" }`
+    /// (empty: none).
+    pub sqlite_types: &'static str,
+}
+
+impl Table {
+    /// The table's `[[tables]]` entry on a node with this database.
+    fn entry(&self, db: &TestDb) -> String {
+        let mut entry = format!(
+            "[[tables]]\nname = \"{}\"\nconflict_policy = \"{}\"\n",
+            self.name, self.policy
+        );
+        if matches!(db, TestDb::Sqlite { .. }) && !self.sqlite_types.is_empty() {
+            entry.push_str(&format!("types = {}\n", self.sqlite_types));
+        }
+        entry + "\n"
+    }
+}
+
 /// A cluster of test daemons sharing a temp dir.
 #[derive(Debug)]
 pub struct Cluster {
@@ -543,6 +619,18 @@ impl Cluster {
         cluster_id: &str,
         extra: &str,
     ) -> Cluster {
+        Cluster::prepare_with(backends, topology, cluster_id, extra, &[])
+    }
+
+    /// Like [`Cluster::prepare`], each node also creating and replicating
+    /// `tables` (in that order: parents first).
+    pub fn prepare_with(
+        backends: &[&str],
+        topology: Topology,
+        cluster_id: &str,
+        extra: &str,
+        tables: &[Table],
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let n = backends.len();
         let mut nodes: Vec<TestNode> = backends
@@ -555,6 +643,10 @@ impl Cluster {
                     other => panic!("unknown backend {other}"),
                 };
                 db.sql(&notes_ddl(&db));
+                for table in tables {
+                    db.sql(&(table.ddl)(&db));
+                }
+                let tables = tables.iter().map(|t| t.entry(&db)).collect();
                 TestNode {
                     name: format!("node{i}"),
                     id: Ulid::generate(),
@@ -562,6 +654,7 @@ impl Cluster {
                     metrics_port: free_port(),
                     db,
                     dir: dir.path().to_path_buf(),
+                    tables,
                     env: Vec::new(),
                     child: None,
                     reader: None,

@@ -2,8 +2,9 @@
 //! throwaway PostgreSQL cluster, SQLite files in temp dirs, the in-memory backend)
 //! and the SQL backends' real command line clients (`psql`, `sqlite3`); whole
 //! daemons ([`daemon`]), a fault-injecting proxy for the links between them
-//! ([`proxy`]), the checks every fault scenario ends with ([`check`]), and the
-//! schema of the constraint tests ([`schema`]).
+//! ([`proxy`]), the checks every fault scenario ends with ([`check`]), the
+//! schema of the constraint tests ([`schema`]), and typed reads of any table on
+//! either backend ([`typed`]).
 
 pub mod backlog;
 pub mod check;
@@ -11,6 +12,7 @@ pub mod daemon;
 pub mod pg;
 pub mod proxy;
 pub mod schema;
+pub mod typed;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -45,6 +45,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::daemon::Topology;
+
 /// Largest chunk read and forwarded at once.
 pub const CHUNK: usize = 16 * 1024;
 
@@ -376,8 +378,8 @@ pub fn fault_seed() -> u64 {
     seed
 }
 
-/// A proxy on every directed link of a mesh cluster: node `i` reaches node `j`
-/// only through `link(i, j)`.
+/// A proxy on every directed link of a cluster (a mesh or a chain): node `i`
+/// reaches node `j` only through `link(i, j)`.
 #[derive(Debug)]
 pub struct Links {
     proxies: std::collections::BTreeMap<(usize, usize), Proxy>,
@@ -394,10 +396,37 @@ impl Links {
         extra: &str,
         seed: u64,
     ) -> Links {
+        Links::new(cluster, Topology::Mesh, cluster_id, extra, seed).await
+    }
+
+    /// Like [`Links::mesh`] for a chain: node `i` peers with `i - 1` and `i + 1`
+    /// only, through `link(i, i ± 1)`.
+    pub async fn chain(
+        cluster: &crate::daemon::Cluster,
+        cluster_id: &str,
+        extra: &str,
+        seed: u64,
+    ) -> Links {
+        Links::new(cluster, Topology::Chain, cluster_id, extra, seed).await
+    }
+
+    async fn new(
+        cluster: &crate::daemon::Cluster,
+        topology: Topology,
+        cluster_id: &str,
+        extra: &str,
+        seed: u64,
+    ) -> Links {
         let n = cluster.nodes.len();
+        let peers = |i: usize| {
+            (0..n).filter(move |j| match topology {
+                Topology::Mesh => *j != i,
+                Topology::Chain => j.abs_diff(i) == 1,
+            })
+        };
         let mut proxies = std::collections::BTreeMap::new();
         for i in 0..n {
-            for j in (0..n).filter(|j| *j != i) {
+            for j in peers(i) {
                 let proxy = Proxy::start(
                     format!("{}->{}", cluster.nodes[i].name, cluster.nodes[j].name),
                     cluster.nodes[j].port,
@@ -408,8 +437,7 @@ impl Links {
             }
         }
         for (i, node) in cluster.nodes.iter().enumerate() {
-            let peers: Vec<(ulid::Ulid, u16)> = (0..n)
-                .filter(|j| *j != i)
+            let peers: Vec<(ulid::Ulid, u16)> = peers(i)
                 .map(|j| (cluster.nodes[j].id, proxies[&(i, j)].port()))
                 .collect();
             node.write_config(cluster_id, &peers, extra);

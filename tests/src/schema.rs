@@ -26,25 +26,48 @@ async fn create(db: &TestDb) {
     match db.memory_db() {
         Some(memory) => declare(db, memory).await,
         None => {
-            let (key, int) = (db.ulid_type(), db.int_type());
-            db.sql(&format!(
-                "CREATE TABLE users (id {key} PRIMARY KEY, email TEXT UNIQUE, name TEXT, \
-                 age {int} CHECK (age IS NULL OR age BETWEEN 0 AND 200))"
-            ));
-            for (table, on_delete) in [("orders", "CASCADE"), ("payments", "RESTRICT")] {
-                db.sql(&format!(
-                    "CREATE TABLE {table} (id {key} PRIMARY KEY, \
-                     user_id {key} REFERENCES users(id) ON DELETE {on_delete}, amount {int})"
-                ));
-            }
-            if child_tables(db).contains(&"invoices") {
-                db.sql(
-                    "CREATE TABLE invoices (id CHAR(26) PRIMARY KEY, user_id CHAR(26) \
-                     REFERENCES users(id) DEFERRABLE INITIALLY DEFERRED, amount BIGINT)",
-                );
+            db.sql(&users_ddl(db));
+            for table in child_tables(db) {
+                db.sql(&child_ddl(db, table));
             }
         }
     }
+}
+
+/// `CREATE TABLE users` on a SQL backend.
+pub fn users_ddl(db: &TestDb) -> String {
+    let (key, int) = (db.ulid_type(), db.int_type());
+    format!(
+        "CREATE TABLE users (id {key} PRIMARY KEY, email TEXT UNIQUE, name TEXT, \
+         age {int} CHECK (age IS NULL OR age BETWEEN 0 AND 200))"
+    )
+}
+
+/// `CREATE TABLE` of one of the [`child_tables`] on a SQL backend.
+pub fn child_ddl(db: &TestDb, table: &str) -> String {
+    child_table_ddl(db, table, db.ulid_type())
+}
+
+/// Like [`child_ddl`] with `user_id` declared `CHAR(26)` on every backend, for
+/// clusters mixing SQLite and PostgreSQL: nodes must agree on each column's
+/// class, and SQLite's TEXT is class `text` where PostgreSQL's CHAR(26) is
+/// `char(26)` (primary keys excepted: both hold ULIDs).
+pub fn mixed_child_ddl(db: &TestDb, table: &str) -> String {
+    child_table_ddl(db, table, "CHAR(26)")
+}
+
+fn child_table_ddl(db: &TestDb, table: &str, reference: &str) -> String {
+    let (key, int) = (db.ulid_type(), db.int_type());
+    let on_delete = match table {
+        "orders" => "ON DELETE CASCADE",
+        "payments" => "ON DELETE RESTRICT",
+        "invoices" => "DEFERRABLE INITIALLY DEFERRED",
+        other => panic!("{other} is not a child table of the schema"),
+    };
+    format!(
+        "CREATE TABLE {table} (id {key} PRIMARY KEY, \
+         user_id {reference} REFERENCES users(id) {on_delete}, amount {int})"
+    )
 }
 
 /// The same tables on the in-memory backend.
