@@ -291,6 +291,22 @@ async fn check_finds_equal_nodes_equal_and_names_each_record_that_differs() {
     assert_eq!(first.total, 2);
     assert_eq!(first.captures.len(), 1);
     assert_eq!(first.captures[0].record_id, changed.to_string());
+
+    // Dealt with, an entry is discarded (its row stays); the rest remain.
+    let seq = first.captures[0].seq.to_string();
+    let (code, out, err) = admin_cli(&["--addr", &url0, "discard-unreplicated", &seq]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("discarded 1 entries"), "{out}");
+    let left = admin_json(&["--addr", &url0, "unreplicated"]);
+    assert_eq!(left["total"], json!(1), "{left:#}");
+    assert_eq!(left["captures"][0]["record_id"], json!(only0.to_string()));
+    let (code, _, err) = admin_cli(&["--addr", &url0, "discard-unreplicated"]);
+    assert_ne!(code, 0, "nothing named: {err}");
+    let (code, out, err) = admin_cli(&["--addr", &url0, "discard-unreplicated", "--all"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("discarded 1 entries"), "{out}");
+    assert_eq!(status(n0).await.unreplicated_captures, 0);
+    assert!(n0.reader().rows().await.contains_key(&only0.to_string()));
 }
 
 // ---------------------------------------------------------------------------------
@@ -453,6 +469,13 @@ async fn blocked_lists_the_losers_of_unique_clashes() {
         assert!(out.contains("2 blocked records on this node"), "{out}");
         let (_, out, _) = admin_cli(&["--addr", &url, "status"]);
         assert!(out.contains("2 blocked records"), "{out}");
+        // Retrying on demand cannot place a record whose value another holds.
+        let (code, out, err) = admin_cli(&["--addr", &url, "retry-blocked", "--table", "users"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("tried 2 blocked records: 0 placed, 2 still blocked"),
+            "{out}"
+        );
     }
 }
 

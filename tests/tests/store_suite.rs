@@ -1117,6 +1117,73 @@ async fn capture_around_the_triggers_is_reported(db: TestDb) {
     store.close().await;
 }
 
+async fn refused_rows_retry_on_demand(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    // The table starts refusing rows with more than 5 stars.
+    match db.kind() {
+        "postgres" => db.sql("ALTER TABLE notes ADD CONSTRAINT few_stars CHECK (stars <= 5)"),
+        _ => db.sql(
+            "CREATE TRIGGER few_stars BEFORE INSERT ON notes WHEN NEW.stars > 5 \
+             BEGIN SELECT RAISE(ABORT, 'too many stars'); END",
+        ),
+    };
+    let peer = Ulid::generate();
+    let record = id(7);
+    let event = remote_event(
+        peer,
+        hlc_at(0, 0),
+        record,
+        Operation::Insert,
+        Some(json!({"title": "many", "stars": 9})),
+    );
+    store.apply_remote(std::slice::from_ref(&event)).await.expect("apply");
+    assert_eq!(store.count_blocked().await.expect("count"), 1);
+    assert_eq!(store.get("notes", record).await.expect("get"), None);
+    // Retrying changes nothing while the table still refuses.
+    assert_eq!(store.retry_blocked(None).await.expect("retry"), (1, 0));
+    assert_eq!(store.count_blocked().await.expect("count"), 1);
+    // The operator lifts the constraint: the record is placed on demand.
+    match db.kind() {
+        "postgres" => db.sql("ALTER TABLE notes DROP CONSTRAINT few_stars"),
+        _ => db.sql("DROP TRIGGER few_stars"),
+    };
+    let err = store
+        .retry_blocked(Some("nope"))
+        .await
+        .expect_err("unknown table");
+    assert!(matches!(err, StoreError::UnknownTable { .. }), "{err}");
+    assert_eq!(
+        store.retry_blocked(Some("notes")).await.expect("retry"),
+        (1, 1)
+    );
+    assert_eq!(store.count_blocked().await.expect("count"), 0);
+    assert_eq!(
+        store.get("notes", record).await.expect("get"),
+        event.new_values
+    );
+    assert_eq!(store.retry_blocked(None).await.expect("retry"), (0, 0));
+    if db.kind() == "postgres" {
+        // An application's trigger that raises refuses the row the same way.
+        db.sql(
+            "CREATE FUNCTION no_spam() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN IF NEW.title = 'spam' THEN RAISE EXCEPTION 'no spam'; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER no_spam BEFORE INSERT OR UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION no_spam()",
+        );
+        let spam = remote_event(
+            peer,
+            hlc_at(0, 1),
+            id(8),
+            Operation::Insert,
+            Some(json!({"title": "spam"})),
+        );
+        store.apply_remote(&[spam]).await.expect("apply");
+        let blocked = store.list_blocked(None, 10).await.expect("list");
+        assert_eq!(blocked.len(), 1);
+        assert!(blocked[0].reason.contains("no spam"), "{:?}", blocked[0]);
+    }
+    store.close().await;
+}
+
 async fn one_daemon_per_database(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -1717,6 +1784,7 @@ suite!(
         registration_snapshots_existing_rows,
         one_daemon_per_database,
         capture_around_the_triggers_is_reported,
+        refused_rows_retry_on_demand,
     ],
 );
 

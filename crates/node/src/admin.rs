@@ -466,6 +466,52 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn retry_blocked(
+        &self,
+        request: Request<pb::RetryBlockedRequest>,
+    ) -> Result<Response<pb::RetryBlockedResponse>, Status> {
+        let req = request.into_inner();
+        let table = (!req.table.is_empty()).then_some(req.table.as_str());
+        let (tried, placed) = self
+            .store
+            .retry_blocked(table)
+            .await
+            .map_err(store_status)?;
+        info!(
+            table = table.unwrap_or("*"),
+            tried, placed, "blocked records retried by an operator"
+        );
+        Ok(Response::new(pb::RetryBlockedResponse { tried, placed }))
+    }
+
+    async fn discard_unreplicated(
+        &self,
+        request: Request<pb::DiscardUnreplicatedRequest>,
+    ) -> Result<Response<pb::DiscardUnreplicatedResponse>, Status> {
+        let req = request.into_inner();
+        let seqs = match (req.all, req.seqs.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(req.seqs.as_slice()),
+            (true, false) => {
+                return Err(Status::invalid_argument(
+                    "give either seqs or all, not both",
+                ));
+            }
+            (false, true) => {
+                return Err(Status::invalid_argument(
+                    "seqs: name the entries to discard, or set all",
+                ));
+            }
+        };
+        let discarded = self
+            .store
+            .discard_set_aside(seqs)
+            .await
+            .map_err(store_status)?;
+        info!(discarded, "unreplicated captures discarded by an operator");
+        Ok(Response::new(pb::DiscardUnreplicatedResponse { discarded }))
+    }
+
     async fn digest(
         &self,
         request: Request<pb::DigestRequest>,

@@ -99,6 +99,21 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Try blocked records again now (after changing a constraint that refused
+    /// them; records also retry by themselves when a row they wait on changes).
+    RetryBlocked {
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Remove entries of the unreplicated list once dealt with (the rows stay).
+    DiscardUnreplicated {
+        /// The entries' seq numbers, as `unreplicated` lists them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        seqs: Vec<i64>,
+        /// Every entry.
+        #[arg(long)]
+        all: bool,
+    },
     /// Compare the rows of several nodes (exit 1 when they differ): per-table
     /// digests, then the ranges and records that differ. Ignores --addr.
     Check {
@@ -768,6 +783,37 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                  no other node has them",
                 r.total
             );
+        }
+        AdminCommand::RetryBlocked { table } => {
+            let r = client
+                .retry_blocked(pb::RetryBlockedRequest {
+                    table: table.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({"tried": r.tried, "placed": r.placed}));
+            } else {
+                println!(
+                    "tried {} blocked records: {} placed, {} still blocked",
+                    r.tried,
+                    r.placed,
+                    r.tried - r.placed.min(r.tried)
+                );
+            }
+        }
+        AdminCommand::DiscardUnreplicated { seqs, all } => {
+            let r = client
+                .discard_unreplicated(pb::DiscardUnreplicatedRequest { seqs, all })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({"discarded": r.discarded}));
+            } else {
+                println!("discarded {} entries", r.discarded);
+            }
         }
         AdminCommand::Check { nodes, table } => {
             return check(&nodes, table.as_deref(), &args.tls, &token, args.json).await;

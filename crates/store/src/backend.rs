@@ -140,6 +140,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Captures set aside, oldest first, at most `limit`.
     fn list_set_aside(&self, limit: u32) -> impl Future<Output = Result<Vec<SetAside>>> + Send;
     fn count_set_aside(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// Removes these set-aside entries (every one with `None`); returns how many
+    /// went. The rows they describe are not touched.
+    fn discard_set_aside(&self, seqs: Option<&[i64]>) -> impl Future<Output = Result<u64>> + Send;
 
     fn versions(
         &self,

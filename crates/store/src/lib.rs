@@ -191,6 +191,19 @@ impl Store {
         dispatch!(self, e => e.backend().list_set_aside(limit).await)
     }
 
+    /// Removes these set-aside entries (all with `None`) once an operator has
+    /// dealt with them; returns how many went.
+    pub async fn discard_set_aside(&self, seqs: Option<&[i64]>) -> Result<u64> {
+        dispatch!(self, e => e.backend().discard_set_aside(seqs).await)
+    }
+
+    /// Tries every blocked record (of `table`, or all) again now, e.g. after
+    /// an operator changed the constraint that refused it; returns how many
+    /// were tried and how many are placed now.
+    pub async fn retry_blocked(&self, table: Option<&str>) -> Result<(u64, u64)> {
+        dispatch!(self, e => e.retry_blocked_now(table).await)
+    }
+
     pub async fn count_set_aside(&self) -> Result<u64> {
         dispatch!(self, e => e.backend().count_set_aside().await)
     }

@@ -678,6 +678,10 @@ impl Backend for MemoryBackend {
         Ok(0)
     }
 
+    async fn discard_set_aside(&self, _seqs: Option<&[i64]>) -> Result<u64> {
+        Ok(0)
+    }
+
     async fn versions(
         &self,
         tx: &mut Self::Tx,

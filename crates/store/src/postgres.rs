@@ -725,6 +725,23 @@ impl Backend for PostgresBackend {
         Ok(n.max(0) as u64)
     }
 
+    async fn discard_set_aside(&self, seqs: Option<&[i64]>) -> Result<u64> {
+        let done = match seqs {
+            None => {
+                sqlx::query("DELETE FROM tidemark_unreplicated")
+                    .execute(&self.pool)
+                    .await?
+            }
+            Some(seqs) => {
+                sqlx::query("DELETE FROM tidemark_unreplicated WHERE seq IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint)")
+                    .bind(serde_json::to_string(seqs).map_err(|e| StoreError::corrupt("tidemark_unreplicated", e.to_string()))?)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected())
+    }
+
     async fn versions(
         &self,
         tx: &mut Self::Tx,

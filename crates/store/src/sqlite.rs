@@ -859,6 +859,26 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn discard_set_aside(&self, seqs: Option<&[i64]>) -> Result<u64> {
+        let done = match seqs {
+            None => {
+                sqlx::query("DELETE FROM tidemark_unreplicated")
+                    .execute(&self.pool)
+                    .await?
+            }
+            Some(seqs) => sqlx::query(
+                "DELETE FROM tidemark_unreplicated WHERE seq IN (SELECT value FROM json_each($1))",
+            )
+            .bind(
+                serde_json::to_string(seqs)
+                    .map_err(|e| StoreError::corrupt("tidemark_unreplicated", e.to_string()))?,
+            )
+            .execute(&self.pool)
+            .await?,
+        };
+        Ok(done.rows_affected())
+    }
+
     async fn versions(
         &self,
         tx: &mut Self::Tx,

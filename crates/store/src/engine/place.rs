@@ -599,10 +599,36 @@ impl<B: Backend> Engine<B> {
         while !cache.touched.is_empty() && tries < MAX_RETRIES_PER_TX {
             let keys: Vec<(String, Ulid)> =
                 std::mem::take(&mut cache.touched).into_iter().collect();
-            let mut waiting = self.backend.blocked_by_any(tx, &keys).await?;
+            let waiting = self.backend.blocked_by_any(tx, &keys).await?;
             if waiting.is_empty() {
                 break;
             }
+            tries += self
+                .retry_these(tx, cache, waiting, &mut per_record)
+                .await?;
+        }
+        if tries >= MAX_RETRIES_PER_TX {
+            tracing::warn!(
+                tries,
+                "stopped retrying blocked records in one transaction; the rest wait for the next change"
+            );
+        }
+        cache.touched.clear();
+        Ok(())
+    }
+
+    /// Tries these blocked records again, greatest write first (each at most
+    /// [`MAX_RETRIES_PER_RECORD`] times per transaction); returns how many it
+    /// tried.
+    async fn retry_these(
+        &self,
+        tx: &mut B::Tx,
+        cache: &mut VersionCache,
+        mut waiting: Vec<Blocked>,
+        per_record: &mut HashMap<(String, Ulid), u32>,
+    ) -> Result<usize> {
+        let mut tries = 0;
+        {
             let mut candidates = Vec::with_capacity(waiting.len());
             for b in waiting.drain(..) {
                 let Ok(table) = self.table(&b.table_name) else {
@@ -646,14 +672,59 @@ impl<B: Backend> Engine<B> {
                     .await?;
             }
         }
-        if tries >= MAX_RETRIES_PER_TX {
-            tracing::warn!(
-                tries,
-                "stopped retrying blocked records in one transaction; the rest wait for the next change"
-            );
+        Ok(tries)
+    }
+
+    /// Tries every blocked record (of `table`, or all) again now, in one
+    /// transaction, and then the records their rows unblock in turn: for
+    /// refusals no row change retries (a CHECK or NOT NULL the operator
+    /// changed). Returns how many were tried and how many are placed now.
+    pub async fn retry_blocked_now(&self, table: Option<&str>) -> Result<(u64, u64)> {
+        if let Some(t) = table {
+            self.table(t)?;
         }
-        cache.touched.clear();
-        Ok(())
+        let _w = self.writer.lock().await;
+        let mut blocked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.backend.list_blocked(after.clone(), 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.table_name.clone(), last.record_id));
+            let full = page.len() == 1000;
+            blocked.extend(
+                page.into_iter()
+                    .filter(|b| table.is_none_or(|t| b.table_name == t)),
+            );
+            if !full {
+                break;
+            }
+        }
+        let tried = blocked.len() as u64;
+        if blocked.is_empty() {
+            return Ok((0, 0));
+        }
+        let mut tx = self.backend.begin().await?;
+        let drained = self.drain_in(&mut tx).await?;
+        let mut cache = VersionCache::new();
+        let mut per_record = HashMap::new();
+        let keys: Vec<(String, Ulid)> = blocked
+            .iter()
+            .map(|b| (b.table_name.clone(), b.record_id))
+            .collect();
+        self.retry_these(&mut tx, &mut cache, blocked, &mut per_record)
+            .await?;
+        self.finish_blocks(&mut tx, &mut cache).await?;
+        let mut placed = 0;
+        for (t, id) in &keys {
+            if self.backend.blocked(&mut tx, t, *id).await?.is_none() {
+                placed += 1;
+            }
+        }
+        self.backend.commit(tx).await?;
+        if drained.events > 0 {
+            self.committed();
+        }
+        Ok((tried, placed))
     }
 }
 

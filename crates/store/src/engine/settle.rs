@@ -315,6 +315,10 @@ pub(super) fn refused_by_table(e: &sqlx::Error) -> bool {
             | ErrorKind::ForeignKeyViolation
             | ErrorKind::NotNullViolation
             | ErrorKind::CheckViolation
-    ) || db.code().is_some_and(|c| c.starts_with("22"))
-        || db.message().contains("datatype mismatch")
+    ) || db.code().is_some_and(|c| {
+        // PostgreSQL: a data exception (class 22), or an exception raised by
+        // an application's trigger (P0001). SQLite: any constraint code (19 and
+        // its extended forms, a trigger's RAISE(ABORT) among them).
+        c.starts_with("22") || c == "P0001" || c.parse::<i64>().is_ok_and(|n| n & 0xff == 19)
+    }) || db.message().contains("datatype mismatch")
 }
