@@ -7,7 +7,6 @@
 //! `/usr/lib/postgresql/<version>/bin`. A missing PostgreSQL is a test failure with
 //! instructions, never a skip.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -68,10 +67,7 @@ fn is_root() -> bool {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    crate::daemon::free_port()
 }
 
 impl PgCluster {
