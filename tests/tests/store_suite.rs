@@ -1136,7 +1136,10 @@ async fn refused_rows_retry_on_demand(db: TestDb) {
         Operation::Insert,
         Some(json!({"title": "many", "stars": 9})),
     );
-    store.apply_remote(std::slice::from_ref(&event)).await.expect("apply");
+    store
+        .apply_remote(std::slice::from_ref(&event))
+        .await
+        .expect("apply");
     assert_eq!(store.count_blocked().await.expect("count"), 1);
     assert_eq!(store.get("notes", record).await.expect("get"), None);
     // Retrying changes nothing while the table still refuses.

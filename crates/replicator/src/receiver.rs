@@ -400,6 +400,7 @@ impl Inner {
         let mut holds: HashMap<Ulid, Hlc> = HashMap::new();
         loop {
             let msg = tokio::select! {
+                biased;
                 _ = self.cancel.cancelled() => {
                     debug!("shutting down: closing stream");
                     return;

@@ -285,6 +285,7 @@ impl Sender {
                 }
             }
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return,
                 _ = self.inner.acks.notified() => {}
                 changed = commits.changed() => if changed.is_err() { return },
@@ -293,6 +294,7 @@ impl Sender {
             let pause =
                 SYNC_MARK_DEBOUNCE + crate::testhooks::pause_before_sync_mark().unwrap_or_default();
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
@@ -338,6 +340,7 @@ impl Sender {
                 }
                 let delay = backoff.next_delay();
                 tokio::select! {
+                    biased;
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
@@ -430,6 +433,7 @@ impl SenderInner {
         backoff: &mut Backoff,
     ) -> Result<(), SessionError> {
         let channel = tokio::select! {
+            biased;
             _ = cancel.cancelled() => return Ok(()),
             c = self.connect(peer) => c?,
         };
@@ -583,16 +587,13 @@ impl SenderInner {
                 .map(|b| b.2 + ack_timeout)
                 .unwrap_or_else(|| Instant::now() + ack_timeout);
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => {
                     // Close our side; acks still in flight are not waited for: the
                     // peer's vector on the next session says what it has.
                     drop(tx);
                     return Ok(());
                 }
-                _ = tokio::time::sleep_until(deadline), if !inflight.is_empty() => {
-                    return Err(SessionError::AckTimeout(ack_timeout));
-                }
-                _ = tokio::time::sleep_until(holds.next().unwrap_or(deadline)), if holds.next().is_some() => {}
                 msg = inbound.message() => {
                     self.on_reply(peer, msg, &mut inflight, &mut cursor, &mut holds).await?;
                 }
@@ -601,6 +602,10 @@ impl SenderInner {
                         return Err(SessionError::Closed);
                     }
                 }
+                _ = tokio::time::sleep_until(deadline), if !inflight.is_empty() => {
+                    return Err(SessionError::AckTimeout(ack_timeout));
+                }
+                _ = tokio::time::sleep_until(holds.next().unwrap_or(deadline)), if holds.next().is_some() => {}
             }
         }
     }

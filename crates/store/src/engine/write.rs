@@ -427,7 +427,15 @@ impl<B: Backend> Engine<B> {
             ResolveChoice::KeepLocal => canonical(&conflict.winner.values)?,
             ResolveChoice::KeepRemote => loser,
             ResolveChoice::Merged(given) => {
-                let mut base = if constraint { loser } else { row.clone() }.unwrap_or_default();
+                // Over the blocked write's values for a clash; over the shown
+                // version's otherwise (this node may have no row for it: a
+                // blocked record, a delete).
+                let shown = if constraint {
+                    loser
+                } else {
+                    canonical(&conflict.winner.values)?
+                };
+                let mut base = shown.unwrap_or_default();
                 base.extend(Self::api_values(&table, id, given)?);
                 // An event carries the whole row.
                 for col in &table.columns {
