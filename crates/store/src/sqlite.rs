@@ -1,26 +1,41 @@
 //! SQLite backend (WAL mode). One writer at a time is SQLite's own rule; the
 //! daemon's write transactions start with `BEGIN IMMEDIATE` and raise the capture
 //! guard so triggers skip the daemon's own writes.
+//!
+//! Two ways in: the daemon's write transactions (every method taking a
+//! [`SqliteTx`], and `begin`/`commit`/`rollback`) run on one dedicated write
+//! connection, inline on the calling task ([`writer`]); everything else (reads
+//! for senders, admin and metrics, progress, migrations) goes through sqlx's
+//! pool. Both open the same file with the same settings.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use rusqlite::params;
 use serde_json::{Value, json};
-use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::sqlite::SqliteRow;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction, TypeInfo, ValueRef};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
+
+mod writer;
+
+pub use writer::SqliteTx;
+use writer::{Writer, db_error, execute, query};
 
 /// Most rows one bulk statement carries.
 const BULK_CHUNK: usize = 1000;
 /// Most parameters one statement binds (SQLite's SQLITE_MAX_VARIABLE_NUMBER is 32766).
 const MAX_BINDS: usize = 32_000;
+/// Most rows of a multi-row upsert kept prepared on the write connection; a
+/// larger one (a rare shape, prepared at a cost its rows amortise) is prepared
+/// for its one use.
+const CACHED_UPSERT_ROWS: usize = 8;
 
 /// The SQL of the first SQLite migration (the whole schema), for tools that build
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
@@ -80,6 +95,10 @@ impl SqliteOptions {
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     pool: SqlitePool,
+    /// The write connection of the daemon's write transactions.
+    writer: Writer,
+    busy_timeout: Duration,
+    synchronous_full: bool,
     /// `<database>-tidemark.lock`, locked while this backend is open: one
     /// daemon per database.
     lock: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
@@ -171,8 +190,16 @@ impl SqliteBackend {
                 target: format!("SQLite database {}", opts.path.display()),
                 source,
             })?;
+        // After the pool, which created the file.
+        let writer = writer::open(opts).map_err(|e| StoreError::Connect {
+            target: format!("SQLite database {}", opts.path.display()),
+            source: writer::sqlx_error(e),
+        })?;
         Ok(SqliteBackend {
             pool,
+            writer: std::sync::Arc::new(tokio::sync::Mutex::new(Some(writer))),
+            busy_timeout: opts.busy_timeout,
+            synchronous_full: opts.synchronous_full,
             lock: std::sync::Arc::new(std::sync::Mutex::new(Some(lock))),
         })
     }
@@ -369,7 +396,7 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
     all
 }
 
-/// One value of a result row as SQLite stores it.
+/// One value of a pool row as SQLite stores it.
 fn cell(row: &SqliteRow, i: usize) -> Result<SqlCell> {
     let raw = row.try_get_raw(i)?;
     if raw.is_null() {
@@ -388,26 +415,22 @@ fn cell(row: &SqliteRow, i: usize) -> Result<SqlCell> {
     })
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments>;
-
-fn bind_cell(query: SqliteQuery<'_>, cell: SqlCell) -> SqliteQuery<'_> {
-    match cell {
-        SqlCell::Null => query.bind(None::<i64>),
-        SqlCell::Int(i) => query.bind(i),
-        SqlCell::Real(f) => query.bind(f),
-        SqlCell::Text(t) => query.bind(t),
-        SqlCell::Blob(b) => query.bind(b),
-    }
+/// The cells of a row of `SELECT <table.columns...>` on the write connection.
+fn row_cells(row: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<SqlCell>> {
+    (0..n).map(|i| row.get_ref(i).map(writer::cell)).collect()
 }
 
 /// Reads rows of `SELECT <table.columns...>` into canonical values, by id.
-fn decode_rows(table: &TableInfo, rows: &[SqliteRow]) -> Result<HashMap<Ulid, Values>> {
-    let mut out = HashMap::with_capacity(rows.len());
+fn decode_rows(
+    table: &TableInfo,
+    rows: impl IntoIterator<Item = Vec<SqlCell>>,
+) -> Result<HashMap<Ulid, Values>> {
+    let mut out = HashMap::new();
     for row in rows {
         let mut values = Values::new();
-        for (i, (col, ty)) in table.columns.iter().zip(&table.types).enumerate() {
+        for ((col, ty), cell) in table.columns.iter().zip(&table.types).zip(row) {
             let v = ty
-                .from_sqlite(cell(row, i)?)
+                .from_sqlite(cell)
                 .map_err(|reason| StoreError::InvalidValue {
                     table: table.table_name.clone(),
                     column: col.clone(),
@@ -426,6 +449,67 @@ fn decode_rows(table: &TableInfo, rows: &[SqliteRow]) -> Result<HashMap<Ulid, Va
     Ok(out)
 }
 
+/// A row of `SELECT record_id, hlc, node_id, event_id, deleted, vv, frontier`.
+fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    Ok(VersionRow {
+        record_id: r.get("record_id")?,
+        hlc: r.get("hlc")?,
+        node_id: r.get("node_id")?,
+        event_id: r.get("event_id")?,
+        deleted: r.get("deleted")?,
+        vv: writer::json_not_null(r, "vv")?,
+        frontier: writer::json_not_null(r, "frontier")?,
+    })
+}
+
+/// A row of `SELECT {BLOCKED_COLUMNS}, blocked_at`.
+fn blocked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockedRow> {
+    Ok(BlockedRow {
+        table_name: r.get("table_name")?,
+        record_id: r.get("record_id")?,
+        event_id: r.get("event_id")?,
+        kind: r.get("kind")?,
+        reason: r.get("reason")?,
+        blocker_table: r.get("blocker_table")?,
+        blocker_id: r.get("blocker_id")?,
+        blocked_at: r.get("blocked_at")?,
+    })
+}
+
+/// A row of `SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at`.
+fn conflict_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConflictRow> {
+    Ok(ConflictRow {
+        conflict_id: r.get("conflict_id")?,
+        kind: r.get("kind")?,
+        detail: r.get("detail")?,
+        winner_table: r.get("winner_table")?,
+        winner_record_id: r.get("winner_record_id")?,
+        table_name: r.get("table_name")?,
+        record_id: r.get("record_id")?,
+        policy: r.get("policy")?,
+        status: r.get("status")?,
+        winner_event_id: r.get("winner_event_id")?,
+        winner_hlc: r.get("winner_hlc")?,
+        winner_node_id: r.get("winner_node_id")?,
+        winner_values: writer::json(r, "winner_values")?,
+        loser_event_id: r.get("loser_event_id")?,
+        loser_hlc: r.get("loser_hlc")?,
+        loser_node_id: r.get("loser_node_id")?,
+        loser_values: writer::json(r, "loser_values")?,
+        detected_at: r.get("detected_at")?,
+        resolved_at: r.get("resolved_at")?,
+        resolved_by: r.get("resolved_by")?,
+        resolution: r.get("resolution")?,
+        resolution_note: r.get("resolution_note")?,
+        resolution_event_id: r.get("resolution_event_id")?,
+    })
+}
+
+/// JSON text of a value bound as a parameter (what sqlx's `Json` binds).
+fn json_text(v: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))
+}
+
 fn select_columns(table: &TableInfo) -> String {
     table
         .columns
@@ -440,8 +524,13 @@ async fn exec(tx: &mut Transaction<'static, Sqlite>, sql: String) -> Result<()> 
     Ok(())
 }
 
+/// A statement run once on the write connection (DDL), not kept prepared.
+fn exec_once(tx: &SqliteTx, sql: &str) -> Result<()> {
+    tx.conn().execute_batch(sql).map_err(db_error)
+}
+
 impl Backend for SqliteBackend {
-    type Tx = Transaction<'static, Sqlite>;
+    type Tx = SqliteTx;
 
     fn kind(&self) -> &'static str {
         "sqlite"
@@ -602,36 +691,41 @@ impl Backend for SqliteBackend {
             .fetch_all(&self.pool)
             .await?;
         let has = |c: &str| existing.iter().any(|e| e.0 == c);
-        let mut tx = self.begin().await?;
+        let tx = self.begin().await?;
         if !has("node_id") {
-            exec(
-                &mut tx,
-                format!("ALTER TABLE {t} ADD COLUMN node_id TEXT CHECK (node_id IS NULL OR length(node_id) = 26)"),
-            )
-            .await?;
+            exec_once(
+                &tx,
+                &format!(
+                    "ALTER TABLE {t} ADD COLUMN node_id TEXT CHECK (node_id IS NULL OR length(node_id) = 26)"
+                ),
+            )?;
         }
         if !has("hlc_modified") {
-            exec(
-                &mut tx,
-                format!("ALTER TABLE {t} ADD COLUMN hlc_modified INTEGER NOT NULL DEFAULT 0"),
-            )
-            .await?;
+            exec_once(
+                &tx,
+                &format!("ALTER TABLE {t} ADD COLUMN hlc_modified INTEGER NOT NULL DEFAULT 0"),
+            )?;
         }
-        exec(
-            &mut tx,
-            format!(
+        exec_once(
+            &tx,
+            &format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {t}(node_id)",
                 q(&format!("idx_{}_node", info.table_name))
             ),
-        )
-        .await?;
-        let bad: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {pk} FROM {t} WHERE {pk} IS NULL OR NOT ({pk} GLOB '{}') LIMIT 1",
-            ulid_glob()
-        )))
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((value,)) = bad {
+        )?;
+        let bad: Vec<Option<String>> = {
+            let mut stmt = tx
+                .conn()
+                .prepare(&format!(
+                    "SELECT {pk} FROM {t} WHERE {pk} IS NULL OR NOT ({pk} GLOB '{}') LIMIT 1",
+                    ulid_glob()
+                ))
+                .map_err(db_error)?;
+            stmt.query_map([], |r| r.get(0))
+                .and_then(Iterator::collect)
+                .map_err(db_error)?
+        };
+        if let Some(value) = bad.into_iter().next() {
             return Err(StoreError::Unregistrable {
                 table: info.table_name.clone(),
                 reason: format!(
@@ -646,55 +740,56 @@ impl Backend for SqliteBackend {
         }
         // The queue holds one untyped value column per replicated column, so
         // values keep their exact storage (a REAL's bits, a BLOB, ...).
-        let queue: Vec<(String,)> =
-            sqlx::query_as("SELECT name FROM pragma_table_info('tidemark_capture_queue')")
-                .fetch_all(&mut *tx)
-                .await?;
+        let queue: Vec<String> = query(
+            tx.conn(),
+            "SELECT name FROM pragma_table_info('tidemark_capture_queue')",
+            [],
+            |r| r.get(0),
+        )?;
         for i in 0..info.columns.len() {
             let name = value_column(i);
-            if !queue.iter().any(|(c,)| *c == name) {
-                exec(
-                    &mut tx,
-                    format!("ALTER TABLE tidemark_capture_queue ADD COLUMN {name}"),
-                )
-                .await?;
+            if !queue.contains(&name) {
+                exec_once(
+                    &tx,
+                    &format!("ALTER TABLE tidemark_capture_queue ADD COLUMN {name}"),
+                )?;
             }
         }
         for name in trigger_names(&info.table_name) {
-            exec(&mut tx, format!("DROP TRIGGER IF EXISTS {}", q(&name))).await?;
+            exec_once(&tx, &format!("DROP TRIGGER IF EXISTS {}", q(&name)))?;
         }
         for sql in trigger_sql(info) {
-            exec(&mut tx, sql).await?;
+            exec_once(&tx, &sql)?;
         }
         let classes: Vec<String> = info.types.iter().map(ToString::to_string).collect();
-        sqlx::query(
+        execute(
+            tx.conn(),
             "INSERT INTO tidemark_datatypes (datatype_id, table_name, primary_key, columns, column_types, declared_types, conflict_policy) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name) DO UPDATE SET \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (table_name) DO UPDATE SET \
              primary_key = excluded.primary_key, columns = excluded.columns, column_types = excluded.column_types, \
              declared_types = excluded.declared_types, conflict_policy = excluded.conflict_policy",
-        )
-        .bind(info.datatype_id.to_string())
-        .bind(&info.table_name)
-        .bind(&info.primary_key)
-        .bind(Json(&info.columns))
-        .bind(Json(&classes))
-        .bind(Json(&info.declared))
-        .bind(info.conflict_policy.as_str())
-        .execute(&mut *tx)
-        .await?;
+            params![
+                info.datatype_id.to_string(),
+                info.table_name,
+                info.primary_key,
+                json_text(&info.columns)?,
+                json_text(&classes)?,
+                json_text(&info.declared)?,
+                info.conflict_policy.as_str(),
+            ],
+        )?;
         if first_time {
             let value_cols: Vec<String> = (0..info.columns.len()).map(value_column).collect();
-            exec(
-                &mut tx,
-                format!(
+            exec_once(
+                &tx,
+                &format!(
                     "INSERT INTO tidemark_capture_queue (table_name, record_id, operation, {}) \
                      SELECT '{}', {pk}, 'INSERT', {} FROM {t} ORDER BY {pk}",
                     value_cols.join(", "),
                     info.table_name,
                     select_columns(info)
                 ),
-            )
-            .await?;
+            )?;
         }
         self.commit(tx).await
     }
@@ -705,11 +800,11 @@ impl Backend for SqliteBackend {
         table: &str,
         policy: ConflictPolicy,
     ) -> Result<()> {
-        sqlx::query("UPDATE tidemark_datatypes SET conflict_policy = $1 WHERE table_name = $2")
-            .bind(policy.as_str())
-            .bind(table)
-            .execute(&mut **tx)
-            .await?;
+        execute(
+            tx.conn(),
+            "UPDATE tidemark_datatypes SET conflict_policy = ?1 WHERE table_name = ?2",
+            params![policy.as_str(), table],
+        )?;
         Ok(())
     }
 
@@ -724,97 +819,100 @@ impl Backend for SqliteBackend {
     }
 
     async fn begin(&self) -> Result<Self::Tx> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        Ok(tx)
+        writer::begin(&self.writer, self.busy_timeout).await
     }
 
-    async fn commit(&self, mut tx: Self::Tx) -> Result<()> {
-        sqlx::query("UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+    async fn commit(&self, tx: Self::Tx) -> Result<()> {
+        writer::commit(tx, self.synchronous_full)
     }
 
     async fn rollback(&self, tx: Self::Tx) -> Result<()> {
-        tx.rollback().await?;
-        Ok(())
+        writer::rollback(tx)
     }
 
     async fn take_captures(&self, tx: &mut Self::Tx, limit: u32) -> Result<Vec<Capture>> {
+        let conn = tx.conn();
+        // Nothing queued (the usual case): no need for the statement below.
+        let queued: Vec<bool> = query(
+            conn,
+            "SELECT EXISTS (SELECT 1 FROM tidemark_capture_queue)",
+            [],
+            |r| r.get(0),
+        )?;
+        if queued.first() != Some(&true) {
+            return Ok(Vec::new());
+        }
         // Registration adds value columns to the queue: a cached statement would
         // keep the column list it was prepared with.
-        let rows = sqlx::query("SELECT * FROM tidemark_capture_queue ORDER BY seq LIMIT $1")
-            .persistent(false)
-            .bind(i64::from(limit))
-            .fetch_all(&mut **tx)
-            .await?;
-        let Some(first) = rows.first() else {
-            return Ok(Vec::new());
-        };
+        let mut stmt = conn
+            .prepare("SELECT * FROM tidemark_capture_queue ORDER BY seq LIMIT ?1")
+            .map_err(db_error)?;
         // v0, v1, ... by index, wherever they sit among the queue's columns.
-        let mut value_at: Vec<(usize, usize)> = first
-            .columns()
+        let mut value_at: Vec<(usize, usize)> = stmt
+            .column_names()
             .iter()
-            .filter_map(|c| {
-                let i = sqlx::Column::name(c)
-                    .strip_prefix('v')?
-                    .parse::<usize>()
-                    .ok()?;
-                Some((i, sqlx::Column::ordinal(c)))
+            .enumerate()
+            .filter_map(|(ordinal, name)| {
+                let i = name.strip_prefix('v')?.parse::<usize>().ok()?;
+                Some((i, ordinal))
             })
             .collect();
         value_at.sort_unstable();
         let what = "tidemark_capture_queue";
-        rows.iter()
-            .map(|row| {
-                let operation: Operation = row
-                    .try_get::<String, _>("operation")?
-                    .parse()
-                    .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?;
-                let maybe_replaced = row.try_get::<i64, _>("if_gone")? != 0;
-                let legacy: Option<String> = row.try_get("new_values")?;
-                let captured = if maybe_replaced {
-                    CapturedRow::IfGone
-                } else if operation == Operation::Delete {
-                    CapturedRow::Gone
-                } else if let Some(json) = legacy {
-                    CapturedRow::Json(json)
-                } else {
-                    CapturedRow::Cells(
-                        value_at
-                            .iter()
-                            .map(|(_, ordinal)| cell(row, *ordinal))
-                            .collect::<Result<_>>()?,
-                    )
-                };
-                Ok(Capture {
-                    seq: row.try_get("seq")?,
-                    table_name: row.try_get("table_name")?,
-                    record_id: row.try_get::<String, _>("record_id")?.trim().to_owned(),
-                    operation,
-                    row: captured,
-                })
-            })
-            .collect()
+        let mut rows = stmt.query([i64::from(limit)]).map_err(db_error)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(db_error)? {
+            let operation: Operation = row
+                .get::<_, String>("operation")
+                .map_err(db_error)?
+                .parse()
+                .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?;
+            let maybe_replaced = row.get::<_, i64>("if_gone").map_err(db_error)? != 0;
+            let legacy: Option<String> = row.get("new_values").map_err(db_error)?;
+            let captured = if maybe_replaced {
+                CapturedRow::IfGone
+            } else if operation == Operation::Delete {
+                CapturedRow::Gone
+            } else if let Some(json) = legacy {
+                CapturedRow::Json(json)
+            } else {
+                CapturedRow::Cells(
+                    value_at
+                        .iter()
+                        .map(|(_, ordinal)| row.get_ref(*ordinal).map(writer::cell))
+                        .collect::<rusqlite::Result<_>>()
+                        .map_err(db_error)?,
+                )
+            };
+            out.push(Capture {
+                seq: row.get("seq").map_err(db_error)?,
+                table_name: row.get("table_name").map_err(db_error)?,
+                record_id: row
+                    .get::<_, String>("record_id")
+                    .map_err(db_error)?
+                    .trim()
+                    .to_owned(),
+                operation,
+                row: captured,
+            });
+        }
+        Ok(out)
     }
 
     async fn set_aside(&self, tx: &mut Self::Tx, rows: &[SetAside]) -> Result<()> {
         for r in rows {
-            sqlx::query(
+            execute(
+                tx.conn(),
                 "INSERT INTO tidemark_unreplicated (seq, table_name, record_id, operation, reason) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
-            )
-            .bind(r.seq)
-            .bind(&r.table_name)
-            .bind(crate::model::truncate(&r.record_id))
-            .bind(&r.operation)
-            .bind(&r.reason)
-            .execute(&mut **tx)
-            .await?;
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (seq) DO NOTHING",
+                params![
+                    r.seq,
+                    r.table_name,
+                    crate::model::truncate(&r.record_id),
+                    r.operation,
+                    r.reason,
+                ],
+            )?;
         }
         Ok(())
     }
@@ -850,12 +948,11 @@ impl Backend for SqliteBackend {
     }
 
     async fn delete_captures(&self, tx: &mut Self::Tx, seqs: &[i64]) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM tidemark_capture_queue WHERE seq IN (SELECT value FROM json_each($1))",
-        )
-        .bind(Json(seqs))
-        .execute(&mut **tx)
-        .await?;
+        execute(
+            tx.conn(),
+            "DELETE FROM tidemark_capture_queue WHERE seq IN (SELECT value FROM json_each(?1))",
+            [json_text(&seqs)?],
+        )?;
         Ok(())
     }
 
@@ -885,14 +982,13 @@ impl Backend for SqliteBackend {
         table: &str,
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Version>> {
-        let rows: Vec<VersionRow> = sqlx::query_as(
+        let rows = query(
+            tx.conn(),
             "SELECT record_id, hlc, node_id, event_id, deleted, vv, frontier FROM tidemark_record_versions \
-             WHERE table_name = $1 AND record_id IN (SELECT value FROM json_each($2))",
-        )
-        .bind(table)
-        .bind(ids_json(ids))
-        .fetch_all(&mut **tx)
-        .await?;
+             WHERE table_name = ?1 AND record_id IN (SELECT value FROM json_each(?2))",
+            params![table, ids_json(ids)],
+            version_row,
+        )?;
         rows.into_iter().map(VersionRow::into_version).collect()
     }
 
@@ -903,16 +999,14 @@ impl Backend for SqliteBackend {
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Values>> {
         let sql = format!(
-            "SELECT {} FROM {} WHERE {} IN (SELECT value FROM json_each($1))",
+            "SELECT {} FROM {} WHERE {} IN (SELECT value FROM json_each(?1))",
             select_columns(table),
             q(&table.table_name),
             q(&table.primary_key),
         );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(ids_json(ids))
-            .fetch_all(&mut **tx)
-            .await?;
-        decode_rows(table, &rows)
+        let n = table.columns.len();
+        let rows = query(tx.conn(), &sql, [ids_json(ids)], |r| row_cells(r, n))?;
+        decode_rows(table, rows)
     }
 
     async fn put_versions(
@@ -936,17 +1030,15 @@ impl Backend for SqliteBackend {
                     ])
                 })
                 .collect();
-            sqlx::query(
+            execute(
+                tx.conn(),
                 "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
-                 SELECT $1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
-                 FROM json_each($2) WHERE true ON CONFLICT (table_name, record_id) DO UPDATE SET \
+                 SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
+                 FROM json_each(?2) WHERE true ON CONFLICT (table_name, record_id) DO UPDATE SET \
                  hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
                  deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
-            )
-            .bind(table)
-            .bind(Value::Array(rows).to_string())
-            .execute(&mut **tx)
-            .await?;
+                params![table, Value::Array(rows).to_string()],
+            )?;
         }
         Ok(())
     }
@@ -982,6 +1074,7 @@ impl Backend for SqliteBackend {
         let per_row = cols.len() + 2;
         let placeholders = format!("({})", vec!["?"; per_row].join(", "));
         let chunk_rows = (MAX_BINDS / per_row).clamp(1, BULK_CHUNK);
+        let conn = tx.conn();
         for chunk in rows.chunks(chunk_rows) {
             let sql = format!(
                 "INSERT INTO {t} ({names}, node_id, hlc_modified) VALUES {values} \
@@ -992,7 +1085,7 @@ impl Backend for SqliteBackend {
                 pk = q(&table.primary_key),
                 updates = updates.join(", "),
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
+            let mut binds = Vec::with_capacity(chunk.len() * per_row);
             for r in chunk {
                 for (c, ty) in &cols {
                     let cell = if **c == table.primary_key {
@@ -1002,26 +1095,32 @@ impl Backend for SqliteBackend {
                             .get(c.as_str())
                             .map_or(SqlCell::Null, |v| ty.to_sqlite(v))
                     };
-                    query = bind_cell(query, cell);
+                    binds.push(writer::bind(cell));
                 }
-                query = query.bind(r.node_id.to_string()).bind(r.hlc.encode());
+                binds.push(rusqlite::types::Value::Text(r.node_id.to_string()));
+                binds.push(rusqlite::types::Value::Integer(r.hlc.encode()));
             }
-            query.execute(&mut **tx).await?;
+            let params = rusqlite::params_from_iter(binds);
+            if chunk.len() <= CACHED_UPSERT_ROWS {
+                execute(conn, &sql, params)?;
+            } else {
+                // Large statements are rare shapes: prepared for this use only.
+                conn.prepare(&sql)
+                    .and_then(|mut stmt| stmt.execute(params))
+                    .map_err(db_error)?;
+            }
         }
         Ok(())
     }
 
     async fn delete_rows(&self, tx: &mut Self::Tx, table: &TableInfo, ids: &[Ulid]) -> Result<()> {
         let sql = format!(
-            "DELETE FROM {} WHERE {} IN (SELECT value FROM json_each($1))",
+            "DELETE FROM {} WHERE {} IN (SELECT value FROM json_each(?1))",
             q(&table.table_name),
             q(&table.primary_key)
         );
         for chunk in ids.chunks(BULK_CHUNK) {
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(ids_json(chunk))
-                .execute(&mut **tx)
-                .await?;
+            execute(tx.conn(), &sql, [ids_json(chunk)])?;
         }
         Ok(())
     }
@@ -1034,7 +1133,7 @@ impl Backend for SqliteBackend {
     ) -> Result<()> {
         let sql = format!(
             "UPDATE {t} SET node_id = s.n, hlc_modified = s.h \
-             FROM (SELECT value->>0 AS id, value->>1 AS h, value->>2 AS n FROM json_each($1)) AS s \
+             FROM (SELECT value->>0 AS id, value->>1 AS h, value->>2 AS n FROM json_each(?1)) AS s \
              WHERE {t}.{pk} = s.id",
             t = q(&table.table_name),
             pk = q(&table.primary_key)
@@ -1044,23 +1143,20 @@ impl Backend for SqliteBackend {
                 .iter()
                 .map(|(id, hlc, node)| json!([id.to_string(), hlc.encode(), node.to_string()]))
                 .collect();
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(Value::Array(items).to_string())
-                .execute(&mut **tx)
-                .await?;
+            execute(tx.conn(), &sql, [Value::Array(items).to_string()])?;
         }
         Ok(())
     }
 
     async fn existing_events(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<HashSet<Ulid>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT event_id FROM change_events WHERE event_id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(ids_json(ids))
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows: Vec<String> = query(
+            tx.conn(),
+            "SELECT event_id FROM change_events WHERE event_id IN (SELECT value FROM json_each(?1))",
+            [ids_json(ids)],
+            |r| r.get(0),
+        )?;
         rows.into_iter()
-            .map(|(id,)| {
+            .map(|id| {
                 Ulid::from_string(&id)
                     .map_err(|e| StoreError::corrupt("change_events", e.to_string()))
             })
@@ -1091,30 +1187,27 @@ impl Backend for SqliteBackend {
                     ])
                 })
                 .collect();
-            sqlx::query(
+            execute(
+                tx.conn(),
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata) \
                  SELECT value->>0, value->>1, strftime('%Y-%m-%dT%H:%M:%fZ', (value->>2) / 1000.0, 'unixepoch'), \
                  value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11 \
-                 FROM json_each($1) WHERE true ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(Value::Array(rows).to_string())
-            .execute(&mut **tx)
-            .await?;
+                 FROM json_each(?1) WHERE true ON CONFLICT (event_id) DO NOTHING",
+                [Value::Array(rows).to_string()],
+            )?;
         }
         Ok(())
     }
 
     async fn raise_vector(&self, tx: &mut Self::Tx, vector: &VersionVector) -> Result<()> {
         for (origin, hlc) in &vector.0 {
-            sqlx::query(
-                "INSERT INTO tidemark_nodes (node_id, max_hlc) VALUES ($1, $2) \
+            execute(
+                tx.conn(),
+                "INSERT INTO tidemark_nodes (node_id, max_hlc) VALUES (?1, ?2) \
                  ON CONFLICT (node_id) DO UPDATE SET max_hlc = max(max_hlc, excluded.max_hlc)",
-            )
-            .bind(origin.to_string())
-            .bind(hlc.encode())
-            .execute(&mut **tx)
-            .await?;
+                params![origin.to_string(), hlc.encode()],
+            )?;
         }
         Ok(())
     }
@@ -1124,12 +1217,12 @@ impl Backend for SqliteBackend {
         tx: &mut Self::Tx,
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Option<Values>>> {
-        let rows: Vec<(String, Option<Json<Value>>)> = sqlx::query_as(
-            "SELECT event_id, new_values FROM change_events WHERE event_id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(ids_json(ids))
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows = query(
+            tx.conn(),
+            "SELECT event_id, new_values FROM change_events WHERE event_id IN (SELECT value FROM json_each(?1))",
+            [ids_json(ids)],
+            |r| Ok((r.get(0)?, writer::json(r, "new_values")?)),
+        )?;
         rows_to_values(rows)
     }
 
@@ -1154,17 +1247,19 @@ impl Backend for SqliteBackend {
             q(&table.table_name),
             conds.join(" AND ")
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (&i, v) in columns.iter().zip(values) {
-            query = bind_cell(query, table.types[i].to_sqlite(v));
-        }
+        let mut binds: Vec<rusqlite::types::Value> = columns
+            .iter()
+            .zip(values)
+            .map(|(&i, v)| writer::bind(table.types[i].to_sqlite(v)))
+            .collect();
         if let Some(e) = except {
-            query = query.bind(e.to_string());
+            binds.push(rusqlite::types::Value::Text(e.to_string()));
         }
-        let rows = query.fetch_all(&mut **tx).await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get(0)?;
+        let ids: Vec<String> = query(tx.conn(), &sql, rusqlite::params_from_iter(binds), |r| {
+            r.get(0)
+        })?;
+        ids.into_iter()
+            .map(|id| {
                 Ulid::from_string(&id)
                     .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
             })
@@ -1172,42 +1267,44 @@ impl Backend for SqliteBackend {
     }
 
     async fn put_blocked(&self, tx: &mut Self::Tx, b: &Blocked) -> Result<()> {
-        sqlx::query(
+        execute(
+            tx.conn(),
             "INSERT INTO tidemark_blocked (table_name, record_id, event_id, kind, reason, blocker_table, blocker_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (table_name, record_id) DO UPDATE SET \
              event_id = excluded.event_id, kind = excluded.kind, reason = excluded.reason, \
              blocker_table = excluded.blocker_table, blocker_id = excluded.blocker_id",
-        )
-        .bind(&b.table_name)
-        .bind(b.record_id.to_string())
-        .bind(b.event_id.to_string())
-        .bind(b.kind.as_str())
-        .bind(&b.reason)
-        .bind(b.blocker_table.as_deref())
-        .bind(b.blocker_id.map(|i| i.to_string()))
-        .execute(&mut **tx)
-        .await?;
+            params![
+                b.table_name,
+                b.record_id.to_string(),
+                b.event_id.to_string(),
+                b.kind.as_str(),
+                b.reason,
+                b.blocker_table.as_deref(),
+                b.blocker_id.map(|i| i.to_string()),
+            ],
+        )?;
         Ok(())
     }
 
     async fn remove_blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<()> {
-        sqlx::query("DELETE FROM tidemark_blocked WHERE table_name = $1 AND record_id = $2")
-            .bind(table)
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
+        execute(
+            tx.conn(),
+            "DELETE FROM tidemark_blocked WHERE table_name = ?1 AND record_id = ?2",
+            params![table, id.to_string()],
+        )?;
         Ok(())
     }
 
     async fn blocked(&self, tx: &mut Self::Tx, table: &str, id: Ulid) -> Result<Option<Blocked>> {
-        let row: Option<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked WHERE table_name = $1 AND record_id = $2"
-        )))
-        .bind(table)
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
-        .await?;
-        row.map(Blocked::try_from).transpose()
+        let rows = query(
+            tx.conn(),
+            &format!(
+                "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked WHERE table_name = ?1 AND record_id = ?2"
+            ),
+            params![table, id.to_string()],
+            blocked_row,
+        )?;
+        rows.into_iter().next().map(Blocked::try_from).transpose()
     }
 
     async fn blocked_by_any(
@@ -1219,22 +1316,27 @@ impl Backend for SqliteBackend {
             .iter()
             .map(|(t, id)| json!([t, id.to_string()]))
             .collect();
-        let rows: Vec<BlockedRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked WHERE \
-             (blocker_table, blocker_id) IN (SELECT value->>0, value->>1 FROM json_each($1)) \
-             OR (blocker_id IS NULL AND blocker_table IN (SELECT value->>0 FROM json_each($1)))"
-        )))
-        .bind(Value::Array(keys).to_string())
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows = query(
+            tx.conn(),
+            &format!(
+                "SELECT {BLOCKED_COLUMNS}, blocked_at FROM tidemark_blocked WHERE \
+                 (blocker_table, blocker_id) IN (SELECT value->>0, value->>1 FROM json_each(?1)) \
+                 OR (blocker_id IS NULL AND blocker_table IN (SELECT value->>0 FROM json_each(?1)))"
+            ),
+            [Value::Array(keys).to_string()],
+            blocked_row,
+        )?;
         rows.into_iter().map(Blocked::try_from).collect()
     }
 
     async fn has_blocked(&self, tx: &mut Self::Tx) -> Result<bool> {
-        let (b,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM tidemark_blocked)")
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(b)
+        let found: Vec<bool> = query(
+            tx.conn(),
+            "SELECT EXISTS (SELECT 1 FROM tidemark_blocked)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(found.first() == Some(&true))
     }
 
     async fn list_blocked(
@@ -1263,47 +1365,52 @@ impl Backend for SqliteBackend {
     }
 
     async fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
-        sqlx::query("DELETE FROM tidemark_conflicts WHERE conflict_id = $1 AND kind <> 'version'")
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
+        execute(
+            tx.conn(),
+            "DELETE FROM tidemark_conflicts WHERE conflict_id = ?1 AND kind <> 'version'",
+            [id.to_string()],
+        )?;
         Ok(())
     }
 
     async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
-             winner_event_id, winner_hlc, winner_node_id, winner_values, \
-             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at, \
-             kind, detail, winner_table, winner_record_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             CASE WHEN $5 = 'resolved' THEN {NOW} END, $16, $17, $18, $19) \
-             ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
-             winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
-             winner_values = excluded.winner_values, kind = excluded.kind, detail = excluded.detail, \
-             winner_table = excluded.winner_table, winner_record_id = excluded.winner_record_id"
-        )))
-        .bind(c.conflict_id.to_string())
-        .bind(&c.table_name)
-        .bind(c.record_id.to_string())
-        .bind(c.policy.as_str())
-        .bind(c.status.as_str())
-        .bind(c.winner.event_id.to_string())
-        .bind(c.winner.hlc.encode())
-        .bind(c.winner.node_id.to_string())
-        .bind(c.winner.values.as_ref().map(Json))
-        .bind(c.loser.event_id.to_string())
-        .bind(c.loser.hlc.encode())
-        .bind(c.loser.node_id.to_string())
-        .bind(c.loser.values.as_ref().map(Json))
-        .bind(c.resolved_by.as_deref())
-        .bind(c.resolution.as_deref())
-        .bind(c.kind.as_str())
-        .bind(c.detail.as_deref())
-        .bind(c.winner_table.as_deref())
-        .bind(c.winner_record_id.map(|i| i.to_string()))
-        .execute(&mut **tx)
-        .await?;
+        let values = |v: Option<&Values>| v.map(json_text).transpose();
+        execute(
+            tx.conn(),
+            &format!(
+                "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
+                 winner_event_id, winner_hlc, winner_node_id, winner_values, \
+                 loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at, \
+                 kind, detail, winner_table, winner_record_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+                 CASE WHEN ?5 = 'resolved' THEN {NOW} END, ?16, ?17, ?18, ?19) \
+                 ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
+                 winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
+                 winner_values = excluded.winner_values, kind = excluded.kind, detail = excluded.detail, \
+                 winner_table = excluded.winner_table, winner_record_id = excluded.winner_record_id"
+            ),
+            params![
+                c.conflict_id.to_string(),
+                c.table_name,
+                c.record_id.to_string(),
+                c.policy.as_str(),
+                c.status.as_str(),
+                c.winner.event_id.to_string(),
+                c.winner.hlc.encode(),
+                c.winner.node_id.to_string(),
+                values(c.winner.values.as_ref())?,
+                c.loser.event_id.to_string(),
+                c.loser.hlc.encode(),
+                c.loser.node_id.to_string(),
+                values(c.loser.values.as_ref())?,
+                c.resolved_by.as_deref(),
+                c.resolution.as_deref(),
+                c.kind.as_str(),
+                c.detail.as_deref(),
+                c.winner_table.as_deref(),
+                c.winner_record_id.map(|i| i.to_string()),
+            ],
+        )?;
         Ok(())
     }
 
@@ -1316,30 +1423,26 @@ impl Backend for SqliteBackend {
         note: Option<&str>,
         event_id: Ulid,
     ) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE tidemark_conflicts SET status = 'resolved', resolution = $1, resolved_by = $2, \
-             resolution_note = $3, resolution_event_id = $4, resolved_at = {NOW} \
-             WHERE status = 'open' AND conflict_id IN (SELECT value FROM json_each($5))"
-        )))
-        .bind(resolution)
-        .bind(by)
-        .bind(note)
-        .bind(event_id.to_string())
-        .bind(ids_json(ids))
-        .execute(&mut **tx)
-        .await?;
-        Ok(res.rows_affected())
+        execute(
+            tx.conn(),
+            &format!(
+                "UPDATE tidemark_conflicts SET status = 'resolved', resolution = ?1, resolved_by = ?2, \
+                 resolution_note = ?3, resolution_event_id = ?4, resolved_at = {NOW} \
+                 WHERE status = 'open' AND conflict_id IN (SELECT value FROM json_each(?5))"
+            ),
+            params![resolution, by, note, event_id.to_string(), ids_json(ids)],
+        )
     }
 
     async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
-             resolved_by = 'policy', resolved_at = {NOW} WHERE table_name = $1 AND status = 'open'"
-        )))
-        .bind(table)
-        .execute(&mut **tx)
-        .await?;
-        Ok(res.rows_affected())
+        execute(
+            tx.conn(),
+            &format!(
+                "UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
+                 resolved_by = 'policy', resolved_at = {NOW} WHERE table_name = ?1 AND status = 'open'"
+            ),
+            [table],
+        )
     }
 
     async fn conflicts_decided_by_lww(
@@ -1347,26 +1450,26 @@ impl Backend for SqliteBackend {
         tx: &mut Self::Tx,
         table: &str,
     ) -> Result<Vec<Conflict>> {
-        let rows: Vec<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts \
-             WHERE table_name = $1 AND status = 'resolved' AND resolution = 'lww'"
-        )))
-        .bind(table)
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows = query(
+            tx.conn(),
+            &format!(
+                "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts \
+                 WHERE table_name = ?1 AND status = 'resolved' AND resolution = 'lww'"
+            ),
+            [table],
+            conflict_row,
+        )?;
         rows.into_iter().map(Conflict::try_from).collect()
     }
 
     async fn reopen_conflicts(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<u64> {
-        let res = sqlx::query(
+        execute(
+            tx.conn(),
             "UPDATE tidemark_conflicts SET status = 'open', policy = 'manual', resolution = NULL, \
              resolved_by = NULL, resolved_at = NULL, resolution_note = NULL, resolution_event_id = NULL \
-             WHERE conflict_id IN (SELECT value FROM json_each($1))",
+             WHERE conflict_id IN (SELECT value FROM json_each(?1))",
+            [ids_json(ids)],
         )
-        .bind(ids_json(ids))
-        .execute(&mut **tx)
-        .await?;
-        Ok(res.rows_affected())
     }
 
     async fn quarantine(
@@ -1376,24 +1479,25 @@ impl Backend for SqliteBackend {
         rows: &[Rejected],
     ) -> Result<()> {
         for r in rows {
-            sqlx::query(
+            execute(
+                tx.conn(),
                 "INSERT INTO tidemark_quarantine (quarantine_id, event_id, peer_id, code, reason, event) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(Ulid::generate().to_string())
-            .bind(crate::model::truncate(&r.event_id))
-            .bind(peer.map(|p| p.to_string()))
-            .bind(r.kind.code())
-            .bind(&r.reason)
-            .bind(Json(&r.event))
-            .execute(&mut **tx)
-            .await?;
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (event_id) DO NOTHING",
+                params![
+                    Ulid::generate().to_string(),
+                    crate::model::truncate(&r.event_id),
+                    peer.map(|p| p.to_string()),
+                    r.kind.code(),
+                    r.reason,
+                    json_text(&r.event)?,
+                ],
+            )?;
         }
         Ok(())
     }
 
     async fn savepoint(&self, tx: &mut Self::Tx, op: crate::backend::SavepointOp) -> Result<()> {
-        sqlx::query(op.sql()).execute(&mut **tx).await?;
+        execute(tx.conn(), op.sql(), [])?;
         Ok(())
     }
 
@@ -1415,13 +1519,15 @@ impl Backend for SqliteBackend {
     }
 
     async fn conflict_in(&self, tx: &mut Self::Tx, id: Ulid) -> Result<Option<Conflict>> {
-        let row: Option<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts WHERE conflict_id = $1"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
-        .await?;
-        row.map(Conflict::try_from).transpose()
+        let rows = query(
+            tx.conn(),
+            &format!(
+                "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts WHERE conflict_id = ?1"
+            ),
+            [id.to_string()],
+            conflict_row,
+        )?;
+        rows.into_iter().next().map(Conflict::try_from).transpose()
     }
 
     async fn list_conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
@@ -1462,7 +1568,12 @@ impl Backend for SqliteBackend {
             .bind(id.to_string())
             .fetch_all(&self.pool)
             .await?;
-        Ok(decode_rows(table, &rows)?.remove(&id))
+        let n = table.columns.len();
+        let cells = rows
+            .iter()
+            .map(|row| (0..n).map(|i| cell(row, i)).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(decode_rows(table, cells)?.remove(&id))
     }
 
     async fn get_version(&self, table: &str, id: Ulid) -> Result<Option<Version>> {
@@ -1636,6 +1747,9 @@ impl Backend for SqliteBackend {
     }
 
     async fn close(&self) {
+        // The write connection first (waiting for its transaction, if one is
+        // open), so the pool's last connection is the file's last.
+        drop(self.writer.lock().await.take());
         self.pool.close().await;
         // Dropping the file releases the lock.
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -1666,16 +1780,17 @@ impl Backend for SqliteBackend {
             "SELECT {pk} FROM {}{filter} ORDER BY {pk} LIMIT ?",
             q(&table.table_name)
         );
-        let mut query = sqlx::query_as::<_, (String,)>(AssertSqlSafe(sql));
-        for bound in [from, to].into_iter().flatten() {
-            query = query.bind(bound.to_string());
-        }
-        query
-            .bind(i64::from(limit))
-            .fetch_all(&mut **tx)
-            .await?
+        let mut binds: Vec<rusqlite::types::Value> = [from, to]
             .into_iter()
-            .map(|(id,)| {
+            .flatten()
+            .map(|bound| rusqlite::types::Value::Text(bound.to_string()))
+            .collect();
+        binds.push(rusqlite::types::Value::Integer(i64::from(limit)));
+        let ids: Vec<String> = query(tx.conn(), &sql, rusqlite::params_from_iter(binds), |r| {
+            r.get(0)
+        })?;
+        ids.into_iter()
+            .map(|id| {
                 Ulid::from_string(&id)
                     .map_err(|e| StoreError::corrupt(&table.table_name, e.to_string()))
             })

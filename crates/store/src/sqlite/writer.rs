@@ -1,0 +1,332 @@
+//! The SQLite backend's write connection: one `rusqlite` connection (the same
+//! bundled SQLite as sqlx's pool) that runs every statement of the daemon's
+//! write transactions inline on the calling task, with no hand-off to a worker
+//! thread, its statements prepared once and cached.
+//!
+//! * [`SqliteTx`] owns the connection for the transaction's lifetime (the
+//!   mutex serialises transactions); dropping it open rolls it back.
+//! * `BEGIN IMMEDIATE` never blocks the runtime waiting for another writer: it
+//!   is tried without SQLite's busy handler and retried after async sleeps
+//!   until the busy timeout, as the busy handler would.
+//! * Errors become the `sqlx::Error`s sqlx's driver gives for the same failure
+//!   (a database error with SQLite's extended code and message, a column
+//!   decode error), so everything that classifies `StoreError::Db` (refused
+//!   rows, constraint messages, transient conditions) holds for both
+//!   connections.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::types::{Type, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OpenFlags, Row};
+use serde_json::Value;
+use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::types::Json;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::SqliteOptions;
+use crate::error::{Result, StoreError};
+use crate::value::SqlCell;
+
+/// Statements the connection keeps prepared.
+const STATEMENT_CACHE: usize = 256;
+
+/// SQLite's own busy handler's sleeps, in ms (`sqliteDefaultBusyCallback`); the
+/// last one repeats.
+const BUSY_DELAYS_MS: [u64; 12] = [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
+
+/// The write connection, `None` once the backend is closed.
+pub(super) type Writer = Arc<Mutex<Option<Connection>>>;
+
+/// Opens the write connection with the settings sqlx gives the pool's
+/// connections (see [`super::SqliteBackend::connect`]).
+pub(super) fn open(opts: &SqliteOptions) -> rusqlite::Result<Connection> {
+    // sqlx's flags: read-write, create, no mutex, URI filenames, private cache.
+    let conn = Connection::open_with_flags(
+        &opts.path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_PRIVATE_CACHE,
+    )?;
+    conn.busy_timeout(busy_timeout(opts.busy_timeout))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if opts.synchronous_full {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    if let Some(pages) = opts.max_page_count {
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
+    Ok(conn)
+}
+
+/// A busy timeout SQLite takes (milliseconds in an `i32`).
+fn busy_timeout(d: Duration) -> Duration {
+    d.min(Duration::from_millis(i32::MAX as u64))
+}
+
+/// A daemon write transaction on the write connection. Dropped while open (not
+/// committed or rolled back), it rolls back.
+#[derive(Debug)]
+pub struct SqliteTx {
+    conn: OwnedMutexGuard<Option<Connection>>,
+}
+
+impl SqliteTx {
+    pub(super) fn conn(&self) -> &Connection {
+        // Built only around an open connection, which close() cannot take
+        // while the guard is held.
+        self.conn
+            .as_ref()
+            .expect("a transaction holds an open connection")
+    }
+}
+
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_ref()
+            && !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(error = %e, "rolling back an abandoned write transaction failed");
+        }
+    }
+}
+
+/// Takes the write connection and begins a write transaction with the capture
+/// guard raised.
+pub(super) async fn begin(writer: &Writer, timeout: Duration) -> Result<SqliteTx> {
+    let guard = writer.clone().lock_owned().await;
+    if guard.is_none() {
+        return Err(StoreError::Db(sqlx::Error::PoolClosed));
+    }
+    let tx = SqliteTx { conn: guard };
+    let deadline = Instant::now() + timeout;
+    let mut attempt = 0;
+    loop {
+        match try_begin(tx.conn(), timeout) {
+            Ok(()) => break,
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && Instant::now() < deadline =>
+            {
+                let delay =
+                    Duration::from_millis(BUSY_DELAYS_MS[attempt.min(BUSY_DELAYS_MS.len() - 1)]);
+                attempt += 1;
+                tokio::time::sleep(delay.min(deadline - Instant::now())).await;
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+    }
+    tx.conn()
+        .prepare_cached("UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1")
+        .and_then(|mut s| s.execute([]))
+        .map_err(db_error)?;
+    Ok(tx)
+}
+
+/// `BEGIN IMMEDIATE` without waiting: SQLITE_BUSY at once if another
+/// connection writes.
+fn try_begin(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
+    if !conn.is_autocommit() {
+        conn.execute_batch("ROLLBACK")?;
+    }
+    conn.busy_timeout(Duration::ZERO)?;
+    let begun = conn.execute_batch("BEGIN IMMEDIATE");
+    conn.busy_timeout(busy_timeout(timeout))?;
+    begun
+}
+
+/// Lowers the capture guard and commits. With `synchronous = FULL` the commit
+/// waits for the disk: on a multi-threaded runtime it runs in
+/// `block_in_place`, so the worker's other tasks move to another thread.
+pub(super) fn commit(tx: SqliteTx, synchronous_full: bool) -> Result<()> {
+    let conn = tx.conn();
+    conn.prepare_cached("UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1")
+        .and_then(|mut s| s.execute([]))
+        .map_err(db_error)?;
+    let multi_threaded = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let commit = || conn.execute_batch("COMMIT");
+    if synchronous_full && multi_threaded {
+        tokio::task::block_in_place(commit)
+    } else {
+        commit()
+    }
+    .map_err(db_error)
+    // A failed COMMIT may leave the transaction open: dropping `tx` rolls it back.
+}
+
+pub(super) fn rollback(tx: SqliteTx) -> Result<()> {
+    tx.conn().execute_batch("ROLLBACK").map_err(db_error)
+}
+
+// ---- statements ------------------------------------------------------------------
+
+/// Runs a statement (prepared once, then cached); the number of rows changed.
+pub(super) fn execute(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<u64> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_error)?;
+    let n = stmt.execute(params).map_err(db_error)?;
+    Ok(n as u64)
+}
+
+/// Runs a query (prepared once, then cached), mapping every row.
+pub(super) fn query<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_error)?;
+    let rows = stmt.query_map(params, f).map_err(db_error)?;
+    rows.collect::<rusqlite::Result<Vec<T>>>().map_err(db_error)
+}
+
+/// The value that binds a cell as SQLite stores it.
+pub(super) fn bind(cell: SqlCell) -> SqlValue {
+    match cell {
+        SqlCell::Null => SqlValue::Null,
+        SqlCell::Int(i) => SqlValue::Integer(i),
+        SqlCell::Real(f) => SqlValue::Real(f),
+        SqlCell::Text(t) => SqlValue::Text(t),
+        SqlCell::Blob(b) => SqlValue::Blob(b),
+    }
+}
+
+/// One value of a result row as SQLite stores it.
+pub(super) fn cell(v: ValueRef<'_>) -> SqlCell {
+    match v {
+        ValueRef::Null => SqlCell::Null,
+        ValueRef::Integer(i) => SqlCell::Int(i),
+        ValueRef::Real(f) => SqlCell::Real(f),
+        ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => SqlCell::Text(text.to_owned()),
+            // Text that is not UTF-8: its bytes, refused by every text class.
+            Err(_) => SqlCell::Blob(bytes.to_vec()),
+        },
+        ValueRef::Blob(bytes) => SqlCell::Blob(bytes.to_vec()),
+    }
+}
+
+/// A JSON text column, decoded like sqlx decodes `Json<Value>`.
+pub(super) fn json(row: &Row<'_>, name: &str) -> rusqlite::Result<Option<Json<Value>>> {
+    let Some(text) = row.get::<_, Option<String>>(name)? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text)
+        .map(|v| Some(Json(v)))
+        .map_err(|e| {
+            let index = row.as_ref().column_index(name).unwrap_or_default();
+            rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e))
+        })
+}
+
+/// A JSON text column that may not be NULL.
+pub(super) fn json_not_null(row: &Row<'_>, name: &str) -> rusqlite::Result<Json<Value>> {
+    json(row, name)?.ok_or_else(|| {
+        let index = row.as_ref().column_index(name).unwrap_or_default();
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            Type::Null,
+            Box::new(sqlx::error::UnexpectedNullError),
+        )
+    })
+}
+
+// ---- errors ----------------------------------------------------------------------
+
+/// SQLite's error as sqlx's driver reports it: the extended result code and
+/// SQLite's message.
+#[derive(Debug)]
+struct SqliteDbError {
+    code: i32,
+    message: String,
+}
+
+impl std::fmt::Display for SqliteDbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "(code: {}) {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for SqliteDbError {}
+
+impl DatabaseError for SqliteDbError {
+    fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The extended result code.
+    fn code(&self) -> Option<Cow<'_, str>> {
+        Some(self.code.to_string().into())
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> ErrorKind {
+        use rusqlite::ffi;
+        match self.code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                ErrorKind::UniqueViolation
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ErrorKind::ForeignKeyViolation,
+            ffi::SQLITE_CONSTRAINT_NOTNULL => ErrorKind::NotNullViolation,
+            ffi::SQLITE_CONSTRAINT_CHECK => ErrorKind::CheckViolation,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// A rusqlite error as the `sqlx::Error` sqlx's SQLite driver gives for the
+/// same failure.
+pub(super) fn sqlx_error(e: rusqlite::Error) -> sqlx::Error {
+    use rusqlite::Error as E;
+    let database = |code: i32, message: String| {
+        sqlx::Error::Database(Box::new(SqliteDbError { code, message }))
+    };
+    match e {
+        E::SqliteFailure(err, message) => {
+            let message = message.unwrap_or_else(|| err.to_string());
+            database(err.extended_code, message)
+        }
+        E::QueryReturnedNoRows => sqlx::Error::RowNotFound,
+        E::FromSqlConversionFailure(i, _, _)
+        | E::IntegralValueOutOfRange(i, _)
+        | E::Utf8Error(i, _)
+        | E::InvalidColumnType(i, _, _) => sqlx::Error::ColumnDecode {
+            index: i.to_string(),
+            source: Box::new(e),
+        },
+        E::InvalidColumnIndex(index) => sqlx::Error::ColumnIndexOutOfBounds { index, len: 0 },
+        E::InvalidColumnName(name) => sqlx::Error::ColumnNotFound(name),
+        E::ToSqlConversionFailure(source) => sqlx::Error::Encode(source),
+        other => match other.sqlite_error() {
+            Some(err) => database(err.extended_code, other.to_string()),
+            None => database(rusqlite::ffi::SQLITE_ERROR, other.to_string()),
+        },
+    }
+}
+
+pub(super) fn db_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(sqlx_error(e))
+}
