@@ -2,6 +2,11 @@
 //! `/healthz` (the process is up) and `/readyz` (the store answers), plus the
 //! task that refreshes the lag gauges.
 //!
+//! Every counter is exported at 0 from start-up, with the label sets it will
+//! use where they are known up front (each configured peer, each store
+//! operation, each refusal code), so an alert on it has a series before the
+//! first increment ([`export_at_zero`]).
+//!
 //! Lag gauges come from the store, not from counters kept in memory: per peer, the
 //! events this node holds that the peer has not acknowledged, and the age of the
 //! oldest of them (origin wall time to now, never negative). An idle, synced
@@ -15,7 +20,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tidemark_replicator::Peer;
-use tidemark_store::Store;
+use tidemark_store::{RejectKind, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -45,6 +50,10 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "tidemark_build_info",
+        "Always 1; the daemon's version as a label."
+    );
     describe_gauge!(
         "tidemark_peer_unacked_events",
         Unit::Count,
@@ -184,6 +193,80 @@ fn describe() {
         Unit::Count,
         "Direct writes set aside since start because they cannot be replicated."
     );
+}
+
+/// The `op` label values of `tidemark_store_errors_total`, one per place that
+/// counts a failed store operation (the daemon's tests check this list against
+/// the code).
+pub const STORE_ERROR_OPS: [&str; 3] = ["apply", "drain", "metrics"];
+
+/// Every refusal code an event from a peer can be held or quarantined with.
+fn reject_codes() -> Vec<&'static str> {
+    // Exhaustive: a new kind fails to compile here until it is listed below.
+    let _listed = |k: RejectKind| match k {
+        RejectKind::Invalid
+        | RejectKind::UnknownTable
+        | RejectKind::NotAllowed
+        | RejectKind::FarFuture
+        | RejectKind::Drift
+        | RejectKind::Refused => (),
+    };
+    let mut codes: Vec<&'static str> = [
+        RejectKind::Invalid,
+        RejectKind::UnknownTable,
+        RejectKind::NotAllowed,
+        RejectKind::FarFuture,
+        RejectKind::Drift,
+        RejectKind::Refused,
+    ]
+    .into_iter()
+    .map(RejectKind::code)
+    .collect();
+    codes.sort_unstable();
+    codes.dedup();
+    codes
+}
+
+/// Exports every counter at 0 with the label sets known at start (Prometheus
+/// practice: an alert on a counter needs its series before the first
+/// increment), and `tidemark_build_info` at 1. Call once the recorder is
+/// installed, before the node starts counting.
+pub fn export_at_zero(peers: &[Peer]) {
+    use metrics::{counter, gauge};
+    gauge!("tidemark_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for source in ["api", "sql"] {
+        counter!("tidemark_events_captured_total", "source" => source).increment(0);
+    }
+    for op in STORE_ERROR_OPS {
+        counter!("tidemark_store_errors_total", "op" => op).increment(0);
+    }
+    counter!("tidemark_conflicts_detected_total").increment(0);
+    counter!("tidemark_captures_set_aside_total").increment(0);
+    let codes = reject_codes();
+    for peer in peers {
+        let label = peer.node_id.to_string();
+        for name in [
+            "tidemark_events_sent_total",
+            "tidemark_events_applied_total",
+            "tidemark_drift_rejections_total",
+            "tidemark_own_events_missing_total",
+            "tidemark_duplicate_instances_refused_total",
+        ] {
+            counter!(name, "peer" => label.clone()).increment(0);
+        }
+        for reason in ["superseded", "duplicate"] {
+            counter!("tidemark_events_skipped_total", "peer" => label.clone(), "reason" => reason)
+                .increment(0);
+        }
+        for code in &codes {
+            for name in [
+                "tidemark_events_held_total",
+                "tidemark_events_quarantined_total",
+            ] {
+                counter!(name, "peer" => label.clone(), "code" => *code).increment(0);
+            }
+        }
+    }
 }
 
 #[derive(Clone)]

@@ -62,6 +62,9 @@ impl Node {
         metrics: Option<PrometheusHandle>,
     ) -> anyhow::Result<Node> {
         let node_id = settings.local.node_id;
+        if metrics.is_some() {
+            http::export_at_zero(&settings.peers);
+        }
         if settings.clock_offset_ms != 0 {
             warn!(
                 offset_ms = settings.clock_offset_ms,
@@ -103,6 +106,8 @@ impl Node {
             store.hold_own_writes();
         }
         let drained = store.drain().await.context("draining captured writes")?;
+        metrics::counter!("tidemark_events_captured_total", "source" => "sql")
+            .increment(drained.events);
         report_set_aside(&drained.set_aside);
         if drained.events > 0 {
             info!(
