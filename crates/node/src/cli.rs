@@ -1,6 +1,14 @@
 //! `tidemark admin ...`: a client of a node's Admin service, printing readable
 //! tables, or JSON with `--json` for scripts; `tidemark admin check` compares
 //! the rows of several nodes through their digests.
+//!
+//! What an operator types and reads: `--addr` takes `host:port` (http, or https
+//! when client certificates are given) or a URL; a failed connection names the
+//! address and the whole cause chain; the shared flags (`--addr`, the TLS files,
+//! `--token-file`, `--json`) go before or after the subcommand; `--json` prints
+//! HLCs and 64-bit ids as strings (as gRPC's JSON mapping does: jq and
+//! JavaScript round integers beyond 2^53); output into a closed pipe ends the
+//! process quietly.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -11,24 +19,102 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+/// `println!` that ends the process quietly (exit 0, as ripgrep does) when
+/// stdout is a closed pipe (`tidemark admin status | head -1`) instead of
+/// panicking.
+macro_rules! out {
+    () => {
+        $crate::cli::write_stdout(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout; a closed pipe exits 0, any other write error
+/// exits 1 with the reason.
+pub(crate) fn write_stdout(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("tidemark: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Client certificate options, for a node whose listener requires mutual TLS
 /// (use `https://` addresses then).
 #[derive(Debug, Args, Clone, Default)]
 pub struct ClientTlsArgs {
     /// The cluster CA (PEM).
-    #[arg(long, requires_all = ["cert_file", "key_file"])]
+    #[arg(long, global = true, requires_all = ["cert_file", "key_file"])]
     pub ca_file: Option<std::path::PathBuf>,
     /// A certificate signed by the cluster CA (PEM).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub cert_file: Option<std::path::PathBuf>,
-    #[arg(long)]
+    /// The certificate's private key (PEM).
+    #[arg(long, global = true)]
     pub key_file: Option<std::path::PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn given(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// `addr` as a URL: as given when it has a scheme, else `https://` when client
+/// certificates are given and `http://` when not.
+pub fn with_scheme(addr: &str, tls: &ClientTlsArgs) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else if tls.given() {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An error and every error it came from, as one line (`transport error: error
+/// trying to connect: tcp connect error: Connection refused (os error 111)`).
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
 }
 
 /// Connects to `addr`, with mutual TLS when certificates are given.
 pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<Channel> {
-    let mut endpoint = Channel::from_shared(addr.to_owned())
-        .map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?;
+    let url = with_scheme(addr, tls);
+    let mut endpoint = Channel::from_shared(url.clone())
+        .map_err(|e| anyhow::anyhow!("address {addr:?} is not a host:port or URL: {e}"))?;
+    match (endpoint.uri().scheme_str(), tls.given()) {
+        (Some("http"), true) => anyhow::bail!(
+            "{url}: client certificates are given, so the node listens with TLS: use https:// (or no scheme)"
+        ),
+        (Some("https"), false) => anyhow::bail!(
+            "{url}: https needs the cluster's certificates: give --ca-file, --cert-file and --key-file (or use http:// for a plaintext node)"
+        ),
+        (Some("http" | "https"), _) => {}
+        (other, _) => anyhow::bail!(
+            "{url}: unsupported scheme {:?}: use http:// or https://, or host:port",
+            other.unwrap_or_default()
+        ),
+    }
     if let (Some(ca), Some(cert), Some(key)) = (&tls.ca_file, &tls.cert_file, &tls.key_file) {
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
@@ -46,18 +132,20 @@ pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<Channel>
     endpoint
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", cause_chain(&e)))
 }
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// The node's gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    /// The node's Admin address: admin.listen_addr when the node sets it, else
+    /// server.listen_addr. host:port (http://, or https:// with certificates)
+    /// or a URL.
+    #[arg(long, global = true, default_value = "127.0.0.1:7070")]
     pub addr: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     /// A file holding the node's admin bearer token (admin.token_file).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -208,7 +296,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        out!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_uppercase()).collect());
     for row in rows {
@@ -226,7 +314,7 @@ fn vector_json(v: &Option<pb::VersionVector>) -> Value {
     Value::Object(
         v.iter()
             .flat_map(|v| &v.entries)
-            .map(|e| (e.node_id.clone(), json!(e.hlc)))
+            .map(|e| (e.node_id.clone(), int64_json(e.hlc)))
             .collect(),
     )
 }
@@ -235,7 +323,7 @@ fn version_json(v: &Option<pb::ConflictVersion>) -> Value {
     match v {
         Some(v) => json!({
             "event_id": v.event_id,
-            "hlc": v.hlc,
+            "hlc": int64_json(v.hlc),
             "node_id": v.node_id,
             "values": parse_json(&v.values_json),
         }),
@@ -264,7 +352,7 @@ fn conflict_json(c: &pb::ConflictInfo) -> Value {
 fn event_json(e: &pb::Event) -> Value {
     json!({
         "event_id": e.event_id,
-        "hlc": e.hlc,
+        "hlc": int64_json(e.hlc),
         "wall_ms": e.wall_ms,
         "node_id": e.node_id,
         "operation": pb::Operation::try_from(e.operation).map(|o| o.as_str_name()).unwrap_or("?"),
@@ -287,7 +375,7 @@ fn or_dash(s: &str) -> String {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Presents the admin bearer token (`--token-file`) on every call, when given.
@@ -344,9 +432,45 @@ pub async fn admin_client(
     ))
 }
 
-/// How a node's refusal reads.
+/// How a node's answer to an Admin call reads when it is an error.
 fn rpc_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    if s.code() == tonic::Code::Unimplemented {
+        return anyhow::anyhow!(
+            "{}: this address does not serve the Admin service: a node with admin.listen_addr set serves Admin on that address only; pass it with --addr",
+            status_text(&s)
+        );
+    }
+    anyhow::anyhow!("{}", status_text(&s))
+}
+
+/// How a node's answer to a Records call reads when it is an error.
+fn records_error(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unimplemented {
+        return anyhow::anyhow!(
+            "{}: this address does not serve the write API: Records is served on the node's server.listen_addr (not on admin.listen_addr)",
+            status_text(&s)
+        );
+    }
+    anyhow::anyhow!("{}", status_text(&s))
+}
+
+/// A status as `Code: message`, with the transport's cause chain when the
+/// status came from the client side (the node never answered).
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = format!("{:?}", s.code());
+    if !s.message().is_empty() {
+        text = format!("{text}: {}", s.message());
+    }
+    if let Some(cause) = std::error::Error::source(s) {
+        text = format!("{text}: {}", cause_chain(cause));
+    }
+    text
+}
+
+/// A 64-bit HLC or id as a JSON string (gRPC's JSON mapping of int64):
+/// numbers beyond 2^53 lose digits in jq and JavaScript.
+fn int64_json(v: i64) -> Value {
+    Value::String(v.to_string())
 }
 
 fn now_ms() -> i64 {
@@ -374,7 +498,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             if args.json {
                 print_json(&json!({
                     "node_id": s.node_id, "name": s.name, "cluster_id": s.cluster_id,
-                    "store": s.store, "hlc": s.hlc, "vector": vector_json(&s.vector),
+                    "store": s.store, "hlc": int64_json(s.hlc), "vector": vector_json(&s.vector),
                     "unsynced_events": s.unsynced_events, "pending_captures": s.pending_captures,
                     "blocked_records": s.blocked_records,
                     "unreplicated_captures": s.unreplicated_captures,
@@ -397,23 +521,26 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 }));
                 return Ok(true);
             }
-            println!("node     {} ({})", s.node_id, s.name);
-            println!("cluster  {}", s.cluster_id);
-            println!("store    {}", s.store);
-            println!(
+            out!("node     {} ({})", s.node_id, s.name);
+            out!("cluster  {}", s.cluster_id);
+            out!("store    {}", s.store);
+            out!(
                 "unsynced {} events, {} captured writes pending",
-                s.unsynced_events, s.pending_captures
+                s.unsynced_events,
+                s.pending_captures
             );
-            println!(
+            out!(
                 "stuck    {} blocked records (admin blocked), {} unreplicated captures (admin unreplicated), {} quarantined events",
-                s.blocked_records, s.unreplicated_captures, s.quarantined_events
+                s.blocked_records,
+                s.unreplicated_captures,
+                s.quarantined_events
             );
             if s.writes_held {
-                println!(
+                out!(
                     "writes   held: new writes wait until the peers say how far they hold this node's events"
                 );
             }
-            println!();
+            out!();
             let rows: Vec<Vec<String>> = s
                 .peers
                 .iter()
@@ -448,7 +575,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             let now = now_ms();
             for p in &s.peers {
                 for h in &p.held {
-                    println!(
+                    out!(
                         "  {} holds origin {}: {} {} (resent in {} s)",
                         p.node_id,
                         h.origin,
@@ -458,7 +585,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     );
                 }
             }
-            println!();
+            out!();
             let rows: Vec<Vec<String>> = s
                 .tables
                 .iter()
@@ -472,7 +599,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 })
                 .collect();
             print_table(&["table", "policy", "open conflicts", "columns"], &rows);
-            println!();
+            out!();
             let rows: Vec<Vec<String>> = s
                 .vector
                 .iter()
@@ -539,7 +666,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 &rows,
             );
             if !resp.next_page_token.is_empty() {
-                println!("\nmore: --page-token {}", resp.next_page_token);
+                out!("\nmore: --page-token {}", resp.next_page_token);
             }
         }
         AdminCommand::Conflicts(ConflictsCommand::Show { id }) => {
@@ -552,12 +679,12 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 print_json(&conflict_json(&c));
                 return Ok(true);
             }
-            println!("conflict  {}", c.conflict_id);
-            println!("record    {} {}", c.table, c.record_id);
-            println!("status    {} (policy {})", c.status, c.policy);
-            println!("detected  {}", c.detected_at);
+            out!("conflict  {}", c.conflict_id);
+            out!("record    {} {}", c.table, c.record_id);
+            out!("status    {} (policy {})", c.status, c.policy);
+            out!("detected  {}", c.detected_at);
             if c.status == "resolved" {
-                println!(
+                out!(
                     "resolved  {} by {} at {}{}",
                     c.resolution,
                     or_dash(&c.resolved_by),
@@ -571,18 +698,20 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             }
             for (label, v) in [("local (shown)", &c.local), ("remote (lost)", &c.remote)] {
                 if let Some(v) = v {
-                    println!(
+                    out!(
                         "\n{label}: event {} from node {} at hlc {}",
-                        v.event_id, v.node_id, v.hlc
+                        v.event_id,
+                        v.node_id,
+                        v.hlc
                     );
                     match &v.values_json {
-                        Some(j) => println!(
+                        Some(j) => out!(
                             "  {}",
                             serde_json::to_string_pretty(&parse_json(&Some(j.clone())))
                                 .unwrap_or_default()
                                 .replace('\n', "\n  ")
                         ),
-                        None => println!("  (deleted)"),
+                        None => out!("  (deleted)"),
                     }
                 }
             }
@@ -629,10 +758,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 .into_inner();
             if args.json {
                 print_json(
-                    &json!({"conflict_id": id, "event_id": r.event_id, "hlc": r.hlc, "values": parse_json(&r.values_json)}),
+                    &json!({"conflict_id": id, "event_id": r.event_id, "hlc": int64_json(r.hlc), "values": parse_json(&r.values_json)}),
                 );
             } else {
-                println!(
+                out!(
                     "resolved {id} with event {}; it replicates to every node",
                     r.event_id
                 );
@@ -652,7 +781,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     &json!({"table": table, "conflict_policy": policy, "event_id": r.event_id}),
                 );
             } else {
-                println!(
+                out!(
                     "table {table} now uses {policy} on every node (event {})",
                     r.event_id
                 );
@@ -734,13 +863,13 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 &["table", "record", "kind", "blocked by", "since", "reason"],
                 &rows,
             );
-            println!(
+            out!(
                 "\n{} blocked records on this node: their winning events are kept and \
                  replicated, their rows are not here",
                 r.total
             );
             if !r.next_page_token.is_empty() {
-                println!("more: --page-token {}", r.next_page_token);
+                out!("more: --page-token {}", r.next_page_token);
             }
         }
         AdminCommand::Unreplicated { limit } => {
@@ -752,7 +881,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             if args.json {
                 print_json(&json!({
                     "captures": r.captures.iter().map(|c| json!({
-                        "seq": c.seq, "table": c.table, "record_id": c.record_id,
+                        "seq": int64_json(c.seq), "table": c.table, "record_id": c.record_id,
                         "operation": c.operation, "reason": c.reason,
                         "set_aside_at": c.set_aside_at,
                     })).collect::<Vec<_>>(),
@@ -778,7 +907,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 &["seq", "table", "record", "op", "set aside", "reason"],
                 &rows,
             );
-            println!(
+            out!(
                 "\n{} captured writes set aside on this node: their rows stay here, \
                  no other node has them",
                 r.total
@@ -795,7 +924,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             if args.json {
                 print_json(&json!({"tried": r.tried, "placed": r.placed}));
             } else {
-                println!(
+                out!(
                     "tried {} blocked records: {} placed, {} still blocked",
                     r.tried,
                     r.placed,
@@ -812,7 +941,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             if args.json {
                 print_json(&json!({"discarded": r.discarded}));
             } else {
-                println!("discarded {} entries", r.discarded);
+                out!("discarded {} entries", r.discarded);
             }
         }
         AdminCommand::Check { nodes, table } => {
@@ -1094,9 +1223,9 @@ fn check_json(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) -> Value
 
 fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
     for n in nodes {
-        println!("node {} ({} {})", n.url, n.name, n.node_id);
+        out!("node {} ({} {})", n.url, n.name, n.node_id);
     }
-    println!();
+    out!();
     for r in reports {
         let absent: Vec<&str> = nodes
             .iter()
@@ -1107,7 +1236,7 @@ fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
         let totals: Vec<&(u64, String)> = r.totals.iter().flatten().collect();
         if r.equal() {
             if let Some((rows, digest)) = totals.first() {
-                println!(
+                out!(
                     "{}: equal on every node, {rows} rows, digest {}",
                     r.table,
                     short_hash(digest)
@@ -1123,9 +1252,9 @@ fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
                 format!("{} {rows} rows ({})", nodes[i].url, short_hash(digest))
             })
             .collect();
-        println!("{}: differs: {}", r.table, rows.join(", "));
+        out!("{}: differs: {}", r.table, rows.join(", "));
         if !absent.is_empty() {
-            println!("  not replicated on {}", absent.join(", "));
+            out!("  not replicated on {}", absent.join(", "));
         }
         for d in &r.records {
             let urls: Vec<&str> = r.compared.iter().map(|&i| nodes[i].url.as_str()).collect();
@@ -1157,13 +1286,13 @@ fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
             } else if let Some((_, us)) = groups.first() {
                 said.push(format!("present on {}", us.join(", ")));
             }
-            println!("  {}  {}", d.id, said.join("; "));
+            out!("  {}  {}", d.id, said.join("; "));
         }
         if r.truncated {
-            println!("  (rows changed during the check: some ranges were cut; run it again)");
+            out!("  (rows changed during the check: some ranges were cut; run it again)");
         }
     }
-    println!(
+    out!(
         "\n{}",
         if equal {
             "every table is equal on every node"
@@ -1175,8 +1304,9 @@ fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
 
 #[derive(Debug, Args)]
 pub struct RecordsArgs {
-    /// The node's gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    /// The node's gRPC address (server.listen_addr): host:port (http://, or
+    /// https:// with certificates) or a URL.
+    #[arg(long, global = true, default_value = "127.0.0.1:7070")]
     pub addr: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
@@ -1203,10 +1333,10 @@ pub enum RecordsCommand {
 /// Runs one write-API command against the node at `args.addr`, printing JSON.
 pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
     let mut client = pb::records_client::RecordsClient::new(connect(&args.addr, &args.tls).await?);
-    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let status = records_error;
     let write = |w: pb::WriteResponse| {
         json!({
-            "written": w.written, "event_id": w.event_id, "hlc": w.hlc,
+            "written": w.written, "event_id": w.event_id, "hlc": int64_json(w.hlc),
             "operation": w.operation, "values": parse_json(&w.values_json),
         })
     };
@@ -1240,7 +1370,7 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
                 .map_err(status)?
                 .into_inner();
             print_json(&json!({
-                "found": g.found, "values": parse_json(&g.values_json), "hlc": g.hlc, "node_id": g.node_id,
+                "found": g.found, "values": parse_json(&g.values_json), "hlc": int64_json(g.hlc), "node_id": g.node_id,
             }));
             Ok(g.found)
         }
