@@ -1015,30 +1015,28 @@ impl Backend for SqliteBackend {
         table: &str,
         versions: &[(Ulid, Version)],
     ) -> Result<()> {
-        for chunk in versions.chunks(BULK_CHUNK) {
-            let rows: Vec<Value> = chunk
-                .iter()
-                .map(|(id, v)| {
-                    json!([
-                        id.to_string(),
-                        v.hlc.encode(),
-                        v.node_id.to_string(),
-                        v.event_id.to_string(),
-                        i64::from(v.deleted),
-                        v.vv.to_json().to_string(),
-                        v.frontier_json().to_string(),
-                    ])
-                })
-                .collect();
-            execute(
-                tx.conn(),
+        // One cached statement run per version (see `insert_events`).
+        let conn = tx.conn();
+        let mut stmt = conn
+            .prepare_cached(
                 "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
-                 SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
-                 FROM json_each(?2) WHERE true ON CONFLICT (table_name, record_id) DO UPDATE SET \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (table_name, record_id) DO UPDATE SET \
                  hlc = excluded.hlc, node_id = excluded.node_id, event_id = excluded.event_id, \
                  deleted = excluded.deleted, vv = excluded.vv, frontier = excluded.frontier",
-                params![table, Value::Array(rows).to_string()],
-            )?;
+            )
+            .map_err(db_error)?;
+        for (id, v) in versions {
+            stmt.execute(params![
+                table,
+                id.to_string(),
+                v.hlc.encode(),
+                v.node_id.to_string(),
+                v.event_id.to_string(),
+                i64::from(v.deleted),
+                v.vv.to_json().to_string(),
+                v.frontier_json().to_string(),
+            ])
+            .map_err(db_error)?;
         }
         Ok(())
     }
@@ -1164,38 +1162,35 @@ impl Backend for SqliteBackend {
     }
 
     async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
-        // One statement per chunk over a JSON array. JSON-valued columns travel as
-        // strings, so the stored text is exactly what the row-by-row form stores.
-        let text = |v: Option<&Values>| v.map(|v| Value::Object(v.clone()).to_string());
-        for chunk in events.chunks(BULK_CHUNK) {
-            let rows: Vec<Value> = chunk
-                .iter()
-                .map(|e| {
-                    json!([
-                        e.event_id.to_string(),
-                        e.hlc.encode(),
-                        e.wall_ms,
-                        e.node_id.to_string(),
-                        e.table_name,
-                        e.record_id.to_string(),
-                        e.operation.as_str(),
-                        e.action,
-                        e.user_id.map(|u| u.to_string()),
-                        text(e.old_values.as_ref()),
-                        text(e.new_values.as_ref()),
-                        e.metadata.as_ref().map(Value::to_string),
-                    ])
-                })
-                .collect();
-            execute(
-                tx.conn(),
+        // One cached statement run per event: on the direct connection a step
+        // costs less than packing the batch into JSON for `json_each` and
+        // parsing it back (values would be escaped into a string and out again).
+        let conn = tx.conn();
+        let mut stmt = conn
+            .prepare_cached(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata) \
-                 SELECT value->>0, value->>1, strftime('%Y-%m-%dT%H:%M:%fZ', (value->>2) / 1000.0, 'unixepoch'), \
-                 value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11 \
-                 FROM json_each(?1) WHERE true ON CONFLICT (event_id) DO NOTHING",
-                [Value::Array(rows).to_string()],
-            )?;
+                 VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', ?3 / 1000.0, 'unixepoch'), \
+                 ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .map_err(db_error)?;
+        let text = |v: Option<&Values>| v.map(json_text).transpose();
+        for e in events {
+            stmt.execute(params![
+                e.event_id.to_string(),
+                e.hlc.encode(),
+                e.wall_ms,
+                e.node_id.to_string(),
+                e.table_name,
+                e.record_id.to_string(),
+                e.operation.as_str(),
+                e.action,
+                e.user_id.map(|u| u.to_string()),
+                text(e.old_values.as_ref())?,
+                text(e.new_values.as_ref())?,
+                e.metadata.as_ref().map(Value::to_string),
+            ])
+            .map_err(db_error)?;
         }
         Ok(())
     }
