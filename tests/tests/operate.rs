@@ -274,7 +274,6 @@ async fn every_counter_is_exported_at_zero_from_start() {
 /// whichever transaction drains the queue first (here an API write): it is
 /// still a direct write and counts as one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the store to report captures drained inside other transactions (API writes, applies, resolutions): see issue 14"]
 async fn a_direct_write_drained_by_an_api_write_counts_as_sql() {
     let mut cluster = Cluster::prepare(&["sqlite"], Topology::Mesh, "test", "");
     let node = &mut cluster.nodes[0];

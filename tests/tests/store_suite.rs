@@ -237,6 +237,7 @@ async fn direct_writes_are_captured_exactly_once(db: TestDb) {
     assert_eq!(store.pending_captures().await.expect("pending"), 0);
     // Draining again adds nothing: exactly once.
     assert_eq!(store.drain().await.expect("drain").events, 0);
+    assert_eq!(store.captured_totals(), (4, 0), "stamped direct writes");
 
     let events = all_events(&store).await;
     assert_eq!(events.len(), 4);
@@ -286,6 +287,16 @@ async fn direct_writes_are_captured_exactly_once(db: TestDb) {
     assert_eq!(store.get("notes", b).await.expect("get"), None);
     // Every stored HLC is above every earlier one, and the vector says so.
     assert_eq!(store.vector().await.expect("vv").get(node), events[3].hlc);
+    // A direct write stamped by an API write's transaction counts as captured too.
+    db.sql(&format!(
+        "INSERT INTO notes (id, title) VALUES ('{}', 'third')",
+        id(3)
+    ));
+    store
+        .put("notes", id(4), &obj(json!({"title": "api"})))
+        .await
+        .expect("put");
+    assert_eq!(store.captured_totals(), (5, 0), "stamped by the API write");
     store.close().await;
 }
 

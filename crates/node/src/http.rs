@@ -335,7 +335,17 @@ pub async fn refresh(
     }
 }
 
+/// Sets the capture counters from the store's totals: a direct write counts
+/// whichever transaction stamped it (the capture loop, an API write, an
+/// applied batch, a resolution), once that transaction committed.
+pub(crate) fn count_captures(store: &Store) {
+    let (stamped, set_aside) = store.captured_totals();
+    metrics::counter!("tidemark_events_captured_total", "source" => "sql").absolute(stamped);
+    metrics::counter!("tidemark_captures_set_aside_total").absolute(set_aside);
+}
+
 async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<()> {
+    count_captures(store);
     let now = tidemark_hlc::system_wall_ms();
     for peer in peers {
         let (count, oldest) = store.peer_lag(peer.node_id).await?;

@@ -476,9 +476,8 @@ async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
                 Ok(out) => {
                     failures = 0;
                     debug!(events = out.events, "captured writes stamped");
-                    metrics::counter!("tidemark_events_captured_total", "source" => "sql")
-                        .increment(out.events);
                     report_set_aside(&out.set_aside);
+                    http::count_captures(&store);
                 }
                 Err(e) => {
                     failures += 1;
@@ -504,8 +503,8 @@ async fn capture_loop(store: Store, poll: Duration, cancel: CancellationToken) {
     }
 }
 
-/// Logs and counts captured writes that cannot be replicated (the rows stay on
-/// this node; `tidemark admin unreplicated` lists them).
+/// Logs captured writes that cannot be replicated (the rows stay on this node;
+/// `tidemark admin unreplicated` lists them).
 fn report_set_aside(set_aside: &[tidemark_store::SetAside]) {
     for s in set_aside {
         warn!(
@@ -515,9 +514,6 @@ fn report_set_aside(set_aside: &[tidemark_store::SetAside]) {
             reason = %s.reason,
             "a direct write cannot be replicated: set aside, the row stays on this node"
         );
-    }
-    if !set_aside.is_empty() {
-        metrics::counter!("tidemark_captures_set_aside_total").increment(set_aside.len() as u64);
     }
 }
 

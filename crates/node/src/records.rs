@@ -72,6 +72,8 @@ impl pb::records_server::Records for RecordsService {
             .await
             .map_err(|e| status::from_store(&e))?;
         metrics::counter!("tidemark_events_captured_total", "source" => "api").increment(1);
+        // Direct writes queued before it were stamped in the same transaction.
+        crate::http::count_captures(&self.store);
         Ok(Response::new(written(&event)))
     }
 
@@ -89,6 +91,7 @@ impl pb::records_server::Records for RecordsService {
         if event.is_some() {
             metrics::counter!("tidemark_events_captured_total", "source" => "api").increment(1);
         }
+        crate::http::count_captures(&self.store);
         Ok(Response::new(
             event.as_ref().map(written).unwrap_or_default(),
         ))

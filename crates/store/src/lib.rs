@@ -264,6 +264,13 @@ impl Store {
         dispatch!(self, e => e.drain().await)
     }
 
+    /// Direct writes stamped into `change_events` and set aside since the store
+    /// opened, whichever transaction drained them (the capture loop, an API
+    /// write, an applied batch, ...), counted once committed.
+    pub fn captured_totals(&self) -> (u64, u64) {
+        dispatch!(self, e => e.captured_totals())
+    }
+
     /// Writes a record with values in the log's form (see [`value`]).
     pub async fn put(&self, table: &str, id: Ulid, values: &Values) -> Result<ChangeEvent> {
         dispatch!(self, e => e.put(table, id, values).await)

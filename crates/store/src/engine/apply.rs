@@ -215,14 +215,14 @@ impl<B: Backend> Engine<B> {
                 *table = self.table(&table.table_name)?;
             }
         }
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         let mut outcome = match self.apply_in(&mut tx, &accepted, false).await {
             Ok(o) => o,
             // A row the table refused: start over, each row under a savepoint, and
             // block the records whose rows are refused.
             Err(StoreError::RowRefused { .. }) => {
                 self.backend.rollback(tx).await?;
-                tx = self.backend.begin().await?;
+                tx = self.begin_tx().await?;
                 self.apply_in(&mut tx, &accepted, true).await?
             }
             Err(e) => return Err(e),
@@ -235,7 +235,7 @@ impl<B: Backend> Engine<B> {
                 .await?;
         }
         let policies_changed = accepted.iter().any(|(e, _)| e.table_name == REGISTRY_TABLE);
-        self.backend.commit(tx).await?;
+        self.commit_tx(tx).await?;
         if !outcome.fresh.is_empty() || outcome.drained > 0 {
             self.committed();
         }

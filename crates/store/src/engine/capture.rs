@@ -24,10 +24,10 @@ impl<B: Backend> Engine<B> {
             return Ok(DrainOutcome::default());
         }
         let _w = self.writer.lock().await;
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         let outcome = self.drain_in(&mut tx).await?;
         if outcome.events > 0 || !outcome.set_aside.is_empty() {
-            self.backend.commit(tx).await?;
+            self.commit_tx(tx).await?;
         }
         if outcome.events > 0 {
             self.committed();
@@ -36,6 +36,12 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(super) async fn drain_in(&self, tx: &mut B::Tx) -> Result<DrainOutcome> {
+        let outcome = self.drain_chunks(tx).await?;
+        self.captured.drained(&outcome);
+        Ok(outcome)
+    }
+
+    async fn drain_chunks(&self, tx: &mut B::Tx) -> Result<DrainOutcome> {
         let mut outcome = DrainOutcome::default();
         loop {
             let captures = self.backend.take_captures(tx, DRAIN_CHUNK).await?;

@@ -217,7 +217,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Vec<(Ulid, Values)>> {
         let (ids, mut rows) = {
             let _w = self.writer.lock().await;
-            let mut tx = self.backend.begin().await?;
+            let mut tx = self.begin_tx().await?;
             let read = async {
                 let ids = self
                     .backend

@@ -183,6 +183,52 @@ pub struct Engine<B: Backend> {
     max_event_bytes: std::sync::atomic::AtomicUsize,
     /// This node's own origin against its peers' copies of it.
     own: OwnOrigin,
+    /// Direct writes stamped or set aside, counted once their transaction commits.
+    captured: CaptureTally,
+}
+
+/// Direct writes drained from the capture queue, by whichever transaction
+/// drained them (the capture loop, an API write, an applied batch, ...).
+/// `pending_*` belong to the open write transaction (there is one at a time,
+/// under the writer lock); a commit moves them to the totals, the next begin
+/// drops what a rolled-back transaction left.
+#[derive(Debug, Default)]
+struct CaptureTally {
+    pending_stamped: std::sync::atomic::AtomicU64,
+    pending_set_aside: std::sync::atomic::AtomicU64,
+    stamped: std::sync::atomic::AtomicU64,
+    set_aside: std::sync::atomic::AtomicU64,
+}
+
+impl CaptureTally {
+    fn begin(&self) {
+        self.pending_stamped
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.pending_set_aside
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn drained(&self, outcome: &DrainOutcome) {
+        self.pending_stamped
+            .fetch_add(outcome.events, std::sync::atomic::Ordering::Relaxed);
+        self.pending_set_aside.fetch_add(
+            outcome.set_aside.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn committed(&self) {
+        let stamped = self
+            .pending_stamped
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let set_aside = self
+            .pending_set_aside
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        self.stamped
+            .fetch_add(stamped, std::sync::atomic::Ordering::Relaxed);
+        self.set_aside
+            .fetch_add(set_aside, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a node knows of its own origin's log against the copies its peers
@@ -244,6 +290,7 @@ impl<B: Backend> Engine<B> {
                 writes: watch::Sender::new(true),
                 heard_from: Default::default(),
             },
+            captured: CaptureTally::default(),
         };
         let persisted = engine.backend.max_hlc().await?;
         engine.clock.seed(persisted)?;
@@ -288,6 +335,32 @@ impl<B: Backend> Engine<B> {
 
     fn committed(&self) {
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Begins the daemon's write transaction (the caller holds the writer lock).
+    async fn begin_tx(&self) -> Result<B::Tx> {
+        self.captured.begin();
+        self.backend.begin().await
+    }
+
+    /// Commits the daemon's write transaction.
+    async fn commit_tx(&self, tx: B::Tx) -> Result<()> {
+        self.backend.commit(tx).await?;
+        self.captured.committed();
+        Ok(())
+    }
+
+    /// Direct writes stamped into `change_events` and set aside since the store
+    /// opened, counted once committed, whichever transaction drained them.
+    pub fn captured_totals(&self) -> (u64, u64) {
+        (
+            self.captured
+                .stamped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            self.captured
+                .set_aside
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Checks the cluster id stored in the database against `cluster_id`, storing it

@@ -703,7 +703,7 @@ impl<B: Backend> Engine<B> {
         if blocked.is_empty() {
             return Ok((0, 0));
         }
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         let drained = self.drain_in(&mut tx).await?;
         let mut cache = VersionCache::new();
         let mut per_record = HashMap::new();
@@ -720,7 +720,7 @@ impl<B: Backend> Engine<B> {
                 placed += 1;
             }
         }
-        self.backend.commit(tx).await?;
+        self.commit_tx(tx).await?;
         if drained.events > 0 {
             self.committed();
         }

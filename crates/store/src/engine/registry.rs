@@ -237,9 +237,9 @@ impl<B: Backend> Engine<B> {
         if existing.is_some() {
             // Captures made by the current triggers are read with the current
             // column list before the triggers change.
-            let mut tx = self.backend.begin().await?;
+            let mut tx = self.begin_tx().await?;
             let drained = self.drain_in(&mut tx).await?;
-            self.backend.commit(tx).await?;
+            self.commit_tx(tx).await?;
             if drained.events > 0 {
                 self.committed();
             }
@@ -261,7 +261,7 @@ impl<B: Backend> Engine<B> {
         let values = registry_values(&info.table_name, policy);
         self.own_writes_released().await;
         let _w = self.writer.lock().await;
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         self.drain_in(&mut tx).await?;
         let mut cache = VersionCache::new();
         let local = self

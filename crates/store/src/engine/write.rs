@@ -106,7 +106,7 @@ impl<B: Backend> Engine<B> {
         id: Ulid,
         values: Option<Values>,
     ) -> Result<Option<ChangeEvent>> {
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         let drained = self.drain_in(&mut tx).await?;
         let mut cache = VersionCache::new();
         match self
@@ -120,7 +120,7 @@ impl<B: Backend> Engine<B> {
             }
             None => {
                 if drained.events > 0 || !drained.set_aside.is_empty() {
-                    self.backend.commit(tx).await?;
+                    self.commit_tx(tx).await?;
                 }
                 if drained.events > 0 {
                     self.committed();
@@ -196,13 +196,13 @@ impl<B: Backend> Engine<B> {
         &self,
         group: &[QueuedWrite],
     ) -> Result<Vec<Option<ChangeEvent>>> {
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         match self.group_in(&mut tx, group).await {
             Ok((results, own)) => {
                 if !own.0.is_empty() {
                     self.backend.raise_vector(&mut tx, &own).await?;
                 }
-                self.backend.commit(tx).await?;
+                self.commit_tx(tx).await?;
                 self.committed();
                 Ok(results)
             }
@@ -324,7 +324,7 @@ impl<B: Backend> Engine<B> {
         let mut own = VersionVector::new();
         own.observe(self.node_id, event.hlc);
         self.backend.raise_vector(&mut tx, &own).await?;
-        self.backend.commit(tx).await?;
+        self.commit_tx(tx).await?;
         self.committed();
         Ok(())
     }
@@ -349,7 +349,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<ChangeEvent> {
         self.own_writes_released().await;
         let _w = self.writer.lock().await;
-        let mut tx = self.backend.begin().await?;
+        let mut tx = self.begin_tx().await?;
         let drained = self.drain_in(&mut tx).await?;
         let resolved = self
             .resolve_in(
