@@ -116,6 +116,9 @@ fn lock_holder() -> String {
     )
 }
 
+/// How long opening waits for a held lock file before refusing.
+const LOCK_GRACE: Duration = Duration::from_secs(1);
+
 /// Takes the lock file next to the database (see [`SqliteBackend`]), or says
 /// who holds it.
 fn take_lock(db: &Path) -> Result<std::fs::File> {
@@ -167,7 +170,18 @@ impl SqliteBackend {
                 file: opts.path.clone(),
             });
         }
-        let lock = take_lock(&opts.path)?;
+        // A lock released a moment ago can still be held by a process forked
+        // while it was open (until that child execs or exits): a short grace
+        // before saying another daemon runs.
+        let grace = std::time::Instant::now() + LOCK_GRACE;
+        let lock = loop {
+            match take_lock(&opts.path) {
+                Err(StoreError::AlreadyRunning { .. }) if std::time::Instant::now() < grace => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                taken => break taken?,
+            }
+        };
         let mut connect = SqliteConnectOptions::new()
             .filename(&opts.path)
             .create_if_missing(true)
@@ -212,6 +226,33 @@ impl SqliteBackend {
         url.strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
             .map(Path::new)
+    }
+}
+
+/// Most ids a lookup binds one by one; more travel as one JSON array.
+const SMALL_ID_SET: usize = 8;
+
+/// The `IN` set of a lookup by id whose first id parameter is `?{first}`, and
+/// its binds: one parameter per id for a few ids (the usual API and live
+/// replication case: a cached statement per count, no temporary table), a JSON
+/// array read by `json_each` for more.
+fn id_set(first: usize, ids: &[Ulid]) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    if ids.len() <= SMALL_ID_SET {
+        let params: Vec<String> = (first..first + ids.len().max(1))
+            .map(|i| format!("?{i}"))
+            .collect();
+        let mut binds: Vec<V> = ids.iter().map(|i| V::Text(i.to_string())).collect();
+        if ids.is_empty() {
+            // `IN ()` is not SQL: one NULL matches nothing.
+            binds.push(V::Null);
+        }
+        (format!("({})", params.join(", ")), binds)
+    } else {
+        (
+            format!("(SELECT value FROM json_each(?{first}))"),
+            vec![V::Text(ids_json(ids))],
+        )
     }
 }
 
@@ -982,11 +1023,15 @@ impl Backend for SqliteBackend {
         table: &str,
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Version>> {
+        let (set, mut binds) = id_set(2, ids);
+        binds.insert(0, rusqlite::types::Value::Text(table.to_owned()));
         let rows = query(
             tx.conn(),
-            "SELECT record_id, hlc, node_id, event_id, deleted, vv, frontier FROM tidemark_record_versions \
-             WHERE table_name = ?1 AND record_id IN (SELECT value FROM json_each(?2))",
-            params![table, ids_json(ids)],
+            &format!(
+                "SELECT record_id, hlc, node_id, event_id, deleted, vv, frontier FROM tidemark_record_versions \
+                 WHERE table_name = ?1 AND record_id IN {set}"
+            ),
+            rusqlite::params_from_iter(binds),
             version_row,
         )?;
         rows.into_iter().map(VersionRow::into_version).collect()
@@ -998,14 +1043,17 @@ impl Backend for SqliteBackend {
         table: &TableInfo,
         ids: &[Ulid],
     ) -> Result<HashMap<Ulid, Values>> {
+        let (set, binds) = id_set(1, ids);
         let sql = format!(
-            "SELECT {} FROM {} WHERE {} IN (SELECT value FROM json_each(?1))",
+            "SELECT {} FROM {} WHERE {} IN {set}",
             select_columns(table),
             q(&table.table_name),
             q(&table.primary_key),
         );
         let n = table.columns.len();
-        let rows = query(tx.conn(), &sql, [ids_json(ids)], |r| row_cells(r, n))?;
+        let rows = query(tx.conn(), &sql, rusqlite::params_from_iter(binds), |r| {
+            row_cells(r, n)
+        })?;
         decode_rows(table, rows)
     }
 
