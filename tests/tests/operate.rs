@@ -526,3 +526,38 @@ async fn a_second_daemon_on_one_database_is_refused() {
         );
     }
 }
+
+/// A peer's second outage is reported as soon as its first was: a session that
+/// came back ends the count of failures, so the log does not wait for the
+/// tenth failure (and its backoff) to say the peer is gone again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outage_is_reported_like_the_first() {
+    let mut cluster = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    let first_failures = |node: &TestNode| {
+        std::fs::read_to_string(node.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("reconnecting with backoff") && l.contains("failures=1"))
+            .count()
+    };
+    for outage in 1..=2 {
+        cluster.nodes[1].kill();
+        wait_for(
+            &format!("outage {outage} reported as a first failure"),
+            async || first_failures(&cluster.nodes[0]) >= outage,
+        )
+        .await;
+        cluster.nodes[1].start().await;
+        // The session is back once a new write arrives.
+        let id = Ulid::generate();
+        cluster.nodes[0].put(id, json!({"title": "back"})).await;
+        wait_for("the session to come back", async || {
+            cluster.nodes[1]
+                .reader()
+                .rows()
+                .await
+                .contains_key(&id.to_string())
+        })
+        .await;
+    }
+}

@@ -342,6 +342,13 @@ impl Inner {
         metrics::counter!("tidemark_events_skipped_total", "peer" => peer.clone(), "reason" => "duplicate")
             .increment(outcome.duplicates);
         metrics::counter!("tidemark_conflicts_detected_total").increment(outcome.conflicts);
+        if outcome.conflicts > 0 {
+            info!(
+                %sender,
+                conflicts = outcome.conflicts,
+                "concurrent versions met: conflicts recorded (`tidemark admin conflicts list` shows them)"
+            );
+        }
         let vector = self
             .store
             .advertised_vector()

@@ -316,7 +316,9 @@ impl Sender {
             let mut failures = 0u32;
             loop {
                 let result = self.inner.session(&peer, &cancel, &mut backoff).await;
+                let mut was_connected = false;
                 self.inner.update(peer.node_id, |s| {
+                    was_connected = s.connected;
                     s.connected = false;
                     s.unacked_events = 0;
                     // A new session starts with no holds (the peer's are per session).
@@ -326,6 +328,11 @@ impl Sender {
                     break;
                 }
                 if let Err(e) = result {
+                    // A session that got through its handshake ended an outage
+                    // count: this failure is the first of a new one.
+                    if was_connected {
+                        failures = 0;
+                    }
                     failures += 1;
                     // First failure and then every 10th at WARN: a peer that stays
                     // down must not flood the log.
