@@ -1082,6 +1082,35 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     store.close().await;
 }
 
+/// Triggers of the application on a replicated table fire on the daemon's
+/// writes too; they are listed (Tidemark's own and the database's internal
+/// ones are not), so the daemon can warn about each.
+async fn application_triggers_are_listed(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    assert_eq!(
+        store.application_triggers().await.expect("list"),
+        Vec::<(String, String)>::new(),
+        "only Tidemark's triggers so far"
+    );
+    match db.kind() {
+        "postgres" => db.sql(
+            "CREATE FUNCTION notes_touch() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN NEW.body := 'touched'; RETURN NEW; END $$; \
+             CREATE TRIGGER update_notes_modified BEFORE UPDATE ON notes \
+             FOR EACH ROW EXECUTE FUNCTION notes_touch()",
+        ),
+        _ => db.sql(
+            "CREATE TRIGGER update_notes_modified AFTER UPDATE ON notes \
+             BEGIN UPDATE notes SET body = 'touched' WHERE id = NEW.id; END",
+        ),
+    };
+    assert_eq!(
+        store.application_triggers().await.expect("list"),
+        vec![("notes".to_owned(), "update_notes_modified".to_owned())]
+    );
+    store.close().await;
+}
+
 async fn capture_around_the_triggers_is_reported(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     assert_eq!(
@@ -1798,6 +1827,7 @@ suite!(
         registration_snapshots_existing_rows,
         one_daemon_per_database,
         capture_around_the_triggers_is_reported,
+        application_triggers_are_listed,
         refused_rows_retry_on_demand,
     ],
 );

@@ -164,6 +164,11 @@ fn describe() {
         "Holds of an origin at one of its events from a peer, by gRPC code."
     );
     describe_gauge!(
+        "tidemark_application_triggers",
+        Unit::Count,
+        "Triggers on replicated tables that are not Tidemark's: they fire on replicated writes too, so what they set differs per node (each is logged), checked every 30 s."
+    );
+    describe_gauge!(
         "tidemark_capture_problems",
         Unit::Count,
         "Capture triggers of replicated tables that are missing or disabled (direct writes would go uncaptured), checked every 30 s."

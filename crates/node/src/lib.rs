@@ -552,8 +552,27 @@ async fn store_watch(
     cancel: CancellationToken,
 ) {
     let mut reported: Vec<String> = Vec::new();
+    let mut triggers_reported: Vec<(String, String)> = Vec::new();
     for round in 0u32.. {
         if round % CAPTURE_CHECK_EVERY == 0 {
+            match store.application_triggers().await {
+                Ok(found) => {
+                    for (table, trigger) in found.iter().filter(|t| !triggers_reported.contains(t))
+                    {
+                        warn!(
+                            %table,
+                            %trigger,
+                            "an application trigger fires on replicated writes too: what it sets, each node sets for itself \
+                             (and the change is not replicated); on SQLite make it skip them with \
+                             WHEN (SELECT active FROM tidemark_capture_guard WHERE id = 1) = 0, on PostgreSQL with \
+                             IF current_setting('tidemark.applying', true) = 'on' THEN RETURN NEW; END IF"
+                        );
+                    }
+                    metrics::gauge!("tidemark_application_triggers").set(found.len() as f64);
+                    triggers_reported = found;
+                }
+                Err(e) => warn!(error = %e, "cannot list application triggers"),
+            }
             match store.check_capture().await {
                 Ok(problems) => {
                     if problems != reported {

@@ -433,6 +433,14 @@ pub trait Backend: Send + Sync + 'static {
         tables: &[std::sync::Arc<TableInfo>],
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
 
+    /// Triggers on `tables` that are not Tidemark's, as (table, trigger): they
+    /// fire on the daemon's replicated writes too, so whatever they set is set
+    /// by each node for itself.
+    fn application_triggers(
+        &self,
+        tables: &[std::sync::Arc<TableInfo>],
+    ) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+
     /// Checks that this daemon still holds the database's writer lock (taken
     /// when the backend connected), taking it again if its connection broke.
     fn check_lock(&self) -> impl Future<Output = Result<()>> + Send;

@@ -433,6 +433,14 @@ impl Store {
         dispatch!(self, e => e.backend().check_capture(&tables).await)
     }
 
+    /// Triggers on the registered tables that are not Tidemark's, as (table,
+    /// trigger): they fire on replicated writes too (see
+    /// [`Backend::application_triggers`]).
+    pub async fn application_triggers(&self) -> Result<Vec<(String, String)>> {
+        let tables = self.tables();
+        dispatch!(self, e => e.backend().application_triggers(&tables).await)
+    }
+
     /// Checks that this daemon still holds the database's writer lock (one
     /// daemon per database), taking it again if its session broke.
     pub async fn check_lock(&self) -> Result<()> {

@@ -1266,6 +1266,14 @@ impl Backend for MemoryBackend {
         Ok(Vec::new())
     }
 
+    async fn application_triggers(
+        &self,
+        _tables: &[std::sync::Arc<TableInfo>],
+    ) -> Result<Vec<(String, String)>> {
+        // Tables are declared in code: there are no triggers.
+        Ok(Vec::new())
+    }
+
     async fn check_lock(&self) -> Result<()> {
         Ok(())
     }

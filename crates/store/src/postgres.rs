@@ -1573,6 +1573,30 @@ impl Backend for PostgresBackend {
         Ok(problems)
     }
 
+    async fn application_triggers(
+        &self,
+        tables: &[std::sync::Arc<TableInfo>],
+    ) -> Result<Vec<(String, String)>> {
+        const OURS: [&str; 3] = [
+            "tidemark_capture",
+            "tidemark_capture_lock",
+            "tidemark_refuse_truncate",
+        ];
+        let names: Vec<String> = tables.iter().map(|t| t.table_name.clone()).collect();
+        // Internal triggers (those behind foreign keys) are the database's own.
+        let found: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, t.tgname::text FROM pg_trigger t \
+             JOIN pg_class c ON c.oid = t.tgrelid \
+             WHERE NOT t.tgisinternal AND t.tgrelid = ANY (SELECT to_regclass(quote_ident(n)) FROM unnest($1::text[]) AS n) \
+             AND NOT (t.tgname = ANY($2)) ORDER BY 1, 2",
+        )
+        .bind(names)
+        .bind(OURS.map(str::to_owned).to_vec())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found)
+    }
+
     async fn check_lock(&self) -> Result<()> {
         use sqlx::Connection;
         let mut held = self.writer_lock.lock().await;

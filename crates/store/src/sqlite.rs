@@ -1784,6 +1784,24 @@ impl Backend for SqliteBackend {
         Ok(problems)
     }
 
+    async fn application_triggers(
+        &self,
+        tables: &[std::sync::Arc<TableInfo>],
+    ) -> Result<Vec<(String, String)>> {
+        let all: Vec<(String, String)> = sqlx::query_as(
+            "SELECT tbl_name, name FROM sqlite_master WHERE type = 'trigger' ORDER BY tbl_name, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(all
+            .into_iter()
+            .filter(|(table, name)| {
+                tables.iter().any(|t| t.table_name == *table)
+                    && !trigger_names(table).contains(name)
+            })
+            .collect())
+    }
+
     async fn check_lock(&self) -> Result<()> {
         // A file lock lasts as long as the open file: nothing can take it away.
         Ok(())
