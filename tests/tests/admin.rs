@@ -815,3 +815,36 @@ async fn digests_of_identical_rows_are_identical_on_every_backend() {
         store.close().await;
     }
 }
+
+/// `status` counts what a stopped peer lacks from the log, as the lag gauge
+/// does, not from the session that is gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_what_a_stopped_peer_lacks() {
+    let mut cluster = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    cluster.nodes[1].kill();
+    let n0 = &cluster.nodes[0];
+    for i in 0..6 {
+        n0.put(
+            Ulid::generate(),
+            json!({"title": format!("while down {i}")}),
+        )
+        .await;
+    }
+    let peer = cluster.nodes[1].id.to_string();
+    let s = status(n0).await;
+    let p = s
+        .peers
+        .iter()
+        .find(|p| p.node_id == peer)
+        .expect("node1 in node0's status");
+    assert_eq!(p.unacked_events, 6, "{p:?}");
+    assert!(p.oldest_unacked_ms > 0, "{p:?}");
+    let gauge = format!("tidemark_peer_unacked_events{{peer=\"{peer}\"}}");
+    wait_for("the gauge to agree", async || {
+        n0.metric(&gauge).await == Some(6.0)
+    })
+    .await;
+    let url0 = n0.grpc_url();
+    let peers = &admin_json(&["--addr", &url0, "status"])["peers"];
+    assert_eq!(peers[0]["unacked_events"], json!(6), "{peers}");
+}

@@ -185,11 +185,15 @@ impl pb::admin_server::Admin for AdminService {
                 .peer_progress(p.node_id)
                 .await
                 .map_err(store_status)?;
+            // From the log, like the lag gauges: the sender's in-flight count
+            // is gone when its session is.
+            let (unacked, oldest) = self.store.peer_lag(p.node_id).await.map_err(store_status)?;
             peers.push(pb::PeerStatus {
                 node_id: p.node_id.to_string(),
                 address: p.address.clone(),
                 connected: state.connected,
-                unacked_events: state.unacked_events,
+                unacked_events: unacked,
+                oldest_unacked_ms: oldest.unwrap_or(0),
                 last_ack_ms: state.last_ack_wall_ms.unwrap_or(0),
                 last_error: state.last_error.unwrap_or_default(),
                 acked: Some(vector_to_pb(&acked)),

@@ -506,7 +506,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "writes_held": s.writes_held,
                     "peers": s.peers.iter().map(|p| json!({
                         "node_id": p.node_id, "address": p.address, "connected": p.connected,
-                        "unacked_events": p.unacked_events, "last_ack_ms": p.last_ack_ms,
+                        "unacked_events": p.unacked_events,
+                        "oldest_unacked_ms": p.oldest_unacked_ms, "last_ack_ms": p.last_ack_ms,
                         "last_error": p.last_error, "acked": vector_json(&p.acked),
                         "blocked_records": p.blocked_records,
                         "held": p.held.iter().map(|h| json!({
@@ -554,6 +555,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                             "down".into()
                         },
                         p.unacked_events.to_string(),
+                        if p.oldest_unacked_ms > 0 {
+                            format!(
+                                "{:.1} s",
+                                (now_ms() - p.oldest_unacked_ms).max(0) as f64 / 1000.0
+                            )
+                        } else {
+                            "-".into()
+                        },
                         p.blocked_records.to_string(),
                         p.held.len().to_string(),
                         or_dash(&p.last_error),
@@ -566,6 +575,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "address",
                     "state",
                     "unacked",
+                    "lag",
                     "blocked",
                     "held origins",
                     "last error",
