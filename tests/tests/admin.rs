@@ -623,6 +623,35 @@ async fn status_shows_held_writes_held_origins_and_quarantined_events() {
     assert_eq!(json["quarantined_events"], json!(1), "{json:#}");
     let (_, out, _) = admin_cli(&["--addr", &url0, "status"]);
     assert!(out.contains("1 quarantined events"), "{out}");
+
+    // The operator lists it, as received, with its reason, and discards it.
+    let listed = admin_json(&["--addr", &url0, "quarantined"]);
+    assert_eq!(listed["total"], json!(1), "{listed:#}");
+    let q = &listed["events"][0];
+    assert_eq!(q["event_id"], json!(ack.rejected[0].event_id), "{listed:#}");
+    assert!(
+        q["event"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not an origin"),
+        "{listed:#}"
+    );
+    assert!(
+        !q["reason"].as_str().unwrap_or_default().is_empty(),
+        "{listed:#}"
+    );
+    assert!(
+        !q["received_at"].as_str().unwrap_or_default().is_empty(),
+        "{listed:#}"
+    );
+    let (_, out, _) = admin_cli(&["--addr", &url0, "quarantined"]);
+    assert!(out.contains("1 events in this node's quarantine"), "{out}");
+    let (code, _, err) = admin_cli(&["--addr", &url0, "discard-quarantined"]);
+    assert_ne!(code, 0, "nothing named: refused ({err})");
+    let event_id = q["event_id"].as_str().unwrap_or_default().to_owned();
+    let done = admin_json(&["--addr", &url0, "discard-quarantined", &event_id]);
+    assert_eq!(done["discarded"], json!(1), "{done:#}");
+    assert_eq!(status(n0).await.quarantined_events, 0);
 }
 
 // ---------------------------------------------------------------------------------

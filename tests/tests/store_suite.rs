@@ -1111,6 +1111,55 @@ async fn application_triggers_are_listed(db: TestDb) {
     store.close().await;
 }
 
+/// What a peer sent that could not be identified is kept as received, listed
+/// oldest first, and discarded on demand.
+async fn quarantined_events_list_and_discard(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let peer = Ulid::generate();
+    let rejected = |n: u32| tidemark_store::Rejected {
+        event_id: format!("bad id {n}"),
+        kind: tidemark_store::RejectKind::Invalid,
+        reason: format!("event id is not a ULID ({n})"),
+        event: json!({"event_id": format!("bad id {n}"), "n": n}),
+    };
+    store
+        .apply_from(Some(peer), &[], vec![rejected(1), rejected(2)], &|_| true)
+        .await
+        .expect("apply");
+    assert_eq!(store.count_quarantined().await.expect("count"), 2);
+    let listed = store.list_quarantined(10).await.expect("list");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|q| q.event_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["bad id 1", "bad id 2"]
+    );
+    let q = &listed[0];
+    assert_eq!(
+        (q.code.as_str(), q.reason.as_str()),
+        ("INVALID_ARGUMENT", "event id is not a ULID (1)")
+    );
+    let event: Value = serde_json::from_str(&q.event).expect("event json");
+    assert_eq!(event, json!({"event_id": "bad id 1", "n": 1}));
+    if db.kind() != "memory" {
+        assert_eq!(q.peer_id, Some(peer.to_string()));
+        assert!(q.received_at.ends_with('Z'), "{}", q.received_at);
+    }
+    assert_eq!(store.list_quarantined(1).await.expect("list").len(), 1);
+    assert_eq!(
+        store
+            .discard_quarantined(Some(&["bad id 2".to_owned(), "unknown".to_owned()]))
+            .await
+            .expect("discard"),
+        1
+    );
+    assert_eq!(store.count_quarantined().await.expect("count"), 1);
+    assert_eq!(store.discard_quarantined(None).await.expect("all"), 1);
+    assert_eq!(store.count_quarantined().await.expect("count"), 0);
+    store.close().await;
+}
+
 async fn capture_around_the_triggers_is_reported(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     assert_eq!(
@@ -1815,6 +1864,7 @@ suite!(
         policy_switch_moves_conflicts,
         one_batch_with_policy_and_concurrent_versions,
         concurrent_api_writes_commit_in_groups,
+        quarantined_events_list_and_discard,
     ],
     // These need direct SQL, which the memory backend does not have: SQL
     // migrations checked through the SQL client, capture triggers fed by direct

@@ -516,6 +516,60 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::DiscardUnreplicatedResponse { discarded }))
     }
 
+    async fn list_quarantined(
+        &self,
+        request: Request<pb::ListQuarantinedRequest>,
+    ) -> Result<Response<pb::ListQuarantinedResponse>, Status> {
+        let limit = page_size(request.into_inner().limit);
+        let events = self
+            .store
+            .list_quarantined(limit)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListQuarantinedResponse {
+            events: events
+                .into_iter()
+                .map(|q| pb::QuarantinedEvent {
+                    event_id: q.event_id,
+                    peer_id: q.peer_id.unwrap_or_default(),
+                    code: q.code,
+                    reason: q.reason,
+                    event_json: q.event,
+                    received_at: q.received_at,
+                })
+                .collect(),
+            total: self.store.count_quarantined().await.map_err(store_status)?,
+        }))
+    }
+
+    async fn discard_quarantined(
+        &self,
+        request: Request<pb::DiscardQuarantinedRequest>,
+    ) -> Result<Response<pb::DiscardQuarantinedResponse>, Status> {
+        let req = request.into_inner();
+        let ids = match (req.all, req.event_ids.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(req.event_ids.as_slice()),
+            (true, false) => {
+                return Err(Status::invalid_argument(
+                    "give either event_ids or all, not both",
+                ));
+            }
+            (false, true) => {
+                return Err(Status::invalid_argument(
+                    "event_ids: name the events to discard, or set all",
+                ));
+            }
+        };
+        let discarded = self
+            .store
+            .discard_quarantined(ids)
+            .await
+            .map_err(store_status)?;
+        info!(discarded, "quarantined events discarded by an operator");
+        Ok(Response::new(pb::DiscardQuarantinedResponse { discarded }))
+    }
+
     async fn digest(
         &self,
         request: Request<pb::DigestRequest>,

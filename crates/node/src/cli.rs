@@ -202,6 +202,21 @@ pub enum AdminCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Events peers sent that this node could not even identify, kept as
+    /// received, oldest first.
+    Quarantined {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Remove quarantined events once looked at.
+    DiscardQuarantined {
+        /// The events' ids, as `quarantined` lists them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        event_ids: Vec<String>,
+        /// Every quarantined event.
+        #[arg(long)]
+        all: bool,
+    },
     /// Compare the rows of several nodes (exit 1 when they differ): per-table
     /// digests, then the ranges and records that differ. Ignores --addr.
     Check {
@@ -952,6 +967,54 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 print_json(&json!({"discarded": r.discarded}));
             } else {
                 out!("discarded {} entries", r.discarded);
+            }
+        }
+        AdminCommand::Quarantined { limit } => {
+            let r = client
+                .list_quarantined(pb::ListQuarantinedRequest { limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({
+                    "events": r.events.iter().map(|q| json!({
+                        "event_id": q.event_id, "peer_id": q.peer_id, "code": q.code,
+                        "reason": q.reason, "event": q.event_json,
+                        "received_at": q.received_at,
+                    })).collect::<Vec<_>>(),
+                    "total": r.total,
+                }));
+                return Ok(true);
+            }
+            let rows: Vec<Vec<String>> = r
+                .events
+                .iter()
+                .map(|q| {
+                    vec![
+                        q.event_id.clone(),
+                        or_dash(&q.peer_id),
+                        q.code.clone(),
+                        or_dash(&q.received_at),
+                        q.reason.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["event", "from peer", "code", "received", "reason"], &rows);
+            out!(
+                "\n{} events in this node's quarantine (`--json` shows each as received)",
+                r.total
+            );
+        }
+        AdminCommand::DiscardQuarantined { event_ids, all } => {
+            let r = client
+                .discard_quarantined(pb::DiscardQuarantinedRequest { event_ids, all })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if args.json {
+                print_json(&json!({"discarded": r.discarded}));
+            } else {
+                out!("discarded {} quarantined events", r.discarded);
             }
         }
         AdminCommand::Check { nodes, table } => {

@@ -18,8 +18,8 @@ use ulid::Ulid;
 use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
-    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey, Rejected,
-    SetAside, TableInfo, Values, Version, VersionVector,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
+    Quarantined, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -318,6 +318,15 @@ pub trait Backend: Send + Sync + 'static {
         op: SavepointOp,
     ) -> impl Future<Output = Result<()>> + Send;
     fn count_quarantined(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// The oldest `limit` quarantined events.
+    fn list_quarantined(&self, limit: u32)
+    -> impl Future<Output = Result<Vec<Quarantined>>> + Send;
+    /// Deletes these quarantined events (by event id as received), or all of
+    /// them; how many went.
+    fn discard_quarantined(
+        &self,
+        event_ids: Option<&[String]>,
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     // ---- conflicts ------------------------------------------------------------------
 

@@ -47,8 +47,8 @@ pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,
     ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, Member,
-    Operation, RejectKind, Rejected, ResolveChoice, SetAside, TableInfo, Values, Version,
-    VersionVector,
+    Operation, Quarantined, RejectKind, Rejected, ResolveChoice, SetAside, TableInfo, Values,
+    Version, VersionVector,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
@@ -315,6 +315,18 @@ impl Store {
 
     pub async fn count_quarantined(&self) -> Result<u64> {
         dispatch!(self, e => e.count_quarantined().await)
+    }
+
+    /// The oldest `limit` quarantined events (see [`Quarantined`]).
+    pub async fn list_quarantined(&self, limit: u32) -> Result<Vec<Quarantined>> {
+        dispatch!(self, e => e.backend().list_quarantined(limit).await)
+    }
+
+    /// Deletes these quarantined events (by event id as received), or all of
+    /// them; how many went. They are the node's record of what peers sent
+    /// wrong: nothing else reads them, and one that comes again is kept again.
+    pub async fn discard_quarantined(&self, event_ids: Option<&[String]>) -> Result<u64> {
+        dispatch!(self, e => e.backend().discard_quarantined(event_ids).await)
     }
 
     /// See [`Engine::advertised_vector`].

@@ -35,7 +35,7 @@ use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus,
-    ForeignKey, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
+    ForeignKey, Quarantined, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -979,6 +979,36 @@ impl Backend for MemoryBackend {
 
     async fn count_quarantined(&self) -> Result<u64> {
         Ok(self.state.lock().await.quarantine.len() as u64)
+    }
+
+    async fn list_quarantined(&self, limit: u32) -> Result<Vec<Quarantined>> {
+        // The memory backend keeps no peer or time with them.
+        Ok(self
+            .state
+            .lock()
+            .await
+            .quarantine
+            .values()
+            .take(limit as usize)
+            .map(|r| Quarantined {
+                event_id: r.event_id.clone(),
+                peer_id: None,
+                code: r.kind.code().to_owned(),
+                reason: r.reason.clone(),
+                event: r.event.to_string(),
+                received_at: String::new(),
+            })
+            .collect())
+    }
+
+    async fn discard_quarantined(&self, event_ids: Option<&[String]>) -> Result<u64> {
+        let mut state = self.state.lock().await;
+        let before = state.quarantine.len();
+        match event_ids {
+            None => state.quarantine.clear(),
+            Some(ids) => state.quarantine.retain(|id, _| !ids.contains(id)),
+        }
+        Ok((before - state.quarantine.len()) as u64)
     }
 
     async fn upsert_conflict(&self, tx: &mut Self::Tx, conflict: &Conflict) -> Result<()> {

@@ -551,6 +551,24 @@ pub struct SetAside {
     pub set_aside_at: String,
 }
 
+/// An event a peer sent that this node could not even identify (no valid
+/// origin or id to hold it by), kept as received for the operator
+/// (`tidemark_quarantine`); the rest of its batch applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The event id as received (possibly malformed).
+    pub event_id: String,
+    /// The peer it came from, when known.
+    pub peer_id: Option<String>,
+    /// The gRPC code name of the refusal.
+    pub code: String,
+    pub reason: String,
+    /// The event as received, as JSON text.
+    pub event: String,
+    /// When it was quarantined (RFC 3339, UTC); empty when not recorded.
+    pub received_at: String,
+}
+
 /// What one apply of remote events did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {

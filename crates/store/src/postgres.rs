@@ -21,8 +21,8 @@ use crate::backend::{Backend, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey, Rejected,
-    SetAside, TableInfo, Values, Version, VersionVector,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
+    Quarantined, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::rows::{
     BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
@@ -1330,6 +1330,48 @@ impl Backend for PostgresBackend {
             .fetch_one(&self.pool)
             .await?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn list_quarantined(&self, limit: u32) -> Result<Vec<Quarantined>> {
+        type Row = (String, Option<String>, String, String, String, String);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT event_id, peer_id, code, reason, event::text, \
+             to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+             FROM tidemark_quarantine ORDER BY quarantine_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(event_id, peer_id, code, reason, event, received_at)| Quarantined {
+                    event_id,
+                    peer_id,
+                    code,
+                    reason,
+                    event,
+                    received_at,
+                },
+            )
+            .collect())
+    }
+
+    async fn discard_quarantined(&self, event_ids: Option<&[String]>) -> Result<u64> {
+        let done = match event_ids {
+            None => {
+                sqlx::query("DELETE FROM tidemark_quarantine")
+                    .execute(&self.pool)
+                    .await?
+            }
+            Some(ids) => {
+                sqlx::query("DELETE FROM tidemark_quarantine WHERE event_id = ANY($1)")
+                    .bind(ids.to_vec())
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected())
     }
 
     async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
