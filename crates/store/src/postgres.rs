@@ -1303,12 +1303,14 @@ impl Backend for PostgresBackend {
         peer: Option<Ulid>,
         rows: &[Rejected],
     ) -> Result<()> {
+        // Ids in arrival order within the batch (a listing is oldest first).
+        let mut ids = ulid::Generator::new();
         for r in rows {
             sqlx::query(
                 "INSERT INTO tidemark_quarantine (quarantine_id, event_id, peer_id, code, reason, event) \
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
             )
-            .bind(Ulid::generate().to_string())
+            .bind(ids.generate().unwrap_or_else(|_| Ulid::generate()).to_string())
             .bind(crate::model::truncate(&r.event_id))
             .bind(peer.map(|p| p.to_string()))
             .bind(r.kind.code())

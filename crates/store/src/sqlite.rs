@@ -1522,13 +1522,17 @@ impl Backend for SqliteBackend {
         peer: Option<Ulid>,
         rows: &[Rejected],
     ) -> Result<()> {
+        // Ids in arrival order within the batch (a listing is oldest first).
+        let mut ids = ulid::Generator::new();
         for r in rows {
             execute(
                 tx.conn(),
                 "INSERT INTO tidemark_quarantine (quarantine_id, event_id, peer_id, code, reason, event) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (event_id) DO NOTHING",
                 params![
-                    Ulid::generate().to_string(),
+                    ids.generate()
+                        .unwrap_or_else(|_| Ulid::generate())
+                        .to_string(),
                     crate::model::truncate(&r.event_id),
                     peer.map(|p| p.to_string()),
                     r.kind.code(),
