@@ -189,3 +189,46 @@ async fn output_into_a_closed_pipe_ends_quietly() {
         assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
     }
 }
+
+/// `check-config` shows what was configured, readable: ids as the ULIDs the
+/// user wrote, the store without its password, each peer and table.
+#[test]
+fn check_config_prints_a_readable_summary() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("n.toml");
+    let (me, peer) = (Ulid::generate(), Ulid::generate());
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"{me}\"\nname = \"alpha\"\ncluster_id = \"c1\"\n\
+             [store]\nurl = \"postgres://tm:s3cret@127.0.0.1:5432/tm\"\n\
+             [tls]\ninsecure = true\n\
+             [[peers]]\nnode_id = \"{peer}\"\naddress = \"http://10.0.0.2:7070\"\n\
+             [[tables]]\nname = \"notes\"\nconflict_policy = \"manual\"\n"
+        ),
+    )
+    .expect("config");
+    let out = Command::new(tidemark_bin())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", stderr(&out));
+    assert!(stdout.starts_with("config OK\n"), "{stdout}");
+    for want in [
+        format!("node        {me} (alpha)"),
+        "cluster     c1".to_owned(),
+        "plaintext (tls.insecure = true)".to_owned(),
+        format!("  {peer} http://10.0.0.2:7070"),
+        "  notes (manual)".to_owned(),
+    ] {
+        assert!(stdout.contains(&want), "{want:?} in:\n{stdout}");
+    }
+    assert!(stdout.contains("PostgreSQL postgres://tm:"), "{stdout}");
+    assert!(
+        !stdout.contains("s3cret"),
+        "the password is shown:\n{stdout}"
+    );
+    assert!(!stdout.contains("Settings {"), "a debug dump:\n{stdout}");
+}

@@ -369,6 +369,79 @@ pub struct Settings {
     pub log: LogConfig,
 }
 
+impl Settings {
+    /// What `check-config` prints: the settings an operator checks, readable
+    /// (ids as ULIDs, no secrets).
+    pub fn summary(&self) -> String {
+        let on_off = |a: Option<SocketAddr>, what: &str| {
+            a.map_or_else(|| format!("off ({what} not set)"), |a| a.to_string())
+        };
+        let mut out = vec![
+            format!("node        {} ({})", self.local.node_id, self.name),
+            format!("cluster     {}", self.local.cluster_id),
+            format!("store       {}", self.store_url),
+            format!("listen      {} (records and replication)", self.listen_addr),
+            format!(
+                "admin       {}{}",
+                self.admin_addr.map_or_else(
+                    || format!("{} (the main listener)", self.listen_addr),
+                    |a| a.to_string()
+                ),
+                if self.admin_token.is_some() {
+                    ", token required"
+                } else {
+                    ", no token"
+                }
+            ),
+            format!(
+                "metrics     {}",
+                on_off(self.metrics_addr, "metrics.listen_addr")
+            ),
+            format!(
+                "peers tls   {}",
+                if self.tls.is_some() {
+                    "mutual TLS"
+                } else {
+                    "plaintext (tls.insecure = true)"
+                }
+            ),
+            format!(
+                "clock       max drift {} ms, offset {} ms",
+                self.max_drift_ms, self.clock_offset_ms
+            ),
+            format!("log         {} ({})", self.log.level, self.log.format),
+            format!("peers       {}", self.peers.len()),
+        ];
+        for p in &self.peers {
+            out.push(format!(
+                "  {} {}{}",
+                p.node_id,
+                p.address,
+                if p.may_relay {
+                    ""
+                } else {
+                    " (its own events only)"
+                }
+            ));
+        }
+        out.push(format!("tables      {}", self.tables.len()));
+        for t in &self.tables {
+            let types: Vec<String> = t.types.iter().map(|(c, ty)| format!("{c} {ty}")).collect();
+            out.push(format!(
+                "  {} ({}{})",
+                t.name,
+                t.policy.as_str(),
+                if types.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", types.join(", "))
+                }
+            ));
+        }
+        out.join("\n")
+    }
+}
+
 /// A replicated table as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSettings {

@@ -1,5 +1,6 @@
 //! `tidemark`: the replication daemon and its tools.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -136,7 +137,8 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { config } => match load(&config) {
             Ok(settings) => {
-                println!("{settings:#?}");
+                // A closed pipe (`check-config | head`) is not an error.
+                let _ = writeln!(std::io::stdout(), "config OK\n{}", settings.summary());
                 Ok(())
             }
             Err(msg) => {

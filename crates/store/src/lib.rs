@@ -62,6 +62,28 @@ pub enum StoreUrl {
     Postgres(PostgresOptions),
 }
 
+/// What an operator reads: the backend, where, and its main settings; a
+/// PostgreSQL password is never shown.
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Sqlite(o) => write!(
+                f,
+                "SQLite {} (synchronous {}, busy timeout {} ms)",
+                o.path.display(),
+                if o.synchronous_full { "FULL" } else { "NORMAL" },
+                o.busy_timeout.as_millis()
+            ),
+            StoreUrl::Postgres(o) => write!(
+                f,
+                "PostgreSQL {} (up to {} connections)",
+                postgres::redact(&o.url),
+                o.max_connections
+            ),
+        }
+    }
+}
+
 impl std::str::FromStr for StoreUrl {
     type Err = StoreError;
 
