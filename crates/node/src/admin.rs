@@ -165,6 +165,21 @@ fn range_id(field: &str, text: &str) -> Result<Option<Ulid>, Status> {
     parse_ulid(field, text).map(Some).map_err(store_status)
 }
 
+/// The entries a discard names in `field`, or `None` for `all`: exactly one
+/// of the two.
+fn named_or_all<'a, T>(field: &str, named: &'a [T], all: bool) -> Result<Option<&'a [T]>, Status> {
+    match (all, named.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some(named)),
+        (true, false) => Err(Status::invalid_argument(format!(
+            "give either {field} or all, not both"
+        ))),
+        (false, true) => Err(Status::invalid_argument(format!(
+            "{field}: name the entries to discard, or set all"
+        ))),
+    }
+}
+
 fn id_text(id: Option<Ulid>) -> String {
     id.map(|i| i.to_string()).unwrap_or_default()
 }
@@ -493,20 +508,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::DiscardUnreplicatedRequest>,
     ) -> Result<Response<pb::DiscardUnreplicatedResponse>, Status> {
         let req = request.into_inner();
-        let seqs = match (req.all, req.seqs.is_empty()) {
-            (true, true) => None,
-            (false, false) => Some(req.seqs.as_slice()),
-            (true, false) => {
-                return Err(Status::invalid_argument(
-                    "give either seqs or all, not both",
-                ));
-            }
-            (false, true) => {
-                return Err(Status::invalid_argument(
-                    "seqs: name the entries to discard, or set all",
-                ));
-            }
-        };
+        let seqs = named_or_all("seqs", &req.seqs, req.all)?;
         let discarded = self
             .store
             .discard_set_aside(seqs)
@@ -547,20 +549,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::DiscardQuarantinedRequest>,
     ) -> Result<Response<pb::DiscardQuarantinedResponse>, Status> {
         let req = request.into_inner();
-        let ids = match (req.all, req.event_ids.is_empty()) {
-            (true, true) => None,
-            (false, false) => Some(req.event_ids.as_slice()),
-            (true, false) => {
-                return Err(Status::invalid_argument(
-                    "give either event_ids or all, not both",
-                ));
-            }
-            (false, true) => {
-                return Err(Status::invalid_argument(
-                    "event_ids: name the events to discard, or set all",
-                ));
-            }
-        };
+        let ids = named_or_all("event_ids", &req.event_ids, req.all)?;
         let discarded = self
             .store
             .discard_quarantined(ids)

@@ -68,8 +68,6 @@ pub enum SessionError {
 #[derive(Debug, Clone, Default)]
 pub struct PeerState {
     pub connected: bool,
-    /// Events sent and not yet acknowledged.
-    pub unacked_events: u64,
     /// Last successful ack, ms since the epoch.
     pub last_ack_wall_ms: Option<i64>,
     pub last_error: Option<String>,
@@ -320,7 +318,6 @@ impl Sender {
                 self.inner.update(peer.node_id, |s| {
                     was_connected = s.connected;
                     s.connected = false;
-                    s.unacked_events = 0;
                     // A new session starts with no holds (the peer's are per session).
                     s.held.clear();
                 });
@@ -507,7 +504,6 @@ impl SenderInner {
                 self.show_holds(peer.node_id, &holds);
             }
             // Fill the window with what the peer lacks.
-            let mut sent_any = false;
             while inflight.len() < window {
                 let events = self
                     .store
@@ -580,14 +576,9 @@ impl SenderInner {
                 .await
                 .map_err(|_| SessionError::Closed)?;
                 inflight.push_back((next_batch, n, Instant::now()));
-                sent_any = true;
                 if drained && !cut {
                     break;
                 }
-            }
-            if sent_any {
-                let unacked: u64 = inflight.iter().map(|b| b.1).sum();
-                self.update(peer.node_id, |s| s.unacked_events = unacked);
             }
             let deadline = inflight
                 .front()
@@ -681,8 +672,6 @@ impl SenderInner {
         }
         self.update(peer.node_id, |s| s.blocked_records = ack.blocked_records);
         self.acked(peer.node_id, &vector).await?;
-        let unacked: u64 = inflight.iter().map(|b| b.1).sum();
-        self.update(peer.node_id, |s| s.unacked_events = unacked);
         debug!(
             batch_id = ack.batch_id,
             applied = ack.applied,
