@@ -1,15 +1,16 @@
 //! The receiving side of a replication session: the `Replication` gRPC service.
 //!
-//! Each stream is served by a task that applies batches one at a time: a batch is
-//! applied in one store transaction and acknowledged only after it committed. On
-//! shutdown the task finishes the batch in hand (commit, then ack) and ends the
-//! stream.
+//! Each stream is served by a task that applies batches in arrival order: the
+//! batches that have already arrived (up to [`COALESCE_EVENTS`] events) are
+//! applied together in one store transaction, and each is acknowledged only
+//! after it committed. On shutdown the task finishes the batches in hand
+//! (commit, then ack) and ends the stream.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use std::collections::HashMap;
 
 use tidemark_hlc::Hlc;
@@ -32,6 +33,11 @@ use crate::{LocalNode, PROTOCOL_VERSION, ReplicationOptions, status};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// When the sender should retry an origin held at an event it could not decode.
 const HOLD_MALFORMED_MS: u64 = 5_000;
+/// Most events of batches already received that one transaction applies
+/// together (a sender ahead of this node pipelines several).
+const COALESCE_EVENTS: usize = 4_000;
+
+type Inbound = Result<Option<pb::SenderMessage>, Status>;
 
 /// The `Replication` service.
 #[derive(Debug, Clone)]
@@ -226,30 +232,35 @@ impl Inner {
     /// origins (origin -> the HLC it was held at): the sender may have pipelined
     /// more of a held origin's events before it learned of the hold; they are
     /// skipped until it resends from the held event, which lifts the hold.
-    async fn apply_batch(
+    async fn apply_batches(
         &self,
         sender: Ulid,
-        batch: pb::Batch,
+        batches: Vec<pb::Batch>,
         holds: &mut HashMap<Ulid, Hlc>,
-    ) -> Result<pb::Ack, Status> {
+    ) -> Result<Vec<pb::Ack>, Status> {
         let peer = sender.to_string();
         let may_relay = self
             .authenticated
             .as_ref()
             .is_none_or(|peers| peers.get(&sender).copied().unwrap_or(false));
-        if batch.events.len() > self.opts.max_batch_events {
-            return Err(Status::invalid_argument(format!(
-                "batch {} has {} events, more than the limit of {}",
-                batch.batch_id,
-                batch.events.len(),
-                self.opts.max_batch_events
-            )));
+        for batch in &batches {
+            if batch.events.len() > self.opts.max_batch_events {
+                return Err(Status::invalid_argument(format!(
+                    "batch {} has {} events, more than the limit of {}",
+                    batch.batch_id,
+                    batch.events.len(),
+                    self.opts.max_batch_events
+                )));
+            }
+            metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
+                .record(batch.events.len() as f64);
         }
-        let mut events: Vec<ChangeEvent> = Vec::with_capacity(batch.events.len());
+        let ids: Vec<u64> = batches.iter().map(|b| b.batch_id).collect();
+        let received: usize = batches.iter().map(|b| b.events.len()).sum();
+        let mut events: Vec<ChangeEvent> = Vec::with_capacity(received);
         let mut rejected = Vec::new();
         let mut held: Vec<Held> = Vec::new();
-        let received = batch.events.len();
-        for raw in batch.events {
+        for raw in batches.into_iter().flat_map(|b| b.events) {
             let identity = match (
                 parse_ulid("node_id", &raw.node_id),
                 tidemark_hlc::Hlc::decode(raw.hlc),
@@ -293,8 +304,6 @@ impl Inner {
         }
         // An origin held at a malformed event: its later events wait too.
         events.retain(|e| held.iter().all(|h| h.origin != e.node_id || e.hlc < h.hlc));
-        metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
-            .record(received as f64);
         let allowed = move |origin: Ulid| may_relay || origin == sender;
         let outcome = match self
             .store
@@ -359,16 +368,30 @@ impl Inner {
             .count_blocked()
             .await
             .map_err(|e| status::from_store(&e))?;
+        let (last, earlier) = ids.split_last().expect("at least one batch");
         debug!(
-            batch_id = batch.batch_id,
+            batch_id = last,
+            coalesced = earlier.len(),
+            events = received,
             applied = outcome.applied,
             superseded = outcome.superseded,
             duplicates = outcome.duplicates,
             held = held.len(),
             "batch applied"
         );
-        Ok(pb::Ack {
-            batch_id: batch.batch_id,
+        // One ack per batch, in order, each after the commit; the last carries
+        // the counts, refusals and holds of them all.
+        let mut acks: Vec<pb::Ack> = earlier
+            .iter()
+            .map(|id| pb::Ack {
+                batch_id: *id,
+                vector: Some(vector_to_pb(&vector)),
+                blocked_records,
+                ..Default::default()
+            })
+            .collect();
+        acks.push(pb::Ack {
+            batch_id: *last,
             vector: Some(vector_to_pb(&vector)),
             applied: outcome.applied,
             superseded: outcome.superseded,
@@ -394,7 +417,8 @@ impl Inner {
                 })
                 .collect(),
             blocked_records,
-        })
+        });
+        Ok(acks)
     }
 
     /// Serves one accepted stream until the sender closes it, an error, or shutdown.
@@ -405,14 +429,19 @@ impl Inner {
         out: mpsc::Sender<Result<pb::ReceiverMessage, Status>>,
     ) {
         let mut holds: HashMap<Ulid, Hlc> = HashMap::new();
+        // A message read while gathering batches that ends the gathering.
+        let mut next: Option<Inbound> = None;
         loop {
-            let msg = tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => {
-                    debug!("shutting down: closing stream");
-                    return;
-                }
-                msg = inbound.message() => msg,
+            let msg = match next.take() {
+                Some(msg) => msg,
+                None => tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => {
+                        debug!("shutting down: closing stream");
+                        return;
+                    }
+                    msg = inbound.message() => msg,
+                },
             };
             let batch = match msg {
                 Ok(Some(pb::SenderMessage {
@@ -442,22 +471,53 @@ impl Inner {
                     return;
                 }
             };
-            let batch_id = batch.batch_id;
-            let reply = match self.apply_batch(sender, batch, &mut holds).await {
-                Ok(ack) => Ok(pb::ReceiverMessage {
-                    kind: Some(receiver_message::Kind::Ack(ack)),
-                }),
+            // Batches that have already arrived join this one's transaction.
+            let mut batches = vec![batch];
+            let mut gathered = batches[0].events.len();
+            while gathered < COALESCE_EVENTS {
+                match inbound.message().now_or_never() {
+                    None => break,
+                    Some(Ok(Some(pb::SenderMessage {
+                        kind: Some(sender_message::Kind::Batch(b)),
+                    }))) => {
+                        gathered += b.events.len();
+                        batches.push(b);
+                    }
+                    Some(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                }
+            }
+            let batch_id = batches.last().map_or(0, |b| b.batch_id);
+            let replies: Vec<Result<pb::ReceiverMessage, Status>> = match self
+                .apply_batches(sender, batches, &mut holds)
+                .await
+            {
+                Ok(acks) => acks
+                    .into_iter()
+                    .map(|ack| {
+                        Ok(pb::ReceiverMessage {
+                            kind: Some(receiver_message::Kind::Ack(ack)),
+                        })
+                    })
+                    .collect(),
                 Err(status) => {
                     warn!(batch_id, code = ?status.code(), message = status.message(), "batch refused");
-                    Err(status)
+                    vec![Err(status)]
                 }
             };
-            let failed = reply.is_err();
+            let failed = replies.iter().any(Result::is_err);
             if let (false, Some(pause)) = (failed, crate::testhooks::pause_after_apply()) {
                 debug!(batch_id, ?pause, "test pause between commit and ack");
                 tokio::time::sleep(pause).await;
             }
-            if out.send(reply).await.is_err() || failed {
+            for reply in replies {
+                if out.send(reply).await.is_err() {
+                    return;
+                }
+            }
+            if failed {
                 return;
             }
         }
