@@ -186,7 +186,7 @@ async fn migrations_up_down_up(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     store.migrate_down().await.expect("down");
     assert_eq!(
@@ -205,7 +205,7 @@ async fn migrations_up_down_up(db: TestDb) {
     store.migrate_up().await.expect("up again");
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     assert_eq!(db.sql("SELECT COUNT(*) FROM change_events"), "0");
     store.close().await;
@@ -1036,6 +1036,130 @@ async fn events_after_a_vector(db: TestDb) {
     store.close().await;
 }
 
+/// Retention deletes only superseded events every peer acknowledged, after
+/// the minimum age; what stays (each record's current version, tombstones
+/// included) brings a peer that is behind to the same rows; and a peer saying
+/// it holds a compacted own event is no sign of a lost log.
+async fn compaction_keeps_every_current_version(db: TestDb) {
+    use std::time::Duration;
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let p1 = Ulid::from_parts(1, 1);
+    let (r1, r2, r3) = (id(1), id(2), id(3));
+    let put = |r: Ulid, title: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .put("notes", r, &obj(json!({"title": title})))
+                .await
+                .expect("put")
+        }
+    };
+    let a1 = put(r1, "a1").await;
+    put(r1, "a2").await;
+    let a3 = put(r1, "a3").await;
+    let b1 = put(r2, "b1").await;
+    let c1 = put(r3, "c1").await;
+    let c2 = store
+        .delete("notes", r3)
+        .await
+        .expect("delete")
+        .expect("an event");
+    // Every event is older than a minimum age of zero (HLCs of this ms are not).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let log = |store: Store| async move {
+        let mut ids: Vec<Ulid> = store
+            .events_after(&VersionVector::new(), 100)
+            .await
+            .expect("log")
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut v: Vec<Ulid>| {
+        v.sort();
+        v
+    };
+    // Nothing is acknowledged yet: nothing goes.
+    let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
+    assert_eq!((done.scanned, done.deleted), (0, 0));
+    // The peer has everything up to b1: a1 and a2 are superseded and go.
+    let mut acked = VersionVector::new();
+    acked.observe(me, b1.hlc);
+    store.record_ack(p1, &acked).await.expect("ack");
+    store.mark_synced(&[p1]).await.expect("mark");
+    let done = store
+        .compact_step(Duration::from_secs(3600), 100)
+        .await
+        .expect("young");
+    assert_eq!(done.deleted, 0, "younger than the minimum age: kept");
+    let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
+    assert_eq!((done.scanned, done.deleted), (4, 2), "{done:?}");
+    assert_eq!(
+        log(store.clone()).await,
+        sorted(vec![a3.event_id, b1.event_id, c1.event_id, c2.event_id])
+    );
+    // Everything acknowledged: c1 (superseded by the delete) goes; the
+    // tombstone and the other current versions stay.
+    let mut all = VersionVector::new();
+    all.observe(me, c2.hlc);
+    store.record_ack(p1, &all).await.expect("ack");
+    store.mark_synced(&[p1]).await.expect("mark");
+    let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
+    assert_eq!(done.deleted, 1, "{done:?}");
+    assert_eq!(
+        store
+            .compact_step(Duration::ZERO, 100)
+            .await
+            .expect("again")
+            .deleted,
+        0
+    );
+    let kept = store
+        .events_after(&VersionVector::new(), 100)
+        .await
+        .expect("log");
+    assert_eq!(
+        sorted(kept.iter().map(|e| e.event_id).collect()),
+        sorted(vec![a3.event_id, b1.event_id, c2.event_id])
+    );
+    assert_eq!(
+        store.history("notes", r1).await.expect("history").len(),
+        1,
+        "r1 keeps its current version only"
+    );
+    // The rows are untouched.
+    assert_eq!(
+        store.get("notes", r1).await.expect("r1").expect("row")["title"],
+        json!("a3")
+    );
+    assert!(store.get("notes", r3).await.expect("r3").is_none());
+    // A peer holding a compacted own event: the log is not short of it.
+    assert!(
+        !store.peer_holds_own(p1, a1.hlc).await.expect("gate"),
+        "a compacted event counts as held"
+    );
+    // A peer that is behind converges from what stays.
+    let other = db.another();
+    let behind = with_notes(&other, Ulid::generate()).await;
+    behind.apply_remote(&kept).await.expect("apply");
+    for r in [r1, r2, r3] {
+        assert_eq!(
+            behind.get("notes", r).await.expect("behind"),
+            store.get("notes", r).await.expect("here"),
+            "{r}"
+        );
+        assert_eq!(
+            behind.version("notes", r).await.expect("v"),
+            store.version("notes", r).await.expect("v")
+        );
+    }
+    behind.close().await;
+    store.close().await;
+}
+
 async fn synced_when_every_peer_acked(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -1079,6 +1203,16 @@ async fn synced_when_every_peer_acked(db: TestDb) {
         None => db.sql("SELECT COUNT(*) FROM change_events WHERE synced_at IS NOT NULL"),
     };
     assert_eq!(synced, "2");
+    // An ack recorded after the last pass is persisted when the store closes;
+    // what was persisted survives a reopen.
+    let p3 = Ulid::from_parts(1, 3);
+    store.record_ack(p3, &acked).await.expect("ack p3");
+    store.close().await;
+    let store = open(&db, me).await;
+    assert_eq!(store.peer_progress(p1).await.expect("p1").get(me), e2.hlc);
+    assert_eq!(store.peer_progress(p2).await.expect("p2").get(me), e2.hlc);
+    assert_eq!(store.peer_progress(p3).await.expect("p3").get(me), e1.hlc);
+    assert_eq!(store.vector().await.expect("vv").get(me), e2.hlc);
     store.close().await;
 }
 
@@ -1856,6 +1990,7 @@ suite!(
         bad_remote_events_hold_their_origin,
         events_after_a_vector,
         synced_when_every_peer_acked,
+        compaction_keeps_every_current_version,
         identity_and_clock_survive_restart,
         restart_with_persisted_hlc_far_ahead_is_refused,
         manual_conflicts_open_and_resolve,

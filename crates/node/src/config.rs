@@ -39,6 +39,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
 }
 
 /// Mutual TLS between peers (and for the write API and Admin on the peer listener).
@@ -327,6 +329,45 @@ impl Default for LogConfig {
     }
 }
 
+/// Log compaction. Off by default: `change_events` then keeps every change
+/// ever made (an audit trail).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete superseded events every peer acknowledged (each record keeps
+    /// its current version; see ARCHITECTURE.md, Retention).
+    pub enabled: bool,
+    /// Keep every event at least this long (seconds), acknowledged or not.
+    pub min_age_secs: u64,
+    /// Events one compaction step looks at (one short write transaction).
+    pub batch: u32,
+    /// Pause between compaction steps while there is work, ms.
+    pub step_pause_ms: u64,
+    /// Pause after a pass over the whole log, seconds.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            enabled: false,
+            min_age_secs: 7 * 24 * 3600,
+            batch: 5000,
+            step_pause_ms: 100,
+            interval_secs: 60,
+        }
+    }
+}
+
+/// Retention as the daemon runs it (see [`RetentionConfig`]); `None` when off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionSettings {
+    pub min_age: Duration,
+    pub batch: u32,
+    pub step_pause: Duration,
+    pub interval: Duration,
+}
+
 /// A configuration problem, naming the key and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {problem}")]
@@ -367,6 +408,7 @@ pub struct Settings {
     /// Largest event (a row's values as JSON) a write may produce.
     pub max_event_bytes: usize,
     pub log: LogConfig,
+    pub retention: Option<RetentionSettings>,
 }
 
 impl Settings {
@@ -410,6 +452,16 @@ impl Settings {
                 self.max_drift_ms, self.clock_offset_ms
             ),
             format!("log         {} ({})", self.log.level, self.log.format),
+            format!(
+                "retention   {}",
+                self.retention.as_ref().map_or_else(
+                    || "off (change_events keeps every change)".to_owned(),
+                    |r| format!(
+                        "superseded events acknowledged by every peer, after {} s",
+                        r.min_age.as_secs()
+                    )
+                )
+            ),
             format!("peers       {}", self.peers.len()),
         ];
         for p in &self.peers {
@@ -678,7 +730,17 @@ impl Config {
             errors.push(err("server.max_concurrent_streams", "0 must be at least 1"));
         }
         let r = &self.replication;
-        let ranges: [(&str, u64, u64, u64); 10] = [
+        let t = &self.retention;
+        let ranges: [(&str, u64, u64, u64); 14] = [
+            (
+                "retention.min_age_secs",
+                t.min_age_secs,
+                0,
+                100 * 365 * 86_400,
+            ),
+            ("retention.batch", u64::from(t.batch), 1, 1_000_000),
+            ("retention.step_pause_ms", t.step_pause_ms, 0, 3_600_000),
+            ("retention.interval_secs", t.interval_secs, 1, 86_400),
             (
                 "replication.batch_size",
                 u64::from(r.batch_size),
@@ -901,6 +963,12 @@ impl Config {
             tables,
             max_event_bytes: self.store.max_event_bytes as usize,
             log: self.log.clone(),
+            retention: self.retention.enabled.then(|| RetentionSettings {
+                min_age: Duration::from_secs(self.retention.min_age_secs),
+                batch: self.retention.batch,
+                step_pause: Duration::from_millis(self.retention.step_pause_ms),
+                interval: Duration::from_secs(self.retention.interval_secs),
+            }),
         })
     }
 }

@@ -183,6 +183,21 @@ fn describe() {
         Unit::Count,
         "Handshakes refused because another live daemon claims the sender's node id."
     );
+    describe_counter!(
+        "tidemark_events_compacted_total",
+        Unit::Count,
+        "Superseded events every peer acknowledged that retention deleted from change_events."
+    );
+    describe_gauge!(
+        "tidemark_log_events",
+        Unit::Count,
+        "Events in change_events, checked every 30 s."
+    );
+    describe_gauge!(
+        "tidemark_log_oldest_event_age_seconds",
+        Unit::Seconds,
+        "Age (by its HLC's wall time) of the oldest event in change_events, checked every 30 s."
+    );
     describe_gauge!(
         "tidemark_blocked_records",
         Unit::Count,
@@ -203,7 +218,7 @@ fn describe() {
 /// The `op` label values of `tidemark_store_errors_total`, one per place that
 /// counts a failed store operation (the daemon's tests check this list against
 /// the code).
-pub const STORE_ERROR_OPS: [&str; 3] = ["apply", "drain", "metrics"];
+pub const STORE_ERROR_OPS: [&str; 4] = ["apply", "compact", "drain", "metrics"];
 
 /// Every refusal code an event from a peer can be held or quarantined with.
 fn reject_codes() -> Vec<&'static str> {
@@ -247,6 +262,7 @@ pub fn export_at_zero(peers: &[Peer]) {
     }
     counter!("tidemark_conflicts_detected_total").increment(0);
     counter!("tidemark_captures_set_aside_total").increment(0);
+    counter!("tidemark_events_compacted_total").increment(0);
     let codes = reject_codes();
     for peer in peers {
         let label = peer.node_id.to_string();

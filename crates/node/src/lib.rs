@@ -279,6 +279,9 @@ impl Node {
             settings.startup_check,
             cancel.clone(),
         ));
+        if let Some(retention) = settings.retention.clone() {
+            tracker.spawn(retention_loop(store.clone(), retention, cancel.clone()));
+        }
         let fault = Arc::new(std::sync::OnceLock::new());
         tracker.spawn(store_watch(store.clone(), fault.clone(), cancel.clone()));
         info!(
@@ -543,6 +546,46 @@ const LOCK_CHECK: Duration = Duration::from_secs(5);
 /// How often the capture triggers are checked, in lock checks.
 const CAPTURE_CHECK_EVERY: u32 = 6;
 
+/// Compacts the log (`[retention]`): a step at a time while a pass over the
+/// log finds work, then a pause; each step is one short write transaction.
+async fn retention_loop(store: Store, r: config::RetentionSettings, cancel: CancellationToken) {
+    let mut deleted_in_pass = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let pause = match store.compact_step(r.min_age, r.batch).await {
+            Ok(done) => {
+                failures = 0;
+                metrics::counter!("tidemark_events_compacted_total").increment(done.deleted);
+                deleted_in_pass += done.deleted;
+                if done.scanned >= u64::from(r.batch) {
+                    r.step_pause
+                } else {
+                    if deleted_in_pass > 0 {
+                        info!(
+                            events = deleted_in_pass,
+                            "log compacted: deleted superseded events every peer acknowledged"
+                        );
+                    }
+                    deleted_in_pass = 0;
+                    r.interval
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                metrics::counter!("tidemark_store_errors_total", "op" => "compact").increment(1);
+                if failures == 1 || failures.is_multiple_of(10) {
+                    warn!(error = %e, failures, "cannot compact the log; retrying");
+                }
+                r.interval
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 /// Stops the node if it loses the database's writer lock and cannot take it
 /// again (another daemon may be writing beside it); reports capture triggers
 /// that are missing or disabled (writes around them would never replicate).
@@ -572,6 +615,15 @@ async fn store_watch(
                     triggers_reported = found;
                 }
                 Err(e) => warn!(error = %e, "cannot list application triggers"),
+            }
+            match store.log_extent().await {
+                Ok((events, oldest)) => {
+                    metrics::gauge!("tidemark_log_events").set(events as f64);
+                    let age = oldest.map_or(0, |w| (tidemark_hlc::system_wall_ms() - w).max(0));
+                    metrics::gauge!("tidemark_log_oldest_event_age_seconds")
+                        .set(age as f64 / 1000.0);
+                }
+                Err(e) => warn!(error = %e, "cannot measure the log"),
             }
             match store.check_capture().await {
                 Ok(problems) => {

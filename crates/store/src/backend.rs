@@ -42,6 +42,17 @@ impl SavepointOp {
 }
 
 /// One row to write with [`Backend::upsert_rows`].
+/// What one step of log compaction did (see [`Backend::compact_events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Events looked at.
+    pub scanned: u64,
+    /// Events deleted.
+    pub deleted: u64,
+    /// HLC of the last event looked at.
+    pub last: Option<Hlc>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RowWrite {
     pub id: Ulid,
@@ -422,17 +433,43 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether any captured direct write waits to be drained (cheap).
     fn has_captures(&self) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Records that `peer` has durably applied everything up to `vector`.
+    /// Records that `peer` has durably applied everything up to `vector`
+    /// (never lowering what is recorded).
     fn record_ack(
         &self,
+        tx: &mut Self::Tx,
         peer: Ulid,
         vector: &VersionVector,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// What `peer`'s recorded acks add up to.
     fn peer_progress(&self, peer: Ulid) -> impl Future<Output = Result<VersionVector>> + Send;
     /// Sets `synced_at` on events of `origin` up to `upto` that have none yet.
-    fn mark_synced(&self, origin: Ulid, upto: Hlc) -> impl Future<Output = Result<u64>> + Send;
+    fn mark_synced(
+        &self,
+        tx: &mut Self::Tx,
+        origin: Ulid,
+        upto: Hlc,
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// Events with `synced_at` still NULL.
     fn count_unsynced(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// One step of log compaction (retention). Looks at up to `limit` events
+    /// every peer acknowledged (`synced_at` set) with HLC in `(after, before)`,
+    /// in HLC order, and deletes the superseded ones: an event stays while it
+    /// is its record's current version or one of its concurrent versions, while
+    /// a blocked record waits on it, and while it is its origin's newest. Raises
+    /// each origin's `compacted_hlc` to the highest HLC it deleted.
+    fn compact_events(
+        &self,
+        tx: &mut Self::Tx,
+        after: Hlc,
+        before: Hlc,
+        limit: u32,
+    ) -> impl Future<Output = Result<Compacted>> + Send;
+    /// The highest HLC of `origin` compaction deleted (zero when none).
+    fn compacted_upto(&self, origin: Ulid) -> impl Future<Output = Result<Hlc>> + Send;
+    /// Rows in `change_events`, and the wall time (ms) of the oldest.
+    fn log_extent(&self) -> impl Future<Output = Result<(u64, Option<i64>)>> + Send;
 
     /// What is wrong with the capture triggers of `tables` (missing, or
     /// disabled so writes would go uncaptured), one message each; empty when

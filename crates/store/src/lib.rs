@@ -418,6 +418,20 @@ impl Store {
         dispatch!(self, e => e.count_unsynced().await)
     }
 
+    /// One step of log compaction (see [`engine::Engine::compact_step`]).
+    pub async fn compact_step(
+        &self,
+        min_age: std::time::Duration,
+        limit: u32,
+    ) -> Result<backend::Compacted> {
+        dispatch!(self, e => e.compact_step(min_age, limit).await)
+    }
+
+    /// Rows in the log and the wall time (ms) of the oldest.
+    pub async fn log_extent(&self) -> Result<(u64, Option<i64>)> {
+        dispatch!(self, e => e.log_extent().await)
+    }
+
     pub async fn pending_captures(&self) -> Result<u64> {
         dispatch!(self, e => e.pending_captures().await)
     }

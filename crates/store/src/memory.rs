@@ -30,7 +30,7 @@ use tidemark_hlc::Hlc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use ulid::Ulid;
 
-use crate::backend::{Backend, RowWrite, SavepointOp, TableShape};
+use crate::backend::{Backend, Compacted, RowWrite, SavepointOp, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
@@ -137,6 +137,8 @@ struct State {
     progress: BTreeMap<(Ulid, Ulid), Hlc>,
     /// `tidemark_blocked`, by (table, record).
     blocked: BTreeMap<(String, Ulid), Blocked>,
+    /// `tidemark_nodes.compacted_hlc`.
+    compacted: BTreeMap<Ulid, Hlc>,
 }
 
 type Undo = Box<dyn FnOnce(&mut State) + Send>;
@@ -245,6 +247,14 @@ impl MemoryTx {
         Ok(())
     }
 
+    fn remove_origin_entry(&mut self, entry: (Ulid, Hlc, Ulid)) {
+        if self.state.by_origin.remove(&entry) {
+            self.undo.push(Box::new(move |s| {
+                s.by_origin.insert(entry);
+            }));
+        }
+    }
+
     fn add_origin_entry(&mut self, entry: (Ulid, Hlc, Ulid)) {
         if self.state.by_origin.insert(entry) {
             self.undo.push(Box::new(move |s| {
@@ -271,6 +281,12 @@ fn quarantine_field(s: &mut State) -> &mut BTreeMap<String, Rejected> {
 }
 fn registry_field(s: &mut State) -> &mut BTreeMap<String, TableInfo> {
     &mut s.registry
+}
+fn compacted_field(s: &mut State) -> &mut BTreeMap<Ulid, Hlc> {
+    &mut s.compacted
+}
+fn progress_field(s: &mut State) -> &mut BTreeMap<(Ulid, Ulid), Hlc> {
+    &mut s.progress
 }
 fn blocked_field(s: &mut State) -> &mut BTreeMap<(String, Ulid), Blocked> {
     &mut s.blocked
@@ -1243,12 +1259,16 @@ impl Backend for MemoryBackend {
         Ok(false)
     }
 
-    async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
-        let mut s = self.state.lock().await;
+    async fn record_ack(
+        &self,
+        tx: &mut Self::Tx,
+        peer: Ulid,
+        vector: &VersionVector,
+    ) -> Result<()> {
         for (origin, hlc) in &vector.0 {
-            let entry = s.progress.entry((peer, *origin)).or_insert(*hlc);
-            if *hlc > *entry {
-                *entry = *hlc;
+            let current = tx.state.progress.get(&(peer, *origin)).copied();
+            if current.is_none_or(|c| *hlc > c) {
+                tx.set(progress_field, (peer, *origin), Some(*hlc));
             }
         }
         Ok(())
@@ -1266,24 +1286,85 @@ impl Backend for MemoryBackend {
         Ok(vv)
     }
 
-    async fn mark_synced(&self, origin: Ulid, upto: Hlc) -> Result<u64> {
+    async fn mark_synced(&self, tx: &mut Self::Tx, origin: Ulid, upto: Hlc) -> Result<u64> {
         let now = self.now();
-        let mut s = self.state.lock().await;
-        let ids: Vec<Ulid> = s
+        let ids: Vec<Ulid> = tx
+            .state
             .by_origin
             .range((origin, Hlc::ZERO, Ulid::nil())..=(origin, upto, Ulid::from(u128::MAX)))
             .map(|(_, _, id)| *id)
             .collect();
         let mut marked = 0;
         for id in ids {
-            if let Some(e) = s.events.get_mut(&id)
+            if let Some(e) = tx.state.events.get(&id)
                 && e.synced_at.is_none()
             {
+                let mut e = e.clone();
                 e.synced_at = Some(now.clone());
+                tx.set(events_field, id, Some(e));
                 marked += 1;
             }
         }
         Ok(marked)
+    }
+
+    async fn compact_events(
+        &self,
+        tx: &mut Self::Tx,
+        after: Hlc,
+        before: Hlc,
+        limit: u32,
+    ) -> Result<Compacted> {
+        // In HLC order, as the SQL backends' index on hlc_timestamp gives it.
+        let mut candidates: Vec<(Hlc, Ulid)> = tx
+            .state
+            .events
+            .values()
+            .filter(|e| e.synced_at.is_some() && e.event.hlc > after && e.event.hlc < before)
+            .map(|e| (e.event.hlc, e.event.event_id))
+            .collect();
+        candidates.sort();
+        candidates.truncate(limit as usize);
+        let mut done = Compacted {
+            scanned: candidates.len() as u64,
+            ..Compacted::default()
+        };
+        for (hlc, id) in candidates {
+            done.last = Some(hlc);
+            let Some(stored) = tx.state.events.get(&id) else {
+                continue;
+            };
+            let e = &stored.event;
+            let s = &tx.state;
+            let newest = s.nodes.get(&e.node_id).is_none_or(|top| e.hlc >= *top);
+            let current = s
+                .versions
+                .get(&(e.table_name.clone(), e.record_id))
+                .is_some_and(|v| v.event_id == id || v.frontier.iter().any(|m| m.event_id == id));
+            let waited_on = s.blocked.values().any(|b| b.event_id == id);
+            if newest || current || waited_on {
+                continue;
+            }
+            let origin = e.node_id;
+            tx.set(events_field, id, None);
+            tx.remove_origin_entry((origin, hlc, id));
+            if tx.state.compacted.get(&origin).is_none_or(|c| hlc > *c) {
+                tx.set(compacted_field, origin, Some(hlc));
+            }
+            done.deleted += 1;
+        }
+        Ok(done)
+    }
+
+    async fn compacted_upto(&self, origin: Ulid) -> Result<Hlc> {
+        let s = self.state.lock().await;
+        Ok(s.compacted.get(&origin).copied().unwrap_or(Hlc::ZERO))
+    }
+
+    async fn log_extent(&self) -> Result<(u64, Option<i64>)> {
+        let s = self.state.lock().await;
+        let oldest = s.events.values().map(|e| e.event.hlc).min();
+        Ok((s.events.len() as u64, oldest.map(Hlc::wall_ms)))
     }
 
     async fn count_unsynced(&self) -> Result<u64> {

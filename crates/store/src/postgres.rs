@@ -17,7 +17,7 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
-use crate::backend::{Backend, RowWrite, TableShape};
+use crate::backend::{Backend, Compacted, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -26,7 +26,7 @@ use crate::model::{
 };
 use crate::rows::{
     BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
-    ULID_FIRST, ULID_REST, VersionRow, rows_to_values, vector_from_rows,
+    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, vector_from_rows,
 };
 use crate::value::ColumnType;
 
@@ -1532,8 +1532,12 @@ impl Backend for PostgresBackend {
         Ok(b)
     }
 
-    async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+    async fn record_ack(
+        &self,
+        tx: &mut Self::Tx,
+        peer: Ulid,
+        vector: &VersionVector,
+    ) -> Result<()> {
         for (origin, hlc) in &vector.0 {
             sqlx::query(
                 "INSERT INTO tidemark_peer_progress (peer_id, origin_id, acked_hlc) VALUES ($1, $2, $3) \
@@ -1543,10 +1547,9 @@ impl Backend for PostgresBackend {
             .bind(peer.to_string())
             .bind(origin.to_string())
             .bind(hlc.encode())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1560,16 +1563,97 @@ impl Backend for PostgresBackend {
         vector_from_rows(rows, "tidemark_peer_progress")
     }
 
-    async fn mark_synced(&self, origin: Ulid, upto: Hlc) -> Result<u64> {
+    async fn mark_synced(&self, tx: &mut Self::Tx, origin: Ulid, upto: Hlc) -> Result<u64> {
         let res = sqlx::query(
             "UPDATE change_events SET synced_at = CURRENT_TIMESTAMP \
              WHERE synced_at IS NULL AND node_id = $1::bpchar AND hlc_timestamp <= $2",
         )
         .bind(origin.to_string())
         .bind(upto.encode())
-        .execute(&self.pool)
+        .execute(&mut **tx)
         .await?;
         Ok(res.rows_affected())
+    }
+
+    async fn compact_events(
+        &self,
+        tx: &mut Self::Tx,
+        after: Hlc,
+        before: Hlc,
+        limit: u32,
+    ) -> Result<Compacted> {
+        let rows: Vec<(String, String, i64, bool)> = sqlx::query_as(
+            "SELECT e.event_id::text, e.node_id::text, e.hlc_timestamp, \
+               e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
+               AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
+                 WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
+                 AND (v.event_id = e.event_id OR strpos(v.frontier::text, e.event_id::text) > 0)) \
+               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id) \
+             FROM change_events e \
+             WHERE e.hlc_timestamp > $1 AND e.hlc_timestamp < $2 AND e.synced_at IS NOT NULL \
+             ORDER BY e.hlc_timestamp LIMIT $3",
+        )
+        .bind(after.encode())
+        .bind(before.encode())
+        .bind(i64::from(limit))
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut done = Compacted {
+            scanned: rows.len() as u64,
+            ..Compacted::default()
+        };
+        let mut gone: Vec<String> = Vec::new();
+        let mut upto: HashMap<String, i64> = HashMap::new();
+        for (event_id, origin, hlc, superseded) in rows {
+            done.last = Some(decode_hlc("change_events", hlc)?);
+            if superseded {
+                gone.push(event_id);
+                let top = upto.entry(origin).or_insert(hlc);
+                *top = (*top).max(hlc);
+            }
+        }
+        if !gone.is_empty() {
+            done.deleted =
+                sqlx::query("DELETE FROM change_events WHERE event_id = ANY($1::bpchar[])")
+                    .bind(&gone)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+        }
+        for (origin, hlc) in upto {
+            sqlx::query(
+                "UPDATE tidemark_nodes SET compacted_hlc = GREATEST(compacted_hlc, $2) WHERE node_id = $1::bpchar",
+            )
+            .bind(origin)
+            .bind(hlc)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(done)
+    }
+
+    async fn compacted_upto(&self, origin: Ulid) -> Result<Hlc> {
+        let raw: Option<(i64,)> =
+            sqlx::query_as("SELECT compacted_hlc FROM tidemark_nodes WHERE node_id = $1::bpchar")
+                .bind(origin.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        decode_hlc("tidemark_nodes", raw.map_or(0, |r| r.0))
+    }
+
+    async fn log_extent(&self) -> Result<(u64, Option<i64>)> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM change_events")
+            .fetch_one(&self.pool)
+            .await?;
+        let first: Option<(i64,)> = sqlx::query_as(
+            "SELECT hlc_timestamp FROM change_events ORDER BY hlc_timestamp LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        let first = first
+            .map(|(h,)| decode_hlc("change_events", h).map(Hlc::wall_ms))
+            .transpose()?;
+        Ok((n.max(0) as u64, first))
     }
 
     async fn count_unsynced(&self) -> Result<u64> {

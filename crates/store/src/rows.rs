@@ -18,7 +18,7 @@ fn ulid(what: &str, text: &str) -> Result<Ulid> {
         .map_err(|e| StoreError::corrupt(what, format!("{text:?} is not a ULID: {e}")))
 }
 
-fn hlc(what: &str, raw: i64) -> Result<Hlc> {
+pub(crate) fn hlc(what: &str, raw: i64) -> Result<Hlc> {
     Hlc::decode(raw).map_err(|e| StoreError::corrupt(what, e.to_string()))
 }
 

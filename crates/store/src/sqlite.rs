@@ -41,7 +41,7 @@ const CACHED_UPSERT_ROWS: usize = 8;
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
 pub const SCHEMA_SQL: &str = include_str!("../migrations/sqlite/0001_init.up.sql");
 
-use crate::backend::{Backend, RowWrite, TableShape};
+use crate::backend::{Backend, Compacted, RowWrite, TableShape};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -51,7 +51,7 @@ use crate::model::{
 };
 use crate::rows::{
     BLOCKED_COLUMNS, BlockedRow, CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
-    ULID_FIRST, ULID_REST, VersionRow, rows_to_values, vector_from_rows,
+    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, vector_from_rows,
 };
 use crate::value::{ColumnType, SqlCell};
 
@@ -1758,21 +1758,21 @@ impl Backend for SqliteBackend {
         Ok(b)
     }
 
-    async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+    async fn record_ack(
+        &self,
+        tx: &mut Self::Tx,
+        peer: Ulid,
+        vector: &VersionVector,
+    ) -> Result<()> {
         for (origin, hlc) in &vector.0 {
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO tidemark_peer_progress (peer_id, origin_id, acked_hlc) VALUES ($1, $2, $3) \
+            execute(
+                tx.conn(),
+                "INSERT INTO tidemark_peer_progress (peer_id, origin_id, acked_hlc) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (peer_id, origin_id) DO UPDATE SET acked_hlc = max(acked_hlc, excluded.acked_hlc), \
-                 updated_at = {NOW}"
-            )))
-            .bind(peer.to_string())
-            .bind(origin.to_string())
-            .bind(hlc.encode())
-            .execute(&mut *tx)
-            .await?;
+                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                params![peer.to_string(), origin.to_string(), hlc.encode()],
+            )?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1786,16 +1786,86 @@ impl Backend for SqliteBackend {
         vector_from_rows(rows, "tidemark_peer_progress")
     }
 
-    async fn mark_synced(&self, origin: Ulid, upto: Hlc) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE change_events SET synced_at = {NOW} \
-             WHERE synced_at IS NULL AND node_id = $1 AND hlc_timestamp <= $2"
-        )))
-        .bind(origin.to_string())
-        .bind(upto.encode())
-        .execute(&self.pool)
+    async fn mark_synced(&self, tx: &mut Self::Tx, origin: Ulid, upto: Hlc) -> Result<u64> {
+        execute(
+            tx.conn(),
+            "UPDATE change_events SET synced_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+             WHERE synced_at IS NULL AND node_id = ?1 AND hlc_timestamp <= ?2",
+            params![origin.to_string(), upto.encode()],
+        )
+    }
+
+    async fn compact_events(
+        &self,
+        tx: &mut Self::Tx,
+        after: Hlc,
+        before: Hlc,
+        limit: u32,
+    ) -> Result<Compacted> {
+        let rows: Vec<(String, String, i64, bool)> = query(
+            tx.conn(),
+            "SELECT e.event_id, e.node_id, e.hlc_timestamp, \
+               e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
+               AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
+                 WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
+                 AND (v.event_id = e.event_id OR instr(v.frontier, e.event_id) > 0)) \
+               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id) \
+             FROM change_events e \
+             WHERE e.hlc_timestamp > ?1 AND e.hlc_timestamp < ?2 AND e.synced_at IS NOT NULL \
+             ORDER BY e.hlc_timestamp LIMIT ?3",
+            params![after.encode(), before.encode(), i64::from(limit)],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let mut done = Compacted {
+            scanned: rows.len() as u64,
+            ..Compacted::default()
+        };
+        let mut upto: HashMap<String, i64> = HashMap::new();
+        for (event_id, origin, hlc, superseded) in rows {
+            done.last = Some(decode_hlc("change_events", hlc)?);
+            if !superseded {
+                continue;
+            }
+            done.deleted += execute(
+                tx.conn(),
+                "DELETE FROM change_events WHERE event_id = ?1",
+                [&event_id],
+            )?;
+            let top = upto.entry(origin).or_insert(hlc);
+            *top = (*top).max(hlc);
+        }
+        for (origin, hlc) in upto {
+            execute(
+                tx.conn(),
+                "UPDATE tidemark_nodes SET compacted_hlc = max(compacted_hlc, ?2) WHERE node_id = ?1",
+                params![origin, hlc],
+            )?;
+        }
+        Ok(done)
+    }
+
+    async fn compacted_upto(&self, origin: Ulid) -> Result<Hlc> {
+        let raw: Option<(i64,)> =
+            sqlx::query_as("SELECT compacted_hlc FROM tidemark_nodes WHERE node_id = $1")
+                .bind(origin.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        decode_hlc("tidemark_nodes", raw.map_or(0, |r| r.0))
+    }
+
+    async fn log_extent(&self) -> Result<(u64, Option<i64>)> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM change_events")
+            .fetch_one(&self.pool)
+            .await?;
+        let first: Option<(i64,)> = sqlx::query_as(
+            "SELECT hlc_timestamp FROM change_events ORDER BY hlc_timestamp LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(res.rows_affected())
+        let first = first
+            .map(|(h,)| decode_hlc("change_events", h).map(Hlc::wall_ms))
+            .transpose()?;
+        Ok((n.max(0) as u64, first))
     }
 
     async fn count_unsynced(&self) -> Result<u64> {

@@ -301,7 +301,7 @@ impl<B: Backend> Engine<B> {
         self.finish_blocks(tx, &mut cache).await?;
         self.flush(tx, &mut cache).await?;
         if !outcome.fresh.is_empty() {
-            self.backend.raise_vector(tx, &vector).await?;
+            self.raise_vector(tx, &vector).await?;
         }
         outcome.blocked = cache.blocked.len() as u64;
         Ok(outcome)

@@ -71,7 +71,7 @@ impl<B: Backend> Engine<B> {
                     own.observe(e.node_id, e.hlc);
                 }
                 self.backend.insert_events(tx, &events).await?;
-                self.backend.raise_vector(tx, &own).await?;
+                self.raise_vector(tx, &own).await?;
             }
             if !set_aside.is_empty() {
                 self.backend.set_aside(tx, &set_aside).await?;

@@ -31,10 +31,16 @@ pub mod digest;
 mod place;
 mod progress;
 mod registry;
+mod retain;
 mod settle;
 mod write;
 
 pub use registry::datatype_id;
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 use registry::{parse_registry_values, registry_table};
 
 /// Columns Tidemark adds to every replicated table (the seed's entity additions).
@@ -185,6 +191,26 @@ pub struct Engine<B: Backend> {
     own: OwnOrigin,
     /// Direct writes stamped or set aside, counted once their transaction commits.
     captured: CaptureTally,
+    /// The applied vector as committed: loaded when the store opens, raised after
+    /// every commit by what the transaction raised (only [`Engine::raise_vector`]
+    /// writes the vector, and only in the daemon's write transactions).
+    applied: std::sync::Mutex<VersionVector>,
+    /// What the open write transaction raised the vector to.
+    pending_raise: std::sync::Mutex<VersionVector>,
+    /// Peers' acknowledged vectors as last heard, ahead of what is persisted:
+    /// an ack is recorded in memory on the sender's path and written with the
+    /// next `synced_at` pass (see [`Engine::mark_synced`]).
+    acks: std::sync::Mutex<HashMap<Ulid, PeerAcks>>,
+    /// Where the next compaction step starts (see `retain`).
+    compact_from: std::sync::Mutex<Hlc>,
+}
+
+/// One peer's acknowledged vector in memory.
+#[derive(Debug, Clone, Default)]
+struct PeerAcks {
+    vector: VersionVector,
+    /// Whether `vector` is ahead of the persisted progress.
+    dirty: bool,
 }
 
 /// Direct writes drained from the capture queue, by whichever transaction
@@ -273,7 +299,8 @@ impl<B: Backend> Engine<B> {
             Some(_) => {}
             None => backend.meta_set("node_id", &node_id.to_string()).await?,
         }
-        let own_at_open = backend.vector().await?.get(node_id);
+        let applied = backend.vector().await?;
+        let own_at_open = applied.get(node_id);
         let engine = Engine {
             backend,
             node_id,
@@ -291,6 +318,10 @@ impl<B: Backend> Engine<B> {
                 heard_from: Default::default(),
             },
             captured: CaptureTally::default(),
+            applied: std::sync::Mutex::new(applied),
+            pending_raise: Default::default(),
+            acks: Default::default(),
+            compact_from: std::sync::Mutex::new(Hlc::ZERO),
         };
         let persisted = engine.backend.max_hlc().await?;
         engine.clock.seed(persisted)?;
@@ -340,6 +371,7 @@ impl<B: Backend> Engine<B> {
     /// Begins the daemon's write transaction (the caller holds the writer lock).
     async fn begin_tx(&self) -> Result<B::Tx> {
         self.captured.begin();
+        lock(&self.pending_raise).0.clear();
         self.backend.begin().await
     }
 
@@ -347,6 +379,16 @@ impl<B: Backend> Engine<B> {
     async fn commit_tx(&self, tx: B::Tx) -> Result<()> {
         self.backend.commit(tx).await?;
         self.captured.committed();
+        let raised = std::mem::take(&mut *lock(&self.pending_raise));
+        lock(&self.applied).merge(&raised);
+        Ok(())
+    }
+
+    /// Raises the applied vector in the open write transaction; the in-memory
+    /// copy follows when it commits.
+    async fn raise_vector(&self, tx: &mut B::Tx, vector: &VersionVector) -> Result<()> {
+        self.backend.raise_vector(tx, vector).await?;
+        lock(&self.pending_raise).merge(vector);
         Ok(())
     }
 
@@ -439,6 +481,10 @@ impl<B: Backend> Engine<B> {
     }
 
     pub async fn close(&self) {
+        // Acks recorded since the last synced_at pass (they are only in memory).
+        if let Err(e) = self.mark_synced(&[]).await {
+            tracing::debug!(error = %e, "cannot persist peer progress on close");
+        }
         self.backend.close().await;
     }
 }

@@ -5,7 +5,12 @@ use super::*;
 impl<B: Backend> Engine<B> {
     /// This node's applied vector: per origin, the highest HLC it holds.
     pub async fn vector(&self) -> Result<VersionVector> {
-        self.backend.vector().await
+        Ok(self.applied_vector())
+    }
+
+    /// The applied vector as last committed, without a query.
+    pub(super) fn applied_vector(&self) -> VersionVector {
+        lock(&self.applied).clone()
     }
 
     /// The vector this node tells its peers it holds (Welcome, Ack): its
@@ -14,7 +19,7 @@ impl<B: Backend> Engine<B> {
     /// store opened, so every peer sends it everything of its origin after
     /// that, the lost events included, even across reconnects.
     pub async fn advertised_vector(&self) -> Result<VersionVector> {
-        let mut vector = self.backend.vector().await?;
+        let mut vector = self.applied_vector();
         if self.own_missing().await?.is_some() {
             match self.own.at_open {
                 Hlc::ZERO => vector.0.remove(&self.node_id),
@@ -87,8 +92,12 @@ impl<B: Backend> Engine<B> {
         Ok(Some(upto))
     }
 
-    /// Whether the log holds this node's own event stamped `hlc`.
+    /// Whether the log holds this node's own event stamped `hlc`, or held it
+    /// until compaction deleted it as superseded.
     async fn holds_own(&self, hlc: Hlc) -> Result<bool> {
+        if hlc <= self.backend.compacted_upto(self.node_id).await? {
+            return Ok(true);
+        }
         let before = Hlc::decode(hlc.encode() - 1).unwrap_or(Hlc::ZERO);
         Ok(self
             .backend
@@ -123,7 +132,7 @@ impl<B: Backend> Engine<B> {
     /// total order (oldest first). Per origin they are a contiguous run after
     /// `have`'s entry, which keeps the receiver's vector a true prefix summary.
     pub async fn events_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<ChangeEvent>> {
-        let mine = self.backend.vector().await?;
+        let mine = self.applied_vector();
         let mut all = Vec::new();
         for (origin, top) in &mine.0 {
             let after = have.get(*origin);
@@ -141,40 +150,101 @@ impl<B: Backend> Engine<B> {
         Ok(all)
     }
 
-    /// Records a peer's acknowledged vector.
+    /// Records a peer's acknowledged vector. It is kept in memory (never
+    /// lowered) and persisted by the next [`Engine::mark_synced`] pass: a lost
+    /// ack only delays `synced_at`, since a peer's Welcome restates what it has.
     pub async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {
-        // Every write of the daemon goes through the writer lock: on SQLite two
-        // writers would otherwise meet in the busy handler, which sleeps.
-        let _w = self.writer.lock().await;
-        self.backend.record_ack(peer, vector).await
+        self.load_acks(peer).await?;
+        let mut acks = lock(&self.acks);
+        let entry = acks.entry(peer).or_default();
+        let before = entry.vector.clone();
+        entry.vector.merge(vector);
+        if entry.vector != before {
+            entry.dirty = true;
+        }
+        Ok(())
     }
 
-    /// Sets `synced_at` on every event that all of `peers` have acknowledged.
-    /// With no peers nothing is marked: an event no peer holds is not synced.
+    /// Makes sure `peer`'s persisted progress is in memory.
+    async fn load_acks(&self, peer: Ulid) -> Result<()> {
+        if lock(&self.acks).contains_key(&peer) {
+            return Ok(());
+        }
+        let persisted = self.backend.peer_progress(peer).await?;
+        lock(&self.acks)
+            .entry(peer)
+            .or_insert_with(|| PeerAcks {
+                vector: VersionVector::new(),
+                dirty: false,
+            })
+            .vector
+            .merge(&persisted);
+        Ok(())
+    }
+
+    /// Persists the acks recorded since the last pass and sets `synced_at` on
+    /// every event that all of `peers` have acknowledged, in one write
+    /// transaction. With no peers nothing is marked: an event no peer holds is
+    /// not synced.
     pub async fn mark_synced(&self, peers: &[Ulid]) -> Result<u64> {
-        if peers.is_empty() {
+        for peer in peers {
+            self.load_acks(*peer).await?;
+        }
+        let _w = self.writer.lock().await;
+        let (dirty, floor) = {
+            let acks = lock(&self.acks);
+            let dirty: Vec<(Ulid, VersionVector)> = acks
+                .iter()
+                .filter(|(_, a)| a.dirty)
+                .map(|(p, a)| (*p, a.vector.clone()))
+                .collect();
+            let mut floor: Option<VersionVector> = None;
+            for peer in peers {
+                let acked = acks.get(peer).map(|a| &a.vector);
+                floor = Some(match (floor, acked) {
+                    (_, None) => VersionVector::new(),
+                    (None, Some(a)) => a.clone(),
+                    (Some(f), Some(a)) => VersionVector(
+                        f.0.into_iter()
+                            .filter_map(|(o, h)| {
+                                let min = h.min(a.get(o));
+                                (min > Hlc::ZERO).then_some((o, min))
+                            })
+                            .collect(),
+                    ),
+                });
+            }
+            (dirty, floor.unwrap_or_default())
+        };
+        if dirty.is_empty() && floor.0.is_empty() {
             return Ok(0);
         }
-        let mut floor: Option<VersionVector> = None;
-        for peer in peers {
-            let acked = self.backend.peer_progress(*peer).await?;
-            floor = Some(match floor {
-                None => acked,
-                Some(f) => VersionVector(
-                    f.0.into_iter()
-                        .filter_map(|(o, h)| {
-                            let other = acked.get(o);
-                            let min = h.min(other);
-                            (min > Hlc::ZERO).then_some((o, min))
-                        })
-                        .collect(),
-                ),
-            });
-        }
+        let mut tx = self.begin_tx().await?;
         let mut marked = 0;
-        let _w = self.writer.lock().await;
-        for (origin, upto) in floor.unwrap_or_default().0 {
-            marked += self.backend.mark_synced(origin, upto).await?;
+        let done: Result<()> = async {
+            for (peer, vector) in &dirty {
+                self.backend.record_ack(&mut tx, *peer, vector).await?;
+            }
+            for (origin, upto) in &floor.0 {
+                marked += self.backend.mark_synced(&mut tx, *origin, *upto).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match done {
+            Ok(()) => self.commit_tx(tx).await?,
+            Err(e) => {
+                self.backend.rollback(tx).await?;
+                return Err(e);
+            }
+        }
+        let mut acks = lock(&self.acks);
+        for (peer, vector) in dirty {
+            if let Some(a) = acks.get_mut(&peer)
+                && a.vector == vector
+            {
+                a.dirty = false;
+            }
         }
         Ok(marked)
     }
@@ -182,8 +252,8 @@ impl<B: Backend> Engine<B> {
     /// How far `peer` is behind this node: the number of events this node holds
     /// that the peer has not acknowledged, and the wall time (ms) of the oldest.
     pub async fn peer_lag(&self, peer: Ulid) -> Result<(u64, Option<i64>)> {
-        let acked = self.backend.peer_progress(peer).await?;
-        let mine = self.backend.vector().await?;
+        let acked = self.peer_progress(peer).await?;
+        let mine = self.applied_vector();
         let (mut count, mut oldest) = (0u64, None::<i64>);
         for (origin, top) in &mine.0 {
             let after = acked.get(*origin);
@@ -199,8 +269,13 @@ impl<B: Backend> Engine<B> {
         Ok((count, oldest))
     }
 
+    /// What `peer` has acknowledged: its last ack, persisted or not yet.
     pub async fn peer_progress(&self, peer: Ulid) -> Result<VersionVector> {
-        self.backend.peer_progress(peer).await
+        self.load_acks(peer).await?;
+        Ok(lock(&self.acks)
+            .get(&peer)
+            .map(|a| a.vector.clone())
+            .unwrap_or_default())
     }
 
     pub async fn count_unsynced(&self) -> Result<u64> {

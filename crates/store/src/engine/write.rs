@@ -200,7 +200,7 @@ impl<B: Backend> Engine<B> {
         match self.group_in(&mut tx, group).await {
             Ok((results, own)) => {
                 if !own.0.is_empty() {
-                    self.backend.raise_vector(&mut tx, &own).await?;
+                    self.raise_vector(&mut tx, &own).await?;
                 }
                 self.commit_tx(tx).await?;
                 self.committed();
@@ -323,7 +323,7 @@ impl<B: Backend> Engine<B> {
             .await?;
         let mut own = VersionVector::new();
         own.observe(self.node_id, event.hlc);
-        self.backend.raise_vector(&mut tx, &own).await?;
+        self.raise_vector(&mut tx, &own).await?;
         self.commit_tx(tx).await?;
         self.committed();
         Ok(())

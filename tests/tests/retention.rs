@@ -1,0 +1,93 @@
+//! Retention on whole daemons (SQLite and PostgreSQL): superseded events every
+//! peer acknowledged leave the log, each record keeps its current version, an
+//! event a stopped peer lacks stays until it has it, and the peer then
+//! converges from what stayed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tidemark_tests::daemon::{Cluster, Topology};
+use ulid::Ulid;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+const RETENTION: &str = "[retention]\nenabled = true\nmin_age_secs = 0\nbatch = 50\nstep_pause_ms = 10\ninterval_secs = 1\n";
+
+/// Waits until the running nodes hold the same rows and the same log, of
+/// `events` events each.
+async fn compacted_to(cluster: &Cluster, events: usize) -> tidemark_tests::daemon::Snapshot {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let snap = cluster.converged(CONVERGE).await;
+        if snap.events.len() == events {
+            return snap;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "logs of {} events, not {events}, within {CONVERGE:?}",
+            snap.events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_events_go_once_every_peer_has_them() {
+    let mut cluster = Cluster::prepare(&["sqlite", "postgres"], Topology::Mesh, "test", RETENTION);
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    let (hot, other) = (Ulid::generate(), Ulid::generate());
+    for i in 0..10 {
+        cluster.nodes[0]
+            .put(hot, json!({"title": format!("a{i}")}))
+            .await;
+    }
+    for i in 0..3 {
+        cluster.nodes[1]
+            .put(other, json!({"title": format!("b{i}")}))
+            .await;
+    }
+    let singles: Vec<Ulid> = (0..5).map(|_| Ulid::generate()).collect();
+    for (i, id) in singles.iter().enumerate() {
+        cluster.nodes[i % 2]
+            .put(*id, json!({"title": format!("single {i}")}))
+            .await;
+    }
+    // Seven records, one event each once compacted, identical on both nodes.
+    let before = compacted_to(&cluster, 7).await;
+    for node in &cluster.nodes {
+        let compacted = node
+            .metric("tidemark_events_compacted_total")
+            .await
+            .unwrap_or(0.0);
+        assert!(compacted >= 2.0, "{}: {compacted} compacted", node.name);
+    }
+
+    // node1 stops: what it lacks stays on node0 however often compaction runs.
+    cluster.nodes[1].kill();
+    let mut missed = Vec::new();
+    for i in 0..5 {
+        let r = cluster.nodes[0]
+            .put(hot, json!({"title": format!("while down {i}")}))
+            .await;
+        missed.push(r.event_id);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n0 = cluster.nodes[0].reader();
+    for id in &missed {
+        assert!(
+            n0.is_unsynced(id).await,
+            "{id}, which node1 lacks, left node0's log"
+        );
+    }
+    cluster.nodes[1].start().await;
+    let after = compacted_to(&cluster, 7).await;
+    assert_eq!(after.rows.len(), before.rows.len());
+    let hot_row = after
+        .rows
+        .get(&hot.to_string())
+        .unwrap_or_else(|| panic!("{hot} in {:?}", after.rows));
+    assert!(hot_row.contains("while down 4"), "{hot_row}");
+    cluster.assert_lww().await;
+}
