@@ -162,6 +162,65 @@ fn documented_counters() -> Vec<String> {
         .collect()
 }
 
+/// Every metric the daemon describes is in docs/METRICS.md, and the alert
+/// rules shipped beside it load and pass their unit tests.
+#[test]
+fn metrics_reference_and_alert_rules_are_complete() {
+    let src = include_str!("../../crates/node/src/http.rs");
+    let reference = include_str!("../../docs/METRICS.md");
+    let mut described = Vec::new();
+    for kind in [
+        "describe_counter!(",
+        "describe_gauge!(",
+        "describe_histogram!(",
+    ] {
+        for rest in src.split(kind).skip(1) {
+            described.push(rest.split('"').nth(1).expect("a described name").to_owned());
+        }
+    }
+    assert!(
+        described.len() >= 30,
+        "metrics parsed from http.rs: {described:?}"
+    );
+    for name in &described {
+        assert!(
+            reference.contains(&format!("| `{name}` |")),
+            "{name} is not in docs/METRICS.md"
+        );
+    }
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/prometheus");
+    let promtool = std::env::var("TIDEMARK_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(rules)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {promtool} (Debian: apt-get install prometheus): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every alert names a metric the daemon exports (or `up`).
+    let alerts = std::fs::read_to_string(format!("{rules}/alerts.yml")).expect("alerts.yml");
+    for expr in alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: "))
+    {
+        assert!(
+            expr.contains("up{") || described.iter().any(|m| expr.contains(m.as_str())),
+            "alert expression names no exported metric: {expr}"
+        );
+    }
+}
+
 /// The `op` values any crate counts `tidemark_store_errors_total` with.
 fn store_error_ops() -> Vec<String> {
     fn walk(dir: &std::path::Path, out: &mut Vec<String>) {

@@ -1,7 +1,8 @@
-//! Retention on whole daemons (SQLite and PostgreSQL): superseded events every
-//! peer acknowledged leave the log, each record keeps its current version, an
-//! event a stopped peer lacks stays until it has it, and the peer then
-//! converges from what stayed.
+//! Retention and leaving on whole daemons (SQLite and PostgreSQL): superseded
+//! events every peer acknowledged leave the log, each record keeps its current
+//! version, an event a stopped peer lacks stays until it has it, and the peer
+//! then converges from what stayed; a node removed from `[[peers]]` is no
+//! longer waited for.
 
 use std::time::{Duration, Instant};
 
@@ -90,4 +91,76 @@ async fn superseded_events_go_once_every_peer_has_them() {
         .unwrap_or_else(|| panic!("{hot} in {:?}", after.rows));
     assert!(hot_row.contains("while down 4"), "{hot_row}");
     cluster.assert_lww().await;
+}
+
+/// Removing a node from the others' `[[peers]]` (decommission) stops them
+/// waiting for it: `synced_at` advances, its progress and lag series go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_is_no_longer_waited_for() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite", "sqlite"], Topology::Mesh, "test", "");
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    // node2 acknowledges something before it leaves: the others record it.
+    cluster.nodes[0]
+        .put(Ulid::generate(), json!({"title": "before the leave"}))
+        .await;
+    cluster.converged(CONVERGE).await;
+    cluster.nodes[2].kill();
+    let mut written = Vec::new();
+    for i in 0..3 {
+        let r = cluster.nodes[0]
+            .put(
+                Ulid::generate(),
+                json!({"title": format!("after the leave {i}")}),
+            )
+            .await;
+        written.push(r.event_id);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in &written {
+        assert!(
+            cluster.nodes[0].reader().is_unsynced(id).await,
+            "{id} synced while node2 lacks it"
+        );
+    }
+    let gone = cluster.nodes[2].id;
+    let series = format!("tidemark_peer_unacked_events{{peer=\"{gone}\"}}");
+    let deadline = Instant::now() + CONVERGE;
+    while cluster.nodes[0].metric(&series).await != Some(3.0) {
+        assert!(Instant::now() < deadline, "node0 counts what node2 lacks");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // node2 leaves: the others' configs no longer list it.
+    for (i, other) in [(0usize, 1usize), (1, 0)] {
+        let peer = (cluster.nodes[other].id, cluster.nodes[other].port);
+        cluster.nodes[i].kill();
+        cluster.nodes[i].write_config("test", &[peer], "");
+        cluster.nodes[i].start().await;
+    }
+    cluster.nodes.truncate(2);
+    let snap = cluster.converged(CONVERGE).await;
+    assert_eq!(snap.unsynced, 0);
+    for id in &written {
+        assert!(snap.events.contains(id), "{id} lost");
+    }
+    let n0 = &cluster.nodes[0];
+    assert!(
+        n0.log_contains("forgot the progress of peers no longer configured"),
+        "{}",
+        n0.log_tail(30)
+    );
+    assert_eq!(
+        n0.metric(&series).await,
+        None,
+        "a lag series for the removed node"
+    );
+    let progress: Vec<(i64,)> = n0
+        .reader()
+        .fetch_all(&format!(
+            "SELECT COUNT(*) FROM tidemark_peer_progress WHERE peer_id = '{gone}'"
+        ))
+        .await;
+    assert_eq!(progress, vec![(0,)], "the removed node's progress is kept");
 }

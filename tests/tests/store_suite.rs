@@ -1213,6 +1213,15 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     assert_eq!(store.peer_progress(p2).await.expect("p2").get(me), e2.hlc);
     assert_eq!(store.peer_progress(p3).await.expect("p3").get(me), e1.hlc);
     assert_eq!(store.vector().await.expect("vv").get(me), e2.hlc);
+    // Removed peers are forgotten, for good.
+    assert_eq!(store.forget_peers(&[p1]).await.expect("forget"), 2);
+    assert_eq!(store.forget_peers(&[p1]).await.expect("again"), 0);
+    assert!(store.peer_progress(p2).await.expect("p2").0.is_empty());
+    assert_eq!(store.peer_progress(p1).await.expect("p1").get(me), e2.hlc);
+    store.close().await;
+    let store = open(&db, me).await;
+    assert!(store.peer_progress(p3).await.expect("p3").0.is_empty());
+    assert_eq!(store.peer_progress(p1).await.expect("p1").get(me), e2.hlc);
     store.close().await;
 }
 

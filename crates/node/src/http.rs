@@ -116,7 +116,7 @@ fn describe() {
     describe_counter!(
         "tidemark_drift_rejections_total",
         Unit::Count,
-        "Batches refused because an event's HLC was beyond the max drift."
+        "Events from a peer held because their HLC was beyond the drift bound (or far in the future)."
     );
     describe_counter!(
         "tidemark_store_errors_total",

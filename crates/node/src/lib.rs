@@ -100,6 +100,18 @@ impl Node {
             }
             debug!(table = %table.name, columns = ?info.columns, policy = %info.conflict_policy, "table registered");
         }
+        // A node removed from [[peers]] is no longer waited for: its progress goes.
+        let configured: Vec<ulid::Ulid> = settings.peers.iter().map(|p| p.node_id).collect();
+        let forgotten = store
+            .forget_peers(&configured)
+            .await
+            .context("forgetting removed peers")?;
+        if forgotten > 0 {
+            info!(
+                peers = forgotten,
+                "forgot the progress of peers no longer configured (removed nodes)"
+            );
+        }
         // New own events wait until the peers have said how far they hold this
         // node's origin (a restored database takes its lost events back first).
         if !settings.peers.is_empty() && !settings.startup_check.is_zero() {

@@ -443,6 +443,13 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     /// What `peer`'s recorded acks add up to.
     fn peer_progress(&self, peer: Ulid) -> impl Future<Output = Result<VersionVector>> + Send;
+    /// Deletes the recorded acks of every peer not in `keep` (nodes removed
+    /// from the cluster); returns how many peers were forgotten.
+    fn forget_peers(
+        &self,
+        tx: &mut Self::Tx,
+        keep: &[Ulid],
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// Sets `synced_at` on events of `origin` up to `upto` that have none yet.
     fn mark_synced(
         &self,

@@ -410,6 +410,11 @@ impl Store {
         dispatch!(self, e => e.peer_progress(peer).await)
     }
 
+    /// Forgets the progress of every peer not in `keep` (removed nodes).
+    pub async fn forget_peers(&self, keep: &[Ulid]) -> Result<u64> {
+        dispatch!(self, e => e.forget_peers(keep).await)
+    }
+
     pub async fn mark_synced(&self, peers: &[Ulid]) -> Result<u64> {
         dispatch!(self, e => e.mark_synced(peers).await)
     }

@@ -1286,6 +1286,21 @@ impl Backend for MemoryBackend {
         Ok(vv)
     }
 
+    async fn forget_peers(&self, tx: &mut Self::Tx, keep: &[Ulid]) -> Result<u64> {
+        let gone: Vec<(Ulid, Ulid)> = tx
+            .state
+            .progress
+            .keys()
+            .filter(|(peer, _)| !keep.contains(peer))
+            .copied()
+            .collect();
+        let peers: std::collections::BTreeSet<Ulid> = gone.iter().map(|(p, _)| *p).collect();
+        for key in gone {
+            tx.set(progress_field, key, None);
+        }
+        Ok(peers.len() as u64)
+    }
+
     async fn mark_synced(&self, tx: &mut Self::Tx, origin: Ulid, upto: Hlc) -> Result<u64> {
         let now = self.now();
         let ids: Vec<Ulid> = tx

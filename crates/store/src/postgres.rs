@@ -1563,6 +1563,19 @@ impl Backend for PostgresBackend {
         vector_from_rows(rows, "tidemark_peer_progress")
     }
 
+    async fn forget_peers(&self, tx: &mut Self::Tx, keep: &[Ulid]) -> Result<u64> {
+        let keep: Vec<String> = keep.iter().map(Ulid::to_string).collect();
+        let gone: Vec<(String,)> = sqlx::query_as(
+            "DELETE FROM tidemark_peer_progress WHERE NOT (peer_id = ANY($1::bpchar[])) \
+             RETURNING peer_id::text",
+        )
+        .bind(&keep)
+        .fetch_all(&mut **tx)
+        .await?;
+        let peers: HashSet<String> = gone.into_iter().map(|g| g.0).collect();
+        Ok(peers.len() as u64)
+    }
+
     async fn mark_synced(&self, tx: &mut Self::Tx, origin: Ulid, upto: Hlc) -> Result<u64> {
         let res = sqlx::query(
             "UPDATE change_events SET synced_at = CURRENT_TIMESTAMP \

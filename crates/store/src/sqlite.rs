@@ -1786,6 +1786,26 @@ impl Backend for SqliteBackend {
         vector_from_rows(rows, "tidemark_peer_progress")
     }
 
+    async fn forget_peers(&self, tx: &mut Self::Tx, keep: &[Ulid]) -> Result<u64> {
+        let gone: Vec<String> = query(
+            tx.conn(),
+            "SELECT DISTINCT peer_id FROM tidemark_peer_progress",
+            [],
+            |r| r.get(0),
+        )?
+        .into_iter()
+        .filter(|p: &String| !keep.iter().any(|k| k.to_string() == *p))
+        .collect();
+        for peer in &gone {
+            execute(
+                tx.conn(),
+                "DELETE FROM tidemark_peer_progress WHERE peer_id = ?1",
+                [peer],
+            )?;
+        }
+        Ok(gone.len() as u64)
+    }
+
     async fn mark_synced(&self, tx: &mut Self::Tx, origin: Ulid, upto: Hlc) -> Result<u64> {
         execute(
             tx.conn(),

@@ -249,6 +249,23 @@ impl<B: Backend> Engine<B> {
         Ok(marked)
     }
 
+    /// Forgets the progress of every peer not in `keep` (nodes removed from the
+    /// cluster): its acks no longer count anywhere. Returns how many peers.
+    pub async fn forget_peers(&self, keep: &[Ulid]) -> Result<u64> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_tx().await?;
+        let n = match self.backend.forget_peers(&mut tx, keep).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.backend.rollback(tx).await?;
+                return Err(e);
+            }
+        };
+        self.commit_tx(tx).await?;
+        lock(&self.acks).retain(|peer, _| keep.contains(peer));
+        Ok(n)
+    }
+
     /// How far `peer` is behind this node: the number of events this node holds
     /// that the peer has not acknowledged, and the wall time (ms) of the oldest.
     pub async fn peer_lag(&self, peer: Ulid) -> Result<(u64, Option<i64>)> {
