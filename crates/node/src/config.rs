@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value as FigValue;
 use serde::Deserialize;
 use tidemark_replicator::{LocalNode, Peer, ReplicationOptions};
 use tidemark_store::model::parse_ulid;
@@ -368,6 +369,41 @@ pub struct RetentionSettings {
     pub interval: Duration,
 }
 
+/// Removes the value at `path` (dictionary keys, array indices) from a tree;
+/// returns whether there was one.
+fn remove_key(tree: &mut FigValue, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = tree;
+    for key in parents {
+        at = match at {
+            FigValue::Dict(_, dict) => match dict.get_mut(key) {
+                Some(v) => v,
+                None => return false,
+            },
+            FigValue::Array(_, items) => {
+                match key.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(v) => v,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match at {
+        FigValue::Dict(_, dict) => dict.remove(last).is_some(),
+        FigValue::Array(_, items) => match last.parse::<usize>() {
+            Ok(i) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// A configuration problem, naming the key and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {problem}")]
@@ -504,45 +540,121 @@ pub struct TableSettings {
     pub types: BTreeMap<String, ColumnType>,
 }
 
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// Most keys one read of a configuration reports as unreadable.
+const MAX_PARSE_ERRORS: usize = 64;
+
 impl Config {
     /// Reads `path`, then applies `TIDEMARK_*` environment overrides.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         if !path.is_file() {
             return Err(err(
                 "--config",
                 format!("{} does not exist or is not a file", path.display()),
-            ));
+            )
+            .into());
         }
         Self::from_figment(Figment::from(Toml::file_exact(path)))
     }
 
     /// Parses TOML text, then applies `TIDEMARK_*` environment overrides.
-    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
         Self::from_figment(Figment::from(Toml::string(text)))
     }
 
-    fn from_figment(f: Figment) -> Result<Config, ConfigError> {
+    /// Extracts the configuration. A key that cannot be read (unknown, or of
+    /// the wrong type) is reported and left out, and the rest read again, so
+    /// every such key is named at once, followed by what [`Config::validate`]
+    /// finds in the rest.
+    fn from_figment(f: Figment) -> Result<Config, ConfigErrors> {
         // Only TIDEMARK_<SECTION>__<KEY>: other TIDEMARK_* variables (used by
         // scripts and tests) are not configuration.
-        f.merge(
+        let merged = f.merge(
             Env::prefixed(ENV_PREFIX)
                 .filter(|k| k.as_str().contains("__"))
                 .split("__"),
-        )
-        .extract()
-        .map_err(|e| {
-            let key = if e.path.is_empty() {
-                "config".to_owned()
-            } else {
-                e.path.join(".")
-            };
-            let source = e
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
-            err(key, format!("{}{source}", e.kind))
-        })
+        );
+        let first = match merged.extract::<Config>() {
+            Ok(config) => return Ok(config),
+            Err(e) => e,
+        };
+        let Ok(mut tree) = merged.extract::<FigValue>() else {
+            // Not even a tree of values (a TOML syntax error): one error.
+            return Err(Self::figment_errors(&merged, first).into());
+        };
+        let mut errors = Vec::new();
+        let mut next = first;
+        loop {
+            let bad = Self::bad_key(&next);
+            errors.push(Self::figment_errors(&merged, next));
+            if errors.len() >= MAX_PARSE_ERRORS || !bad.is_some_and(|k| remove_key(&mut tree, &k)) {
+                return Err(ConfigErrors(errors));
+            }
+            match Figment::from(Serialized::defaults(&tree)).extract::<Config>() {
+                Ok(rest) => {
+                    if let Err(more) = rest.validate() {
+                        errors.extend(more);
+                    }
+                    return Err(ConfigErrors(errors));
+                }
+                Err(e) => next = e,
+            }
+        }
+    }
+
+    /// The key an extraction error is about, when leaving it out may let the
+    /// rest be read (not for a missing key).
+    fn bad_key(e: &figment::Error) -> Option<Vec<String>> {
+        use figment::error::Kind;
+        match &e.kind {
+            Kind::MissingField(_) => None,
+            Kind::UnknownField(field, _) => {
+                let mut path = e.path.clone();
+                if path.last() != Some(field) {
+                    path.push(field.clone());
+                }
+                Some(path)
+            }
+            _ => (!e.path.is_empty()).then(|| e.path.clone()),
+        }
+    }
+
+    /// A figment error as a [`ConfigError`] naming the key and where the value
+    /// came from (the file or an environment variable).
+    fn figment_errors(merged: &Figment, e: figment::Error) -> ConfigError {
+        let path = match &e.kind {
+            figment::error::Kind::UnknownField(..) => Self::bad_key(&e).unwrap_or_default(),
+            _ => e.path.clone(),
+        };
+        let key = if path.is_empty() {
+            "config".to_owned()
+        } else {
+            path.join(".")
+        };
+        let source = merged
+            .find_metadata(&key)
+            .or(e.metadata.as_ref())
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
+        err(key, format!("{}{source}", e.kind))
     }
 
     /// Checks every value; all problems are reported at once.
@@ -1152,6 +1264,30 @@ mod tests {
                 e.to_string(),
                 "--config: /nonexistent/tidemark.toml does not exist or is not a file"
             );
+        });
+    }
+
+    #[test]
+    fn every_bad_key_is_named_at_once() {
+        jailed(|| {
+            let text = GOOD.replace(
+                "cluster_id = \"test\"",
+                "cluster_id = \"test\"\n        colour = \"blue\"",
+            ) + "\n[replication]\nbatch_size = \"many\"\nack_timeout_ms = 0\n\
+                   [server]\nlisten_addr = \"nowhere\"\n[retention]\nbatch = -1\n[extra]\nx = 1\n";
+            let e = Config::from_toml(&text).expect_err("bad keys");
+            let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+            for key in [
+                "node.colour",
+                "replication.batch_size",
+                "retention.batch",
+                "extra",
+                "server.listen_addr",
+                "replication.ack_timeout_ms",
+            ] {
+                assert!(keys.contains(&key), "{key} not reported: {e}");
+            }
+            assert_eq!(keys.len(), 6, "{e}");
         });
     }
 

@@ -107,12 +107,12 @@ fn init_logging(level: &str, json: bool) {
 }
 
 fn load(path: &std::path::Path) -> Result<tidemark::Settings, String> {
-    let config =
-        Config::load(path).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
-    config.validate().map_err(|errs| {
+    let problems = |errs: Vec<tidemark::config::ConfigError>| {
         let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
         format!("invalid config {}:\n{}", path.display(), lines.join("\n"))
-    })
+    };
+    let config = Config::load(path).map_err(|e| problems(e.0))?;
+    config.validate().map_err(problems)
 }
 
 fn main() -> ExitCode {
