@@ -137,6 +137,39 @@ async fn admin_on_the_wrong_listener_names_the_admin_listen_address() {
         "{}",
         stderr(&out)
     );
+
+    // With the node's config file, each command finds its listener itself.
+    let config = node.config_path().display().to_string();
+    let status = tidemark_json(&["admin", "status", "--json", "--config", &config]);
+    assert_eq!(status["node_id"], node.id.to_string(), "{status:#}");
+    let id = Ulid::generate().to_string();
+    tidemark_json(&[
+        "records",
+        "--config",
+        &config,
+        "put",
+        "notes",
+        &id,
+        r#"{"title":"via config"}"#,
+    ]);
+    let got = tidemark_json(&["records", "get", "notes", &id, "--config", &config]);
+    assert_eq!(got["values"]["title"], "via config", "{got:#}");
+    // A flag given beside it wins.
+    let out = tidemark(&[
+        "admin",
+        "status",
+        "--config",
+        &config,
+        "--addr",
+        &node.grpc_url(),
+    ]);
+    assert!(!out.status.success(), "--addr was ignored");
+    let out = tidemark(&["admin", "status", "--config", "/nonexistent/node.toml"]);
+    assert!(
+        stderr(&out).contains("/nonexistent/node.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,6 +163,23 @@ async fn mutual_tls_replicates_and_refuses_bad_certificates() {
     let snap = cluster.converged(Duration::from_secs(60)).await;
     assert_eq!(snap.rows.len(), 2);
     assert!(!cluster.nodes[0].log_contains("plaintext"));
+    // The CLI reaches a node under mutual TLS with what its config names.
+    let out = Command::new(tidemark_bin())
+        .args(["admin", "status", "--json", "--config"])
+        .arg(cluster.nodes[0].config_path())
+        .output()
+        .expect("run tidemark admin");
+    assert!(
+        out.status.success(),
+        "admin status --config under TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(
+        status["node_id"],
+        cluster.nodes[0].id.to_string(),
+        "{status:#}"
+    );
     // The handshakes below claim the peer's node id from this process: the
     // real peer stops first (a second live instance of a node id is refused).
     cluster.nodes[1].stop();

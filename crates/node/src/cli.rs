@@ -97,6 +97,77 @@ pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// The address a client reaches a listener on: an unspecified IP
+/// (`0.0.0.0`, `[::]`) is reached on loopback.
+fn reachable(addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port()).to_string()
+}
+
+/// Where a command connects: flags first, then the node's config file
+/// (`--config`), then the default address.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: String,
+    pub tls: ClientTlsArgs,
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// `admin`: true for the Admin listener (admin.listen_addr when set), false
+    /// for the main one (server.listen_addr).
+    pub fn resolve(
+        addr: Option<&str>,
+        tls: &ClientTlsArgs,
+        token_file: Option<&std::path::Path>,
+        config: Option<&std::path::Path>,
+        admin: bool,
+    ) -> anyhow::Result<Target> {
+        let mut target = Target {
+            addr: addr.unwrap_or("127.0.0.1:7070").to_owned(),
+            tls: tls.clone(),
+            token_file: token_file.map(ToOwned::to_owned),
+        };
+        let Some(path) = config else {
+            return Ok(target);
+        };
+        let cfg = crate::Config::load(path)
+            .map_err(|e| anyhow::anyhow!("--config {}:\n{e}", path.display()))?;
+        if addr.is_none() {
+            let listen = if admin && !cfg.admin.listen_addr.is_empty() {
+                ("admin.listen_addr", &cfg.admin.listen_addr)
+            } else {
+                ("server.listen_addr", &cfg.server.listen_addr)
+            };
+            let parsed: std::net::SocketAddr = listen.1.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "--config {}: {} {:?}: {e}",
+                    path.display(),
+                    listen.0,
+                    listen.1
+                )
+            })?;
+            target.addr = reachable(parsed);
+        }
+        if !tls.given() && !cfg.tls.insecure {
+            let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
+            target.tls = ClientTlsArgs {
+                ca_file: file(&cfg.tls.ca_file),
+                cert_file: file(&cfg.tls.cert_file),
+                key_file: file(&cfg.tls.key_file),
+            };
+        }
+        if admin && token_file.is_none() && !cfg.admin.token_file.is_empty() {
+            target.token_file = Some(cfg.admin.token_file.clone().into());
+        }
+        Ok(target)
+    }
+}
+
 /// Connects to `addr`, with mutual TLS when certificates are given.
 pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<Channel> {
     let url = with_scheme(addr, tls);
@@ -139,9 +210,13 @@ pub async fn connect(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<Channel>
 pub struct AdminArgs {
     /// The node's Admin address: admin.listen_addr when the node sets it, else
     /// server.listen_addr. host:port (http://, or https:// with certificates)
-    /// or a URL.
-    #[arg(long, global = true, default_value = "127.0.0.1:7070")]
-    pub addr: String,
+    /// or a URL. Default: from --config, else 127.0.0.1:7070.
+    #[arg(long, global = true)]
+    pub addr: Option<String>,
+    /// A node's config file: the Admin address, the TLS files and the token
+    /// file come from it (flags given beside it win).
+    #[arg(long, global = true)]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     /// A file holding the node's admin bearer token (admin.token_file).
@@ -497,11 +572,18 @@ fn now_ms() -> i64 {
 /// Runs one admin command against the node at `args.addr` (`check`: against
 /// every `--node`). False when `check` found the nodes differ.
 pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
-    let token = BearerToken::read(args.token_file.as_deref())?;
+    let target = Target::resolve(
+        args.addr.as_deref(),
+        &args.tls,
+        args.token_file.as_deref(),
+        args.config.as_deref(),
+        true,
+    )?;
+    let token = BearerToken::read(target.token_file.as_deref())?;
     if let AdminCommand::Check { nodes, table } = &args.command {
-        return check(nodes, table.as_deref(), &args.tls, &token, args.json).await;
+        return check(nodes, table.as_deref(), &target.tls, &token, args.json).await;
     }
-    let mut client = admin_client(&args.addr, &args.tls, &token).await?;
+    let mut client = admin_client(&target.addr, &target.tls, &token).await?;
     let status = rpc_error;
     match args.command {
         AdminCommand::Status => {
@@ -1018,7 +1100,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             }
         }
         AdminCommand::Check { nodes, table } => {
-            return check(&nodes, table.as_deref(), &args.tls, &token, args.json).await;
+            return check(&nodes, table.as_deref(), &target.tls, &token, args.json).await;
         }
     }
     Ok(true)
@@ -1378,9 +1460,14 @@ fn print_check(nodes: &[CheckNode], reports: &[TableCheck], equal: bool) {
 #[derive(Debug, Args)]
 pub struct RecordsArgs {
     /// The node's gRPC address (server.listen_addr): host:port (http://, or
-    /// https:// with certificates) or a URL.
-    #[arg(long, global = true, default_value = "127.0.0.1:7070")]
-    pub addr: String,
+    /// https:// with certificates) or a URL. Default: from --config, else
+    /// 127.0.0.1:7070.
+    #[arg(long, global = true)]
+    pub addr: Option<String>,
+    /// A node's config file: the address and the TLS files come from it
+    /// (flags given beside it win).
+    #[arg(long, global = true)]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     #[command(subcommand)]
@@ -1405,7 +1492,15 @@ pub enum RecordsCommand {
 
 /// Runs one write-API command against the node at `args.addr`, printing JSON.
 pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
-    let mut client = pb::records_client::RecordsClient::new(connect(&args.addr, &args.tls).await?);
+    let target = Target::resolve(
+        args.addr.as_deref(),
+        &args.tls,
+        None,
+        args.config.as_deref(),
+        false,
+    )?;
+    let mut client =
+        pb::records_client::RecordsClient::new(connect(&target.addr, &target.tls).await?);
     let status = records_error;
     let write = |w: pb::WriteResponse| {
         json!({
