@@ -74,6 +74,19 @@ async fn addresses_without_scheme_and_flags_after_the_subcommand_work() {
 
     let status = tidemark_json(&["admin", "status", "--addr", &addr, "--json"]);
     assert_eq!(status["node_id"], node.id.to_string(), "{status:#}");
+    // The text form reads times, not integers.
+    let out = tidemark(&["admin", "status", "--addr", &addr]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let clock = text
+        .lines()
+        .find(|l| l.starts_with("clock"))
+        .unwrap_or_else(|| panic!("no clock line:\n{text}"));
+    assert!(
+        clock.contains('T') && clock.contains("Z (") && clock.contains(')'),
+        "{clock}"
+    );
+    assert!(text.to_lowercase().contains("newest event"), "{text}");
     assert_int64_string(&status["hlc"], "admin status: hlc");
     let origin = &status["vector"][node.id.to_string()];
     assert_int64_string(origin, "admin status: vector entry");

@@ -23,6 +23,8 @@ pub struct AdminService {
     store: Store,
     sender: Sender,
     peers: Vec<Peer>,
+    /// Peers' configured names.
+    peer_names: std::collections::BTreeMap<ulid::Ulid, String>,
     name: String,
     cluster_id: String,
 }
@@ -32,6 +34,7 @@ impl AdminService {
         store: Store,
         sender: Sender,
         peers: Vec<Peer>,
+        peer_names: std::collections::BTreeMap<ulid::Ulid, String>,
         name: String,
         cluster_id: String,
     ) -> Self {
@@ -39,6 +42,7 @@ impl AdminService {
             store,
             sender,
             peers,
+            peer_names,
             name,
             cluster_id,
         }
@@ -223,6 +227,7 @@ impl pb::admin_server::Admin for AdminService {
                     })
                     .collect(),
                 blocked_records: state.blocked_records,
+                name: self.peer_names.get(&p.node_id).cloned().unwrap_or_default(),
             });
         }
         let open: std::collections::HashMap<String, u64> = self

@@ -569,6 +569,49 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A wall time (ms since the Unix epoch) in RFC 3339, UTC, to the millisecond.
+fn rfc3339(ms: i64) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+/// How long ago (or ahead, for a clock in the future) a wall time is, roughly.
+fn ago(ms: i64, now: i64) -> String {
+    let (d, suffix) = if now >= ms {
+        (now - ms, "ago")
+    } else {
+        (ms - now, "ahead")
+    };
+    let secs = d / 1000;
+    let span = match secs {
+        0 => return "just now".to_owned(),
+        1..=119 => format!("{secs} s"),
+        120..=7_199 => format!("{} min", secs / 60),
+        7_200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
+    };
+    format!("{span} {suffix}")
+}
+
+/// A wall time for an operator: RFC 3339 and how long ago.
+fn when(ms: i64) -> String {
+    format!("{} ({})", rfc3339(ms), ago(ms, now_ms()))
+}
+
+/// An HLC as its wall time in RFC 3339 and, when not 0, its logical counter.
+fn hlc_text(raw: i64) -> String {
+    match tidemark_hlc::Hlc::decode(raw) {
+        Ok(h) if h.counter() > 0 => format!("{} #{}", rfc3339(h.wall_ms()), h.counter()),
+        Ok(h) => rfc3339(h.wall_ms()),
+        Err(_) => raw.to_string(),
+    }
+}
+
 /// Runs one admin command against the node at `args.addr` (`check`: against
 /// every `--node`). False when `check` found the nodes differ.
 pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
@@ -602,7 +645,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "quarantined_events": s.quarantined_events,
                     "writes_held": s.writes_held,
                     "peers": s.peers.iter().map(|p| json!({
-                        "node_id": p.node_id, "address": p.address, "connected": p.connected,
+                        "node_id": p.node_id, "name": p.name, "address": p.address, "connected": p.connected,
                         "unacked_events": p.unacked_events,
                         "oldest_unacked_ms": p.oldest_unacked_ms, "last_ack_ms": p.last_ack_ms,
                         "last_error": p.last_error, "acked": vector_json(&p.acked),
@@ -620,6 +663,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 return Ok(true);
             }
             out!("node     {} ({})", s.node_id, s.name);
+            // The node's HLC against this machine's clock: skew shows as "ahead".
+            match tidemark_hlc::Hlc::decode(s.hlc) {
+                Ok(h) => out!("clock    {}", when(h.wall_ms())),
+                Err(_) => out!("clock    hlc {}", s.hlc),
+            }
             out!("cluster  {}", s.cluster_id);
             out!("store    {}", s.store);
             out!(
@@ -644,7 +692,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 .iter()
                 .map(|p| {
                     vec![
-                        p.node_id.clone(),
+                        if p.name.is_empty() {
+                            p.node_id.clone()
+                        } else {
+                            format!("{} {}", p.name, p.node_id)
+                        },
                         p.address.clone(),
                         if p.connected {
                             "connected".into()
@@ -657,6 +709,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                                 "{:.1} s",
                                 (now_ms() - p.oldest_unacked_ms).max(0) as f64 / 1000.0
                             )
+                        } else {
+                            "-".into()
+                        },
+                        if p.last_ack_ms > 0 {
+                            ago(p.last_ack_ms, now_ms())
                         } else {
                             "-".into()
                         },
@@ -673,6 +730,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "state",
                     "unacked",
                     "lag",
+                    "last ack",
                     "blocked",
                     "held origins",
                     "last error",
@@ -711,9 +769,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 .vector
                 .iter()
                 .flat_map(|v| &v.entries)
-                .map(|e| vec![e.node_id.clone(), e.hlc.to_string()])
+                .map(|e| vec![e.node_id.clone(), hlc_text(e.hlc), e.hlc.to_string()])
                 .collect();
-            print_table(&["origin", "highest hlc"], &rows);
+            print_table(&["origin", "newest event", "hlc"], &rows);
         }
         AdminCommand::Conflicts(ConflictsCommand::List {
             table,
@@ -806,9 +864,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             for (label, v) in [("local (shown)", &c.local), ("remote (lost)", &c.remote)] {
                 if let Some(v) = v {
                     out!(
-                        "\n{label}: event {} from node {} at hlc {}",
+                        "\n{label}: event {} from node {} at {} (hlc {})",
                         v.event_id,
                         v.node_id,
+                        hlc_text(v.hlc),
                         v.hlc
                     );
                     match &v.values_json {
@@ -909,7 +968,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 .iter()
                 .map(|e| {
                     vec![
-                        e.hlc.to_string(),
+                        hlc_text(e.hlc),
                         e.node_id.clone(),
                         pb::Operation::try_from(e.operation)
                             .map(|o| o.as_str_name().trim_start_matches("OPERATION_").to_owned())
@@ -919,7 +978,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     ]
                 })
                 .collect();
-            print_table(&["hlc", "node", "op", "action", "new values"], &rows);
+            print_table(&["time (hlc)", "node", "op", "action", "new values"], &rows);
         }
         AdminCommand::Blocked {
             table,
@@ -1559,4 +1618,29 @@ pub fn healthcheck(addr: &str, timeout: std::time::Duration) -> anyhow::Result<b
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_rfc3339_and_ago() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_764_528_000_123), "2025-11-30T18:40:00.123Z");
+        assert_eq!(ago(10_000, 10_400), "just now");
+        assert_eq!(ago(10_000, 13_000), "3 s ago");
+        assert_eq!(ago(0, 600_000), "10 min ago");
+        assert_eq!(ago(0, 3 * 3_600_000), "3 h ago");
+        assert_eq!(ago(0, 3 * 86_400_000), "3 d ago");
+        assert_eq!(ago(130_000, 10_000), "2 min ahead");
+    }
+
+    #[test]
+    fn hlcs_read_as_their_wall_time_and_counter() {
+        let plain = tidemark_hlc::Hlc::from_parts(1_764_528_000_123, 0).expect("hlc");
+        assert_eq!(hlc_text(plain.encode()), "2025-11-30T18:40:00.123Z");
+        let counted = tidemark_hlc::Hlc::from_parts(1_764_528_000_123, 7).expect("hlc");
+        assert_eq!(hlc_text(counted.encode()), "2025-11-30T18:40:00.123Z #7");
+    }
 }

@@ -440,6 +440,8 @@ pub struct Settings {
     /// See `replication.startup_check_ms`.
     pub startup_check: Duration,
     pub peers: Vec<Peer>,
+    /// Peers' names as configured (`[[peers]] name`), for people to read.
+    pub peer_names: BTreeMap<ulid::Ulid, String>,
     pub tables: Vec<TableSettings>,
     /// Largest event (a row's values as JSON) a write may produce.
     pub max_event_bytes: usize,
@@ -939,6 +941,7 @@ impl Config {
             ));
         }
         let mut peers = Vec::new();
+        let mut peer_names = BTreeMap::new();
         let mut seen = HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             let key = format!("peers[{i}]");
@@ -973,6 +976,9 @@ impl Config {
                             ),
                         ));
                     } else {
+                        if let Some(name) = p.name.as_ref().filter(|n| !n.is_empty()) {
+                            peer_names.insert(id, name.clone());
+                        }
                         peers.push(Peer {
                             node_id: id,
                             address: p.address.clone(),
@@ -1072,6 +1078,7 @@ impl Config {
             capture_poll: Duration::from_millis(r.capture_poll_ms),
             startup_check: Duration::from_millis(r.startup_check_ms),
             peers,
+            peer_names,
             tables,
             max_event_bytes: self.store.max_event_bytes as usize,
             log: self.log.clone(),
@@ -1264,6 +1271,22 @@ mod tests {
                 e.to_string(),
                 "--config: /nonexistent/tidemark.toml does not exist or is not a file"
             );
+        });
+    }
+
+    #[test]
+    fn peer_names_are_kept_for_people_to_read() {
+        jailed(|| {
+            let text = GOOD.replace(
+                "node_id = \"01JD0000000000000000000002\"",
+                "node_id = \"01JD0000000000000000000002\"\n        name = \"node-b\"",
+            );
+            let s = Config::from_toml(&text)
+                .expect("parse")
+                .validate()
+                .expect("valid");
+            let id = parse_ulid("id", "01JD0000000000000000000002").expect("ulid");
+            assert_eq!(s.peer_names.get(&id).map(String::as_str), Some("node-b"));
         });
     }
 

@@ -160,6 +160,7 @@ impl Node {
             store.clone(),
             sender.clone(),
             settings.peers.clone(),
+            settings.peer_names.clone(),
             settings.name.clone(),
             settings.local.cluster_id.clone(),
         );
