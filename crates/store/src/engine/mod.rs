@@ -285,21 +285,17 @@ impl<B: Backend> std::fmt::Debug for Engine<B> {
 impl<B: Backend> Engine<B> {
     /// Migrates the schema, checks the database belongs to this node, and seeds the
     /// clock from the highest persisted HLC.
+    /// A store that cannot open is closed before the error returns, so its
+    /// writer lock is free at once for the next attempt.
     pub async fn open(backend: B, clock: Arc<Clock>) -> Result<Self> {
-        backend.migrate().await?;
         let node_id = clock.node_id();
-        match backend.meta_get("node_id").await? {
-            Some(stored) if stored != node_id.to_string() => {
-                return Err(StoreError::IdentityMismatch {
-                    key: "node_id",
-                    stored,
-                    configured: node_id.to_string(),
-                });
+        let applied = match Self::identify(&backend, node_id).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                backend.close().await;
+                return Err(e);
             }
-            Some(_) => {}
-            None => backend.meta_set("node_id", &node_id.to_string()).await?,
-        }
-        let applied = backend.vector().await?;
+        };
         let own_at_open = applied.get(node_id);
         let engine = Engine {
             backend,
@@ -323,10 +319,35 @@ impl<B: Backend> Engine<B> {
             acks: Default::default(),
             compact_from: std::sync::Mutex::new(Hlc::ZERO),
         };
-        let persisted = engine.backend.max_hlc().await?;
-        engine.clock.seed(persisted)?;
-        engine.reload_tables().await?;
+        let started: Result<()> = async {
+            let persisted = engine.backend.max_hlc().await?;
+            engine.clock.seed(persisted)?;
+            engine.reload_tables().await
+        }
+        .await;
+        if let Err(e) = started {
+            engine.backend.close().await;
+            return Err(e);
+        }
         Ok(engine)
+    }
+
+    /// Migrates the schema and checks the database belongs to `node_id`;
+    /// returns its applied vector.
+    async fn identify(backend: &B, node_id: Ulid) -> Result<VersionVector> {
+        backend.migrate().await?;
+        match backend.meta_get("node_id").await? {
+            Some(stored) if stored != node_id.to_string() => {
+                return Err(StoreError::IdentityMismatch {
+                    key: "node_id",
+                    stored,
+                    configured: node_id.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => backend.meta_set("node_id", &node_id.to_string()).await?,
+        }
+        backend.vector().await
     }
 
     /// Takes new event ids from `ids` instead of [`Ulid::generate`].
