@@ -449,6 +449,50 @@ impl TestNode {
         std::fs::write(&path, out.join("\n") + "\n").expect("write config");
     }
 
+    /// Adds `id` to this node's `[[peers]]` at an address where nothing listens
+    /// (a test that plays that peer through a raw gRPC session: the node refuses
+    /// sessions from ids it does not list), and stops the node waiting for it at
+    /// start. Takes effect at the next start.
+    pub fn add_raw_peer(&self, id: Ulid) {
+        self.set_config("replication", "startup_check_ms", "0");
+        let path = self.config_path();
+        let mut text = std::fs::read_to_string(&path).expect("read config");
+        text.push_str(&format!(
+            "\n[[peers]]\nname = \"raw-{id}\"\nnode_id = \"{id}\"\naddress = \"http://127.0.0.1:1\"\n"
+        ));
+        std::fs::write(&path, text).expect("write config");
+    }
+
+    /// Removes the `[[peers]]` entry of `id` from this node's config (the node
+    /// forgets that peer's progress at its next start).
+    pub fn remove_peer(&self, id: Ulid) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let needle = format!("node_id = \"{id}\"");
+        let mut out: Vec<&str> = Vec::new();
+        let mut block: Vec<&str> = Vec::new();
+        let mut in_peer = false;
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                if in_peer && !block.iter().any(|l| l.trim() == needle) {
+                    out.append(&mut block);
+                }
+                block.clear();
+                in_peer = t == "[[peers]]";
+            }
+            if in_peer {
+                block.push(line);
+            } else {
+                out.push(line);
+            }
+        }
+        if in_peer && !block.iter().any(|l| l.trim() == needle) {
+            out.append(&mut block);
+        }
+        std::fs::write(&path, out.join("\n") + "\n").expect("write config");
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

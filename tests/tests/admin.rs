@@ -482,45 +482,56 @@ async fn blocked_lists_the_losers_of_unique_clashes() {
 // ---------------------------------------------------------------------------------
 // admin status
 
-/// A session opened by the test as a sender, for an event no daemon would send.
-async fn send_as_stranger(node: &TestNode, event: pb::Event) -> pb::Ack {
-    let mut client = ReplicationClient::connect(node.grpc_url())
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(4);
-    let hello = pb::Hello {
-        protocol_version: tidemark_replicator::PROTOCOL_VERSION,
-        cluster_id: "test".into(),
-        sender_node_id: Ulid::generate().to_string(),
-        receiver_node_id: node.id.to_string(),
-        tables: notes_schema(),
-        hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
-            .expect("hlc")
-            .encode(),
-        instance_id: Ulid::generate().to_string(),
-        receiver_origin_hlc: 0,
-    };
-    for kind in [
-        sender_message::Kind::Hello(hello),
-        sender_message::Kind::Batch(pb::Batch {
-            batch_id: 1,
-            events: vec![event],
-        }),
-    ] {
-        tx.send(pb::SenderMessage { kind: Some(kind) })
-            .await
-            .expect("queue");
-    }
-    let mut rx = client
-        .replicate(ReceiverStream::new(rx))
-        .await
-        .expect("session")
-        .into_inner();
+/// A session opened by the test as `sender` (a configured peer of `node` that is
+/// stopped), for an event no daemon would send. Retried while `node` still
+/// holds the stopped daemon's session.
+async fn send_as(node: &TestNode, sender: Ulid, event: pb::Event) -> pb::Ack {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
     loop {
-        match rx.message().await.expect("receive").and_then(|m| m.kind) {
-            Some(receiver_message::Kind::Welcome(_)) => continue,
-            Some(receiver_message::Kind::Ack(a)) => return a,
-            other => panic!("expected an ack, got {other:?}"),
+        let mut client = ReplicationClient::connect(node.grpc_url())
+            .await
+            .expect("connect");
+        let (tx, rx) = mpsc::channel(4);
+        let hello = pb::Hello {
+            protocol_version: tidemark_replicator::PROTOCOL_VERSION,
+            cluster_id: "test".into(),
+            sender_node_id: sender.to_string(),
+            receiver_node_id: node.id.to_string(),
+            tables: notes_schema(),
+            hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
+                .expect("hlc")
+                .encode(),
+            instance_id: Ulid::generate().to_string(),
+            receiver_origin_hlc: 0,
+        };
+        for kind in [
+            sender_message::Kind::Hello(hello),
+            sender_message::Kind::Batch(pb::Batch {
+                batch_id: 1,
+                events: vec![event.clone()],
+            }),
+        ] {
+            tx.send(pb::SenderMessage { kind: Some(kind) })
+                .await
+                .expect("queue");
+        }
+        let mut rx = match client.replicate(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(status) => panic!("session refused: {status:?}"),
+        };
+        loop {
+            match rx.message().await.expect("receive").and_then(|m| m.kind) {
+                Some(receiver_message::Kind::Welcome(_)) => continue,
+                Some(receiver_message::Kind::Ack(a)) => return a,
+                other => panic!("expected an ack, got {other:?}"),
+            }
         }
     }
 }
@@ -586,11 +597,17 @@ async fn status_shows_held_writes_held_origins_and_quarantined_events() {
         "{out}"
     );
 
-    // An event with no origin to hold goes to node0's quarantine.
+    // An event with no origin to hold goes to node0's quarantine (sent in a
+    // session claiming node1, stopped now: node0 takes sessions only from its
+    // peers).
+    let n1_id = n1.id;
+    cluster.nodes[1].stop();
+    let n0 = &cluster.nodes[0];
     let record = Ulid::generate();
     let hlc = Hlc::at_wall_ms(tidemark_hlc::system_wall_ms()).expect("hlc");
-    let ack = send_as_stranger(
+    let ack = send_as(
         n0,
+        n1_id,
         pb::Event {
             event_id: Ulid::generate().to_string(),
             hlc: hlc.encode(),

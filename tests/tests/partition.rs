@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tidemark_replicator::pb::{self, records_client::RecordsClient};
 use tidemark_tests::daemon::{Cluster, Topology};
-use tidemark_tests::proxy::{Links, fault_seed};
+use tidemark_tests::proxy::{Direction, Links, fault_seed};
 use tidemark_tests::{TestDb, check, psql, sqlite3};
 use ulid::Ulid;
 
@@ -197,6 +197,49 @@ async fn heal_and_check(cluster: &Cluster, links: &Links, written: &[Written]) {
             );
         }
     }
+}
+
+/// A peer that goes silent without closing anything (every byte both ways held,
+/// as when a network drops packets) is noticed by the HTTP/2 keepalive, not by
+/// the ack timeout: nothing is in flight on an idle link, so only the PINGs can
+/// tell. The ack timeout is set far beyond the test so it cannot be what ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_idle_peer_shows_as_disconnected_after_the_keepalive() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", "");
+    let links = Links::mesh(&cluster, "test", "", fault_seed()).await;
+    for node in cluster.nodes.iter_mut() {
+        node.set_config("replication", "ack_timeout_ms", "600000");
+        node.set_config("replication", "keepalive_ms", "1000");
+        node.start().await;
+    }
+    let connected = async |from: usize, to: usize| {
+        let sample = format!(
+            "tidemark_peer_connected{{peer=\"{}\"}}",
+            cluster.nodes[to].id
+        );
+        cluster.nodes[from].metric(&sample).await == Some(1.0)
+    };
+    wait_for("both sessions up", async || {
+        connected(0, 1).await && connected(1, 0).await
+    })
+    .await;
+    for link in links.all() {
+        link.stall(Direction::ToServer);
+        link.stall(Direction::ToClient);
+    }
+    let start = Instant::now();
+    while connected(0, 1).await || connected(1, 0).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a silent peer still shows as connected 30 s later (keepalive 1 s: it should close within about 3 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    links.heal();
+    wait_for("sessions back after the heal", async || {
+        connected(0, 1).await && connected(1, 0).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,17 +23,22 @@ struct RawSession {
     next_batch: u64,
 }
 
+/// The node id the test's raw sessions claim: every node under test lists it in
+/// `[[peers]]` (a node refuses sessions from ids it does not list).
+const RAW_SENDER: Ulid = Ulid::from_parts(0x0190_0000_0000, 0x7e57);
+
 fn hello(node: &TestNode) -> pb::Hello {
     pb::Hello {
         protocol_version: tidemark_replicator::PROTOCOL_VERSION,
         cluster_id: "test".into(),
-        sender_node_id: Ulid::generate().to_string(),
+        sender_node_id: RAW_SENDER.to_string(),
         receiver_node_id: node.id.to_string(),
         tables: notes_schema(),
         hlc: Hlc::at_wall_ms(tidemark_hlc::system_wall_ms())
             .expect("hlc")
             .encode(),
-        instance_id: Ulid::generate().to_string(),
+        // One instance, like one daemon process: its sessions may overlap.
+        instance_id: RAW_SENDER.to_string(),
         receiver_origin_hlc: 0,
     }
 }
@@ -121,6 +126,7 @@ fn event(
 
 async fn single_node(extra: &str) -> Cluster {
     let mut c = Cluster::prepare(&["sqlite"], Topology::Mesh, "test", extra);
+    c.nodes[0].add_raw_peer(RAW_SENDER);
     c.nodes[0].start().await;
     c
 }
@@ -183,6 +189,20 @@ async fn handshake_mismatches_are_refused_with_clear_errors() {
         "{}",
         status.message()
     );
+    // In plaintext too, a node id not in [[peers]] is refused.
+    let stranger = Ulid::generate();
+    let mut h = hello(node);
+    h.sender_node_id = stranger.to_string();
+    let status = open(node, h).await.err().expect("unconfigured sender");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "node {stranger} is not a configured peer of node {}",
+            node.id
+        )),
+        "{}",
+        status.message()
+    );
     // The node logged why and stayed up.
     assert!(node.log_contains("handshake refused"));
     open(node, hello(node))
@@ -238,7 +258,11 @@ async fn a_second_instance_of_a_node_id_is_refused_while_the_first_is_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_and_reordered_batches_change_nothing() {
-    let c = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    let mut c = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", "");
+    for node in c.nodes.iter_mut() {
+        node.add_raw_peer(RAW_SENDER);
+        node.start().await;
+    }
     // The two nodes are peers, but this test feeds them the same events from
     // outside in different orders and compares.
     let (x, y) = (Ulid::from_parts(1, 0xA), Ulid::from_parts(1, 0xB));
@@ -329,6 +353,12 @@ async fn replayed_and_reordered_batches_change_nothing() {
     assert!(before[&r1.to_string()].contains("\"x2\""));
     assert!(!before.contains_key(&r2.to_string()));
     assert!(before[&r3.to_string()].contains("\"y3\""));
+    // The raw sender leaves the cluster; the nodes then settle with each other.
+    for node in c.nodes.iter_mut() {
+        node.stop();
+        node.remove_peer(RAW_SENDER);
+        node.start().await;
+    }
     c.converged(Duration::from_secs(60)).await;
 }
 

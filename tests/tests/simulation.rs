@@ -803,7 +803,8 @@ async fn run_node(node: NodeSetup) -> turmoil::Result {
         options(),
         cancel.clone(),
         tracker.clone(),
-        None,
+        &peers,
+        false,
     );
     let listener =
         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;

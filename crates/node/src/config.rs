@@ -243,6 +243,9 @@ pub struct ReplicationConfig {
     pub ack_timeout_ms: u64,
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
+    /// HTTP/2 PING interval on peer connections; an unanswered PING closes the
+    /// connection after twice this.
+    pub keepalive_ms: u64,
     /// SQLite: how often to look for direct writes to capture (PostgreSQL is woken
     /// by NOTIFY and polls at this interval only as a fallback, at least 1 s).
     pub capture_poll_ms: u64,
@@ -265,6 +268,7 @@ impl Default for ReplicationConfig {
             ack_timeout_ms: o.ack_timeout_ms,
             reconnect_initial_ms: o.reconnect_initial_ms,
             reconnect_max_ms: o.reconnect_max_ms,
+            keepalive_ms: o.keepalive_ms,
             capture_poll_ms: 10,
             startup_check_ms: 10_000,
         }
@@ -845,7 +849,7 @@ impl Config {
         }
         let r = &self.replication;
         let t = &self.retention;
-        let ranges: [(&str, u64, u64, u64); 14] = [
+        let ranges: [(&str, u64, u64, u64); 15] = [
             (
                 "retention.min_age_secs",
                 t.min_age_secs,
@@ -898,6 +902,7 @@ impl Config {
                 1,
                 600_000,
             ),
+            ("replication.keepalive_ms", r.keepalive_ms, 100, 600_000),
             ("replication.capture_poll_ms", r.capture_poll_ms, 1, 60_000),
             (
                 "replication.startup_check_ms",
@@ -1074,6 +1079,7 @@ impl Config {
                 ack_timeout_ms: r.ack_timeout_ms,
                 reconnect_initial_ms: r.reconnect_initial_ms,
                 reconnect_max_ms: r.reconnect_max_ms,
+                keepalive_ms: r.keepalive_ms,
             },
             capture_poll: Duration::from_millis(r.capture_poll_ms),
             startup_check: Duration::from_millis(r.startup_check_ms),
@@ -1206,11 +1212,18 @@ mod tests {
     #[test]
     fn the_example_config_is_valid() {
         jailed(|| {
+            // It runs peers on mutual TLS, with the files `tidemark cert` makes.
+            let certs = Path::new("certs");
+            crate::certs::make_ca(certs, 30).expect("ca");
+            let id = "01JD8ZQ3M6Y0V6C2S6PZ6N2Q1A".parse().expect("ulid");
+            crate::certs::make_node(certs, id, "node-a", &["localhost".into()], 30)
+                .expect("node cert");
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/example.toml");
             let s = Config::load(&path)
                 .expect("parse")
                 .validate()
                 .expect("valid");
+            assert!(s.tls.is_some(), "the example runs peers on mutual TLS");
             assert_eq!(
                 s.tables,
                 vec![TableSettings {

@@ -146,7 +146,8 @@ impl Node {
             settings.replication.clone(),
             cancel.clone(),
             tracker.clone(),
-            settings.tls.is_some().then_some(settings.peers.as_slice()),
+            &settings.peers,
+            settings.tls.is_some(),
         );
         let records = records::RecordsService::new(store.clone());
         let sender = Sender::new(
@@ -185,8 +186,8 @@ impl Node {
         let builder = || {
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .http2_keepalive_interval(Some(settings.replication.keepalive_interval()))
+                .http2_keepalive_timeout(Some(settings.replication.keepalive_timeout()))
                 .max_concurrent_streams(Some(settings.max_concurrent_streams))
                 .concurrency_limit_per_connection(256)
                 .timeout(settings.request_timeout)

@@ -100,6 +100,22 @@ pub struct ReplicationOptions {
     pub ack_timeout_ms: u64,
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
+    /// HTTP/2 PINGs go out on every peer connection this often (both ways); a
+    /// connection whose PING is unanswered for twice this long is closed, so a
+    /// partitioned peer shows as disconnected within about three times this.
+    pub keepalive_ms: u64,
+}
+
+impl ReplicationOptions {
+    /// How often a peer connection is pinged.
+    pub fn keepalive_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.keepalive_ms)
+    }
+
+    /// How long an unanswered PING keeps a peer connection open.
+    pub fn keepalive_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.keepalive_ms.saturating_mul(2))
+    }
 }
 
 impl Default for ReplicationOptions {
@@ -114,6 +130,7 @@ impl Default for ReplicationOptions {
             ack_timeout_ms: 30_000,
             reconnect_initial_ms: 200,
             reconnect_max_ms: 10_000,
+            keepalive_ms: 2_000,
         }
     }
 }

@@ -52,9 +52,12 @@ struct Inner {
     opts: ReplicationOptions,
     cancel: CancellationToken,
     tracker: TaskTracker,
-    /// Under mutual TLS: the configured peers (and whether each may relay); a
-    /// sender must present a certificate naming one of them.
-    authenticated: Option<std::collections::HashMap<Ulid, bool>>,
+    /// The configured peers (and whether each may relay): a sender must claim
+    /// one of them.
+    peers: HashMap<Ulid, bool>,
+    /// Mutual TLS: the sender must present a certificate naming the node id it
+    /// claims.
+    require_certificate: bool,
     /// Live sessions per sending node: which instance (daemon process) holds
     /// them, and how many (one per connection).
     sessions: std::sync::Mutex<HashMap<Ulid, LiveSessions>>,
@@ -93,16 +96,18 @@ impl Drop for SessionGuard {
 impl ReceiverService {
     /// Streams are served by tasks spawned on `tracker` and stop at `cancel`.
     ///
-    /// `authenticated_peers`: under mutual TLS, the configured peers; each sender
-    /// must then present a certificate whose common name is the node id it claims,
-    /// be one of these peers, and send only its own events unless it may relay.
+    /// A sender must claim one of `peers` (in plaintext too: a session from a
+    /// node id not configured here is refused) and sends only its own events
+    /// unless that peer may relay. With `require_certificate` (mutual TLS) it
+    /// must also present a certificate whose common name is the id it claims.
     pub fn new(
         store: Store,
         local: LocalNode,
         opts: ReplicationOptions,
         cancel: CancellationToken,
         tracker: TaskTracker,
-        authenticated_peers: Option<&[crate::Peer]>,
+        peers: &[crate::Peer],
+        require_certificate: bool,
     ) -> Self {
         ReceiverService {
             inner: Arc::new(Inner {
@@ -111,8 +116,8 @@ impl ReceiverService {
                 opts,
                 cancel,
                 tracker,
-                authenticated: authenticated_peers
-                    .map(|ps| ps.iter().map(|p| (p.node_id, p.may_relay)).collect()),
+                peers: peers.iter().map(|p| (p.node_id, p.may_relay)).collect(),
+                require_certificate,
                 sessions: Default::default(),
             }),
         }
@@ -137,9 +142,10 @@ impl ReceiverService {
             + 'static,
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let opts = &self.inner.opts;
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_keepalive_interval(Some(opts.keepalive_interval()))
+            .http2_keepalive_timeout(Some(opts.keepalive_timeout()))
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
@@ -239,10 +245,7 @@ impl Inner {
         holds: &mut HashMap<Ulid, Hlc>,
     ) -> Result<Vec<pb::Ack>, Status> {
         let peer = sender.to_string();
-        let may_relay = self
-            .authenticated
-            .as_ref()
-            .is_none_or(|peers| peers.get(&sender).copied().unwrap_or(false));
+        let may_relay = self.peers.get(&sender).copied().unwrap_or(false);
         for batch in &batches {
             if batch.events.len() > self.opts.max_batch_events {
                 return Err(Status::invalid_argument(format!(
@@ -553,22 +556,28 @@ impl pb::replication_server::Replication for ReceiverService {
             }
         };
         let checked = self.inner.check_hello(&hello).and_then(|sender| {
-            let Some(peers) = &self.inner.authenticated else {
-                return Ok(sender);
-            };
-            match &cert_identity {
-                None => Err(Status::unauthenticated(
-                    "a client certificate naming the sender's node id is required",
-                )),
-                Some(cn) if *cn != sender.to_string() => Err(Status::permission_denied(format!(
-                    "certificate identity {cn} does not match the claimed node id {sender}"
-                ))),
-                Some(_) if !peers.contains_key(&sender) => Err(Status::permission_denied(format!(
-                    "node {sender} is not a configured peer of node {}",
-                    self.inner.local.node_id
-                ))),
-                Some(_) => Ok(sender),
+            if self.inner.require_certificate {
+                match &cert_identity {
+                    None => {
+                        return Err(Status::unauthenticated(
+                            "a client certificate naming the sender's node id is required",
+                        ));
+                    }
+                    Some(cn) if *cn != sender.to_string() => {
+                        return Err(Status::permission_denied(format!(
+                            "certificate identity {cn} does not match the claimed node id {sender}"
+                        )));
+                    }
+                    Some(_) => {}
+                }
             }
+            if !self.inner.peers.contains_key(&sender) {
+                return Err(Status::permission_denied(format!(
+                    "node {sender} is not a configured peer of node {} (add it to [[peers]] on this node)",
+                    self.inner.local.node_id
+                )));
+            }
+            Ok(sender)
         });
         let entered = checked.and_then(|sender| {
             self.inner

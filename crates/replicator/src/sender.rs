@@ -393,8 +393,8 @@ impl SenderInner {
         let endpoint = endpoint
             .connect_timeout(Duration::from_millis(self.opts.connect_timeout_ms))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(self.opts.keepalive_interval())
+            .keep_alive_timeout(self.opts.keepalive_timeout())
             .keep_alive_while_idle(true);
         match &self.connector {
             Some(connector) => endpoint.connect_with_connector(connector.clone()).await,
