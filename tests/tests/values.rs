@@ -1101,7 +1101,7 @@ async fn every_class_round_trips_between_sqlite_and_postgres() {
                 .collect();
             let pairs: Vec<(&str, &str)> = pairs.iter().map(|(c, t)| (*c, t.as_str())).collect();
             store
-                .put_raw("readings", row.id, &raw_values(&pairs))
+                .put_raw("readings", row.id, raw_values(&pairs))
                 .await
                 .map(drop)
                 .map_err(|e| format!("put_raw: {e}"))
@@ -1224,7 +1224,7 @@ async fn values_no_backend_can_store_are_refused_at_the_api() {
                 ("i", "7")
             };
             let err = store
-                .put_raw(table, id, &raw_values(&[valid, (column, value)]))
+                .put_raw(table, id, raw_values(&[valid, (column, value)]))
                 .await
                 .expect_err(&format!(
                     "{}: {table}.{column} = {value} must be refused",

@@ -203,6 +203,10 @@ pub struct ServerConfig {
     /// HTTP listener for /metrics, /healthz and /readyz; empty disables it.
     #[serde(default = "ServerConfig::default_metrics_listen_addr")]
     pub metrics_listen_addr: String,
+    /// Most bytes of values all write-API requests being processed may carry
+    /// together; a write that does not fit is refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "ServerConfig::default_max_write_bytes_in_flight")]
+    pub max_write_bytes_in_flight: u64,
 }
 
 impl ServerConfig {
@@ -218,6 +222,9 @@ impl ServerConfig {
     fn default_metrics_listen_addr() -> String {
         "127.0.0.1:9464".into()
     }
+    const fn default_max_write_bytes_in_flight() -> u64 {
+        64 << 20
+    }
 }
 
 impl Default for ServerConfig {
@@ -227,6 +234,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: Self::default_max_concurrent_streams(),
             request_timeout_ms: Self::default_request_timeout_ms(),
             metrics_listen_addr: Self::default_metrics_listen_addr(),
+            max_write_bytes_in_flight: Self::default_max_write_bytes_in_flight(),
         }
     }
 }
@@ -449,6 +457,8 @@ pub struct Settings {
     pub tables: Vec<TableSettings>,
     /// Largest event (a row's values as JSON) a write may produce.
     pub max_event_bytes: usize,
+    /// See `server.max_write_bytes_in_flight`.
+    pub max_write_bytes_in_flight: usize,
     pub log: LogConfig,
     pub retention: Option<RetentionSettings>,
 }
@@ -936,6 +946,17 @@ impl Config {
                 ),
             ));
         }
+        // Any write the event limit admits must fit the in-flight budget alone.
+        let in_flight = self.server.max_write_bytes_in_flight;
+        if in_flight < self.store.max_event_bytes || in_flight > 1 << 40 {
+            errors.push(err(
+                "server.max_write_bytes_in_flight",
+                format!(
+                    "{in_flight} must be at least store.max_event_bytes ({}) and at most 1 TiB",
+                    self.store.max_event_bytes
+                ),
+            ));
+        }
         if r.max_batch_bytes >= r.max_message_bytes {
             errors.push(err(
                 "replication.max_batch_bytes",
@@ -1087,6 +1108,7 @@ impl Config {
             peer_names,
             tables,
             max_event_bytes: self.store.max_event_bytes as usize,
+            max_write_bytes_in_flight: self.server.max_write_bytes_in_flight as usize,
             log: self.log.clone(),
             retention: self.retention.enabled.then(|| RetentionSettings {
                 min_age: Duration::from_secs(self.retention.min_age_secs),

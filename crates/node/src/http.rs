@@ -89,6 +89,11 @@ fn describe() {
         "Local writes stamped into change_events, by source (sql: captured direct writes, api: write API)."
     );
     describe_counter!(
+        "tidemark_writes_refused_total",
+        Unit::Count,
+        "Write-API requests refused before they reached the store, by reason (memory: server.max_write_bytes_in_flight was taken)."
+    );
+    describe_counter!(
         "tidemark_events_sent_total",
         Unit::Count,
         "Events sent to a peer."
@@ -260,6 +265,7 @@ pub fn export_at_zero(peers: &[Peer]) {
     for op in STORE_ERROR_OPS {
         counter!("tidemark_store_errors_total", "op" => op).increment(0);
     }
+    counter!("tidemark_writes_refused_total", "reason" => "memory").increment(0);
     counter!("tidemark_conflicts_detected_total").increment(0);
     counter!("tidemark_captures_set_aside_total").increment(0);
     counter!("tidemark_events_compacted_total").increment(0);

@@ -150,6 +150,10 @@ impl Node {
             settings.tls.is_some(),
         );
         let records = records::RecordsService::new(store.clone());
+        let write_limits = records::WriteLimits {
+            max_event_bytes: settings.max_event_bytes,
+            in_flight_bytes: settings.max_write_bytes_in_flight,
+        };
         let sender = Sender::new(
             store.clone(),
             settings.local.clone(),
@@ -200,7 +204,7 @@ impl Node {
         }
         let peer_router = peer_builder
             .add_service(receiver.into_server())
-            .add_service(records.into_server(max_message, settings.max_event_bytes));
+            .add_service(records.into_server(write_limits, max_message));
         let admin_addr = match settings.admin_addr {
             // Admin, health and reflection on a listener of their own.
             Some(addr) => {

@@ -8,6 +8,37 @@ use clap::{Parser, Subcommand};
 use tidemark::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// The glibc malloc tunable `tidemark run` starts under: every allocation of
+/// 256 KiB or more gets its own mapping, returned to the system when freed.
+/// glibc otherwise raises that threshold after the first large free, and the
+/// large values of a burst of writes then stay in its arenas for good.
+const MALLOC_TUNABLE: &str = "glibc.malloc.mmap_threshold=262144";
+
+/// Runs this same command again (same process id, same arguments) with
+/// [`MALLOC_TUNABLE`] in `GLIBC_TUNABLES`, which glibc reads only at start;
+/// returns only if it is already set or the exec failed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn exec_with_malloc_tunable() {
+    use std::os::unix::process::CommandExt as _;
+    let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if current.contains("glibc.malloc.mmap_threshold") {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let tunables = if current.is_empty() {
+        MALLOC_TUNABLE.to_owned()
+    } else {
+        format!("{current}:{MALLOC_TUNABLE}")
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("GLIBC_TUNABLES", tunables)
+        .exec();
+    eprintln!("tidemark: running without the malloc tunable ({err})");
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tidemark",
@@ -117,6 +148,10 @@ fn load(path: &std::path::Path) -> Result<tidemark::Settings, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if matches!(cli.command, Command::Run { .. }) {
+        exec_with_malloc_tunable();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

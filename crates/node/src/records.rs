@@ -1,10 +1,17 @@
 //! The `Records` gRPC service: stamped writes by table and ULID.
 
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use http_body_util::BodyExt;
 use serde_json::Value;
 use tidemark_replicator::convert::raw_object;
 use tidemark_replicator::pb;
 use tidemark_replicator::status;
 use tidemark_store::{ChangeEvent, Store, model::parse_ulid};
+use tokio::sync::Semaphore;
+use tonic::codegen::{Bytes, http};
 use tonic::{Request, Response, Status};
 use ulid::Ulid;
 
@@ -13,23 +20,157 @@ pub struct RecordsService {
     store: Store,
 }
 
+/// What write-API requests may carry.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteLimits {
+    /// `store.max_event_bytes`.
+    pub max_event_bytes: usize,
+    /// `server.max_write_bytes_in_flight`.
+    pub in_flight_bytes: usize,
+}
+
+impl WriteLimits {
+    /// The largest request message admitted: values more than twice the event
+    /// limit cannot make an event, whatever their spelling.
+    fn max_message(&self) -> usize {
+        self.max_event_bytes
+            .saturating_mul(2)
+            .saturating_add(64 << 10)
+    }
+}
+
 impl RecordsService {
     pub fn new(store: Store) -> Self {
         RecordsService { store }
     }
 
-    /// The tonic server. A request may be up to four times the largest event
-    /// (at least `max_message_bytes`), so a write over `store.max_event_bytes`
-    /// reaches the store and is refused naming that limit.
+    /// The tonic server behind [`Admission`]: each request's message is
+    /// admitted against the in-flight budget before it is read.
     pub fn into_server(
         self,
+        limits: WriteLimits,
         max_message_bytes: usize,
-        max_event_bytes: usize,
-    ) -> pb::records_server::RecordsServer<Self> {
-        let max_request = max_message_bytes.max(max_event_bytes.saturating_mul(4));
-        pb::records_server::RecordsServer::new(self)
-            .max_decoding_message_size(max_request)
-            .max_encoding_message_size(max_message_bytes)
+    ) -> Admission<pb::records_server::RecordsServer<Self>> {
+        let server = pb::records_server::RecordsServer::new(self)
+            .max_decoding_message_size(limits.max_message())
+            .max_encoding_message_size(max_message_bytes);
+        Admission::new(server, limits)
+    }
+}
+
+/// Admits write-API requests by the size of their message, from its gRPC
+/// length prefix, before the message is read whole: the bytes of every request
+/// being read or processed together stay within `server.max_write_bytes_in_flight`
+/// (a request that does not fit is answered RESOURCE_EXHAUSTED at once, and
+/// one too large for any event INVALID_ARGUMENT, both without reading it).
+/// The budget is held until the response is ready.
+#[derive(Debug, Clone)]
+pub struct Admission<S> {
+    inner: S,
+    limits: WriteLimits,
+    /// One permit per byte, `limits.in_flight_bytes` in all.
+    budget: Arc<Semaphore>,
+}
+
+impl<S> Admission<S> {
+    fn new(inner: S, limits: WriteLimits) -> Self {
+        let permits = limits.in_flight_bytes.min(Semaphore::MAX_PERMITS);
+        Admission {
+            inner,
+            limits,
+            budget: Arc::new(Semaphore::new(permits)),
+        }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Admission<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl<S> tonic::codegen::Service<HttpRequest> for Admission<S>
+where
+    S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<HttpResponse, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        // The clone is the one made ready for the next call; this call takes the
+        // ready one (tower's contract).
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let (limits, budget) = (self.limits, self.budget.clone());
+        Box::pin(async move {
+            let (parts, mut body) = request.into_parts();
+            // Frames read to find the 5-byte prefix (compressed flag, length),
+            // passed on unchanged ahead of the rest of the body.
+            let mut read: Vec<http_body::Frame<Bytes>> = Vec::new();
+            let mut head: Vec<u8> = Vec::with_capacity(5);
+            while head.len() < 5 {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            let want = 5 - head.len();
+                            head.extend_from_slice(&data[..want.min(data.len())]);
+                        }
+                        read.push(frame);
+                    }
+                    Some(Err(status)) => return Ok(status.into_http()),
+                    None => break,
+                }
+            }
+            let mut permit = None;
+            if let Ok(prefix) = <[u8; 5]>::try_from(head.as_slice()) {
+                let [_, len @ ..] = prefix;
+                let bytes = u32::from_be_bytes(len) as usize;
+                if bytes > limits.max_message() {
+                    return Ok(Status::invalid_argument(format!(
+                        "the request is {bytes} bytes: its values cannot make an event within store.max_event_bytes ({})",
+                        limits.max_event_bytes
+                    ))
+                    .into_http());
+                }
+                let wanted = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+                match budget.clone().try_acquire_many_owned(wanted) {
+                    Ok(p) => permit = Some(p),
+                    Err(_) => {
+                        metrics::counter!("tidemark_writes_refused_total", "reason" => "memory")
+                            .increment(1);
+                        let held = limits
+                            .in_flight_bytes
+                            .saturating_sub(budget.available_permits());
+                        return Ok(Status::resource_exhausted(format!(
+                            "write requests in flight hold {held} of the {} bytes server.max_write_bytes_in_flight allows; this one needs {bytes}: retry shortly",
+                            limits.in_flight_bytes
+                        ))
+                        .into_http());
+                    }
+                }
+            }
+            let replay = futures::stream::iter(read.into_iter().map(Ok))
+                .chain(http_body_util::BodyStream::new(body));
+            let body = tonic::body::Body::new(http_body_util::StreamBody::new(replay));
+            let response = inner.call(http::Request::from_parts(parts, body)).await;
+            drop(permit);
+            response
+        })
     }
 }
 
@@ -41,19 +182,40 @@ fn record_id(id: &str) -> Result<Ulid, Status> {
 }
 
 fn written(event: &ChangeEvent) -> pb::WriteResponse {
+    // Sized before it is built: a large row is not copied just to be left out.
+    let values_omitted = event
+        .new_values
+        .as_ref()
+        .is_some_and(|v| json_len(v) > ECHO_LIMIT);
     let values_json = event
         .new_values
         .as_ref()
-        .map(|v| Value::Object(v.clone()).to_string());
-    let values_omitted = values_json.as_ref().is_some_and(|v| v.len() > ECHO_LIMIT);
+        .filter(|_| !values_omitted)
+        .map(|v| serde_json::to_string(v).unwrap_or_default());
     pb::WriteResponse {
         written: true,
         event_id: event.event_id.to_string(),
         hlc: event.hlc.encode(),
         operation: event.operation.as_str().to_owned(),
-        values_json: values_json.filter(|_| !values_omitted),
+        values_json,
         values_omitted,
     }
+}
+
+/// The length of `value` as JSON, without building the text.
+fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(usize::MAX, |()| count.0)
 }
 
 #[tonic::async_trait]
@@ -62,13 +224,19 @@ impl pb::records_server::Records for RecordsService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let req = request.into_inner();
-        let id = record_id(&req.id)?;
-        let values =
-            raw_object("values_json", &req.values_json).map_err(|e| status::from_field(&e))?;
+        let pb::PutRequest {
+            table,
+            id,
+            values_json,
+        } = request.into_inner();
+        let id = record_id(&id)?;
+        let values = raw_object("values_json", &values_json).map_err(|e| status::from_field(&e))?;
+        // The parsed values own their text: the request's copy goes now (the
+        // budget Admission took for it is held until the response).
+        drop(values_json);
         let event = self
             .store
-            .put_raw(&req.table, id, &values)
+            .put_raw(&table, id, values)
             .await
             .map_err(|e| status::from_store(&e))?;
         metrics::counter!("tidemark_events_captured_total", "source" => "api").increment(1);

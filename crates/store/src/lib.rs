@@ -299,7 +299,7 @@ impl Store {
     }
 
     /// Writes a record with values as an application wrote them (the write API).
-    pub async fn put_raw(&self, table: &str, id: Ulid, values: &RawValues) -> Result<ChangeEvent> {
+    pub async fn put_raw(&self, table: &str, id: Ulid, values: RawValues) -> Result<ChangeEvent> {
         dispatch!(self, e => e.put_raw(table, id, values).await)
     }
 

@@ -81,10 +81,12 @@ impl<B: Backend> Engine<B> {
         self: &Arc<Self>,
         table: &str,
         id: Ulid,
-        values: &RawValues,
+        values: RawValues,
     ) -> Result<ChangeEvent> {
         let table = self.table(table)?;
-        let values = Self::api_values(&table, id, values)?;
+        // The values as given go once they are typed: a large value is held
+        // as few times as possible while the write waits and runs.
+        let values = Self::api_values(&table, id, &values)?;
         self.own_writes_released().await;
         let event = self.write_queued(table.clone(), id, Some(values)).await?;
         event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
@@ -273,6 +275,7 @@ impl<B: Backend> Engine<B> {
                 self.backend
                     .upsert_row(tx, table, id, &row, event.hlc, self.node_id)
                     .await?;
+                drop(row);
                 // The event carries the row as the database now holds it.
                 event.new_values = self.backend.rows(tx, table, &[id]).await?.remove(&id);
                 let bytes = Self::event_bytes(event.new_values.as_ref());
