@@ -12,6 +12,9 @@
 #   5. config/compose/certs/      the cluster CA and node/ops certificates for
 #                                 mutual TLS (scripts/compose-certs.sh; keeps
 #                                 the ones that exist)
+#   6. tidemark/prometheus:latest FROM tidemark/debian:bookworm + Debian's
+#                                 `prometheus` package (docker/prometheus/), for
+#                                 the optional "monitoring" compose profile
 #
 # Then `docker-compose up -d` needs no build and no pull.
 #
@@ -25,9 +28,11 @@
 #                          an image to derive the Debian base from instead, e.g.
 #                          debian:bookworm-slim (packages then come from apt-get)
 #   REBUILD_BASE=1         rebuild the Debian base even if it exists
-#   TIDEMARK_IMAGE, TIDEMARK_POSTGRES_IMAGE, TIDEMARK_DEBIAN_IMAGE
+#   SKIP_PROMETHEUS=1      do not build the Prometheus image (step 6)
+#   TIDEMARK_IMAGE, TIDEMARK_POSTGRES_IMAGE, TIDEMARK_DEBIAN_IMAGE,
+#   TIDEMARK_PROMETHEUS_IMAGE
 #                          image names (defaults above; docker-compose.yml reads
-#                          the first two too)
+#                          them too)
 #   DOCKER                 the docker client (default: docker)
 set -euo pipefail
 
@@ -36,6 +41,7 @@ DOCKER="${DOCKER:-docker}"
 DEBIAN_IMAGE="${TIDEMARK_DEBIAN_IMAGE:-tidemark/debian:bookworm}"
 TIDEMARK_IMAGE="${TIDEMARK_IMAGE:-tidemark/tidemark:latest}"
 POSTGRES_IMAGE="${TIDEMARK_POSTGRES_IMAGE:-tidemark/postgres:15}"
+PROMETHEUS_IMAGE="${TIDEMARK_PROMETHEUS_IMAGE:-tidemark/prometheus:latest}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 DEBIAN_PACKAGES="postgresql-15,postgresql-client-15,sqlite3,ca-certificates"
 TARGET_TRIPLE="x86_64-unknown-linux-gnu"
@@ -143,7 +149,21 @@ step "certificates for mutual TLS (scripts/compose-certs.sh)"
 TIDEMARK_BIN="$ROOT/docker/dist/tidemark" "$ROOT/scripts/compose-certs.sh" ||
     die "scripts/compose-certs.sh failed"
 
+# --- 6. prometheus image --------------------------------------------------------
+if [ "${SKIP_PROMETHEUS:-0}" = 1 ]; then
+    step "image $PROMETHEUS_IMAGE skipped (SKIP_PROMETHEUS=1)"
+else
+    # apt-get inside the build fetches Debian's prometheus package from the
+    # mirror the base image was made from (no image registry involved).
+    step "image $PROMETHEUS_IMAGE (FROM $DEBIAN_IMAGE, Debian's prometheus package)"
+    "$DOCKER" build -t "$PROMETHEUS_IMAGE" --build-arg "BASE=$DEBIAN_IMAGE" "$ROOT/docker/prometheus"
+    # As for the runtime image: remove the untagged image this one replaced.
+    "$DOCKER" image prune -f --filter "label=io.tidemark.image=prometheus" >/dev/null || true
+fi
+
 step "done"
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' |
-    grep -F -e "${TIDEMARK_IMAGE%:*}:" -e "${POSTGRES_IMAGE%:*}:" -e "${DEBIAN_IMAGE%:*}:" | sed 's/^/    /' || true
+    grep -F -e "${TIDEMARK_IMAGE%:*}:" -e "${POSTGRES_IMAGE%:*}:" -e "${DEBIAN_IMAGE%:*}:" \
+        -e "${PROMETHEUS_IMAGE%:*}:" | sed 's/^/    /' || true
 info "start the cluster with: docker-compose up -d   (see docs/COMPOSE.md)"
+info "with Prometheus:        docker-compose --profile monitoring up -d"

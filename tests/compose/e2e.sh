@@ -97,7 +97,9 @@ done
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     log "building images (scripts/build-images.sh; SKIP_BUILD=1 skips)"
-    "$ROOT/scripts/build-images.sh" || fail "scripts/build-images.sh failed"
+    # The Prometheus image serves only the optional "monitoring" profile, which
+    # this test does not start (its config is checked by tests/tests/operate.rs).
+    SKIP_PROMETHEUS=1 "$ROOT/scripts/build-images.sh" || fail "scripts/build-images.sh failed"
 fi
 for image in "${TIDEMARK_IMAGE:-tidemark/tidemark:latest}" "${TIDEMARK_POSTGRES_IMAGE:-tidemark/postgres:15}" \
     "${TIDEMARK_DEBIAN_IMAGE:-tidemark/debian:bookworm}"; do

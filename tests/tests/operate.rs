@@ -90,6 +90,21 @@ async fn metrics_pass_promtool_and_lag_follows_the_peer() {
     ] {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
+    // Every series the Grafana dashboard queries is exported by a running node
+    // (histograms by their _bucket/_sum/_count series, once a batch applied).
+    let exported: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let used = dashboard_metrics();
+    assert!(used.len() >= 20, "metrics found in the dashboard: {used:?}");
+    for name in &used {
+        assert!(
+            exported.contains(name.as_str()),
+            "config/grafana/tidemark.json queries {name}, which a running node does not export"
+        );
+    }
     assert_eq!(
         a.metric(&format!("tidemark_peer_connected{{peer=\"{}\"}}", b.id))
             .await,
@@ -148,6 +163,41 @@ async fn metrics_pass_promtool_and_lag_follows_the_peer() {
     assert_eq!(applied, 5.0, "apply delays recorded after the restart");
 }
 
+/// Every `tidemark_*` series named in an `expr` of the Grafana dashboard.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let text = include_str!("../../config/grafana/tidemark.json");
+    let dashboard: serde_json::Value = serde_json::from_str(text).expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    walk(&dashboard, &mut exprs);
+    let mut names = std::collections::BTreeSet::new();
+    for expr in exprs {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("tidemark_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
 /// Every counter `crates/node/src/http.rs` describes.
 fn documented_counters() -> Vec<String> {
     let src = include_str!("../../crates/node/src/http.rs");
@@ -193,6 +243,8 @@ fn metrics_reference_and_alert_rules_are_complete() {
     for args in [
         ["check", "rules", "alerts.yml"],
         ["test", "rules", "alerts.test.yml"],
+        // The compose "monitoring" profile's Prometheus, with those rules.
+        ["check", "config", "prometheus.yml"],
     ] {
         let out = Command::new(&promtool)
             .args(args)
