@@ -9,7 +9,9 @@
 #                            hosts = the service name, localhost, 127.0.0.1
 #   ops.pem  ops.key         a client certificate for host-side
 #                            `tidemark records/admin --ca-file ... --cert-file
-#                            ... --key-file ...` (any id; it names no peer)
+#                            ... --key-file ...` (`tidemark cert client`:
+#                            common name "ops", which the nodes' [access]
+#                            make a writer and an operator)
 #
 # Permissions (see "Mutual TLS" in docs/COMPOSE.md): the directory is 0700, so
 # no other host user can reach anything in it; the files a container reads
@@ -87,7 +89,7 @@ stale_reason() { # NAME [EXPECTED_CN]
         { echo "expires within 30 days"; return 0; }
     if [ -n "${2:-}" ]; then
         cn=$(openssl x509 -noout -subject -nameopt multiline -in "$pem" | awk -F' = ' '$1 ~ /commonName/ { print $2 }')
-        [ "$cn" = "$2" ] || { echo "names node id '$cn', config says $2"; return 0; }
+        [ "$cn" = "$2" ] || { echo "has common name '$cn', expected $2"; return 0; }
     fi
 }
 
@@ -120,7 +122,7 @@ issue() { # NAME ID HOST...
 }
 
 for name in "${NODES[@]}" ops; do
-    if [ "$name" = ops ]; then expected=""; else expected=$(node_id "$name"); fi
+    if [ "$name" = ops ]; then expected=ops; else expected=$(node_id "$name"); fi
     reason=""
     if [ "$new_ca" = 1 ]; then
         reason="new CA"
@@ -134,7 +136,10 @@ for name in "${NODES[@]}" ops; do
         continue
     fi
     if [ "$name" = ops ]; then
-        issue ops "$("$BIN" new-id)" ops localhost 127.0.0.1
+        # A client certificate named "ops": the nodes' [access] lists give it
+        # the writer and operator roles.
+        "$BIN" cert client --dir "$CERTS_DIR" --name ops >/dev/null ||
+            die "tidemark cert client --name ops failed"
     else
         issue "$name" "$expected" "$name" localhost 127.0.0.1
     fi

@@ -132,7 +132,8 @@ async fn mutual_tls_replicates_and_refuses_bad_certificates() {
     let d = dir.to_str().expect("utf8");
     cert_cmd(&["ca", "--dir", d]);
     let extra = format!(
-        "[tls]\nca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/{{name}}.pem\"\nkey_file = \"{d}/{{name}}.key\"\n"
+        "[tls]\nca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/{{name}}.pem\"\nkey_file = \"{d}/{{name}}.key\"\n\n\
+         [access]\nwriters = [\"app\"]\noperators = [\"ops\"]\n"
     );
     let mut cluster = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", &extra);
     for node in &cluster.nodes {
@@ -261,6 +262,72 @@ async fn mutual_tls_replicates_and_refuses_bad_certificates() {
         "{}",
         err.message()
     );
+
+    // Roles: certificates of the cluster CA, each allowed only what [access]
+    // gives its common name; a peer's node certificate only replicates.
+    cert_cmd(&["client", "--dir", d, "--name", "app"]);
+    cert_cmd(&["client", "--dir", d, "--name", "ops"]);
+    let client_cert = |name: &str| {
+        (
+            std::fs::read_to_string(dir.join(format!("{name}.pem"))).expect("cert"),
+            std::fs::read_to_string(dir.join(format!("{name}.key"))).expect("key"),
+        )
+    };
+    let (app_cert, app_key) = client_cert("app");
+    let (ops_cert, ops_key) = client_cert("ops");
+    let put = async |cert: &str, key: &str| {
+        pb::records_client::RecordsClient::new(channel(node, &ca, Some((cert, key))).await)
+            .put(pb::PutRequest {
+                table: "notes".into(),
+                id: Ulid::generate().to_string(),
+                values_json: r#"{"title": "by role"}"#.into(),
+            })
+            .await
+    };
+    let status = async |cert: &str, key: &str| {
+        pb::admin_client::AdminClient::new(channel(node, &ca, Some((cert, key))).await)
+            .status(pb::StatusRequest::default())
+            .await
+    };
+    put(&app_cert, &app_key).await.expect("a writer writes");
+    status(&ops_cert, &ops_key)
+        .await
+        .expect("an operator calls Admin");
+    // The audit line names the certificate that made a change.
+    pb::admin_client::AdminClient::new(channel(node, &ca, Some((&ops_cert, &ops_key))).await)
+        .set_policy(pb::SetPolicyRequest {
+            table: "notes".into(),
+            conflict_policy: "lww".into(),
+        })
+        .await
+        .expect("an operator sets a policy");
+    wait_log(node, "auth=certificate ops").await;
+    for (who, result, key) in [
+        (
+            "app",
+            status(&app_cert, &app_key).await.map(|_| ()),
+            "access.operators",
+        ),
+        (
+            "ops",
+            put(&ops_cert, &ops_key).await.map(|_| ()),
+            "access.writers",
+        ),
+        (
+            "a peer",
+            put(&peer_cert, &peer_key).await.map(|_| ()),
+            "access.writers",
+        ),
+        (
+            "a peer",
+            status(&peer_cert, &peer_key).await.map(|_| ()),
+            "access.operators",
+        ),
+    ] {
+        let err = result.expect_err(who);
+        assert_eq!(err.code(), Code::PermissionDenied, "{who}: {err:?}");
+        assert!(err.message().contains(key), "{who}: {}", err.message());
+    }
 
     // Plaintext against the TLS listener fails too.
     let plain = Channel::from_shared(format!("http://127.0.0.1:{}", node.port))

@@ -52,10 +52,10 @@ impl AdminService {
     pub fn into_server(
         self,
         max_message_bytes: usize,
-        auth: AdminAuth,
+        auth: crate::access::RoleCheck,
     ) -> tonic::service::interceptor::InterceptedService<
         pb::admin_server::AdminServer<Self>,
-        AdminAuth,
+        crate::access::RoleCheck,
     > {
         tonic::service::interceptor::InterceptedService::new(
             pb::admin_server::AdminServer::new(self)
@@ -325,8 +325,8 @@ impl pb::admin_server::Admin for AdminService {
         let caller = request.remote_addr();
         let auth = request
             .extensions()
-            .get::<AdminCaller>()
-            .map_or("unknown", |c| c.0);
+            .get::<crate::access::Caller>()
+            .map_or_else(|| "unknown".to_owned(), |c| c.0.clone());
         let req = request.into_inner();
         let id = parse_ulid("conflict_id", &req.conflict_id).map_err(store_status)?;
         if req.resolved_by.trim().is_empty() {
@@ -368,7 +368,7 @@ impl pb::admin_server::Admin for AdminService {
             resolution = kind,
             resolved_by = %req.resolved_by,
             ?caller,
-            auth,
+            auth = %auth,
             event = %event.event_id,
             "conflict resolved"
         );
@@ -386,8 +386,8 @@ impl pb::admin_server::Admin for AdminService {
         let caller = request.remote_addr();
         let auth = request
             .extensions()
-            .get::<AdminCaller>()
-            .map_or("unknown", |c| c.0);
+            .get::<crate::access::Caller>()
+            .map_or_else(|| "unknown".to_owned(), |c| c.0.clone());
         let req = request.into_inner();
         let policy: ConflictPolicy = req.conflict_policy.parse().map_err(store_status)?;
         let event = self
@@ -395,7 +395,7 @@ impl pb::admin_server::Admin for AdminService {
             .set_policy(&req.table, policy)
             .await
             .map_err(store_status)?;
-        info!(table = %req.table, policy = %policy, ?caller, auth, "conflict policy set");
+        info!(table = %req.table, policy = %policy, ?caller, auth = %auth, "conflict policy set");
         Ok(Response::new(pb::SetPolicyResponse {
             event_id: event.event_id.to_string(),
         }))
@@ -608,62 +608,5 @@ impl pb::admin_server::Admin for AdminService {
             records: Vec::new(),
             truncated: false,
         }))
-    }
-}
-
-/// Who called the Admin service, as the audit log records it.
-#[derive(Debug, Clone)]
-pub struct AdminCaller(pub &'static str);
-
-/// Checks the bearer token of Admin calls (constant-time comparison), when one is
-/// configured, and tags the request with how the caller authenticated.
-#[derive(Clone)]
-pub struct AdminAuth {
-    token: Option<std::sync::Arc<Vec<u8>>>,
-}
-
-impl std::fmt::Debug for AdminAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminAuth")
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .finish()
-    }
-}
-
-impl AdminAuth {
-    pub fn new(token: Option<&str>) -> Self {
-        AdminAuth {
-            token: token.map(|t| std::sync::Arc::new(t.as_bytes().to_vec())),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        use subtle::ConstantTimeEq;
-        let Some(token) = &self.token else {
-            request
-                .extensions_mut()
-                .insert(AdminCaller("unauthenticated"));
-            return Ok(request);
-        };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(p) if bool::from(p.as_bytes().ct_eq(token.as_slice())) => {
-                request.extensions_mut().insert(AdminCaller("bearer-token"));
-                Ok(request)
-            }
-            Some(_) => {
-                tracing::warn!(caller = ?request.remote_addr(), "admin call with a wrong token refused");
-                Err(Status::unauthenticated("invalid admin token"))
-            }
-            None => Err(Status::unauthenticated(
-                "the admin RPC requires `authorization: Bearer <token>` (tidemark admin --token-file FILE)",
-            )),
-        }
     }
 }

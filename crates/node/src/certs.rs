@@ -50,6 +50,46 @@ pub fn make_ca(dir: &Path, days: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cluster CA of `dir` (`ca.pem`, `ca.key`), to sign with.
+fn issuer(dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| {
+        format!(
+            "reading {} (make it with `tidemark cert ca`)",
+            dir.join("ca.pem").display()
+        )
+    })?;
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key"))?)?;
+    Ok(Issuer::from_ca_cert_pem(&ca_pem, ca_key)?)
+}
+
+/// Writes `<name>.pem` and `<name>.key` into `dir` for a client whose common
+/// name is `name`, signed by `dir/ca.pem`. The name must not be a ULID, so a
+/// client certificate can never pass for a node.
+pub fn make_client(dir: &Path, name: &str, days: i64) -> anyhow::Result<()> {
+    if name.trim().is_empty() || name.len() > 64 {
+        anyhow::bail!("--name: a client name of 1 to 64 characters");
+    }
+    if name.parse::<Ulid>().is_ok() {
+        anyhow::bail!(
+            "--name {name}: a ULID names a node (tidemark cert node); give a client a name that is not one"
+        );
+    }
+    let issuer = issuer(dir)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut params, days);
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+    write_private(&dir.join(format!("{name}.key")), &key.serialize_pem())?;
+    Ok(())
+}
+
 /// Writes `<name>.pem` and `<name>.key` into `dir`, signed by `dir/ca.pem`.
 pub fn make_node(
     dir: &Path,
@@ -58,14 +98,7 @@ pub fn make_node(
     hosts: &[String],
     days: i64,
 ) -> anyhow::Result<()> {
-    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| {
-        format!(
-            "reading {} (make it with `tidemark cert ca`)",
-            dir.join("ca.pem").display()
-        )
-    })?;
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key"))?)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let issuer = issuer(dir)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params

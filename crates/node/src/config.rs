@@ -39,6 +39,8 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
+    pub access: AccessConfig,
+    #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
@@ -68,6 +70,18 @@ pub struct AdminConfig {
     /// A file holding the bearer token Admin callers must present
     /// (`authorization: Bearer <token>`); empty leaves the Admin RPC open.
     pub token_file: String,
+}
+
+/// Roles for callers that present a client certificate (mutual TLS), by the
+/// certificate's common name (`tidemark cert client --name NAME`); `"*"` gives
+/// the role to every certificate of the cluster CA. See `crate::access`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// May write through the Records service.
+    pub writers: Vec<String>,
+    /// May call the Admin service (so may the Admin token's bearer).
+    pub operators: Vec<String>,
 }
 
 /// A secret that never shows in logs or Debug output.
@@ -443,6 +457,9 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub admin_token: Option<Secret>,
+    /// Certificate common names given the writer and operator roles.
+    pub writers: Vec<String>,
+    pub operators: Vec<String>,
     /// Mutual TLS between peers; `None` runs plaintext (tls.insecure).
     pub tls: Option<tidemark_replicator::PeerTls>,
     pub max_concurrent_streams: u32,
@@ -467,6 +484,13 @@ impl Settings {
     /// What `check-config` prints: the settings an operator checks, readable
     /// (ids as ULIDs, no secrets).
     pub fn summary(&self) -> String {
+        let listed = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        };
         let on_off = |a: Option<SocketAddr>, what: &str| {
             a.map_or_else(|| format!("off ({what} not set)"), |a| a.to_string())
         };
@@ -486,6 +510,11 @@ impl Settings {
                 } else {
                     ", no token"
                 }
+            ),
+            format!(
+                "access      writers: {}; operators: {} (client certificates by common name)",
+                listed(&self.writers),
+                listed(&self.operators)
             ),
             format!(
                 "metrics     {}",
@@ -769,6 +798,19 @@ impl Config {
         );
         let admin_addr =
             parse_optional_addr("admin.listen_addr", &self.admin.listen_addr, &mut errors);
+        for (key, names) in [
+            ("access.writers", &self.access.writers),
+            ("access.operators", &self.access.operators),
+        ] {
+            for name in names {
+                if name.trim().is_empty() || name.trim() != name {
+                    errors.push(err(
+                        key,
+                        format!("{name:?} is not a certificate common name (nor \"*\")"),
+                    ));
+                }
+            }
+        }
         let admin_token = if self.admin.token_file.is_empty() {
             None
         } else {
@@ -1087,6 +1129,8 @@ impl Config {
             metrics_addr,
             admin_addr,
             admin_token,
+            writers: self.access.writers.clone(),
+            operators: self.access.operators.clone(),
             tls,
             max_concurrent_streams: self.server.max_concurrent_streams,
             request_timeout: Duration::from_millis(self.server.request_timeout_ms),

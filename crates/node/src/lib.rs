@@ -8,6 +8,7 @@
 //! finishes the batch in hand: commit, then ack), wait for the tasks, close the
 //! store.
 
+pub mod access;
 pub mod admin;
 pub mod bench;
 pub mod certs;
@@ -170,7 +171,13 @@ impl Node {
             settings.local.cluster_id.clone(),
         );
         let max_message = settings.replication.max_message_bytes;
-        let auth = admin::AdminAuth::new(settings.admin_token.as_ref().map(|t| t.0.as_str()));
+        let access = access::Access::new(
+            settings.local.node_id,
+            access::Names::from_config(&settings.writers),
+            access::Names::from_config(&settings.operators),
+            settings.admin_token.as_ref().map(|t| t.0.as_str()),
+        );
+        let auth = access.require(access::Role::Operator);
         if settings.admin_token.is_none() {
             warn!(
                 "the admin RPC has no authentication (admin.token_file is empty): expose it only on loopback or a trusted network"
@@ -204,7 +211,11 @@ impl Node {
         }
         let peer_router = peer_builder
             .add_service(receiver.into_server())
-            .add_service(records.into_server(write_limits, max_message));
+            .add_service(records.into_server(
+                write_limits,
+                max_message,
+                access.require(access::Role::Writer),
+            ));
         let admin_addr = match settings.admin_addr {
             // Admin, health and reflection on a listener of their own.
             Some(addr) => {

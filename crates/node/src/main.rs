@@ -114,6 +114,18 @@ enum CertCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Write DIR/NAME.pem and DIR/NAME.key for a client (an application or an
+    /// operator), signed by DIR/ca.pem: its common name is NAME, which a node's
+    /// access.writers / access.operators list to give it a role.
+    Client {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The client's name (its certificate's common name), e.g. ops or billing-app.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
 }
 
 fn init_logging(level: &str, json: bool) {
@@ -225,6 +237,10 @@ fn main() -> ExitCode {
                 hosts
             };
             tidemark::certs::make_node(&dir, node_id, &name, &hosts, days)
+                .map(|()| println!("wrote {0}/{name}.pem and {0}/{name}.key", dir.display()))
+        }
+        Command::Cert(CertCommand::Client { dir, name, days }) => {
+            tidemark::certs::make_client(&dir, &name, days)
                 .map(|()| println!("wrote {0}/{name}.pem and {0}/{name}.key", dir.display()))
         }
         Command::NewId => {

@@ -46,15 +46,20 @@ impl RecordsService {
 
     /// The tonic server behind [`Admission`]: each request's message is
     /// admitted against the in-flight budget before it is read.
+    /// Callers are checked for the writer role (`auth`) first.
     pub fn into_server(
         self,
         limits: WriteLimits,
         max_message_bytes: usize,
-    ) -> Admission<pb::records_server::RecordsServer<Self>> {
+        auth: crate::access::RoleCheck,
+    ) -> tonic::service::interceptor::InterceptedService<
+        Admission<pb::records_server::RecordsServer<Self>>,
+        crate::access::RoleCheck,
+    > {
         let server = pb::records_server::RecordsServer::new(self)
             .max_decoding_message_size(limits.max_message())
             .max_encoding_message_size(max_message_bytes);
-        Admission::new(server, limits)
+        tonic::service::interceptor::InterceptedService::new(Admission::new(server, limits), auth)
     }
 }
 
