@@ -894,3 +894,77 @@ async fn status_counts_what_a_stopped_peer_lacks() {
     let peers = &admin_json(&["--addr", &url0, "status"])["peers"];
     assert_eq!(peers[0]["unacked_events"], json!(6), "{peers}");
 }
+
+// ---------------------------------------------------------------------------------
+// admin cluster
+
+/// `tidemark admin cluster` from one node finds the others through its peers,
+/// shows each node and each link, and a stopped node as unreachable (exit 1)
+/// with what its peers hold for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_view_finds_every_node_and_shows_a_stopped_one() {
+    let mut cluster = Cluster::start(&["sqlite", "sqlite", "postgres"], Topology::Mesh).await;
+    cluster.nodes[0]
+        .put(Ulid::generate(), json!({"title": "seen by all"}))
+        .await;
+    cluster.converged(CONVERGE).await;
+    let url0 = cluster.nodes[0].grpc_url();
+    let view = admin_json(&["--addr", &url0, "cluster"]);
+    let nodes = view["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{view:#}");
+    for node in &cluster.nodes {
+        let found = nodes
+            .iter()
+            .find(|n| n["node_id"] == json!(node.id.to_string()))
+            .unwrap_or_else(|| panic!("{} missing: {view:#}", node.name));
+        assert_eq!(found["state"], "up", "{view:#}");
+        assert_eq!(found["name"], json!(node.name), "{view:#}");
+    }
+    assert_eq!(view["links"].as_array().map(Vec::len), Some(6), "{view:#}");
+    assert_eq!(view["cluster_id"], "test");
+
+    // node2 stops; node0 writes: node2 is unreachable, and the links into it
+    // show what it lacks.
+    let stopped = cluster.nodes[2].id.to_string();
+    cluster.nodes[2].stop();
+    cluster.nodes[0]
+        .put(Ulid::generate(), json!({"title": "node2 lacks this"}))
+        .await;
+    let (code, out, err) = admin_cli(&["--addr", &url0, "--json", "cluster"]);
+    assert_eq!(code, 1, "an unreachable node exits 1: {err}");
+    let view: Value = serde_json::from_str(&out).expect("json");
+    let down = view["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["node_id"] == json!(stopped)))
+        .unwrap_or_else(|| panic!("the stopped node is listed: {view:#}"));
+    assert_eq!(down["state"], "unreachable", "{view:#}");
+    assert!(
+        down["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{view:#}"
+    );
+    let into_stopped = view["links"]
+        .as_array()
+        .and_then(|ls| {
+            ls.iter().find(|l| {
+                l["from"] == json!(cluster.nodes[0].id.to_string()) && l["to"] == json!(stopped)
+            })
+        })
+        .unwrap_or_else(|| panic!("link node0 -> node2: {view:#}"))
+        .clone();
+    assert!(
+        into_stopped["unacked_events"].as_u64() >= Some(1),
+        "{into_stopped:#}"
+    );
+
+    // The text view, refreshed twice.
+    let (code, out, _) = admin_cli(&["--addr", &url0, "cluster", "--watch", "1", "--count", "2"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out.matches("cluster test: 3 nodes, 2 reachable").count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains("unreachable"), "{out}");
+    assert!(out.contains("node0 -> node1"), "{out}");
+    assert!(out.contains("refreshing every 1 s"), "{out}");
+}

@@ -31,6 +31,8 @@ macro_rules! out {
     };
 }
 
+mod cluster;
+
 /// Writes one line to stdout; a closed pipe exits 0, any other write error
 /// exits 1 with the reason.
 pub(crate) fn write_stdout(line: std::fmt::Arguments<'_>) {
@@ -291,6 +293,22 @@ pub enum AdminCommand {
         /// Every quarantined event.
         #[arg(long)]
         all: bool,
+    },
+    /// Every node reachable from this one (through its peers' addresses, and
+    /// any --node): state, open conflicts, stuck records, and each link's lag in
+    /// events and seconds. Exit 1 when some node cannot be reached.
+    Cluster {
+        /// Also ask the node at this address (repeat): for peers whose
+        /// configured address this machine cannot reach.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Refresh every this many seconds (Ctrl-C stops), showing how fast
+        /// each link's backlog drains.
+        #[arg(long)]
+        watch: Option<u64>,
+        /// With --watch: stop after this many rounds.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// Compare the rows of several nodes (exit 1 when they differ): per-table
     /// digests, then the ranges and records that differ. Ignores --addr.
@@ -625,6 +643,17 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
     let token = BearerToken::read(target.token_file.as_deref())?;
     if let AdminCommand::Check { nodes, table } = &args.command {
         return check(nodes, table.as_deref(), &target.tls, &token, args.json).await;
+    }
+    if let AdminCommand::Cluster {
+        nodes,
+        watch,
+        count,
+    } = &args.command
+    {
+        let starts: Vec<String> = std::iter::once(target.addr.clone())
+            .chain(nodes.iter().cloned())
+            .collect();
+        return cluster::run(&starts, &target.tls, &token, args.json, *watch, *count).await;
     }
     let mut client = admin_client(&target.addr, &target.tls, &token).await?;
     let status = rpc_error;
@@ -1161,6 +1190,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
         AdminCommand::Check { nodes, table } => {
             return check(&nodes, table.as_deref(), &target.tls, &token, args.json).await;
         }
+        AdminCommand::Cluster { .. } => unreachable!("answered above"),
     }
     Ok(true)
 }
