@@ -1160,6 +1160,119 @@ async fn compaction_keeps_every_current_version(db: TestDb) {
     store.close().await;
 }
 
+/// Compaction on records a conflict or a block holds: concurrent versions (the
+/// record's frontier) and a blocked record's event stay however old and
+/// acknowledged; once a later write has seen both versions they go; a node that
+/// is behind converges from what stays, block included.
+async fn compaction_keeps_concurrent_versions_and_blocked_events(db: TestDb) {
+    use std::time::Duration;
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let (peer, origin) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
+    let (r1, r2, r3) = (id(11), id(12), id(13));
+    let put = |r: Ulid, title: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .put("notes", r, &obj(json!({"title": title})))
+                .await
+                .expect("put")
+        }
+    };
+    // r1: this node's version and a concurrent one from `origin` (older, so it
+    // loses under lww but stays a concurrent version).
+    let mine = put(r1, "mine").await;
+    let theirs = remote_event(
+        origin,
+        hlc_at(-1_000, 0),
+        r1,
+        Operation::Insert,
+        Some(json!({"title": "theirs"})),
+    );
+    // r3: a row the table refuses (title is NOT NULL): blocked here.
+    let refused = remote_event(
+        origin,
+        hlc_at(-900, 0),
+        r3,
+        Operation::Insert,
+        Some(json!({"body": "no title"})),
+    );
+    let out = store
+        .apply_remote(&[theirs.clone(), refused.clone()])
+        .await
+        .expect("apply");
+    assert_eq!(out.blocked, 1, "{out:?}");
+    let frontier = store.version("notes", r1).await.expect("v").expect("r1");
+    assert_eq!(frontier.frontier.len(), 2, "concurrent: {frontier:?}");
+    // r2: two versions of this node, the first superseded.
+    let b1 = put(r2, "b1").await;
+    let b2 = put(r2, "b2").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ack_all = || async {
+        let all = store.vector().await.expect("vector");
+        store.record_ack(peer, &all).await.expect("ack");
+        store.mark_synced(&[peer]).await.expect("mark");
+    };
+    let log = || async {
+        let mut ids: Vec<Ulid> = all_events(&store)
+            .await
+            .iter()
+            .map(|e| e.event_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut v: Vec<Ulid>| {
+        v.sort();
+        v
+    };
+    ack_all().await;
+    let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
+    assert_eq!(done.deleted, 1, "only b1 is superseded: {done:?}");
+    assert!(!log().await.contains(&b1.event_id));
+    assert_eq!(
+        log().await,
+        sorted(vec![
+            mine.event_id,
+            theirs.event_id,
+            refused.event_id,
+            b2.event_id
+        ])
+    );
+    assert_eq!(store.count_blocked().await.expect("blocked"), 1);
+
+    // A write that has seen both versions of r1 ends the conflict: the two go.
+    let after = put(r1, "after").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ack_all().await;
+    let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
+    assert_eq!(done.deleted, 2, "{done:?}");
+    let kept = all_events(&store).await;
+    assert_eq!(
+        sorted(kept.iter().map(|e| e.event_id).collect()),
+        sorted(vec![refused.event_id, b2.event_id, after.event_id])
+    );
+    // A node that is behind converges from what stays, the block included.
+    let other = db.another();
+    let behind = with_notes(&other, Ulid::generate()).await;
+    let out = behind.apply_remote(&kept).await.expect("apply");
+    assert_eq!(out.blocked, 1, "{out:?}");
+    for r in [r1, r2, r3] {
+        assert_eq!(
+            behind.get("notes", r).await.expect("behind"),
+            store.get("notes", r).await.expect("here"),
+            "{r}"
+        );
+        assert_eq!(
+            behind.version("notes", r).await.expect("v"),
+            store.version("notes", r).await.expect("v"),
+            "{r}"
+        );
+    }
+    behind.close().await;
+    store.close().await;
+}
+
 async fn synced_when_every_peer_acked(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -2000,6 +2113,7 @@ suite!(
         events_after_a_vector,
         synced_when_every_peer_acked,
         compaction_keeps_every_current_version,
+        compaction_keeps_concurrent_versions_and_blocked_events,
         identity_and_clock_survive_restart,
         restart_with_persisted_hlc_far_ahead_is_refused,
         manual_conflicts_open_and_resolve,
