@@ -164,3 +164,70 @@ async fn a_removed_node_is_no_longer_waited_for() {
         .await;
     assert_eq!(progress, vec![(0,)], "the removed node's progress is kept");
 }
+
+/// A peer away longer than `retention.max_peer_absence_secs` is released:
+/// `synced_at` and compaction go on without it (a metric and a warning say
+/// so); once it is back it is waited for again and converges from what stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_away_too_long_is_released_and_converges_when_back() {
+    let extra = format!("{RETENTION}max_peer_absence_secs = 2\n");
+    let mut cluster = Cluster::prepare(&["sqlite", "postgres"], Topology::Mesh, "test", &extra);
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    let hot = Ulid::generate();
+    cluster.nodes[0].put(hot, json!({"title": "before"})).await;
+    compacted_to(&cluster, 1).await;
+    let away = cluster.nodes[1].id;
+    cluster.nodes[1].kill();
+    let mut written = Vec::new();
+    for i in 0..5 {
+        let r = cluster.nodes[0]
+            .put(hot, json!({"title": format!("while away {i}")}))
+            .await;
+        written.push(r.event_id);
+    }
+    let n0 = &cluster.nodes[0];
+    let released = format!("tidemark_peer_released{{peer=\"{away}\"}}");
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let log = n0.reader().events().await;
+        let synced = {
+            let mut all = true;
+            for id in &written {
+                all &= !n0.reader().is_unsynced(id).await;
+            }
+            all
+        };
+        if n0.metric(&released).await == Some(1.0) && synced && log.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node1 released, node0's events synced and compacted to one within {CONVERGE:?}: released {:?}, synced {synced}, log {}",
+            n0.metric(&released).await,
+            log.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(n0.log_contains("peer away longer than retention.max_peer_absence_secs: released"));
+
+    // Back: waited for again, and it converges from the current version.
+    cluster.nodes[1].start().await;
+    let snap = compacted_to(&cluster, 1).await;
+    assert!(
+        snap.rows[&hot.to_string()].contains("while away 4"),
+        "{:?}",
+        snap.rows
+    );
+    let deadline = Instant::now() + CONVERGE;
+    while cluster.nodes[0].metric(&released).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "node1 still released once back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = cluster.nodes[0]
+        .put(Ulid::generate(), json!({"title": "waited for again"}))
+        .await;
+    cluster.converged(CONVERGE).await;
+    assert!(!cluster.nodes[0].reader().is_unsynced(&after.event_id).await);
+}

@@ -211,6 +211,7 @@ impl pb::admin_server::Admin for AdminService {
                 node_id: p.node_id.to_string(),
                 address: p.address.clone(),
                 connected: state.connected,
+                released: state.released,
                 unacked_events: unacked,
                 oldest_unacked_ms: oldest.unwrap_or(0),
                 last_ack_ms: state.last_ack_wall_ms.unwrap_or(0),

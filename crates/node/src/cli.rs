@@ -675,6 +675,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "writes_held": s.writes_held,
                     "peers": s.peers.iter().map(|p| json!({
                         "node_id": p.node_id, "name": p.name, "address": p.address, "connected": p.connected,
+                        "released": p.released,
                         "unacked_events": p.unacked_events,
                         "oldest_unacked_ms": p.oldest_unacked_ms, "last_ack_ms": p.last_ack_ms,
                         "last_error": p.last_error, "acked": vector_json(&p.acked),
@@ -729,6 +730,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                         p.address.clone(),
                         if p.connected {
                             "connected".into()
+                        } else if p.released {
+                            "down, released".into()
                         } else {
                             "down".into()
                         },

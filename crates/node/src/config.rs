@@ -372,6 +372,11 @@ pub struct RetentionConfig {
     pub step_pause_ms: u64,
     /// Pause after a pass over the whole log, seconds.
     pub interval_secs: u64,
+    /// A peer disconnected with an unacknowledged event older than this
+    /// (seconds) is released: synced_at, and so compaction, stop waiting for
+    /// it until it connects again. 0: a peer is waited for however long it is
+    /// away. Applies whether or not compaction is enabled.
+    pub max_peer_absence_secs: u64,
 }
 
 impl Default for RetentionConfig {
@@ -382,6 +387,7 @@ impl Default for RetentionConfig {
             batch: 5000,
             step_pause_ms: 100,
             interval_secs: 60,
+            max_peer_absence_secs: 0,
         }
     }
 }
@@ -901,7 +907,7 @@ impl Config {
         }
         let r = &self.replication;
         let t = &self.retention;
-        let ranges: [(&str, u64, u64, u64); 15] = [
+        let ranges: [(&str, u64, u64, u64); 16] = [
             (
                 "retention.min_age_secs",
                 t.min_age_secs,
@@ -953,6 +959,12 @@ impl Config {
                 r.reconnect_initial_ms,
                 1,
                 600_000,
+            ),
+            (
+                "retention.max_peer_absence_secs",
+                self.retention.max_peer_absence_secs,
+                0,
+                10 * 365 * 86_400,
             ),
             ("replication.keepalive_ms", r.keepalive_ms, 100, 600_000),
             ("replication.capture_poll_ms", r.capture_poll_ms, 1, 60_000),
@@ -1145,6 +1157,7 @@ impl Config {
                 reconnect_initial_ms: r.reconnect_initial_ms,
                 reconnect_max_ms: r.reconnect_max_ms,
                 keepalive_ms: r.keepalive_ms,
+                absent_peer_limit_ms: self.retention.max_peer_absence_secs.saturating_mul(1000),
             },
             capture_poll: Duration::from_millis(r.capture_poll_ms),
             startup_check: Duration::from_millis(r.startup_check_ms),

@@ -88,6 +88,11 @@ fn describe() {
         Unit::Count,
         "Local writes stamped into change_events, by source (sql: captured direct writes, api: write API)."
     );
+    describe_gauge!(
+        "tidemark_peer_released",
+        Unit::Count,
+        "1 while the peer is released: away longer than retention.max_peer_absence_secs, so synced_at and compaction do not wait for it."
+    );
     describe_counter!(
         "tidemark_writes_refused_total",
         Unit::Count,

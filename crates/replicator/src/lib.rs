@@ -104,6 +104,10 @@ pub struct ReplicationOptions {
     /// connection whose PING is unanswered for twice this long is closed, so a
     /// partitioned peer shows as disconnected within about three times this.
     pub keepalive_ms: u64,
+    /// A peer disconnected whose oldest unacknowledged event is older than
+    /// this is released: `synced_at` (and so log compaction) stops waiting
+    /// for it until it connects again. 0: never.
+    pub absent_peer_limit_ms: u64,
 }
 
 impl ReplicationOptions {
@@ -131,6 +135,7 @@ impl Default for ReplicationOptions {
             reconnect_initial_ms: 200,
             reconnect_max_ms: 10_000,
             keepalive_ms: 2_000,
+            absent_peer_limit_ms: 0,
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct PeerState {
     pub held: Vec<HeldOrigin>,
     /// Records whose rows the peer cannot place (as of its last ack).
     pub blocked_records: u64,
+    /// Away longer than the absent-peer limit: `synced_at` does not wait for
+    /// it until it connects again.
+    pub released: bool,
 }
 
 /// An origin whose events a peer does not take now (see `Hold` in the proto).
@@ -267,8 +270,19 @@ impl Sender {
         }
         let mut commits = self.inner.store.subscribe_commits();
         let mut failures = 0u32;
+        let mut released = std::collections::HashSet::new();
+        let limit = (self.inner.opts.absent_peer_limit_ms > 0)
+            .then(|| Duration::from_millis(self.inner.opts.absent_peer_limit_ms));
+        // An idle node looks at absent peers now and then all the same.
+        let recheck = limit.map_or(Duration::MAX, |l| l.min(Duration::from_secs(5)));
         loop {
-            match self.inner.store.mark_synced(&self.inner.all_peers).await {
+            let waited = self.waited_for(limit, &mut released).await;
+            let marked = if waited.is_empty() {
+                self.inner.store.mark_all_synced().await
+            } else {
+                self.inner.store.mark_synced(&waited).await
+            };
+            match marked {
                 Ok(n) => {
                     failures = 0;
                     if n > 0 {
@@ -287,6 +301,7 @@ impl Sender {
                 _ = cancel.cancelled() => return,
                 _ = self.inner.acks.notified() => {}
                 changed = commits.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(recheck), if limit.is_some() => {}
             }
             // Coalesce bursts of acks and commits into one pass.
             let pause =
@@ -356,6 +371,63 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// The peers `synced_at` waits for now: every configured peer but those
+    /// released, i.e. disconnected with an unacknowledged event older than
+    /// `limit`. A released peer is waited for again once it connects.
+    async fn waited_for(
+        &self,
+        limit: Option<Duration>,
+        released: &mut std::collections::HashSet<Ulid>,
+    ) -> Vec<Ulid> {
+        let Some(limit) = limit else {
+            return self.inner.all_peers.clone();
+        };
+        let connected: std::collections::HashSet<Ulid> = self
+            .states()
+            .into_iter()
+            .filter(|(_, s)| s.connected)
+            .map(|(p, _)| p)
+            .collect();
+        let now = tidemark_hlc::system_wall_ms();
+        for peer in &self.inner.all_peers {
+            if connected.contains(peer) {
+                if released.remove(peer) {
+                    info!(%peer, "released peer connected again: synced_at waits for it again");
+                    self.inner.update(*peer, |s| s.released = false);
+                }
+                continue;
+            }
+            if released.contains(peer) {
+                continue;
+            }
+            match self.inner.store.peer_lag(*peer).await {
+                Ok((unacked, Some(oldest)))
+                    if now.saturating_sub(oldest)
+                        > i64::try_from(limit.as_millis()).unwrap_or(i64::MAX) =>
+                {
+                    warn!(
+                        %peer,
+                        unacked,
+                        away_limit_secs = limit.as_secs(),
+                        "peer away longer than retention.max_peer_absence_secs: released, synced_at and log compaction no longer wait for it; when it returns it converges from each record's current version (superseded versions it lacks may be gone from the log)"
+                    );
+                    released.insert(*peer);
+                    self.inner.update(*peer, |s| s.released = true);
+                }
+                Ok(_) => {}
+                Err(e) => debug!(%peer, error = %e, "cannot read a peer's backlog"),
+            }
+        }
+        self.inner
+            .all_peers
+            .iter()
+            .filter(|p| !released.contains(p))
+            .copied()
+            .collect()
+    }
+}
+
 impl SenderInner {
     fn update(&self, peer: Ulid, f: impl FnOnce(&mut PeerState)) {
         let mut map = self.states.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,6 +438,11 @@ impl SenderInner {
             .set(if state.connected { 1.0 } else { 0.0 });
         metrics::gauge!("tidemark_peer_held_origins", "peer" => label.clone())
             .set(state.held.len() as f64);
+        metrics::gauge!("tidemark_peer_released", "peer" => label.clone()).set(if state.released {
+            1.0
+        } else {
+            0.0
+        });
         metrics::gauge!("tidemark_peer_blocked_records", "peer" => label.clone())
             .set(state.blocked_records as f64);
         if let Some(ms) = state.last_ack_wall_ms {

@@ -419,6 +419,11 @@ impl Store {
         dispatch!(self, e => e.mark_synced(peers).await)
     }
 
+    /// Marks every event this node holds synced (no peer is waited for).
+    pub async fn mark_all_synced(&self) -> Result<u64> {
+        dispatch!(self, e => e.mark_all_synced().await)
+    }
+
     pub async fn count_unsynced(&self) -> Result<u64> {
         dispatch!(self, e => e.count_unsynced().await)
     }

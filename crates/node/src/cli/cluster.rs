@@ -205,7 +205,8 @@ fn as_json(view: &View) -> Value {
             json!({
                 "from": from.node_id, "from_name": from.name,
                 "to": p.node_id, "to_name": view.name_of(&p.node_id),
-                "connected": p.connected, "unacked_events": p.unacked_events,
+                "connected": p.connected, "released": p.released,
+                "unacked_events": p.unacked_events,
                 "lag_seconds": lag_seconds(p, view.at_ms),
                 "last_ack_ms": int64_json(p.last_ack_ms), "last_error": p.last_error,
             })
@@ -327,7 +328,12 @@ fn print_view(view: &View, previous: Option<&View>) {
                     view.name_of(&from.node_id),
                     view.name_of(&p.node_id)
                 ),
-                if p.connected { "yes" } else { "no" }.to_owned(),
+                match (p.connected, p.released) {
+                    (true, _) => "yes",
+                    (false, false) => "no",
+                    (false, true) => "no, released",
+                }
+                .to_owned(),
                 p.unacked_events.to_string(),
                 format!("{lag:.1} s"),
                 if p.last_ack_ms > 0 {

@@ -187,9 +187,24 @@ impl<B: Backend> Engine<B> {
     /// transaction. With no peers nothing is marked: an event no peer holds is
     /// not synced.
     pub async fn mark_synced(&self, peers: &[Ulid]) -> Result<u64> {
+        self.settle_acks(peers, None).await
+    }
+
+    /// Like [`Engine::mark_synced`] when no peer is waited for (every peer is
+    /// released: see the sender's absent-peer limit): every event this node
+    /// holds is marked synced, and recorded acks are persisted.
+    pub async fn mark_all_synced(&self) -> Result<u64> {
+        let everything = self.vector().await?;
+        self.settle_acks(&[], Some(everything)).await
+    }
+
+    /// Persists dirty acks and marks synced every event up to the floor of
+    /// `peers`' acks, or up to `floor` when given.
+    async fn settle_acks(&self, peers: &[Ulid], floor: Option<VersionVector>) -> Result<u64> {
         for peer in peers {
             self.load_acks(*peer).await?;
         }
+        let given = floor;
         let _w = self.writer.lock().await;
         let (dirty, floor) = {
             let acks = lock(&self.acks);
@@ -214,7 +229,7 @@ impl<B: Backend> Engine<B> {
                     ),
                 });
             }
-            (dirty, floor.unwrap_or_default())
+            (dirty, given.or(floor).unwrap_or_default())
         };
         if dirty.is_empty() && floor.0.is_empty() {
             return Ok(0);
