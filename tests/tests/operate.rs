@@ -363,6 +363,13 @@ async fn every_counter_is_exported_at_zero_from_start() {
         Some(1.0),
         "build info:\n{body}"
     );
+    // Each peer's configured name, to join on (unnamed here).
+    assert_eq!(
+        a.metric(&format!("tidemark_peer_info{{{peer},name=\"\"}}"))
+            .await,
+        Some(1.0),
+        "peer info:\n{body}"
+    );
 
     // A direct SQL write moves the sql source, not the api one.
     a.db.sql(&format!(

@@ -34,6 +34,8 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use ulid::Ulid;
 
+use crate::demo::{Stream, write_line};
+
 /// Arguments of `tidemark bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -586,7 +588,10 @@ async fn lag(dir: &Path, nodes: usize, rate: u64, secs: u64) -> anyhow::Result<L
                 "SELECT rowid, record_id, node_id FROM change_events WHERE rowid > ?1 ORDER BY rowid",
             )?;
             let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
+            loop {
+                // One more pass after the stop: the events that completed the
+                // count may have committed after this poller's last query.
+                let last_pass = stop.load(Ordering::Acquire);
                 let mut rows = stmt.query(params![last])?;
                 let now = Instant::now();
                 while let Some(row) = rows.next()? {
@@ -595,6 +600,9 @@ async fn lag(dir: &Path, nodes: usize, rate: u64, secs: u64) -> anyhow::Result<L
                     if origin != me {
                         seen.push((row.get(1)?, now));
                     }
+                }
+                if last_pass {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -645,7 +653,7 @@ async fn lag(dir: &Path, nodes: usize, rate: u64, secs: u64) -> anyhow::Result<L
     cluster
         .wait_events(total + nodes as u64, Duration::from_secs(120))
         .await?;
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Release);
     let mut arrivals: HashMap<String, Vec<Instant>> = HashMap::new();
     for p in pollers {
         let seen = p.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
@@ -720,8 +728,14 @@ fn status_kb_file(path: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// Runs the whole benchmark and prints the report.
+/// Runs the whole benchmark and prints the report. Output into a closed pipe
+/// (`tidemark bench | head -3`, or `2>&1 | head` during the runs) ends the run
+/// quietly: the daemons are killed, the temporary directory removed, exit 0.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    crate::demo::closed_output_is_success(bench(args).await)
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let tmp;
     let dir = match &args.dir {
         Some(d) => {
@@ -733,29 +747,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             tmp.path().to_owned()
         }
     };
-    let step = |s: &str| eprintln!("bench: {s}");
-    step("raw SQLite, one write per transaction");
+    let step = |s: &str| write_line(Stream::Stderr, format_args!("bench: {s}"));
+    step("raw SQLite, one write per transaction")?;
     let raw_single = raw_rate(&dir, "single", args.writes.min(20_000), 1)?;
-    step("raw SQLite, 100 writes per transaction");
+    step("raw SQLite, 100 writes per transaction")?;
     let raw_batched = raw_rate(&dir, "batched", args.writes.max(100_000), 100)?;
 
     let mut runs = Vec::new();
     let (w, clients) = (args.writes, args.clients);
-    step("2 nodes, single-row writes through the API");
+    step("2 nodes, single-row writes through the API")?;
     runs.push(
         throughput(&dir, "api-single-2", 2, w, async |c: &Cluster| {
             api_writes(c, 2, w, clients).await
         })
         .await?,
     );
-    step("2 nodes, single-row writes with direct SQL");
+    step("2 nodes, single-row writes with direct SQL")?;
     runs.push(
         throughput(&dir, "sql-single-2", 2, w, async |c: &Cluster| {
             sql_writes(c, 2, w, 1).await
         })
         .await?,
     );
-    step("2 nodes, 100-row transactions with direct SQL");
+    step("2 nodes, 100-row transactions with direct SQL")?;
     let wb = w.max(100_000);
     runs.push(
         throughput(&dir, "sql-batch100-2", 2, wb, async |c: &Cluster| {
@@ -763,16 +777,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         })
         .await?,
     );
-    step("3 nodes, single-row writes through the API");
+    step("3 nodes, single-row writes through the API")?;
     runs.push(
         throughput(&dir, "api-single-3", 3, w, async |c: &Cluster| {
             api_writes(c, 3, w, clients).await
         })
         .await?,
     );
-    step("catch-up of a backlog");
+    step("catch-up of a backlog")?;
     let catch_up = catch_up(&dir, args.backlog).await?;
-    step("lag on 3 nodes at a fixed rate");
+    step("lag on 3 nodes at a fixed rate")?;
     let lag = lag(&dir, 3, args.rate, args.lag_secs).await?;
 
     let report = Report {
@@ -783,12 +797,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         catch_up,
         lag,
     };
-    println!("{}", render(&report));
+    // The file first: a closed stdout must not lose it.
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    write_line(Stream::Stdout, format_args!("{}", render(&report)))
 }
 
 /// MiB figures of several daemons, as `22 / 23`.

@@ -588,7 +588,7 @@ fn now_ms() -> i64 {
 }
 
 /// A wall time (ms since the Unix epoch) in RFC 3339, UTC, to the millisecond.
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );

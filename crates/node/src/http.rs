@@ -89,6 +89,11 @@ fn describe() {
         "Local writes stamped into change_events, by source (sql: captured direct writes, api: write API)."
     );
     describe_gauge!(
+        "tidemark_peer_info",
+        Unit::Count,
+        "1 per configured peer, with its configured name ([[peers]] name) as a label, to join on the peer label."
+    );
+    describe_gauge!(
         "tidemark_peer_released",
         Unit::Count,
         "1 while the peer is released: away longer than retention.max_peer_absence_secs, so synced_at and compaction do not wait for it."
@@ -261,9 +266,15 @@ fn reject_codes() -> Vec<&'static str> {
 /// practice: an alert on a counter needs its series before the first
 /// increment), and `tidemark_build_info` at 1. Call once the recorder is
 /// installed, before the node starts counting.
-pub fn export_at_zero(peers: &[Peer]) {
+pub fn export_at_zero(peers: &[Peer], names: &std::collections::BTreeMap<ulid::Ulid, String>) {
     use metrics::{counter, gauge};
     gauge!("tidemark_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Peers' configured names, to join on the `peer` label of the per-peer
+    // series (`* on(peer) group_left(name) tidemark_peer_info`).
+    for peer in peers {
+        let name = names.get(&peer.node_id).cloned().unwrap_or_default();
+        gauge!("tidemark_peer_info", "peer" => peer.node_id.to_string(), "name" => name).set(1.0);
+    }
     for source in ["api", "sql"] {
         counter!("tidemark_events_captured_total", "source" => source).increment(0);
     }

@@ -63,12 +63,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Start a three-node cluster on local SQLite files, write to it, and show it converge.
-    Demo {
-        /// Keep the demo's databases and configs in this directory.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
+    /// Start a three-node cluster on local SQLite files, write to it, show the
+    /// conflict it creates and the cluster converge; --keep-running leaves it up.
+    Demo(tidemark::demo::DemoArgs),
     /// Measure replication throughput, lag, catch-up and memory on this machine.
     Bench(tidemark::bench::BenchArgs),
     /// Operate a running node: status, conflicts, policies, record history, blocked
@@ -193,9 +190,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Demo { dir } => {
+        Command::Demo(args) => {
             init_logging("error", false);
-            runtime.block_on(tidemark::demo::run(dir))
+            runtime.block_on(tidemark::demo::run(args))
         }
         Command::Bench(args) => {
             init_logging("error", false);
