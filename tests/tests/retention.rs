@@ -210,7 +210,9 @@ async fn a_peer_away_too_long_is_released_and_converges_when_back() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(n0.log_contains("peer away longer than retention.max_peer_absence_secs: released"));
+    assert!(
+        n0.log_contains("peer disconnected longer than retention.max_peer_absence_secs: released")
+    );
 
     // Back: waited for again, and it converges from the current version.
     cluster.nodes[1].start().await;
@@ -230,4 +232,18 @@ async fn a_peer_away_too_long_is_released_and_converges_when_back() {
         .await;
     cluster.converged(CONVERGE).await;
     assert!(!cluster.nodes[0].reader().is_unsynced(&after.event_id).await);
+    // Waited for again: gone anew, its next event stays unsynced until it has
+    // been away the whole limit (2 s) again, however soon node0 looks.
+    cluster.nodes[1].kill();
+    let lacked = cluster.nodes[0]
+        .put(Ulid::generate(), json!({"title": "node1 lacks this"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        cluster.nodes[0]
+            .reader()
+            .is_unsynced(&lacked.event_id)
+            .await,
+        "an event a peer lacks was marked synced before the peer was away for the limit"
+    );
 }

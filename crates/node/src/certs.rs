@@ -50,6 +50,21 @@ pub fn make_ca(dir: &Path, days: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks `name` names files in the certificate directory: letters, digits,
+/// `.`, `_`, `-`, up to 64 characters, never the CA's own files.
+fn file_name(name: &str) -> anyhow::Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) || name.starts_with('.') {
+        anyhow::bail!(
+            "--name {name:?}: 1 to 64 letters, digits, '.', '_' or '-' (it names the files NAME.pem and NAME.key)"
+        );
+    }
+    if name == "ca" {
+        anyhow::bail!("--name ca: that is the cluster CA's own files (ca.pem, ca.key)");
+    }
+    Ok(())
+}
+
 /// The cluster CA of `dir` (`ca.pem`, `ca.key`), to sign with.
 fn issuer(dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| {
@@ -66,9 +81,7 @@ fn issuer(dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
 /// name is `name`, signed by `dir/ca.pem`. The name must not be a ULID, so a
 /// client certificate can never pass for a node.
 pub fn make_client(dir: &Path, name: &str, days: i64) -> anyhow::Result<()> {
-    if name.trim().is_empty() || name.len() > 64 {
-        anyhow::bail!("--name: a client name of 1 to 64 characters");
-    }
+    file_name(name)?;
     if name.parse::<Ulid>().is_ok() {
         anyhow::bail!(
             "--name {name}: a ULID names a node (tidemark cert node); give a client a name that is not one"
@@ -98,6 +111,7 @@ pub fn make_node(
     hosts: &[String],
     days: i64,
 ) -> anyhow::Result<()> {
+    file_name(name)?;
     let issuer = issuer(dir)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -125,4 +139,31 @@ pub fn make_node(
     std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
     write_private(&dir.join(format!("{name}.key")), &key.serialize_pem())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_names_stay_in_their_directory_and_off_the_cas_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        make_ca(dir.path(), 30).expect("ca");
+        let ca = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem");
+        for bad in ["ca", "../outside", "a/b", "", ".hidden", "x y"] {
+            let err = make_client(dir.path(), bad, 30).expect_err(bad);
+            assert!(err.to_string().contains("--name"), "{bad}: {err}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem"),
+            ca,
+            "the CA is untouched"
+        );
+        assert!(make_node(dir.path(), Ulid::generate(), "ca", &[], 30).is_err());
+        make_client(dir.path(), "billing-app.v2", 30).expect("a good name");
+        assert!(
+            make_client(dir.path(), &Ulid::generate().to_string(), 30).is_err(),
+            "a ULID names a node"
+        );
+    }
 }

@@ -307,7 +307,7 @@ pub struct PeerConfig {
     #[serde(default)]
     pub name: Option<String>,
     /// Whether events of other origins are accepted from this peer (relaying).
-    /// When false, only events the peer itself originated are (under TLS).
+    /// When false, only events the peer itself originated are.
     #[serde(default = "PeerConfig::default_may_relay")]
     pub may_relay: bool,
 }
@@ -372,9 +372,9 @@ pub struct RetentionConfig {
     pub step_pause_ms: u64,
     /// Pause after a pass over the whole log, seconds.
     pub interval_secs: u64,
-    /// A peer disconnected with an unacknowledged event older than this
-    /// (seconds) is released: synced_at, and so compaction, stop waiting for
-    /// it until it connects again. 0: a peer is waited for however long it is
+    /// A peer this daemon has seen disconnected for this long (seconds) while
+    /// it lacks events is released: synced_at, and so compaction, stop waiting
+    /// for it until it connects again. 0: a peer is waited for however long it is
     /// away. Applies whether or not compaction is enabled.
     pub max_peer_absence_secs: u64,
 }
@@ -1000,14 +1000,19 @@ impl Config {
                 ),
             ));
         }
-        // Any write the event limit admits must fit the in-flight budget alone.
+        // Any request the event limit admits (values up to twice it, plus the
+        // request's own fields) must fit the in-flight budget alone.
         let in_flight = self.server.max_write_bytes_in_flight;
-        if in_flight < self.store.max_event_bytes || in_flight > 1 << 40 {
+        let largest = self
+            .store
+            .max_event_bytes
+            .saturating_mul(2)
+            .saturating_add(64 << 10);
+        if in_flight < largest || in_flight > 1 << 40 {
             errors.push(err(
                 "server.max_write_bytes_in_flight",
                 format!(
-                    "{in_flight} must be at least store.max_event_bytes ({}) and at most 1 TiB",
-                    self.store.max_event_bytes
+                    "{in_flight} must be at least twice store.max_event_bytes plus 64 KiB ({largest}), the largest write request, and at most 1 TiB"
                 ),
             ));
         }

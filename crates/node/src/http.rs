@@ -96,7 +96,7 @@ fn describe() {
     describe_gauge!(
         "tidemark_peer_released",
         Unit::Count,
-        "1 while the peer is released: away longer than retention.max_peer_absence_secs, so synced_at and compaction do not wait for it."
+        "1 while the peer is released: disconnected longer than retention.max_peer_absence_secs while it lacks events, so synced_at and compaction do not wait for it."
     );
     describe_counter!(
         "tidemark_writes_refused_total",
@@ -270,7 +270,7 @@ pub fn export_at_zero(peers: &[Peer], names: &std::collections::BTreeMap<ulid::U
     use metrics::{counter, gauge};
     gauge!("tidemark_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Peers' configured names, to join on the `peer` label of the per-peer
-    // series (`* on(peer) group_left(name) tidemark_peer_info`).
+    // series (`* on(instance, peer) group_left(name) tidemark_peer_info`).
     for peer in peers {
         let name = names.get(&peer.node_id).cloned().unwrap_or_default();
         gauge!("tidemark_peer_info", "peer" => peer.node_id.to_string(), "name" => name).set(1.0);

@@ -24,8 +24,14 @@ fn exec_with_malloc_tunable() {
     if current.contains("glibc.malloc.mmap_threshold") {
         return;
     }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!(
+                "tidemark: running without the malloc tunable (cannot find this binary: {e})"
+            );
+            return;
+        }
     };
     let tunables = if current.is_empty() {
         MALLOC_TUNABLE.to_owned()

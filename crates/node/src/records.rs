@@ -145,7 +145,7 @@ where
             if let Ok(prefix) = <[u8; 5]>::try_from(head.as_slice()) {
                 let [_, len @ ..] = prefix;
                 let bytes = u32::from_be_bytes(len) as usize;
-                if bytes > limits.max_message() {
+                if bytes > limits.max_message() || bytes > limits.in_flight_bytes {
                     return Ok(Status::invalid_argument(format!(
                         "the request is {bytes} bytes: its values cannot make an event within store.max_event_bytes ({})",
                         limits.max_event_bytes
@@ -171,10 +171,29 @@ where
             }
             let replay = futures::stream::iter(read.into_iter().map(Ok))
                 .chain(http_body_util::BodyStream::new(body));
-            let body = tonic::body::Body::new(http_body_util::StreamBody::new(replay));
-            let response = inner.call(http::Request::from_parts(parts, body)).await;
-            drop(permit);
-            response
+            // A unary request carries one message: the body may hold no more
+            // than the prefix and the length it announced, which the permit
+            // covers (a second message would be read outside the budget).
+            let body = match &permit {
+                Some(p) => tonic::body::Body::new(http_body_util::Limited::new(
+                    http_body_util::StreamBody::new(replay),
+                    5 + p.num_permits(),
+                )),
+                None => tonic::body::Body::new(http_body_util::StreamBody::new(replay)),
+            };
+            let request = http::Request::from_parts(parts, body);
+            // The write runs in its own task holding the permit: a caller that
+            // goes away (a deadline, a cancel) does not free the budget while
+            // its values are still queued or being written.
+            let call = tokio::spawn(async move {
+                let response = inner.call(request).await;
+                drop(permit);
+                response
+            });
+            match call.await {
+                Ok(response) => response,
+                Err(e) => Ok(Status::internal(format!("the write task failed: {e}")).into_http()),
+            }
         })
     }
 }

@@ -104,8 +104,8 @@ pub struct ReplicationOptions {
     /// connection whose PING is unanswered for twice this long is closed, so a
     /// partitioned peer shows as disconnected within about three times this.
     pub keepalive_ms: u64,
-    /// A peer disconnected whose oldest unacknowledged event is older than
-    /// this is released: `synced_at` (and so log compaction) stops waiting
+    /// A peer seen disconnected this long without a break, while it lacks
+    /// events, is released: `synced_at` (and so log compaction) stops waiting
     /// for it until it connects again. 0: never.
     pub absent_peer_limit_ms: u64,
 }

@@ -270,13 +270,13 @@ impl Sender {
         }
         let mut commits = self.inner.store.subscribe_commits();
         let mut failures = 0u32;
-        let mut released = std::collections::HashSet::new();
+        let mut absent = AbsentPeers::default();
         let limit = (self.inner.opts.absent_peer_limit_ms > 0)
             .then(|| Duration::from_millis(self.inner.opts.absent_peer_limit_ms));
         // An idle node looks at absent peers now and then all the same.
-        let recheck = limit.map_or(Duration::MAX, |l| l.min(Duration::from_secs(5)));
+        let recheck = limit.map_or(Duration::MAX, |l| l.min(RELEASE_RECHECK));
         loop {
-            let waited = self.waited_for(limit, &mut released).await;
+            let waited = self.waited_for(limit, &mut absent).await;
             let marked = if waited.is_empty() {
                 self.inner.store.mark_all_synced().await
             } else {
@@ -373,13 +373,12 @@ impl Sender {
 
 impl Sender {
     /// The peers `synced_at` waits for now: every configured peer but those
-    /// released, i.e. disconnected with an unacknowledged event older than
-    /// `limit`. A released peer is waited for again once it connects.
-    async fn waited_for(
-        &self,
-        limit: Option<Duration>,
-        released: &mut std::collections::HashSet<Ulid>,
-    ) -> Vec<Ulid> {
+    /// released. A peer is released once this process has seen it
+    /// disconnected for `limit` without a break while it lacks events (a
+    /// restart or a blip never counts as time away); it is waited for again as
+    /// soon as it connects. `away` holds when each absent peer was first seen
+    /// disconnected.
+    async fn waited_for(&self, limit: Option<Duration>, watch: &mut AbsentPeers) -> Vec<Ulid> {
         let Some(limit) = limit else {
             return self.inner.all_peers.clone();
         };
@@ -389,30 +388,39 @@ impl Sender {
             .filter(|(_, s)| s.connected)
             .map(|(p, _)| p)
             .collect();
-        let now = tidemark_hlc::system_wall_ms();
+        let now = Instant::now();
         for peer in &self.inner.all_peers {
             if connected.contains(peer) {
-                if released.remove(peer) {
+                watch.away.remove(peer);
+                if watch.released.remove(peer) {
                     info!(%peer, "released peer connected again: synced_at waits for it again");
                     self.inner.update(*peer, |s| s.released = false);
                 }
                 continue;
             }
-            if released.contains(peer) {
+            let since = *watch.away.entry(*peer).or_insert(now);
+            if watch.released.contains(peer) || now.duration_since(since) < limit {
                 continue;
             }
+            // Away long enough: released if it lacks anything (one cheap count
+            // per peer, at most once a recheck interval).
+            if watch
+                .checked
+                .get(peer)
+                .is_some_and(|at| now.duration_since(*at) < limit.min(RELEASE_RECHECK))
+            {
+                continue;
+            }
+            watch.checked.insert(*peer, now);
             match self.inner.store.peer_lag(*peer).await {
-                Ok((unacked, Some(oldest)))
-                    if now.saturating_sub(oldest)
-                        > i64::try_from(limit.as_millis()).unwrap_or(i64::MAX) =>
-                {
+                Ok((unacked, Some(_))) if unacked > 0 => {
                     warn!(
                         %peer,
                         unacked,
                         away_limit_secs = limit.as_secs(),
-                        "peer away longer than retention.max_peer_absence_secs: released, synced_at and log compaction no longer wait for it; when it returns it converges from each record's current version (superseded versions it lacks may be gone from the log)"
+                        "peer disconnected longer than retention.max_peer_absence_secs: released, synced_at and log compaction no longer wait for it; when it returns it converges from each record's current version (superseded versions it lacks may be gone from the log)"
                     );
-                    released.insert(*peer);
+                    watch.released.insert(*peer);
                     self.inner.update(*peer, |s| s.released = true);
                 }
                 Ok(_) => {}
@@ -422,11 +430,25 @@ impl Sender {
         self.inner
             .all_peers
             .iter()
-            .filter(|p| !released.contains(p))
+            .filter(|p| !watch.released.contains(p))
             .copied()
             .collect()
     }
 }
+
+/// What the `synced_at` marker knows of absent peers (see
+/// [`Sender::waited_for`]).
+#[derive(Debug, Default)]
+struct AbsentPeers {
+    /// When each disconnected peer was first seen disconnected.
+    away: std::collections::HashMap<Ulid, Instant>,
+    /// When each was last looked up in the log.
+    checked: std::collections::HashMap<Ulid, Instant>,
+    released: std::collections::HashSet<Ulid>,
+}
+
+/// How often a peer away past the limit is looked up again.
+const RELEASE_RECHECK: Duration = Duration::from_secs(5);
 
 impl SenderInner {
     fn update(&self, peer: Ulid, f: impl FnOnce(&mut PeerState)) {

@@ -6,7 +6,9 @@
 //! node's status names its peers' addresses, which are asked in turn with the
 //! same credentials. A peer address this machine cannot reach (a container's
 //! service name, an Admin listener of its own) can be given with `--node`; a
-//! node reached at any address counts as reached.
+//! node reached at any address counts as reached. The admin token is sent to
+//! `--addr` and `--node` addresses, and to addresses found through peers only
+//! over TLS.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -109,6 +111,16 @@ async fn gather(starts: &[String], tls: &ClientTlsArgs, token: &BearerToken) -> 
         if !asked.insert(url.clone()) {
             continue;
         }
+        // The token goes to the addresses the operator gave, and to the ones
+        // found through peers only over TLS (where the CA vouches for the
+        // server and the channel hides it): never in cleartext to an address
+        // a status reply named.
+        let none = BearerToken(None);
+        let token = if expected.is_none() || url.starts_with("https://") {
+            token
+        } else {
+            &none
+        };
         match ask(&url, tls, token).await {
             Ok(status) => {
                 for p in &status.peers {

@@ -86,7 +86,9 @@ impl<B: Backend> Engine<B> {
         let table = self.table(table)?;
         // The values as given go once they are typed: a large value is held
         // as few times as possible while the write waits and runs.
-        let values = Self::api_values(&table, id, &values)?;
+        let typed = Self::api_values(&table, id, &values)?;
+        drop(values);
+        let values = typed;
         self.own_writes_released().await;
         let event = self.write_queued(table.clone(), id, Some(values)).await?;
         event.ok_or_else(|| StoreError::corrupt(&table.table_name, "a put wrote no event"))
