@@ -122,3 +122,75 @@ async fn concurrent_large_puts_stay_within_a_small_multiple_of_the_budget() {
         base / MIB
     );
 }
+
+/// A unary write request carries one message: a body with a second one after
+/// the (small) message its prefix announced is refused before the second is
+/// read, so nothing is buffered outside the in-flight budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_message_in_a_write_request_is_refused() {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tonic::codegen::{Bytes, Service, http};
+    let mut cluster = Cluster::prepare(&["sqlite"], Topology::Mesh, "test", "");
+    let node = &mut cluster.nodes[0];
+    node.start().await;
+    let id = Ulid::generate();
+    let second = tidemark_replicator::pb::PutRequest {
+        table: "notes".into(),
+        id: id.to_string(),
+        values_json: json!({ "body": "x".repeat(1 << 20) }).to_string(),
+    }
+    .encode_to_vec();
+    // An empty first message, then the real one.
+    let mut body = vec![0u8; 5];
+    body.push(0);
+    body.extend_from_slice(&u32::try_from(second.len()).expect("len").to_be_bytes());
+    body.extend_from_slice(&second);
+    let mut channel = tonic::transport::Channel::from_shared(node.grpc_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/tidemark.v1.Records/Put", node.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            Bytes::from(body),
+        )))
+        .expect("request");
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .expect("ready");
+    let response = channel.call(request).await.expect("response");
+    let (parts, body) = response.into_parts();
+    let trailers = body
+        .collect()
+        .await
+        .ok()
+        .and_then(|c| c.trailers().cloned())
+        .unwrap_or_default();
+    let status = tonic::Status::from_header_map(&trailers)
+        .or_else(|| tonic::Status::from_header_map(&parts.headers))
+        .expect("a gRPC status");
+    assert_ne!(status.code(), Code::Ok, "{status:?}");
+    assert!(
+        status.message().contains("length limit"),
+        "refused for its size, not answered: {status:?}"
+    );
+    assert!(
+        node.client()
+            .await
+            .get(tidemark_replicator::pb::GetRequest {
+                table: "notes".into(),
+                id: id.to_string(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .values_json
+            .is_none(),
+        "the second message was not written"
+    );
+}

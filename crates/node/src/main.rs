@@ -9,10 +9,14 @@ use tidemark::config::Config;
 use tracing_subscriber::EnvFilter;
 
 /// The glibc malloc tunable `tidemark run` starts under: every allocation of
-/// 256 KiB or more gets its own mapping, returned to the system when freed.
-/// glibc otherwise raises that threshold after the first large free, and the
-/// large values of a burst of writes then stay in its arenas for good.
-const MALLOC_TUNABLE: &str = "glibc.malloc.mmap_threshold=262144";
+/// 4 MiB or more gets its own mapping, returned to the system when freed.
+/// glibc otherwise raises that threshold (up to 32 MiB) after the first large
+/// free, and the large values of a burst of writes then stay in its arenas for
+/// good. 4 MiB keeps the buffers of a few MiB that bulk statements build in
+/// the arenas rather than mapping each anew; `tidemark bench` showed no
+/// difference between 256 KiB, 4 MiB and 32 MiB beyond its run-to-run noise
+/// (docs/BENCHMARKS.md).
+const MALLOC_TUNABLE: &str = "glibc.malloc.mmap_threshold=4194304";
 
 /// Runs this same command again (same process id, same arguments) with
 /// [`MALLOC_TUNABLE`] in `GLIBC_TUNABLES`, which glibc reads only at start;
