@@ -581,9 +581,16 @@ async fn lag(dir: &Path, nodes: usize, rate: u64, secs: u64) -> anyhow::Result<L
     let mut pollers = Vec::new();
     for node in &cluster.nodes {
         let (db, stop, me) = (node.db.clone(), stop.clone(), node.id.to_string());
+        // Where each poller starts is read here, before any timed write: a
+        // poller thread that started late would otherwise begin after the first
+        // events arrived and never see them.
+        let conn = open(&db)?;
+        let mut last: i64 = conn.query_row(
+            "SELECT coalesce(max(rowid), 0) FROM change_events",
+            [],
+            |r| r.get(0),
+        )?;
         pollers.push(std::thread::spawn(move || -> anyhow::Result<Seen> {
-            let conn = open(&db)?;
-            let mut last: i64 = conn.query_row("SELECT coalesce(max(rowid), 0) FROM change_events", [], |r| r.get(0))?;
             let mut stmt = conn.prepare(
                 "SELECT rowid, record_id, node_id FROM change_events WHERE rowid > ?1 ORDER BY rowid",
             )?;
