@@ -146,12 +146,20 @@ async fn take_writer_lock(options: &PgConnectOptions, target: &str) -> Result<sq
             target: target.to_owned(),
             source,
         })?;
-    let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-        .bind(WRITER_LOCK_KEY)
-        .fetch_one(&mut conn)
-        .await?;
-    if taken {
-        return Ok(conn);
+    // A session that just ended (a daemon killed or restarting) may hold the
+    // lock for a moment more: a free lock is taken, a held one asked about
+    // twice more before it counts as another daemon's.
+    for attempt in 0..3 {
+        let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(WRITER_LOCK_KEY)
+            .fetch_one(&mut conn)
+            .await?;
+        if taken {
+            return Ok(conn);
+        }
+        if attempt < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     let holder: Option<(i32, String, String)> = sqlx::query_as(
         "SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'a local socket') \
@@ -1766,8 +1774,15 @@ impl Backend for PostgresBackend {
 
     async fn close(&self) {
         self.pool.close().await;
-        if let Some(conn) = self.writer_lock.lock().await.take() {
+        if let Some(mut conn) = self.writer_lock.lock().await.take() {
             use sqlx::Connection;
+            // Released before the session ends: the server drops a closed
+            // session's locks a moment after the client has gone, and a
+            // daemon restarting at once would find the lock still held.
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(WRITER_LOCK_KEY)
+                .execute(&mut conn)
+                .await;
             let _ = conn.close().await;
         }
     }
