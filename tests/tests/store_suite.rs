@@ -168,6 +168,24 @@ fn remote_event(
     }
 }
 
+/// Writes `title` to record `r` of `notes` through the store.
+async fn put_title(store: &Store, r: Ulid, title: &str) -> ChangeEvent {
+    store
+        .put("notes", r, &obj(json!({"title": title})))
+        .await
+        .expect("put")
+}
+
+/// The ids of every event in the log, sorted.
+async fn log_ids(store: &Store) -> Vec<Ulid> {
+    sorted(all_events(store).await.iter().map(|e| e.event_id).collect())
+}
+
+fn sorted(mut ids: Vec<Ulid>) -> Vec<Ulid> {
+    ids.sort();
+    ids
+}
+
 /// A whole `notes` row (an event carries every column): the given values over
 /// the columns' defaults.
 fn notes_row(record: Ulid, given: Value) -> Values {
@@ -1046,15 +1064,7 @@ async fn compaction_keeps_every_current_version(db: TestDb) {
     let store = with_notes(&db, me).await;
     let p1 = Ulid::from_parts(1, 1);
     let (r1, r2, r3) = (id(1), id(2), id(3));
-    let put = |r: Ulid, title: &'static str| {
-        let store = store.clone();
-        async move {
-            store
-                .put("notes", r, &obj(json!({"title": title})))
-                .await
-                .expect("put")
-        }
-    };
+    let put = |r: Ulid, title: &'static str| put_title(&store, r, title);
     let a1 = put(r1, "a1").await;
     put(r1, "a2").await;
     let a3 = put(r1, "a3").await;
@@ -1067,21 +1077,6 @@ async fn compaction_keeps_every_current_version(db: TestDb) {
         .expect("an event");
     // Every event is older than a minimum age of zero (HLCs of this ms are not).
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let log = |store: Store| async move {
-        let mut ids: Vec<Ulid> = store
-            .events_after(&VersionVector::new(), 100)
-            .await
-            .expect("log")
-            .into_iter()
-            .map(|e| e.event_id)
-            .collect();
-        ids.sort();
-        ids
-    };
-    let sorted = |mut v: Vec<Ulid>| {
-        v.sort();
-        v
-    };
     // Nothing is acknowledged yet: nothing goes.
     let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
     assert_eq!((done.scanned, done.deleted), (0, 0));
@@ -1098,7 +1093,7 @@ async fn compaction_keeps_every_current_version(db: TestDb) {
     let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
     assert_eq!((done.scanned, done.deleted), (4, 2), "{done:?}");
     assert_eq!(
-        log(store.clone()).await,
+        log_ids(&store).await,
         sorted(vec![a3.event_id, b1.event_id, c1.event_id, c2.event_id])
     );
     // Everything acknowledged: c1 (superseded by the delete) goes; the
@@ -1170,15 +1165,7 @@ async fn compaction_keeps_concurrent_versions_and_blocked_events(db: TestDb) {
     let store = with_notes(&db, me).await;
     let (peer, origin) = (Ulid::from_parts(1, 1), Ulid::from_parts(1, 2));
     let (r1, r2, r3) = (id(11), id(12), id(13));
-    let put = |r: Ulid, title: &'static str| {
-        let store = store.clone();
-        async move {
-            store
-                .put("notes", r, &obj(json!({"title": title})))
-                .await
-                .expect("put")
-        }
-    };
+    let put = |r: Ulid, title: &'static str| put_title(&store, r, title);
     // r1: this node's version and a concurrent one from `origin` (older, so it
     // loses under lww but stays a concurrent version).
     let mine = put(r1, "mine").await;
@@ -1213,19 +1200,7 @@ async fn compaction_keeps_concurrent_versions_and_blocked_events(db: TestDb) {
         store.record_ack(peer, &all).await.expect("ack");
         store.mark_synced(&[peer]).await.expect("mark");
     };
-    let log = || async {
-        let mut ids: Vec<Ulid> = all_events(&store)
-            .await
-            .iter()
-            .map(|e| e.event_id)
-            .collect();
-        ids.sort();
-        ids
-    };
-    let sorted = |mut v: Vec<Ulid>| {
-        v.sort();
-        v
-    };
+    let log = || log_ids(&store);
     ack_all().await;
     let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
     assert_eq!(done.deleted, 1, "only b1 is superseded: {done:?}");

@@ -222,6 +222,20 @@ impl BenchNode {
     }
 }
 
+/// `tidemark run --config CONFIG` of binary `exe`, its output in a new `log`
+/// file (the bench and the demo start their daemons this way).
+pub(crate) fn daemon_command(exe: &Path, config: &Path, log: &Path) -> anyhow::Result<Command> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    Ok(cmd)
+}
+
 struct Cluster {
     nodes: Vec<BenchNode>,
 }
@@ -275,14 +289,7 @@ impl Cluster {
     async fn start(&mut self, i: usize) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("locating the tidemark binary")?;
         let node = &mut self.nodes[i];
-        let log = std::fs::File::create(&node.log)?;
-        let child = Command::new(exe)
-            .arg("run")
-            .arg("--config")
-            .arg(&node.config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+        let child = daemon_command(&exe, &node.config, &node.log)?
             .spawn()
             .context("starting a daemon")?;
         node.child = Some(child);

@@ -261,17 +261,9 @@ async fn open_db(path: &Path) -> anyhow::Result<SqliteConnection> {
 
 /// Starts `tidemark run --config` for `node`, its output in its log file.
 fn spawn(exe: &Path, node: &DemoNode) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(&node.log)
-        .with_context(|| format!("creating {}", node.log.display()))?;
-    Command::new(exe)
-        .arg("run")
-        .arg("--config")
-        .arg(&node.config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        // Ctrl-C at a terminal reaches the demo only; it stops the daemons in order.
-        .process_group(0)
+    let mut cmd = Command::from(crate::bench::daemon_command(exe, &node.config, &node.log)?);
+    // Ctrl-C at a terminal reaches the demo only; it stops the daemons in order.
+    cmd.process_group(0)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {} ({})", node.name, exe.display()))

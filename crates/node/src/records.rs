@@ -210,7 +210,7 @@ fn written(event: &ChangeEvent) -> pb::WriteResponse {
     let values_omitted = event
         .new_values
         .as_ref()
-        .is_some_and(|v| json_len(v) > ECHO_LIMIT);
+        .is_some_and(|v| tidemark_store::model::json_len(v) > ECHO_LIMIT);
     let values_json = event
         .new_values
         .as_ref()
@@ -224,22 +224,6 @@ fn written(event: &ChangeEvent) -> pb::WriteResponse {
         values_json,
         values_omitted,
     }
-}
-
-/// The length of `value` as JSON, without building the text.
-fn json_len(value: &impl serde::Serialize) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    serde_json::to_writer(&mut count, value).map_or(usize::MAX, |()| count.0)
 }
 
 #[tonic::async_trait]

@@ -818,6 +818,24 @@ impl ChangeEvent {
     }
 }
 
+/// The length of `value` as JSON text, counted without building the text (a
+/// large row is not copied just to be measured); `usize::MAX` if it cannot be
+/// serialised.
+pub fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(usize::MAX, |()| count.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

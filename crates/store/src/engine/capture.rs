@@ -128,22 +128,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Bytes of `values` as the log and the wire carry them.
-    /// The size of `values` as JSON, counted without building it.
     pub(super) fn event_bytes(values: Option<&Values>) -> usize {
-        struct Count(usize);
-        impl std::io::Write for Count {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0 += buf.len();
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        values.map_or(0, |v| {
-            let mut count = Count(0);
-            serde_json::to_writer(&mut count, v).map_or(usize::MAX, |()| count.0)
-        })
+        values.map_or(0, crate::model::json_len)
     }
 
     /// Turns one capture into an event, or sets it aside with the reason it cannot
