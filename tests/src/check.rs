@@ -6,8 +6,8 @@
 //!    that holds at any moment, even mid-fault: per origin, what a node holds up to
 //!    its vector entry is a gap-free prefix of that origin's events.
 //! 2. [`assert_same_state`]: every node's normalised tables, event ids, record
-//!    versions and open conflicts are identical (compared whole, reported by digest
-//!    and first difference).
+//!    versions and conflicts, open and decided, are identical (compared whole,
+//!    reported by digest and first difference).
 //! 3. [`assert_lww_union`]: under `lww`, every record equals the greatest event of
 //!    the union of all nodes' events by `(hlc, node_id, event_id)`; a record whose
 //!    greatest event is a delete is absent.
@@ -192,9 +192,28 @@ pub struct State {
     pub events: Vec<String>,
     /// Record versions: (table, record, hlc, node, event, deleted).
     pub versions: Vec<(String, String, i64, String, String, i64)>,
-    /// Open conflicts: (conflict id, record, winner event, loser event).
-    pub open_conflicts: Vec<(String, String, String, String)>,
+    /// Every conflict, open and decided (one history on every node).
+    pub conflicts: Vec<Decided>,
 }
+
+/// A conflict as every node must record it: (id, kind, record, status,
+/// winner event, loser event, resolution, resolved by, closing event). Its
+/// times are HLC times, compared by the store suite (backends print them
+/// differently).
+pub type Decided = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+const DECIDED: &str = "SELECT conflict_id, kind, record_id, status, winner_event_id, loser_event_id, \
+     resolution, resolved_by, resolution_event_id FROM tidemark_conflicts ORDER BY conflict_id";
 
 impl State {
     pub async fn read(reader: &Reader) -> State {
@@ -216,12 +235,7 @@ impl State {
                  FROM tidemark_record_versions ORDER BY table_name, record_id",
             )
             .await,
-            open_conflicts: fetch(
-                reader,
-                "SELECT conflict_id, record_id, winner_event_id, loser_event_id \
-                 FROM tidemark_conflicts WHERE status = 'open' ORDER BY conflict_id",
-            )
-            .await,
+            conflicts: fetch(reader, DECIDED).await,
         }
     }
 
@@ -255,11 +269,7 @@ pub async fn assert_same_state(nodes: &[TestNode]) -> State {
                 first_difference("rows", &reference.rows, &state.rows),
                 first_difference("events", &reference.events, &state.events),
                 first_difference("versions", &reference.versions, &state.versions),
-                first_difference(
-                    "open conflicts",
-                    &reference.open_conflicts,
-                    &state.open_conflicts,
-                ),
+                first_difference("conflicts", &reference.conflicts, &state.conflicts),
             ]
             .into_iter()
             .filter(|d| !d.is_empty())
@@ -290,7 +300,6 @@ pub type Blocked = (
 /// Every running node lists the same blocked records (`tidemark_blocked`) and
 /// the same conflicts, open and resolved, with their kinds and resolutions.
 pub async fn assert_same_blocked(nodes: &[TestNode]) {
-    type Decided = (String, String, String, String, Option<String>);
     let mut seen: Option<(&str, Vec<Blocked>, Vec<Decided>)> = None;
     for node in running(nodes) {
         let blocked: Vec<Blocked> = fetch(
@@ -299,12 +308,7 @@ pub async fn assert_same_blocked(nodes: &[TestNode]) {
              FROM tidemark_blocked ORDER BY table_name, record_id",
         )
         .await;
-        let conflicts: Vec<Decided> = fetch(
-            node.reader(),
-            "SELECT conflict_id, kind, record_id, status, resolution \
-             FROM tidemark_conflicts ORDER BY conflict_id",
-        )
-        .await;
+        let conflicts: Vec<Decided> = fetch(node.reader(), DECIDED).await;
         match &seen {
             None => seen = Some((&node.name, blocked, conflicts)),
             Some((first, b, c)) => {

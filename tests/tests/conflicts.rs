@@ -84,7 +84,12 @@ fn admin_cli(node: &TestNode, args: &[&str]) -> Value {
 /// Chain node0 - node1 - node2 on a manual table, with one open conflict made
 /// while node1 (the only link) was down. Returns the record id.
 async fn partitioned_conflict() -> (Cluster, Ulid) {
-    let mut cluster = Cluster::start(&["sqlite", "sqlite", "sqlite"], Topology::Chain).await;
+    partitioned_conflict_on(&["sqlite", "sqlite", "sqlite"]).await
+}
+
+/// [`partitioned_conflict`] on these backends.
+async fn partitioned_conflict_on(backends: &[&str]) -> (Cluster, Ulid) {
+    let mut cluster = Cluster::start(backends, Topology::Chain).await;
     admin(&cluster.nodes[0])
         .await
         .set_policy(pb::SetPolicyRequest {
@@ -112,6 +117,98 @@ async fn partitioned_conflict() -> (Cluster, Ulid) {
     cluster.nodes[1].start().await;
     cluster.converged(CONVERGE).await;
     (cluster, id)
+}
+
+/// Every conflict a node lists, open and decided, oldest first.
+async fn all_conflicts(node: &TestNode) -> Vec<pb::ConflictInfo> {
+    admin(node)
+        .await
+        .list_conflicts(pb::ListConflictsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list conflicts")
+        .into_inner()
+        .conflicts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decided_conflicts_are_one_history_on_every_backend() {
+    let (mut cluster, id) = partitioned_conflict_on(&["sqlite", "postgres", "sqlite"]).await;
+    // The first conflict ends with a write on the middle node, which has seen
+    // both versions.
+    eventually(&cluster, "one open conflict", async |n| {
+        open_conflicts(n).await.len() == 1
+    })
+    .await;
+    cluster.nodes[1]
+        .put(id, json!({"title": "after the first", "stars": 2}))
+        .await;
+    cluster.converged(CONVERGE).await;
+    // A second conflict on the same record, resolved by an operator.
+    cluster.nodes[1].stop();
+    cluster.nodes[0].put(id, json!({"title": "again 0"})).await;
+    cluster.nodes[2].put(id, json!({"title": "again 2"})).await;
+    cluster.nodes[1].start().await;
+    cluster.converged(CONVERGE).await;
+    eventually(&cluster, "the second conflict open", async |n| {
+        open_conflicts(n).await.len() == 1
+    })
+    .await;
+    let second = open_conflicts(&cluster.nodes[2]).await.remove(0);
+    admin(&cluster.nodes[2])
+        .await
+        .resolve_conflict(pb::ResolveConflictRequest {
+            conflict_id: second.conflict_id.clone(),
+            choice: pb::ResolveChoice::KeepRemote as i32,
+            resolved_by: "carol".into(),
+            note: "the other side".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("resolve");
+    eventually(&cluster, "no open conflict", async |n| {
+        open_conflicts(n).await.is_empty()
+    })
+    .await;
+    cluster.converged(CONVERGE).await;
+    // One history: the same conflicts, every field equal (times included: HLC
+    // times, whichever backend prints them).
+    let reference = all_conflicts(&cluster.nodes[0]).await;
+    let how: Vec<(&str, &str, &str)> = reference
+        .iter()
+        .map(|c| {
+            (
+                c.status.as_str(),
+                c.resolution.as_str(),
+                c.resolved_by.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        how,
+        [
+            ("resolved", "superseded", ""),
+            ("resolved", "keep_remote", "carol")
+        ],
+        "{reference:#?}"
+    );
+    for c in &reference {
+        assert!(
+            !c.detected_at.is_empty() && !c.resolved_at.is_empty(),
+            "{c:?}"
+        );
+        assert!(c.detected_at <= c.resolved_at, "{c:?}");
+    }
+    for node in &cluster.nodes[1..] {
+        assert_eq!(
+            all_conflicts(node).await,
+            reference,
+            "{} against node0",
+            node.name
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

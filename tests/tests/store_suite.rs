@@ -1802,6 +1802,119 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
     store.close().await;
 }
 
+/// Conflicts are read off the record's history, not the order its versions
+/// arrived in: every order of the same four versions gives the same conflicts,
+/// decided ones included, with the same times (HLC times, not local ones).
+/// `a` and `b` are concurrent, `c` has seen both (a plain write: it supersedes
+/// them), `e` has seen nothing and is the greatest.
+async fn conflict_history_is_the_same_in_any_order(db: TestDb) {
+    let (p1, p2, p3, p4) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+        Ulid::from_parts(1, 4),
+    );
+    let r = id(4);
+    let a = causal_event(p1, hlc_at(-4_000, 0), r, "a", &[]);
+    let b = causal_event(p2, hlc_at(-3_000, 0), r, "b", &[]);
+    let c = causal_event(p3, hlc_at(-2_000, 0), r, "c", &[&a, &b]);
+    let e = causal_event(p4, hlc_at(-1_000, 0), r, "e", &[]);
+    let events = [a.clone(), b.clone(), c.clone(), e.clone()];
+    let time = |ev: &ChangeEvent| tidemark_store::model::hlc_time(ev.hlc);
+    let mut orders: Vec<Vec<usize>> = Vec::new();
+    for i in 0..4 {
+        for j in (0..4).filter(|j| *j != i) {
+            for k in (0..4).filter(|k| *k != i && *k != j) {
+                orders.push(vec![i, j, k, 6 - i - j - k]);
+            }
+        }
+    }
+    let mut first: Option<Vec<tidemark_store::Conflict>> = None;
+    for (n, order) in orders.iter().enumerate() {
+        // Half the orders one event per call, half in one batch.
+        let fresh = db.another();
+        let store = with_notes(&fresh, Ulid::generate()).await;
+        store
+            .set_policy("notes", ConflictPolicy::Manual)
+            .await
+            .expect("manual");
+        let delivered: Vec<ChangeEvent> = order.iter().map(|i| events[*i].clone()).collect();
+        if n % 2 == 0 {
+            for ev in &delivered {
+                store
+                    .apply_remote(std::slice::from_ref(ev))
+                    .await
+                    .expect("apply");
+            }
+        } else {
+            store.apply_remote(&delivered).await.expect("apply");
+        }
+        let got = store
+            .list_conflicts(&ConflictFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        store.close().await;
+        let ctx = format!("{} delivered in order {order:?}", db.kind());
+        match &first {
+            Some(expected) => assert_eq!(&got, expected, "{ctx}"),
+            None => {
+                let summary: Vec<_> = got
+                    .iter()
+                    .map(|x| {
+                        (
+                            x.conflict_id,
+                            x.status,
+                            x.winner.event_id,
+                            x.detected_at.clone(),
+                            x.resolved_at.clone(),
+                            x.resolution.clone(),
+                            x.resolution_event_id,
+                        )
+                    })
+                    .collect();
+                let mut want = vec![
+                    // a lost to b when b was written; c, which had seen it,
+                    // ended it; e is the greatest version concurrent with it.
+                    (
+                        a.event_id,
+                        ConflictStatus::Resolved,
+                        e.event_id,
+                        time(&b),
+                        Some(time(&c)),
+                        Some("superseded".to_owned()),
+                        Some(c.event_id),
+                    ),
+                    (
+                        b.event_id,
+                        ConflictStatus::Resolved,
+                        e.event_id,
+                        time(&e),
+                        Some(time(&c)),
+                        Some("superseded".to_owned()),
+                        Some(c.event_id),
+                    ),
+                    // c and e are both current: open.
+                    (
+                        c.event_id,
+                        ConflictStatus::Open,
+                        e.event_id,
+                        time(&e),
+                        None,
+                        None,
+                        None,
+                    ),
+                ];
+                want.sort_by_key(|w| w.0);
+                assert_eq!(summary, want, "{ctx}");
+                first = Some(got);
+            }
+        }
+    }
+}
+
 async fn out_of_order_causal_chain_opens_no_conflict(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     store
@@ -2093,6 +2206,7 @@ suite!(
         restart_with_persisted_hlc_far_ahead_is_refused,
         manual_conflicts_open_and_resolve,
         out_of_order_causal_chain_opens_no_conflict,
+        conflict_history_is_the_same_in_any_order,
         policy_switch_moves_conflicts,
         one_batch_with_policy_and_concurrent_versions,
         concurrent_api_writes_commit_in_groups,

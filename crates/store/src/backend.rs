@@ -341,43 +341,28 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- conflicts ------------------------------------------------------------------
 
-    /// Inserts a conflict; an existing one (same id) only gets the new winner.
-    fn upsert_conflict(
+    /// Writes these conflicts whole (inserting or replacing by id).
+    fn put_conflicts(
         &self,
         tx: &mut Self::Tx,
-        conflict: &Conflict,
+        conflicts: &[Conflict],
     ) -> impl Future<Output = Result<()>> + Send;
     /// Removes the constraint conflict (kind other than `version`) with this id,
     /// a clash that no longer holds.
     fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> impl Future<Output = Result<()>> + Send;
-    /// Resolves the open conflicts among `ids`.
-    fn close_conflicts(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Ulid],
-        resolution: &str,
-        by: Option<&str>,
-        note: Option<&str>,
-        event_id: Ulid,
-    ) -> impl Future<Output = Result<u64>> + Send;
-    /// Resolves every open conflict of `table` as `lww` (its policy became lww).
-    fn resolve_open_conflicts(
+    /// Every conflict of one record, inside `tx`.
+    fn record_conflicts(
         &self,
         tx: &mut Self::Tx,
         table: &str,
-    ) -> impl Future<Output = Result<u64>> + Send;
-    /// Conflicts of `table` that were decided by `lww`.
-    fn conflicts_decided_by_lww(
+        id: Ulid,
+    ) -> impl Future<Output = Result<Vec<Conflict>>> + Send;
+    /// Every conflict of a table, inside `tx` (its policy changes).
+    fn table_conflicts(
         &self,
         tx: &mut Self::Tx,
         table: &str,
     ) -> impl Future<Output = Result<Vec<Conflict>>> + Send;
-    /// Opens these conflicts again (their table's policy became manual).
-    fn reopen_conflicts(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Ulid],
-    ) -> impl Future<Output = Result<u64>> + Send;
     fn conflict(&self, id: Ulid) -> impl Future<Output = Result<Option<Conflict>>> + Send;
     /// [`Backend::conflict`] inside a daemon transaction (seeing its writes).
     fn conflict_in(
@@ -425,6 +410,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Events of one record, in the total order.
     fn record_events(
         &self,
+        table: &str,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
+    /// [`Backend::record_events`] inside `tx` (seeing its writes).
+    fn record_events_in(
+        &self,
+        tx: &mut Self::Tx,
         table: &str,
         id: Ulid,
     ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;

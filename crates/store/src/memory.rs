@@ -292,28 +292,16 @@ fn blocked_field(s: &mut State) -> &mut BTreeMap<(String, Ulid), Blocked> {
     &mut s.blocked
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms (the SQL backends' format).
-fn iso8601(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// Events of one record, in the total order.
+fn events_of_record(s: &State, table: &str, id: Ulid) -> Vec<ChangeEvent> {
+    let mut events: Vec<ChangeEvent> = s
+        .events
+        .values()
+        .filter(|e| e.event.table_name == table && e.event.record_id == id)
+        .map(|e| e.event.clone())
+        .collect();
+    events.sort_by_key(ChangeEvent::order);
+    events
 }
 
 fn is_canonical_ulid(text: &str) -> bool {
@@ -345,7 +333,7 @@ impl MemoryBackend {
     }
 
     fn now(&self) -> String {
-        iso8601((self.wall_ms)())
+        crate::model::iso8601((self.wall_ms)())
     }
 
     /// Declares a user table (`CREATE TABLE`). Fails, naming the problem, for a
@@ -1027,125 +1015,36 @@ impl Backend for MemoryBackend {
         Ok((before - state.quarantine.len()) as u64)
     }
 
-    async fn upsert_conflict(&self, tx: &mut Self::Tx, conflict: &Conflict) -> Result<()> {
-        let next = match tx.state.conflicts.get(&conflict.conflict_id) {
-            // Like the SQL backends: the winner side and what the clash is.
-            Some(existing) => Conflict {
-                winner: conflict.winner.clone(),
-                kind: conflict.kind,
-                detail: conflict.detail.clone(),
-                winner_table: conflict.winner_table.clone(),
-                winner_record_id: conflict.winner_record_id,
-                ..existing.clone()
-            },
-            None => {
-                let now = self.now();
-                Conflict {
-                    detected_at: now.clone(),
-                    resolved_at: (conflict.status == ConflictStatus::Resolved).then_some(now),
-                    resolution_note: None,
-                    resolution_event_id: None,
-                    ..conflict.clone()
-                }
-            }
-        };
-        tx.set(conflicts_field, conflict.conflict_id, Some(next));
+    async fn put_conflicts(&self, tx: &mut Self::Tx, conflicts: &[Conflict]) -> Result<()> {
+        for c in conflicts {
+            tx.set(conflicts_field, c.conflict_id, Some(c.clone()));
+        }
         Ok(())
     }
 
-    async fn close_conflicts(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Ulid],
-        resolution: &str,
-        by: Option<&str>,
-        note: Option<&str>,
-        event_id: Ulid,
-    ) -> Result<u64> {
-        let mut closed = 0;
-        for id in ids {
-            let Some(c) = tx.state.conflicts.get(id) else {
-                continue;
-            };
-            if c.status != ConflictStatus::Open {
-                continue;
-            }
-            let next = Conflict {
-                status: ConflictStatus::Resolved,
-                resolution: Some(resolution.to_owned()),
-                resolved_by: by.map(str::to_owned),
-                resolution_note: note.map(str::to_owned),
-                resolution_event_id: Some(event_id),
-                resolved_at: Some(self.now()),
-                ..c.clone()
-            };
-            tx.set(conflicts_field, *id, Some(next));
-            closed += 1;
-        }
-        Ok(closed)
-    }
-
-    async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
-        let open: Vec<Conflict> = tx
-            .state
-            .conflicts
-            .values()
-            .filter(|c| c.table_name == table && c.status == ConflictStatus::Open)
-            .cloned()
-            .collect();
-        let n = open.len() as u64;
-        for c in open {
-            let next = Conflict {
-                status: ConflictStatus::Resolved,
-                policy: ConflictPolicy::Lww,
-                resolution: Some("lww".into()),
-                resolved_by: Some("policy".into()),
-                resolved_at: Some(self.now()),
-                ..c
-            };
-            tx.set(conflicts_field, next.conflict_id, Some(next));
-        }
-        Ok(n)
-    }
-
-    async fn conflicts_decided_by_lww(
+    async fn record_conflicts(
         &self,
         tx: &mut Self::Tx,
         table: &str,
+        id: Ulid,
     ) -> Result<Vec<Conflict>> {
         Ok(tx
             .state
             .conflicts
             .values()
-            .filter(|c| {
-                c.table_name == table
-                    && c.status == ConflictStatus::Resolved
-                    && c.resolution.as_deref() == Some("lww")
-            })
+            .filter(|c| c.table_name == table && c.record_id == id)
             .cloned()
             .collect())
     }
 
-    async fn reopen_conflicts(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<u64> {
-        let mut n = 0;
-        for id in ids {
-            let Some(c) = tx.state.conflicts.get(id).cloned() else {
-                continue;
-            };
-            let next = Conflict {
-                status: ConflictStatus::Open,
-                policy: ConflictPolicy::Manual,
-                resolution: None,
-                resolved_by: None,
-                resolved_at: None,
-                resolution_note: None,
-                resolution_event_id: None,
-                ..c
-            };
-            tx.set(conflicts_field, *id, Some(next));
-            n += 1;
-        }
-        Ok(n)
+    async fn table_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<Vec<Conflict>> {
+        Ok(tx
+            .state
+            .conflicts
+            .values()
+            .filter(|c| c.table_name == table)
+            .cloned()
+            .collect())
     }
 
     async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
@@ -1241,14 +1140,16 @@ impl Backend for MemoryBackend {
 
     async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
         let s = self.state.lock().await;
-        let mut events: Vec<ChangeEvent> = s
-            .events
-            .values()
-            .filter(|e| e.event.table_name == table && e.event.record_id == id)
-            .map(|e| e.event.clone())
-            .collect();
-        events.sort_by_key(ChangeEvent::order);
-        Ok(events)
+        Ok(events_of_record(&s, table, id))
+    }
+
+    async fn record_events_in(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+    ) -> Result<Vec<ChangeEvent>> {
+        Ok(events_of_record(&tx.state, table, id))
     }
 
     async fn pending_captures(&self) -> Result<u64> {
@@ -1437,16 +1338,4 @@ fn origin_range(s: &State, origin: Ulid, after: Hlc) -> impl Iterator<Item = &(U
             Bound::Unbounded,
         ))
         .take_while(move |(o, _, _)| *o == origin)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn iso8601_matches_known_dates() {
-        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(iso8601(1_764_000_000_000), "2025-11-24T16:00:00.000Z");
-    }
 }

@@ -262,6 +262,14 @@ impl ChangeEvent {
         })
     }
 
+    /// The constraint clash this event resolves, as it carries it (see
+    /// [`Conflict::clash_json`]).
+    pub fn resolved_clash(&self) -> Option<Conflict> {
+        let r = self.metadata.as_ref()?.get("resolution")?;
+        let id = Ulid::from_string(r.get("conflict_id")?.as_str()?).ok()?;
+        Conflict::from_clash_json(id, &self.table_name, self.record_id, r.get("clash")?)
+    }
+
     /// The resolution this event carries (`metadata.resolution`), if it resolves a
     /// conflict.
     pub fn resolution(&self) -> Option<ResolutionInfo> {
@@ -711,18 +719,163 @@ pub struct Conflict {
     /// The winner's record when it is another record (constraint conflicts).
     pub winner_table: Option<String>,
     pub winner_record_id: Option<Ulid>,
-    /// The table's policy when the conflict was last (re)classified.
+    /// The table's policy (conflicts follow it when it changes).
     pub policy: ConflictPolicy,
     pub status: ConflictStatus,
     pub winner: ConflictSide,
     pub loser: ConflictSide,
+    /// When it arose: the HLC time of the later of the two writes (of the
+    /// first greater concurrent write, for a version conflict), so the same on
+    /// every node.
     pub detected_at: String,
+    /// The closing write's HLC time (the time it arose, when decided by `lww`).
     pub resolved_at: Option<String>,
     pub resolved_by: Option<String>,
     /// `lww`, `keep_local`, `keep_remote`, `merged` or `superseded`.
     pub resolution: Option<String>,
     pub resolution_note: Option<String>,
     pub resolution_event_id: Option<Ulid>,
+}
+
+/// The write that ended a conflict: the first, in the total order, that had seen
+/// the losing version, with the resolution it carries (an operator's) if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closer {
+    pub event_id: Ulid,
+    /// Its HLC time (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
+    pub at: String,
+    pub info: Option<ResolutionInfo>,
+}
+
+impl Closer {
+    /// The closing write a stored conflict names, if it names one.
+    pub fn of(c: &Conflict) -> Option<Closer> {
+        let event_id = c.resolution_event_id?;
+        let explicit = matches!(
+            c.resolution.as_deref(),
+            Some("keep_local" | "keep_remote" | "merged")
+        );
+        Some(Closer {
+            event_id,
+            at: c.resolved_at.clone().unwrap_or_default(),
+            info: explicit.then(|| ResolutionInfo {
+                kind: c.resolution.clone().unwrap_or_default(),
+                by: c.resolved_by.clone(),
+                note: c.resolution_note.clone(),
+            }),
+        })
+    }
+}
+
+impl Conflict {
+    /// The clash as the write resolving it carries it (`metadata.resolution.clash`),
+    /// so every node records the decided clash alike, whether or not the clash
+    /// ever arose there; the two sides' values are left out when `values` is
+    /// false (they would not fit in an event).
+    pub fn clash_json(&self, values: bool) -> Value {
+        let side = |s: &ConflictSide| {
+            serde_json::json!({
+                "e": s.event_id.to_string(),
+                "h": s.hlc.encode(),
+                "n": s.node_id.to_string(),
+                "values": if values { s.values.clone().map(Value::Object) } else { None },
+            })
+        };
+        serde_json::json!({
+            "kind": self.kind.as_str(),
+            "detail": self.detail,
+            "winner_table": self.winner_table,
+            "winner_record_id": self.winner_record_id.map(|i| i.to_string()),
+            "winner": side(&self.winner),
+            "loser": side(&self.loser),
+            "detected_at": self.detected_at,
+        })
+    }
+
+    /// Reads [`Conflict::clash_json`] back (unlabelled: see [`Conflict::label`]).
+    fn from_clash_json(
+        conflict_id: Ulid,
+        table: &str,
+        record_id: Ulid,
+        v: &Value,
+    ) -> Option<Conflict> {
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let side = |s: &Value| -> Option<ConflictSide> {
+            Some(ConflictSide {
+                event_id: Ulid::from_string(&text(s, "e")?).ok()?,
+                hlc: Hlc::decode(s.get("h")?.as_i64()?).ok()?,
+                node_id: Ulid::from_string(&text(s, "n")?).ok()?,
+                values: s.get("values").and_then(Value::as_object).cloned(),
+            })
+        };
+        Some(Conflict {
+            conflict_id,
+            kind: text(v, "kind")?.parse().ok()?,
+            table_name: table.to_owned(),
+            record_id,
+            detail: text(v, "detail"),
+            winner_table: text(v, "winner_table"),
+            winner_record_id: text(v, "winner_record_id").and_then(|i| Ulid::from_string(&i).ok()),
+            policy: ConflictPolicy::Manual,
+            status: ConflictStatus::Open,
+            winner: side(v.get("winner")?)?,
+            loser: side(v.get("loser")?)?,
+            detected_at: text(v, "detected_at")?,
+            resolved_at: None,
+            resolved_by: None,
+            resolution: None,
+            resolution_note: None,
+            resolution_event_id: None,
+        })
+    }
+
+    /// Sets the policy, status and resolution from the table's policy and the
+    /// write that closed the conflict, if one did. Nothing here depends on when
+    /// or where it runs, so every node that holds the same writes labels a
+    /// conflict the same way:
+    /// * closed by a write carrying an operator's resolution: that resolution;
+    /// * closed by any other write that had seen the losing version: `lww`
+    ///   under `lww` (the rule had decided it), `superseded` under `manual`;
+    /// * not closed: decided (`lww`, when it arose) under `lww`, open under
+    ///   `manual`.
+    pub fn label(&mut self, policy: ConflictPolicy, closer: Option<Closer>) {
+        let lww = policy == ConflictPolicy::Lww;
+        self.policy = policy;
+        match closer {
+            Some(c) => {
+                self.status = ConflictStatus::Resolved;
+                self.resolution_event_id = Some(c.event_id);
+                self.resolved_at = Some(c.at);
+                match c.info {
+                    Some(info) => {
+                        self.resolution = Some(info.kind);
+                        self.resolved_by = info.by;
+                        self.resolution_note = info.note;
+                    }
+                    None => {
+                        self.resolution = Some(if lww { "lww" } else { "superseded" }.into());
+                        self.resolved_by = lww.then(|| "lww".into());
+                        self.resolution_note = None;
+                    }
+                }
+            }
+            None => {
+                self.resolution_event_id = None;
+                self.resolution_note = None;
+                if lww {
+                    self.status = ConflictStatus::Resolved;
+                    self.resolution = Some("lww".into());
+                    self.resolved_by = Some("lww".into());
+                    self.resolved_at = Some(self.detected_at.clone());
+                } else {
+                    self.status = ConflictStatus::Open;
+                    self.resolution = None;
+                    self.resolved_by = None;
+                    self.resolved_at = None;
+                }
+            }
+        }
+    }
 }
 
 /// Which conflicts to list: optional table and status, ordered by id, after a
@@ -836,9 +989,45 @@ pub fn json_len(value: &impl serde::Serialize) -> usize {
     serde_json::to_writer(&mut count, value).map_or(usize::MAX, |()| count.0)
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms (the SQL backends' format).
+pub fn iso8601(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// An HLC's wall time as stored conflict times are written.
+pub fn hlc_time(hlc: Hlc) -> String {
+    iso8601(hlc.wall_ms())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso8601_matches_known_dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso8601(1_764_000_000_000), "2025-11-24T16:00:00.000Z");
+    }
 
     #[test]
     fn ulid_text_is_canonical() {

@@ -35,6 +35,14 @@ const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
 const BULK_CHUNK: usize = 1000;
 /// The NOTIFY channel capture triggers signal.
 pub const CAPTURE_CHANNEL: &str = "tidemark_capture";
+/// A record's events in the total order (`$1` table, `$2` record).
+fn record_events_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+         WHERE table_name = $1 AND record_id = $2::bpchar ORDER BY hlc_timestamp, node_id, event_id"
+    )
+}
+
 const PG_CONFLICT_TIMES: &str = "to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at, \
      to_char(resolved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS resolved_at";
 const WALL_MS: &str = "CAST(round(extract(epoch FROM wall_timestamp) * 1000) AS BIGINT) AS wall_ms";
@@ -1210,99 +1218,82 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
-    async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
-             winner_event_id, winner_hlc, winner_node_id, winner_values, \
-             loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at, \
-             kind, detail, winner_table, winner_record_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             CASE WHEN $5 = 'resolved' THEN CURRENT_TIMESTAMP END, $16, $17, $18, $19) \
-             ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
-             winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
-             winner_values = excluded.winner_values, kind = excluded.kind, detail = excluded.detail, \
-             winner_table = excluded.winner_table, winner_record_id = excluded.winner_record_id",
-        )
-        .bind(c.conflict_id.to_string())
-        .bind(&c.table_name)
-        .bind(c.record_id.to_string())
-        .bind(c.policy.as_str())
-        .bind(c.status.as_str())
-        .bind(c.winner.event_id.to_string())
-        .bind(c.winner.hlc.encode())
-        .bind(c.winner.node_id.to_string())
-        .bind(c.winner.values.as_ref().map(Json))
-        .bind(c.loser.event_id.to_string())
-        .bind(c.loser.hlc.encode())
-        .bind(c.loser.node_id.to_string())
-        .bind(c.loser.values.as_ref().map(Json))
-        .bind(c.resolved_by.as_deref())
-        .bind(c.resolution.as_deref())
-        .bind(c.kind.as_str())
-        .bind(c.detail.as_deref())
-        .bind(c.winner_table.as_deref())
-        .bind(c.winner_record_id.map(|i| i.to_string()))
-        .execute(&mut **tx)
-        .await?;
+    async fn put_conflicts(&self, tx: &mut Self::Tx, conflicts: &[Conflict]) -> Result<()> {
+        for c in conflicts {
+            sqlx::query(
+                "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
+                 winner_event_id, winner_hlc, winner_node_id, winner_values, \
+                 loser_event_id, loser_hlc, loser_node_id, loser_values, detected_at, resolved_at, \
+                 resolved_by, resolution, resolution_note, resolution_event_id, \
+                 kind, detail, winner_table, winner_record_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::timestamptz, \
+                 $15::timestamptz, $16, $17, $18, $19, $20, $21, $22, $23) \
+                 ON CONFLICT (conflict_id) DO UPDATE SET table_name = excluded.table_name, \
+                 record_id = excluded.record_id, policy = excluded.policy, status = excluded.status, \
+                 winner_event_id = excluded.winner_event_id, winner_hlc = excluded.winner_hlc, \
+                 winner_node_id = excluded.winner_node_id, winner_values = excluded.winner_values, \
+                 loser_event_id = excluded.loser_event_id, loser_hlc = excluded.loser_hlc, \
+                 loser_node_id = excluded.loser_node_id, loser_values = excluded.loser_values, \
+                 detected_at = excluded.detected_at, resolved_at = excluded.resolved_at, \
+                 resolved_by = excluded.resolved_by, resolution = excluded.resolution, \
+                 resolution_note = excluded.resolution_note, resolution_event_id = excluded.resolution_event_id, \
+                 kind = excluded.kind, detail = excluded.detail, winner_table = excluded.winner_table, \
+                 winner_record_id = excluded.winner_record_id",
+            )
+            .bind(c.conflict_id.to_string())
+            .bind(&c.table_name)
+            .bind(c.record_id.to_string())
+            .bind(c.policy.as_str())
+            .bind(c.status.as_str())
+            .bind(c.winner.event_id.to_string())
+            .bind(c.winner.hlc.encode())
+            .bind(c.winner.node_id.to_string())
+            .bind(c.winner.values.as_ref().map(Json))
+            .bind(c.loser.event_id.to_string())
+            .bind(c.loser.hlc.encode())
+            .bind(c.loser.node_id.to_string())
+            .bind(c.loser.values.as_ref().map(Json))
+            .bind(&c.detected_at)
+            .bind(c.resolved_at.as_deref())
+            .bind(c.resolved_by.as_deref())
+            .bind(c.resolution.as_deref())
+            .bind(c.resolution_note.as_deref())
+            .bind(c.resolution_event_id.map(|i| i.to_string()))
+            .bind(c.kind.as_str())
+            .bind(c.detail.as_deref())
+            .bind(c.winner_table.as_deref())
+            .bind(c.winner_record_id.map(|i| i.to_string()))
+            .execute(&mut **tx)
+            .await?;
+        }
         Ok(())
     }
 
-    async fn close_conflicts(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Ulid],
-        resolution: &str,
-        by: Option<&str>,
-        note: Option<&str>,
-        event_id: Ulid,
-    ) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe("UPDATE tidemark_conflicts SET status = 'resolved', resolution = $1, resolved_by = $2, \
-             resolution_note = $3, resolution_event_id = $4, resolved_at = CURRENT_TIMESTAMP \
-             WHERE status = 'open' AND conflict_id = ANY($5::bpchar[])".to_string()))
-        .bind(resolution)
-        .bind(by)
-        .bind(note)
-        .bind(event_id.to_string())
-        .bind(ids_text(ids))
-        .execute(&mut **tx)
-        .await?;
-        Ok(res.rows_affected())
-    }
-
-    async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
-        let res = sqlx::query(AssertSqlSafe("UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
-             resolved_by = 'policy', resolved_at = CURRENT_TIMESTAMP WHERE table_name = $1 AND status = 'open'".to_string()))
-        .bind(table)
-        .execute(&mut **tx)
-        .await?;
-        Ok(res.rows_affected())
-    }
-
-    async fn conflicts_decided_by_lww(
+    async fn record_conflicts(
         &self,
         tx: &mut Self::Tx,
         table: &str,
+        id: Ulid,
     ) -> Result<Vec<Conflict>> {
         let rows: Vec<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CONFLICT_COLUMNS}, {PG_CONFLICT_TIMES} FROM tidemark_conflicts \
-             WHERE table_name = $1 AND status = 'resolved' AND resolution = 'lww'"
+             WHERE table_name = $1 AND record_id = $2::bpchar"
         )))
         .bind(table)
+        .bind(id.to_string())
         .fetch_all(&mut **tx)
         .await?;
         rows.into_iter().map(Conflict::try_from).collect()
     }
 
-    async fn reopen_conflicts(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<u64> {
-        let res = sqlx::query(
-            "UPDATE tidemark_conflicts SET status = 'open', policy = 'manual', resolution = NULL, \
-             resolved_by = NULL, resolved_at = NULL, resolution_note = NULL, resolution_event_id = NULL \
-             WHERE conflict_id = ANY($1::bpchar[])",
-        )
-        .bind(ids_text(ids))
-        .execute(&mut **tx)
+    async fn table_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<Vec<Conflict>> {
+        let rows: Vec<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CONFLICT_COLUMNS}, {PG_CONFLICT_TIMES} FROM tidemark_conflicts WHERE table_name = $1"
+        )))
+        .bind(table)
+        .fetch_all(&mut **tx)
         .await?;
-        Ok(res.rows_affected())
+        rows.into_iter().map(Conflict::try_from).collect()
     }
 
     async fn quarantine(
@@ -1514,14 +1505,26 @@ impl Backend for PostgresBackend {
     }
 
     async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
-             WHERE table_name = $1 AND record_id = $2::bpchar ORDER BY hlc_timestamp, node_id, event_id"
-        );
+        let sql = record_events_sql();
         let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(table)
             .bind(id.to_string())
             .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(ChangeEvent::try_from).collect()
+    }
+
+    async fn record_events_in(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+    ) -> Result<Vec<ChangeEvent>> {
+        let sql = record_events_sql();
+        let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(table)
+            .bind(id.to_string())
+            .fetch_all(&mut **tx)
             .await?;
         rows.into_iter().map(ChangeEvent::try_from).collect()
     }

@@ -12,9 +12,18 @@
 //!   so this is also the greatest version ever written, tombstones included: an
 //!   older update arriving after a newer delete never resurrects the row.
 //!
+//! * **Conflicts** are read off a record's history, not off the order it
+//!   arrived in: a version *lost* when a greater version (by the total order) is
+//!   concurrent with it. Its conflict shows the greatest such version (the
+//!   winner), arose with the least (the first write that beat it), and closed
+//!   with the least version that has seen it, if any. Open conflicts are exactly
+//!   the frontier's members other than its winner.
+//!
 //! Laws (property-tested below): the frontier is the set of maximal elements of
 //! every version received, so any order and any duplication of the same versions
-//! give the same frontier, the same winner and the same merged vector.
+//! give the same frontier, the same winner and the same merged vector; a
+//! record's conflicts kept up as versions arrive, in any order, are those of
+//! its whole history.
 
 use crate::model::{Member, Version};
 
@@ -96,6 +105,50 @@ pub fn resolve(local: Option<&Version>, incoming: &Member) -> Resolution {
         },
         superseded,
     }
+}
+
+/// Neither version has seen the other.
+pub fn concurrent(a: &Member, b: &Member) -> bool {
+    a.event_id != b.event_id && !a.vv.covers(&b.vv) && !b.vv.covers(&a.vv)
+}
+
+/// `later` has seen `earlier` (a version has not seen itself).
+pub fn has_seen(later: &Member, earlier: &Member) -> bool {
+    later.event_id != earlier.event_id && later.vv.covers(&earlier.vv)
+}
+
+/// The conflict a version is the losing side of, within a record's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost<'a> {
+    pub loser: &'a Member,
+    /// The greatest version concurrent with the loser.
+    pub winner: &'a Member,
+    /// The least greater version concurrent with it: when the conflict arose.
+    pub arose: &'a Member,
+    /// The least version that has seen it: the write that ended the conflict.
+    pub closer: Option<&'a Member>,
+}
+
+/// The conflict `loser` lost within `history` (duplicates allowed), if a greater
+/// concurrent version exists there.
+pub fn lost<'a>(loser: &'a Member, history: &'a [Member]) -> Option<Lost<'a>> {
+    let beat = || {
+        history
+            .iter()
+            .filter(|h| h.order() > loser.order() && concurrent(h, loser))
+    };
+    let winner = beat().max_by_key(|h| h.order())?;
+    let arose = beat().min_by_key(|h| h.order())?;
+    let closer = history
+        .iter()
+        .filter(|h| has_seen(h, loser))
+        .min_by_key(|h| h.order());
+    Some(Lost {
+        loser,
+        winner,
+        arose,
+        closer,
+    })
 }
 
 #[cfg(test)]
@@ -233,6 +286,93 @@ mod tests {
             let mut got: Vec<Ulid> = reference.frontier.iter().map(|m| m.event_id).collect();
             got.sort();
             prop_assert_eq!(got, maximal);
+        }
+
+        /// Open conflicts (no version has seen the loser) are the frontier's
+        /// members but its winner, each shown against the winner.
+        #[test]
+        fn open_conflicts_are_the_frontier(versions in history()) {
+            let version = fold(&versions).expect("non-empty");
+            let winner = version.frontier.last().expect("winner");
+            let mut open: Vec<Ulid> = Vec::new();
+            for v in &versions {
+                if let Some(l) = lost(v, &versions) && l.closer.is_none() {
+                    prop_assert_eq!(l.winner.event_id, winner.event_id);
+                    open.push(v.event_id);
+                }
+            }
+            open.sort();
+            let mut losers: Vec<Ulid> = version.frontier[..version.frontier.len() - 1]
+                .iter()
+                .map(|m| m.event_id)
+                .collect();
+            losers.sort();
+            prop_assert_eq!(open, losers);
+        }
+
+        /// Conflicts kept up as versions arrive (the way the engine does: a
+        /// fast-forward only closes the conflicts of the versions it
+        /// supersedes; any other arrival recomputes those it is concurrent
+        /// with and closes those it has seen) end as those of the whole
+        /// history, in any arrival order, with duplicates.
+        #[test]
+        fn kept_up_conflicts_match_the_whole_history(
+            versions in history(),
+            perm_seed in any::<u64>(),
+            dups in prop::collection::vec(0usize..64, 0..8),
+        ) {
+            type Row = (Ulid, Ulid, Option<Ulid>);
+            let row = |l: Lost<'_>| (l.winner.event_id, l.arose.event_id, l.closer.map(|c| c.event_id));
+            let mut arrivals = versions.clone();
+            for d in dups { let v = arrivals[d % arrivals.len()].clone(); arrivals.push(v); }
+            let mut s = perm_seed;
+            for i in (1..arrivals.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let j = (s >> 33) as usize % (i + 1);
+                arrivals.swap(i, j);
+            }
+            let mut held: Vec<Member> = Vec::new();
+            let mut rows: std::collections::BTreeMap<Ulid, Row> = Default::default();
+            let mut cur: Option<Version> = None;
+            for e in arrivals {
+                if held.iter().any(|h| h.event_id == e.event_id) {
+                    continue;
+                }
+                let r = resolve(cur.as_ref(), &e);
+                cur = Some(r.next.clone());
+                held.push(e.clone());
+                match r.causality {
+                    Causality::New => {}
+                    Causality::Newer => {
+                        for m in &r.superseded {
+                            if let Some(row) = rows.get_mut(&m.event_id) && row.2.is_none() {
+                                row.2 = Some(e.event_id);
+                            }
+                        }
+                    }
+                    Causality::Concurrent | Causality::Older => {
+                        for l in held.iter().filter(|l| l.event_id == e.event_id || concurrent(l, &e)) {
+                            if let Some(found) = lost(l, &held) {
+                                rows.insert(l.event_id, row(found));
+                            }
+                        }
+                        for (loser, row) in rows.iter_mut() {
+                            let l = held.iter().find(|h| h.event_id == *loser).expect("held");
+                            if has_seen(&e, l) {
+                                let earlier = row.2.and_then(|c| held.iter().find(|h| h.event_id == c));
+                                if earlier.is_none_or(|c| e.order() < c.order()) {
+                                    row.2 = Some(e.event_id);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let full: std::collections::BTreeMap<Ulid, Row> = versions
+                .iter()
+                .filter_map(|v| lost(v, &versions).map(|l| (v.event_id, row(l))))
+                .collect();
+            prop_assert_eq!(rows, full);
         }
     }
 }

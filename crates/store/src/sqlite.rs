@@ -58,7 +58,6 @@ use crate::value::{ColumnType, SqlCell};
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
 const WALL_MS: &str =
     "CAST(round(unixepoch(wall_timestamp, 'subsec') * 1000) AS INTEGER) AS wall_ms";
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 fn migrator() -> sqlx::migrate::Migrator {
     let mut m = sqlx::migrate!("./migrations/sqlite");
@@ -515,6 +514,24 @@ fn blocked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockedRow> {
         blocker_table: r.get("blocker_table")?,
         blocker_id: r.get("blocker_id")?,
         blocked_at: r.get("blocked_at")?,
+    })
+}
+
+/// A row of `SELECT {EVENT_COLUMNS}, {WALL_MS}`.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        event_id: r.get("event_id")?,
+        hlc_timestamp: r.get("hlc_timestamp")?,
+        wall_ms: r.get("wall_ms")?,
+        node_id: r.get("node_id")?,
+        table_name: r.get("table_name")?,
+        record_id: r.get("record_id")?,
+        operation: r.get("operation")?,
+        action: r.get("action")?,
+        user_id: r.get("user_id")?,
+        old_values: writer::json(r, "old_values")?,
+        new_values: writer::json(r, "new_values")?,
+        metadata: writer::json(r, "metadata")?,
     })
 }
 
@@ -1417,103 +1434,77 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
-    async fn upsert_conflict(&self, tx: &mut Self::Tx, c: &Conflict) -> Result<()> {
+    async fn put_conflicts(&self, tx: &mut Self::Tx, conflicts: &[Conflict]) -> Result<()> {
         let values = |v: Option<&Values>| v.map(json_text).transpose();
-        execute(
-            tx.conn(),
-            &format!(
-                "INSERT INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
+        for c in conflicts {
+            execute(
+                tx.conn(),
+                "INSERT OR REPLACE INTO tidemark_conflicts (conflict_id, table_name, record_id, policy, status, \
                  winner_event_id, winner_hlc, winner_node_id, winner_values, \
-                 loser_event_id, loser_hlc, loser_node_id, loser_values, resolved_by, resolution, resolved_at, \
+                 loser_event_id, loser_hlc, loser_node_id, loser_values, detected_at, resolved_at, \
+                 resolved_by, resolution, resolution_note, resolution_event_id, \
                  kind, detail, winner_table, winner_record_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
-                 CASE WHEN ?5 = 'resolved' THEN {NOW} END, ?16, ?17, ?18, ?19) \
-                 ON CONFLICT (conflict_id) DO UPDATE SET winner_event_id = excluded.winner_event_id, \
-                 winner_hlc = excluded.winner_hlc, winner_node_id = excluded.winner_node_id, \
-                 winner_values = excluded.winner_values, kind = excluded.kind, detail = excluded.detail, \
-                 winner_table = excluded.winner_table, winner_record_id = excluded.winner_record_id"
-            ),
-            params![
-                c.conflict_id.to_string(),
-                c.table_name,
-                c.record_id.to_string(),
-                c.policy.as_str(),
-                c.status.as_str(),
-                c.winner.event_id.to_string(),
-                c.winner.hlc.encode(),
-                c.winner.node_id.to_string(),
-                values(c.winner.values.as_ref())?,
-                c.loser.event_id.to_string(),
-                c.loser.hlc.encode(),
-                c.loser.node_id.to_string(),
-                values(c.loser.values.as_ref())?,
-                c.resolved_by.as_deref(),
-                c.resolution.as_deref(),
-                c.kind.as_str(),
-                c.detail.as_deref(),
-                c.winner_table.as_deref(),
-                c.winner_record_id.map(|i| i.to_string()),
-            ],
-        )?;
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?18, ?19, ?20, ?21, ?22, ?23)",
+                params![
+                    c.conflict_id.to_string(),
+                    c.table_name,
+                    c.record_id.to_string(),
+                    c.policy.as_str(),
+                    c.status.as_str(),
+                    c.winner.event_id.to_string(),
+                    c.winner.hlc.encode(),
+                    c.winner.node_id.to_string(),
+                    values(c.winner.values.as_ref())?,
+                    c.loser.event_id.to_string(),
+                    c.loser.hlc.encode(),
+                    c.loser.node_id.to_string(),
+                    values(c.loser.values.as_ref())?,
+                    c.detected_at,
+                    c.resolved_at,
+                    c.resolved_by.as_deref(),
+                    c.resolution.as_deref(),
+                    c.resolution_note.as_deref(),
+                    c.resolution_event_id.map(|i| i.to_string()),
+                    c.kind.as_str(),
+                    c.detail.as_deref(),
+                    c.winner_table.as_deref(),
+                    c.winner_record_id.map(|i| i.to_string()),
+                ],
+            )?;
+        }
         Ok(())
     }
 
-    async fn close_conflicts(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Ulid],
-        resolution: &str,
-        by: Option<&str>,
-        note: Option<&str>,
-        event_id: Ulid,
-    ) -> Result<u64> {
-        execute(
-            tx.conn(),
-            &format!(
-                "UPDATE tidemark_conflicts SET status = 'resolved', resolution = ?1, resolved_by = ?2, \
-                 resolution_note = ?3, resolution_event_id = ?4, resolved_at = {NOW} \
-                 WHERE status = 'open' AND conflict_id IN (SELECT value FROM json_each(?5))"
-            ),
-            params![resolution, by, note, event_id.to_string(), ids_json(ids)],
-        )
-    }
-
-    async fn resolve_open_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<u64> {
-        execute(
-            tx.conn(),
-            &format!(
-                "UPDATE tidemark_conflicts SET status = 'resolved', policy = 'lww', resolution = 'lww', \
-                 resolved_by = 'policy', resolved_at = {NOW} WHERE table_name = ?1 AND status = 'open'"
-            ),
-            [table],
-        )
-    }
-
-    async fn conflicts_decided_by_lww(
+    async fn record_conflicts(
         &self,
         tx: &mut Self::Tx,
         table: &str,
+        id: Ulid,
     ) -> Result<Vec<Conflict>> {
         let rows = query(
             tx.conn(),
             &format!(
                 "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts \
-                 WHERE table_name = ?1 AND status = 'resolved' AND resolution = 'lww'"
+                 WHERE table_name = ?1 AND record_id = ?2"
             ),
-            [table],
+            [table.to_owned(), id.to_string()],
             conflict_row,
         )?;
         rows.into_iter().map(Conflict::try_from).collect()
     }
 
-    async fn reopen_conflicts(&self, tx: &mut Self::Tx, ids: &[Ulid]) -> Result<u64> {
-        execute(
+    async fn table_conflicts(&self, tx: &mut Self::Tx, table: &str) -> Result<Vec<Conflict>> {
+        let rows = query(
             tx.conn(),
-            "UPDATE tidemark_conflicts SET status = 'open', policy = 'manual', resolution = NULL, \
-             resolved_by = NULL, resolved_at = NULL, resolution_note = NULL, resolution_event_id = NULL \
-             WHERE conflict_id IN (SELECT value FROM json_each(?1))",
-            [ids_json(ids)],
-        )
+            &format!(
+                "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts \
+                 WHERE table_name = ?1"
+            ),
+            [table],
+            conflict_row,
+        )?;
+        rows.into_iter().map(Conflict::try_from).collect()
     }
 
     async fn quarantine(
@@ -1741,6 +1732,24 @@ impl Backend for SqliteBackend {
             .bind(id.to_string())
             .fetch_all(&self.pool)
             .await?;
+        rows.into_iter().map(ChangeEvent::try_from).collect()
+    }
+
+    async fn record_events_in(
+        &self,
+        tx: &mut Self::Tx,
+        table: &str,
+        id: Ulid,
+    ) -> Result<Vec<ChangeEvent>> {
+        let rows = query(
+            tx.conn(),
+            &format!(
+                "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+                 WHERE table_name = ?1 AND record_id = ?2 ORDER BY hlc_timestamp, node_id, event_id"
+            ),
+            [table.to_owned(), id.to_string()],
+            event_row,
+        )?;
         rows.into_iter().map(ChangeEvent::try_from).collect()
     }
 

@@ -342,7 +342,7 @@ impl<B: Backend> Engine<B> {
                 .as_ref()
                 .and_then(parse_registry_values)
                 .ok_or_else(|| StoreError::corrupt(REGISTRY_TABLE, "checked values vanished"))?;
-            self.apply_policy(tx, &name, policy, cache).await?;
+            self.apply_policy(tx, &name, policy).await?;
             return Ok(res);
         }
         if !careful && !self.constrained(table) && cache.pending.is_some() {

@@ -408,7 +408,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Keeps a constraint clash in the conflict table, keyed by the blocked
-    /// write's event id: open under `manual`, decided under `lww`.
+    /// write's event id: open under `manual`, decided under `lww`, arisen when
+    /// the later of the two writes was made (the same on every node).
     async fn record_clash(
         &self,
         tx: &mut B::Tx,
@@ -417,8 +418,7 @@ impl<B: Backend> Engine<B> {
         loser: &Winner,
         clash: &Clash,
     ) -> Result<()> {
-        let manual = table.conflict_policy == ConflictPolicy::Manual;
-        let conflict = Conflict {
+        let mut conflict = Conflict {
             conflict_id: loser.order.event_id,
             kind: clash.kind,
             table_name: table.table_name.clone(),
@@ -427,11 +427,7 @@ impl<B: Backend> Engine<B> {
             winner_table: Some(clash.table.clone()),
             winner_record_id: Some(clash.record),
             policy: table.conflict_policy,
-            status: if manual {
-                ConflictStatus::Open
-            } else {
-                ConflictStatus::Resolved
-            },
+            status: ConflictStatus::Open,
             winner: ConflictSide {
                 event_id: clash.order.event_id,
                 hlc: clash.order.hlc,
@@ -444,14 +440,17 @@ impl<B: Backend> Engine<B> {
                 node_id: loser.order.node_id,
                 values: loser.values.clone(),
             },
-            detected_at: String::new(),
+            detected_at: crate::model::hlc_time(clash.order.hlc.max(loser.order.hlc)),
             resolved_at: None,
-            resolved_by: (!manual).then(|| "lww".to_owned()),
-            resolution: (!manual).then(|| "lww".to_owned()),
+            resolved_by: None,
+            resolution: None,
             resolution_note: None,
             resolution_event_id: None,
         };
-        self.backend.upsert_conflict(tx, &conflict).await
+        conflict.label(table.conflict_policy, None);
+        self.backend
+            .put_conflicts(tx, std::slice::from_ref(&conflict))
+            .await
     }
 
     /// Removes these rows, blocking first every child row that references one of

@@ -251,9 +251,9 @@ impl<B: Backend> Engine<B> {
 
     /// Sets a table's conflict policy cluster-wide: the change is an event on the
     /// registry (`tidemark_datatypes`) that replicates like any write, last writer
-    /// wins. Open conflicts follow the policy: switching to `lww` resolves them,
-    /// switching to `manual` reopens those decided by `lww` whose versions are still
-    /// concurrent.
+    /// wins. Conflicts follow the policy: switching to `lww` decides the open
+    /// ones, switching to `manual` reopens those decided by `lww` whose versions
+    /// are still concurrent.
     pub async fn set_policy(&self, table: &str, policy: ConflictPolicy) -> Result<ChangeEvent> {
         let info = self.table(table)?;
         let registry = registry_table();
@@ -280,42 +280,33 @@ impl<B: Backend> Engine<B> {
             None,
         );
         self.settle(&mut tx, &registry, &event, &mut cache).await?;
-        self.apply_policy(&mut tx, &info.table_name, policy, &mut cache)
-            .await?;
+        self.apply_policy(&mut tx, &info.table_name, policy).await?;
         self.commit_local(tx, &event).await?;
         self.reload_tables().await?;
         Ok(event)
     }
 
-    /// Sets the policy inside `tx` and moves conflicts of the table to match it.
+    /// Sets the policy inside `tx` and labels the table's conflicts by it
+    /// ([`Conflict::label`]): under `lww` the open ones are decided, under
+    /// `manual` those decided by `lww` and not closed by a later write open
+    /// again. The labels depend only on the policy and each conflict's closing
+    /// write, so every node ends the same whatever it held when it switched.
     pub(super) async fn apply_policy(
         &self,
         tx: &mut B::Tx,
         table: &str,
         policy: ConflictPolicy,
-        cache: &mut VersionCache,
     ) -> Result<()> {
         self.backend.set_policy(tx, table, policy).await?;
-        match policy {
-            ConflictPolicy::Lww => {
-                self.backend.resolve_open_conflicts(tx, table).await?;
-            }
-            ConflictPolicy::Manual => {
-                let decided = self.backend.conflicts_decided_by_lww(tx, table).await?;
-                let info = self.table(table)?;
-                let mut reopen = Vec::new();
-                for c in decided {
-                    let version = self.cached_version(tx, cache, &info, c.record_id).await?;
-                    if version
-                        .is_some_and(|v| v.frontier.iter().any(|m| m.event_id == c.loser.event_id))
-                    {
-                        reopen.push(c.conflict_id);
-                    }
-                }
-                self.backend.reopen_conflicts(tx, &reopen).await?;
+        let mut changed = Vec::new();
+        for c in self.backend.table_conflicts(tx, table).await? {
+            let mut next = c.clone();
+            next.label(policy, crate::model::Closer::of(&c));
+            if next != c {
+                changed.push(next);
             }
         }
-        Ok(())
+        self.backend.put_conflicts(tx, &changed).await
     }
 }
 

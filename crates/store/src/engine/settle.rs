@@ -2,6 +2,9 @@
 //! and the write buffer that issues rows, versions and events in bulk.
 
 use super::*;
+use crate::model::{Closer, Member, hlc_time};
+use crate::rules::{Lost, concurrent, has_seen, lost};
+use tidemark_hlc::WriteOrder;
 
 impl<B: Backend> Engine<B> {
     /// The record's version, read once per transaction and kept current in `cache`.
@@ -57,87 +60,159 @@ impl<B: Backend> Engine<B> {
             (table.table_name.clone(), event.record_id),
             Some(res.next.clone()),
         );
-        let touches_conflicts =
-            !res.superseded.is_empty() || res.causality == Causality::Concurrent;
-        if table.table_name != REGISTRY_TABLE && touches_conflicts {
-            // Conflict bookkeeping reads the stored events of the frontier.
-            self.flush(tx, cache).await?;
-            self.track_conflicts(tx, table, event, &res).await?;
+        if table.table_name != REGISTRY_TABLE {
+            self.track_conflicts(tx, table, event, &res, cache).await?;
         }
         Ok(res)
     }
 
-    /// Conflict rows follow the frontier: one per losing member (open under
-    /// `manual`, decided under `lww`), closed when a version that has seen it
-    /// arrives (with the resolution that version carries, or as superseded).
+    /// Keeps the record's conflicts equal to those its history defines
+    /// ([`crate::rules::lost`]), whatever order its versions arrive in, so
+    /// every node that holds the same events holds the same conflicts, decided
+    /// ones included:
+    /// * a fast-forward only closes the conflicts of the versions it
+    ///   supersedes (they were current: it is the first write to have seen
+    ///   them);
+    /// * any other arrival recomputes, from the record's log, the conflicts of
+    ///   the versions concurrent with it (and its own), and closes those whose
+    ///   losing version it has seen, unless a write before it in the total
+    ///   order already did.
+    ///
+    /// A stored conflict keeps what it knows of versions compacted from the log
+    /// since (the greater winner, the earlier time and closing write).
+    /// Constraint clashes are kept while they hold (whether one arose depends
+    /// on what else a node held at the time, not on the record's history): a
+    /// write that has seen the blocked write ends one, and its row goes; the
+    /// write itself, an operator's resolution included, stays in the log.
     pub(super) async fn track_conflicts(
         &self,
         tx: &mut B::Tx,
         table: &TableInfo,
         event: &ChangeEvent,
         res: &Resolution,
+        cache: &mut VersionCache,
     ) -> Result<()> {
-        if !res.superseded.is_empty() {
-            let info = event.resolution();
-            let ids: Vec<Ulid> = res.superseded.iter().map(|m| m.event_id).collect();
-            self.backend
-                .close_conflicts(
-                    tx,
-                    &ids,
-                    info.as_ref().map_or("superseded", |i| i.kind.as_str()),
-                    info.as_ref().and_then(|i| i.by.as_deref()),
-                    info.as_ref().and_then(|i| i.note.as_deref()),
-                    event.event_id,
-                )
-                .await?;
-        }
-        if res.causality != Causality::Concurrent {
-            return Ok(());
-        }
-        let Some(winner) = res.next.frontier.last() else {
-            return Ok(());
+        let closed_by_event = || Closer {
+            event_id: event.event_id,
+            at: hlc_time(event.hlc),
+            info: event.resolution(),
         };
-        let wanted: Vec<Ulid> = res
-            .next
-            .frontier
-            .iter()
-            .map(|m| m.event_id)
-            .filter(|id| *id != event.event_id)
-            .collect();
-        let mut values = self.backend.event_values(tx, &wanted).await?;
-        values.insert(event.event_id, event.new_values.clone());
-        let side = |m: &crate::model::Member| ConflictSide {
-            event_id: m.event_id,
-            hlc: m.hlc,
-            node_id: m.node_id,
-            values: values.get(&m.event_id).cloned().flatten(),
-        };
-        let manual = table.conflict_policy == ConflictPolicy::Manual;
-        for loser in &res.next.frontier[..res.next.frontier.len() - 1] {
-            let conflict = Conflict {
-                conflict_id: loser.event_id,
-                kind: ConflictKind::Version,
-                detail: None,
-                winner_table: None,
-                winner_record_id: None,
-                table_name: table.table_name.clone(),
-                record_id: event.record_id,
-                policy: table.conflict_policy,
-                status: if manual {
-                    ConflictStatus::Open
-                } else {
-                    ConflictStatus::Resolved
-                },
-                winner: side(winner),
-                loser: side(loser),
-                detected_at: String::new(),
-                resolved_at: None,
-                resolved_by: (!manual).then(|| "lww".to_owned()),
-                resolution: (!manual).then(|| "lww".to_owned()),
-                resolution_note: None,
-                resolution_event_id: None,
-            };
-            self.backend.upsert_conflict(tx, &conflict).await?;
+        let mut changed: Vec<Conflict> = Vec::new();
+        // Constraint clashes whose blocked write a later write has seen: over.
+        let mut over: Vec<Ulid> = Vec::new();
+        // Stored version conflicts' ids.
+        let mut versions: Vec<Ulid> = Vec::new();
+        match res.causality {
+            Causality::New => {}
+            Causality::Newer if res.superseded.is_empty() => {}
+            Causality::Newer => {
+                let stored = self
+                    .backend
+                    .record_conflicts(tx, &table.table_name, event.record_id)
+                    .await?;
+                for mut c in stored {
+                    if c.kind == ConflictKind::Version {
+                        versions.push(c.conflict_id);
+                    }
+                    let superseded = res
+                        .superseded
+                        .iter()
+                        .any(|m| m.event_id == c.loser.event_id);
+                    if !superseded {
+                        continue;
+                    }
+                    if c.kind != ConflictKind::Version {
+                        over.push(c.conflict_id);
+                    } else if c.resolution_event_id.is_none() {
+                        c.label(table.conflict_policy, Some(closed_by_event()));
+                        changed.push(c);
+                    }
+                }
+            }
+            Causality::Concurrent | Causality::Older => {
+                // The record's log must hold what this transaction buffered.
+                self.flush(tx, cache).await?;
+                let mut events = self
+                    .backend
+                    .record_events_in(tx, &table.table_name, event.record_id)
+                    .await?;
+                if !events.iter().any(|e| e.event_id == event.event_id) {
+                    events.push(event.clone());
+                }
+                let history = History::new(&events)?;
+                let incoming = event.member()?;
+                let stored: HashMap<Ulid, Conflict> = self
+                    .backend
+                    .record_conflicts(tx, &table.table_name, event.record_id)
+                    .await?
+                    .into_iter()
+                    .map(|c| (c.conflict_id, c))
+                    .collect();
+                versions.extend(
+                    stored
+                        .values()
+                        .filter(|c| c.kind == ConflictKind::Version)
+                        .map(|c| c.conflict_id),
+                );
+                for l in history
+                    .members
+                    .iter()
+                    .filter(|l| l.event_id == incoming.event_id || concurrent(l, &incoming))
+                {
+                    // A version conflict replaces a clash its loser was blocked by
+                    // while it was the record's winner (it no longer is).
+                    let before = stored
+                        .get(&l.event_id)
+                        .filter(|c| c.kind == ConflictKind::Version);
+                    if let Some(found) = lost(l, &history.members) {
+                        changed.push(history.conflict(table, event.record_id, &found, before));
+                    }
+                }
+                for c in stored.values() {
+                    if changed.iter().any(|d| d.conflict_id == c.conflict_id) {
+                        continue;
+                    }
+                    let Some(loser) = history.member(c.loser.event_id) else {
+                        continue;
+                    };
+                    if !has_seen(&incoming, loser) {
+                        continue;
+                    }
+                    if c.kind != ConflictKind::Version {
+                        over.push(c.conflict_id);
+                        continue;
+                    }
+                    let earlier = Closer::of(c).is_some_and(|k| match history.member(k.event_id) {
+                        Some(m) => m.order() < incoming.order(),
+                        None => k.at <= hlc_time(event.hlc),
+                    });
+                    if !earlier {
+                        let mut c = c.clone();
+                        c.label(table.conflict_policy, Some(closed_by_event()));
+                        changed.push(c);
+                    }
+                }
+            }
+        }
+        // A resolved clash is recorded from the resolving write (unless its
+        // blocked write lost a version conflict since: that conflict is the one
+        // kept under the id).
+        if let Some(mut clash) = event.resolved_clash()
+            && !versions.contains(&clash.conflict_id)
+            && !changed
+                .iter()
+                .any(|c| c.conflict_id == clash.conflict_id && c.kind == ConflictKind::Version)
+        {
+            clash.label(table.conflict_policy, Some(closed_by_event()));
+            over.retain(|id| *id != clash.conflict_id);
+            changed.retain(|c| c.conflict_id != clash.conflict_id);
+            changed.push(clash);
+        }
+        for id in over {
+            self.backend.delete_clash(tx, id).await?;
+        }
+        if !changed.is_empty() {
+            self.backend.put_conflicts(tx, &changed).await?;
         }
         Ok(())
     }
@@ -321,4 +396,98 @@ pub(super) fn refused_by_table(e: &sqlx::Error) -> bool {
         // its extended forms, a trigger's RAISE(ABORT) among them).
         c.starts_with("22") || c == "P0001" || c.parse::<i64>().is_ok_and(|n| n & 0xff == 19)
     }) || db.message().contains("datatype mismatch")
+}
+
+/// A record's log as versions, to read its conflicts off.
+struct History<'a> {
+    events: &'a [ChangeEvent],
+    members: Vec<Member>,
+}
+
+impl<'a> History<'a> {
+    fn new(events: &'a [ChangeEvent]) -> Result<History<'a>> {
+        let members = events
+            .iter()
+            .map(ChangeEvent::member)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(History { events, members })
+    }
+
+    fn index(&self, id: Ulid) -> Option<usize> {
+        self.members.iter().position(|m| m.event_id == id)
+    }
+
+    fn member(&self, id: Ulid) -> Option<&Member> {
+        self.index(id).map(|i| &self.members[i])
+    }
+
+    fn side(&self, m: &Member) -> ConflictSide {
+        ConflictSide {
+            event_id: m.event_id,
+            hlc: m.hlc,
+            node_id: m.node_id,
+            values: self
+                .index(m.event_id)
+                .and_then(|i| self.events[i].new_values.clone()),
+        }
+    }
+
+    /// The conflict `found` describes, joined with what the stored one knows of
+    /// versions no longer in the log, labelled by the table's policy.
+    fn conflict(
+        &self,
+        table: &TableInfo,
+        record_id: Ulid,
+        found: &Lost<'_>,
+        stored: Option<&Conflict>,
+    ) -> Conflict {
+        let mut c = Conflict {
+            conflict_id: found.loser.event_id,
+            kind: ConflictKind::Version,
+            table_name: table.table_name.clone(),
+            record_id,
+            detail: None,
+            winner_table: None,
+            winner_record_id: None,
+            policy: table.conflict_policy,
+            status: ConflictStatus::Open,
+            winner: self.side(found.winner),
+            loser: self.side(found.loser),
+            detected_at: hlc_time(found.arose.hlc),
+            resolved_at: None,
+            resolved_by: None,
+            resolution: None,
+            resolution_note: None,
+            resolution_event_id: None,
+        };
+        let mut closer = found.closer.map(|m| Closer {
+            event_id: m.event_id,
+            at: hlc_time(m.hlc),
+            info: self
+                .index(m.event_id)
+                .and_then(|i| self.events[i].resolution()),
+        });
+        if let Some(s) = stored {
+            let gone = |id: Ulid| self.index(id).is_none();
+            let stored_winner = WriteOrder {
+                hlc: s.winner.hlc,
+                node_id: s.winner.node_id,
+                event_id: s.winner.event_id,
+            };
+            if gone(s.winner.event_id) && stored_winner > found.winner.order() {
+                c.winner = s.winner.clone();
+            }
+            if s.detected_at < c.detected_at {
+                c.detected_at = s.detected_at.clone();
+            }
+            if let Some(k) = Closer::of(s)
+                && gone(k.event_id)
+                && closer.as_ref().is_none_or(|c| k.at < c.at)
+            {
+                closer = Some(k);
+            }
+        }
+        c.label(table.conflict_policy, closer);
+        c
+    }
 }

@@ -454,12 +454,25 @@ impl<B: Backend> Engine<B> {
             (Some(_), Some(_)) => Operation::Update,
             (Some(_), None) => Operation::Insert,
         };
-        let resolution = json!({
+        let mut resolution = json!({
             "kind": choice.kind(),
             "by": resolved_by,
             "note": note,
             "conflict_id": conflict_id.to_string(),
         });
+        if constraint {
+            // The decided clash travels with its resolution (every node records
+            // it, the same way); its sides' values only while the event fits.
+            let full = conflict.clash_json(true);
+            let room = self
+                .max_event_bytes()
+                .saturating_sub(Self::event_bytes(values.as_ref()));
+            resolution["clash"] = if crate::model::json_len(&full) <= room {
+                full
+            } else {
+                conflict.clash_json(false)
+            };
+        }
         let event = self.local_event(
             &table,
             id,
