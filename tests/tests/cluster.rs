@@ -200,3 +200,43 @@ async fn late_older_update_does_not_resurrect_a_delete() {
     assert!(snap.events.contains(&update.event_id));
     cluster.assert_lww().await;
 }
+
+/// Events a node received from peers: (new to it, already held).
+async fn received(node: &tidemark_tests::daemon::TestNode) -> (f64, f64) {
+    let (_, body) = node.http_get("/metrics").await;
+    let (mut fresh, mut duplicates) = (0.0, 0.0);
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let n: f64 = value.parse().unwrap_or(0.0);
+        if series.starts_with("tidemark_events_applied_total{")
+            || (series.starts_with("tidemark_events_skipped_total{")
+                && series.contains("reason=\"superseded\""))
+        {
+            fresh += n;
+        } else if series.starts_with("tidemark_events_skipped_total{")
+            && series.contains("reason=\"duplicate\"")
+        {
+            duplicates += n;
+        }
+    }
+    (fresh, duplicates)
+}
+
+/// A peer never sends a node its own events back (no echo): in a pair, with
+/// both nodes writing, neither receives a single event it already holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_never_echoes_a_node_its_own_events() {
+    let cluster = Cluster::start(&["sqlite", "sqlite"], Topology::Mesh).await;
+    for round in 0..20u32 {
+        write_everywhere(&cluster, round).await;
+    }
+    let snap = cluster.converged(CONVERGE).await;
+    assert_eq!(snap.events.len(), 80);
+    for node in &cluster.nodes {
+        let (fresh, duplicates) = received(node).await;
+        // Each node receives the other's 40 events, once.
+        assert_eq!((fresh, duplicates), (40.0, 0.0), "{}", node.name);
+    }
+}

@@ -1310,6 +1310,31 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     let store = open(&db, me).await;
     assert!(store.peer_progress(p3).await.expect("p3").0.is_empty());
     assert_eq!(store.peer_progress(p1).await.expect("p1").get(me), e2.hlc);
+    // A peer's own events count as acknowledged by it (it wrote them; no one
+    // sends them back to it): an event of p1 waits only for the other peer.
+    let from_p1 = remote_event(
+        p1,
+        hlc_at(-1_000, 0),
+        id(3),
+        Operation::Insert,
+        Some(json!({"id": id(3).to_string(), "title": "p1's", "body": null, "stars": 0})),
+    );
+    store
+        .apply_remote(std::slice::from_ref(&from_p1))
+        .await
+        .expect("apply");
+    let p4 = Ulid::from_parts(1, 4);
+    assert_eq!(store.mark_synced(&[p1, p4]).await.expect("mark"), 0);
+    assert_eq!(
+        store.peer_progress(p1).await.expect("p1").get(p1),
+        from_p1.hlc
+    );
+    let mut theirs = VersionVector::new();
+    theirs.observe(p1, from_p1.hlc);
+    theirs.observe(me, e2.hlc);
+    store.record_ack(p4, &theirs).await.expect("ack p4");
+    assert_eq!(store.mark_synced(&[p1, p4]).await.expect("mark"), 1);
+    assert_eq!(store.count_unsynced().await.expect("n"), 0);
     store.close().await;
 }
 

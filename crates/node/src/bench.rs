@@ -341,6 +341,34 @@ impl Cluster {
         self.nodes.iter().map(BenchNode::cpu).sum()
     }
 
+    /// The received-event counters of every daemon, summed.
+    async fn received(&self) -> anyhow::Result<Received> {
+        let mut total = Received::default();
+        for node in &self.nodes {
+            let addr = format!("127.0.0.1:{}", node.metrics_port);
+            let text = tokio::task::spawn_blocking(move || {
+                crate::cli::http_get(&addr, "/metrics", Duration::from_secs(5))
+            })
+            .await??;
+            for line in text.lines() {
+                let Some((series, value)) = line.rsplit_once(' ') else {
+                    continue;
+                };
+                let n = value.parse::<f64>().unwrap_or(0.0) as u64;
+                if series.starts_with("tidemark_events_applied_total{") {
+                    total.applied += n;
+                } else if series.starts_with("tidemark_events_skipped_total{") {
+                    if series.contains("reason=\"duplicate\"") {
+                        total.duplicates += n;
+                    } else if series.contains("reason=\"superseded\"") {
+                        total.superseded += n;
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Waits until every node holds `events` note events; returns when the last
     /// one got there.
     async fn wait_events(&self, events: u64, timeout: Duration) -> anyhow::Result<Instant> {
@@ -483,6 +511,26 @@ struct Run {
     rate: Rate,
     /// Peak RSS per daemon, MiB.
     peak_rss_mib: Vec<f64>,
+    /// Events received from peers over all daemons, and how many of them were
+    /// already held (arrived by another path too), by the time every node held
+    /// every event.
+    received: Received,
+}
+
+/// Events received from peers, summed over a cluster's daemons (their
+/// `tidemark_events_applied_total`, `..._skipped_total` counters).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct Received {
+    applied: u64,
+    superseded: u64,
+    duplicates: u64,
+}
+
+impl Received {
+    /// Duplicates per event that was new to its receiver.
+    fn duplicate_ratio(&self) -> f64 {
+        self.duplicates as f64 / (self.applied + self.superseded).max(1) as f64
+    }
 }
 
 /// One throughput run on a fresh cluster: writes on every node (or on the first
@@ -509,6 +557,7 @@ async fn throughput(
         nodes,
         rate: Rate::new(writes, secs, cpu),
         peak_rss_mib: cluster.nodes.iter().map(|n| mib(n.hwm_kb())).collect(),
+        received: cluster.received().await?,
     })
 }
 
@@ -564,6 +613,7 @@ struct Lag {
     max_ms: f64,
     /// Highest RSS seen per daemon while writing at the target rate, MiB.
     steady_rss_mib: Vec<f64>,
+    received: Received,
 }
 
 /// Writes at `rate` per second (round robin over the nodes) for `secs`, while a
@@ -668,6 +718,7 @@ async fn lag(dir: &Path, nodes: usize, rate: u64, secs: u64) -> anyhow::Result<L
         .wait_events(total + nodes as u64, Duration::from_secs(120))
         .await?;
     stop.store(true, Ordering::Release);
+    let received = cluster.received().await?;
     let mut arrivals: HashMap<String, Vec<Instant>> = HashMap::new();
     for p in pollers {
         let seen = p.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
@@ -700,6 +751,7 @@ async fn lag(dir: &Path, nodes: usize, rate: u64, secs: u64) -> anyhow::Result<L
         p99_ms: q(0.99),
         max_ms: q(1.0),
         steady_rss_mib: rss_peak.into_iter().map(mib).collect(),
+        received,
     })
 }
 
@@ -830,16 +882,16 @@ fn render(r: &Report) -> String {
     let _ = writeln!(s, "machine: {}\n", r.machine);
     let _ = writeln!(
         s,
-        "| run | nodes | events | seconds | events/s | daemon CPU s | events/CPU s | peak RSS MiB |"
+        "| run | nodes | events | seconds | events/s | daemon CPU s | events/CPU s | peak RSS MiB | duplicates received |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for (name, raw) in [
         ("raw SQLite, 1 per tx", &r.raw_single),
         ("raw SQLite, 100 per tx", &r.raw_batched),
     ] {
         let _ = writeln!(
             s,
-            "| {name} | - | {} | {:.2} | {:.0} | {:.2} | {:.0} | - |",
+            "| {name} | - | {} | {:.2} | {:.0} | {:.2} | {:.0} | - | - |",
             raw.events,
             raw.secs,
             raw.per_sec,
@@ -851,7 +903,7 @@ fn render(r: &Report) -> String {
         let rss = mib_list(&run.peak_rss_mib);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} | {} ({:.2} per new event) |",
             run.name,
             run.nodes,
             run.rate.events,
@@ -859,13 +911,15 @@ fn render(r: &Report) -> String {
             run.rate.per_sec,
             run.rate.cpu_secs,
             run.rate.per_cpu_sec(),
-            rss
+            rss,
+            run.received.duplicates,
+            run.received.duplicate_ratio()
         );
     }
     let rss = mib_list(&r.catch_up.peak_rss_mib);
     let _ = writeln!(
         s,
-        "| catch-up of a backlog | 2 | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} |",
+        "| catch-up of a backlog | 2 | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} | - |",
         r.catch_up.backlog,
         r.catch_up.secs,
         r.catch_up.per_sec,
@@ -876,7 +930,7 @@ fn render(r: &Report) -> String {
     let rss = mib_list(&r.lag.steady_rss_mib);
     let _ = writeln!(
         s,
-        "\nlag, {} nodes at {} writes/s (achieved {:.0}/s, {} writes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; steady RSS {} MiB",
+        "\nlag, {} nodes at {} writes/s (achieved {:.0}/s, {} writes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; steady RSS {} MiB; {} duplicates received ({:.2} per new event)",
         r.lag.nodes,
         r.lag.target_rate,
         r.lag.achieved_rate,
@@ -884,7 +938,9 @@ fn render(r: &Report) -> String {
         r.lag.p50_ms,
         r.lag.p99_ms,
         r.lag.max_ms,
-        rss
+        rss,
+        r.lag.received.duplicates,
+        r.lag.received.duplicate_ratio()
     );
     let ratio = |name: &str| {
         r.runs

@@ -1640,6 +1640,17 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
 /// `tidemark healthcheck`: GET /readyz on the metrics listener; true when it
 /// answers 200. For container health checks in images without curl.
 pub fn healthcheck(addr: &str, timeout: std::time::Duration) -> anyhow::Result<bool> {
+    let response = http_get(addr, "/readyz", timeout)?;
+    Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+}
+
+/// The whole response (status line, headers, body) to `GET path` over plain
+/// HTTP/1.0 on `addr` (the metrics listener).
+pub(crate) fn http_get(
+    addr: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let sock: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| anyhow::anyhow!("--addr {addr}: {e}"))?
@@ -1647,10 +1658,10 @@ pub fn healthcheck(addr: &str, timeout: std::time::Duration) -> anyhow::Result<b
         .ok_or_else(|| anyhow::anyhow!("--addr {addr}: no address"))?;
     let mut stream = std::net::TcpStream::connect_timeout(&sock, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+    Ok(response)
 }
 
 #[cfg(test)]

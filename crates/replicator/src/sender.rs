@@ -5,7 +5,10 @@
 //! at most `batch_size` events and about `max_batch_bytes`), keeping at most
 //! `max_unacked_batches` batches unacknowledged. It wakes on every local commit, so
 //! new events (local or relayed) go out at once. Each Ack records the peer's
-//! progress and marks `synced_at` on events every peer now has. Any failure ends the
+//! progress and marks `synced_at` on events every peer now has; the vector it
+//! carries (everything the peer holds, from any path) moves the session past
+//! what the peer got elsewhere, and the peer's own events go back to it only to
+//! catch up a copy restored from an older backup (no echo). Any failure ends the
 //! session; it reconnects with exponential backoff and jitter, restarting from the
 //! peer's vector, so nothing is lost and nothing is applied twice.
 
@@ -202,8 +205,6 @@ struct SenderInner {
     all_peers: Vec<Ulid>,
     states: std::sync::Mutex<std::collections::HashMap<Ulid, PeerState>>,
     tls: Option<crate::PeerTls>,
-    /// Signalled after every recorded ack; wakes the synced_at marker.
-    acks: tokio::sync::Notify,
     /// Opens peer connections instead of TCP (network simulation).
     connector: Option<Connector>,
     /// Seeds the reconnect jitter per peer (deterministic runs); entropy otherwise.
@@ -227,7 +228,6 @@ impl Sender {
                 all_peers: peers.iter().map(|p| p.node_id).collect(),
                 states: Default::default(),
                 tls,
-                acks: tokio::sync::Notify::new(),
                 connector: None,
                 jitter_seed: None,
             }),
@@ -269,6 +269,7 @@ impl Sender {
             return;
         }
         let mut commits = self.inner.store.subscribe_commits();
+        let mut acks = self.inner.store.subscribe_acks();
         let mut failures = 0u32;
         let mut absent = AbsentPeers::default();
         let limit = (self.inner.opts.absent_peer_limit_ms > 0)
@@ -299,7 +300,7 @@ impl Sender {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                _ = self.inner.acks.notified() => {}
+                changed = acks.changed() => if changed.is_err() { return },
                 changed = commits.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(recheck), if limit.is_some() => {}
             }
@@ -522,7 +523,6 @@ impl SenderInner {
     /// Records an ack (the peer's vector) and wakes the synced_at marker.
     async fn acked(&self, peer: Ulid, vector: &VersionVector) -> Result<(), SessionError> {
         self.store.record_ack(peer, vector).await?;
-        self.acks.notify_one();
         self.update(peer, |s| {
             s.last_ack_wall_ms = Some(tidemark_hlc::system_wall_ms())
         });
@@ -545,6 +545,10 @@ impl SenderInner {
             .max_encoding_message_size(self.opts.max_message_bytes);
         let window = self.opts.max_unacked_batches.max(1);
         let (tx, rx) = mpsc::channel::<pb::SenderMessage>(window + 1);
+        // What this node holds of the peer's own origin now: the peer gets what
+        // it lacks of it (a copy restored from an older backup catches up
+        // here), never the events it writes from now on (it has them).
+        let peer_own = self.store.vector().await?.get(peer.node_id);
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
             cluster_id: self.local.cluster_id.clone(),
@@ -553,7 +557,7 @@ impl SenderInner {
             tables: tables_to_pb(&self.store.tables(), self.store.kind()),
             hlc: self.store.clock().now().encode(),
             instance_id: crate::instance_id().to_string(),
-            receiver_origin_hlc: self.store.vector().await?.get(peer.node_id).encode(),
+            receiver_origin_hlc: peer_own.encode(),
         };
         tx.send(pb::SenderMessage {
             kind: Some(sender_message::Kind::Hello(hello)),
@@ -604,9 +608,15 @@ impl SenderInner {
             }
             // Fill the window with what the peer lacks.
             while inflight.len() < window {
+                let mut wanted = holds.skipping(&cursor);
+                if cursor.get(peer.node_id) >= peer_own {
+                    // No echo: the peer's own events go back to it only to
+                    // catch it up.
+                    wanted.0.insert(peer.node_id, tidemark_hlc::Hlc::MAX);
+                }
                 let events = self
                     .store
-                    .events_after(&holds.skipping(&cursor), self.opts.batch_size)
+                    .events_after(&wanted, self.opts.batch_size)
                     .await?;
                 if events.is_empty() {
                     break;
@@ -741,6 +751,13 @@ impl SenderInner {
         }
         let vector = peer_vector("ack.vector", ack.vector)
             .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        // What the peer holds by now (no holes: all of each origin up to its
+        // entry), from this node or any other path: not sent again.
+        for (origin, hlc) in &vector.0 {
+            if !ack.held.iter().any(|h| h.origin == origin.to_string()) {
+                cursor.observe(*origin, *hlc);
+            }
+        }
         for hold in &ack.held {
             let origin = parse_ulid("ack.held.origin", &hold.origin)
                 .map_err(|e| SessionError::Protocol(e.to_string()))?;

@@ -455,6 +455,11 @@ impl Store {
         dispatch!(self, e => e.subscribe_commits())
     }
 
+    /// Changes whenever a recorded ack raised a peer's progress.
+    pub fn subscribe_acks(&self) -> tokio::sync::watch::Receiver<u64> {
+        dispatch!(self, e => e.subscribe_acks())
+    }
+
     /// Something to wait on for new direct writes: PostgreSQL's LISTEN/NOTIFY (with
     /// `poll` as a fallback), or polling every `poll` on SQLite.
     pub async fn capture_waiter(&self, poll: std::time::Duration) -> Result<CaptureWaiter> {

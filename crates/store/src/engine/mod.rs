@@ -201,6 +201,8 @@ pub struct Engine<B: Backend> {
     /// an ack is recorded in memory on the sender's path and written with the
     /// next `synced_at` pass (see [`Engine::mark_synced`]).
     acks: std::sync::Mutex<HashMap<Ulid, PeerAcks>>,
+    /// Changes whenever a recorded ack raised a peer's progress.
+    acked: watch::Sender<u64>,
     /// Where the next compaction step starts (see `retain`).
     compact_from: std::sync::Mutex<Hlc>,
 }
@@ -317,6 +319,7 @@ impl<B: Backend> Engine<B> {
             applied: std::sync::Mutex::new(applied),
             pending_raise: Default::default(),
             acks: Default::default(),
+            acked: watch::Sender::new(0),
             compact_from: std::sync::Mutex::new(Hlc::ZERO),
         };
         let started: Result<()> = async {
@@ -383,6 +386,12 @@ impl<B: Backend> Engine<B> {
     /// A receiver that changes after every commit that added events to the log.
     pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
         self.commits.subscribe()
+    }
+
+    /// A receiver that changes whenever a recorded ack raised a peer's progress
+    /// (what the `synced_at` marker waits for besides commits).
+    pub fn subscribe_acks(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
     }
 
     fn committed(&self) {

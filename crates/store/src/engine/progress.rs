@@ -161,6 +161,8 @@ impl<B: Backend> Engine<B> {
         entry.vector.merge(vector);
         if entry.vector != before {
             entry.dirty = true;
+            drop(acks);
+            self.acked.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(())
     }
@@ -201,8 +203,21 @@ impl<B: Backend> Engine<B> {
     /// Persists dirty acks and marks synced every event up to the floor of
     /// `peers`' acks, or up to `floor` when given.
     async fn settle_acks(&self, peers: &[Ulid], floor: Option<VersionVector>) -> Result<u64> {
+        let held = self.vector().await?;
         for peer in peers {
             self.load_acks(*peer).await?;
+            // A peer holds its own events (it wrote them), and no one sends
+            // them back to it to be acknowledged: whatever this node holds of
+            // a peer's origin counts as acknowledged by that peer.
+            let own = held.get(*peer);
+            if own > Hlc::ZERO {
+                let mut acks = lock(&self.acks);
+                let entry = acks.entry(*peer).or_default();
+                if entry.vector.get(*peer) < own {
+                    entry.vector.observe(*peer, own);
+                    entry.dirty = true;
+                }
+            }
         }
         let given = floor;
         let _w = self.writer.lock().await;
