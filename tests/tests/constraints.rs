@@ -1472,6 +1472,78 @@ async fn any_delivery_order_converges(db: TestDb) {
 /// new value; keeping the losing side displaces the holder (which becomes the
 /// blocked one, with a conflict of its own); keeping the winner deletes the
 /// blocked record.
+/// Two operators resolve the same UNIQUE clash on two nodes at once: every
+/// node, whatever order the two resolutions reach it in, records the clash as
+/// resolved by the first of them and ends with the same rows and history.
+async fn two_operators_resolve_one_clash_on_two_nodes(db: TestDb) {
+    use tidemark_store::ResolveChoice;
+    let (low, high) = (Ulid::from_parts(2, 9), Ulid::from_parts(3, 9));
+    let lo = write(
+        origin(1),
+        hlc_at(-2_000),
+        "users",
+        low,
+        Some(user_row(low, Some("two@x.test"), "low", 20)),
+        &[],
+    );
+    let hi = write(
+        origin(2),
+        hlc_at(-1_000),
+        "users",
+        high,
+        Some(user_row(high, Some("two@x.test"), "high", 30)),
+        &[],
+    );
+    let both = vec![vec![lo.clone(), hi.clone()]];
+    let deliveries: Vec<Delivery> = vec![
+        ("resolves keep local, then gets the other", both.clone()),
+        ("resolves keep remote, then gets the other", both.clone()),
+        ("gets the first resolution, then the second", both.clone()),
+        ("gets the second resolution, then the first", both),
+    ];
+    let nodes = deliver_each(db, ConflictPolicy::Manual, &deliveries).await;
+    let r0 = nodes[0]
+        .1
+        .resolve_conflict(lo.event_id, ResolveChoice::KeepLocal, "ann", None, None)
+        .await
+        .expect("keep local");
+    let r1 = nodes[1]
+        .1
+        .resolve_conflict(lo.event_id, ResolveChoice::KeepRemote, "bob", None, None)
+        .await
+        .expect("keep remote");
+    apply(&nodes[0].1, std::slice::from_ref(&r1)).await;
+    apply(&nodes[1].1, std::slice::from_ref(&r0)).await;
+    apply(&nodes[2].1, &[r0.clone(), r1.clone()]).await;
+    apply(&nodes[3].1, std::slice::from_ref(&r1)).await;
+    apply(&nodes[3].1, std::slice::from_ref(&r0)).await;
+    let first = if (r0.hlc.wall_ms(), r0.event_id) < (r1.hlc.wall_ms(), r1.event_id) {
+        (&r0, "keep_local", "ann")
+    } else {
+        (&r1, "keep_remote", "bob")
+    };
+    for (_, store) in &nodes {
+        let c = store
+            .conflict(lo.event_id)
+            .await
+            .expect("conflict")
+            .expect("the resolved clash is kept");
+        assert_eq!(
+            (
+                c.resolution_event_id,
+                c.resolution.as_deref(),
+                c.resolved_by.as_deref()
+            ),
+            (Some(first.0.event_id), Some(first.1), Some(first.2)),
+            "{}",
+            store.kind()
+        );
+    }
+    let records = [("users", low), ("users", high)];
+    converged(&nodes, &deliveries, &records).await;
+    close_all(&nodes).await;
+}
+
 async fn an_operator_resolves_a_unique_clash(db: TestDb) {
     use tidemark_store::{ResolveChoice, StoreError};
     let store = schema::open(&db, ConflictPolicy::Manual).await;
@@ -1653,6 +1725,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     the_store_reads_the_constraints,
     a_unique_clash_keeps_the_greater_write_in_any_order,
+    two_operators_resolve_one_clash_on_two_nodes,
     a_local_row_gives_way_to_a_greater_remote_write,
     a_child_waits_for_its_parent,
     a_parent_delete_wins_over_its_children,

@@ -122,7 +122,11 @@ impl<B: Backend> Engine<B> {
                         continue;
                     }
                     if c.kind != ConflictKind::Version {
-                        over.push(c.conflict_id);
+                        // A clash an operator resolved stays (its row came
+                        // from the resolving write, the same everywhere).
+                        if c.resolution_event_id.is_none() {
+                            over.push(c.conflict_id);
+                        }
                     } else if c.resolution_event_id.is_none() {
                         c.label(table.conflict_policy, Some(closed_by_event()));
                         changed.push(c);
@@ -179,7 +183,9 @@ impl<B: Backend> Engine<B> {
                         continue;
                     }
                     if c.kind != ConflictKind::Version {
-                        over.push(c.conflict_id);
+                        if c.resolution_event_id.is_none() {
+                            over.push(c.conflict_id);
+                        }
                         continue;
                     }
                     let earlier = Closer::of(c).is_some_and(|k| match history.member(k.event_id) {
@@ -202,6 +208,7 @@ impl<B: Backend> Engine<B> {
             && !changed
                 .iter()
                 .any(|c| c.conflict_id == clash.conflict_id && c.kind == ConflictKind::Version)
+            && !self.resolved_earlier(tx, clash.conflict_id, event).await?
         {
             clash.label(table.conflict_policy, Some(closed_by_event()));
             over.retain(|id| *id != clash.conflict_id);
@@ -215,6 +222,26 @@ impl<B: Backend> Engine<B> {
             self.backend.put_conflicts(tx, &changed).await?;
         }
         Ok(())
+    }
+
+    /// Whether the clash `id` is recorded as resolved by another write that
+    /// comes first (by its HLC time, then id: the same order on every node)
+    /// than `event`, which resolves it too (two operators on two nodes): the
+    /// first resolution is the one kept.
+    async fn resolved_earlier(
+        &self,
+        tx: &mut B::Tx,
+        id: Ulid,
+        event: &ChangeEvent,
+    ) -> Result<bool> {
+        let Some(stored) = self.backend.conflict_in(tx, id).await? else {
+            return Ok(false);
+        };
+        Ok(stored.kind != ConflictKind::Version
+            && Closer::of(&stored).is_some_and(|k| {
+                k.info.is_some()
+                    && (k.at.as_str(), k.event_id) < (hlc_time(event.hlc).as_str(), event.event_id)
+            }))
     }
 
     /// A new event of this node for a write on top of `local`; `extra` is merged
