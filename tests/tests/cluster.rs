@@ -240,3 +240,30 @@ async fn a_pair_never_echoes_a_node_its_own_events() {
         assert_eq!((fresh, duplicates), (40.0, 0.0), "{}", node.name);
     }
 }
+
+/// In a full mesh every node hears each origin directly, so once the sessions
+/// are up (and each peer's list of direct origins known) nothing is relayed: an
+/// event reaches every node once, from its origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_relays_nothing_a_peer_hears_directly() {
+    let cluster = Cluster::start(&["sqlite", "sqlite", "sqlite"], Topology::Mesh).await;
+    // Two rounds bring up every session and an ack on each of them after all
+    // were up.
+    for round in 0..2u32 {
+        write_everywhere(&cluster, round).await;
+        cluster.converged(CONVERGE).await;
+    }
+    let mut before = Vec::new();
+    for node in &cluster.nodes {
+        before.push(received(node).await);
+    }
+    for round in 2..12u32 {
+        write_everywhere(&cluster, round).await;
+    }
+    cluster.converged(CONVERGE).await;
+    for (node, (fresh0, dup0)) in cluster.nodes.iter().zip(before) {
+        let (fresh, dup) = received(node).await;
+        // 10 rounds of 2 writes on each of the 2 other nodes, each once.
+        assert_eq!((fresh - fresh0, dup - dup0), (40.0, 0.0), "{}", node.name);
+    }
+}

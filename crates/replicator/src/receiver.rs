@@ -93,6 +93,17 @@ impl Drop for SessionGuard {
     }
 }
 
+impl Inner {
+    /// Nodes with live sessions to this receiver (their own events come
+    /// straight from them).
+    fn direct_origins(&self) -> Vec<String> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut direct: Vec<String> = sessions.keys().map(Ulid::to_string).collect();
+        direct.sort();
+        direct
+    }
+}
+
 impl ReceiverService {
     /// Streams are served by tasks spawned on `tracker` and stop at `cancel`.
     ///
@@ -255,8 +266,10 @@ impl Inner {
                     self.opts.max_batch_events
                 )));
             }
-            metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
-                .record(batch.events.len() as f64);
+            if !batch.events.is_empty() {
+                metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
+                    .record(batch.events.len() as f64);
+            }
         }
         let ids: Vec<u64> = batches.iter().map(|b| b.batch_id).collect();
         let received: usize = batches.iter().map(|b| b.events.len()).sum();
@@ -371,6 +384,7 @@ impl Inner {
             .count_blocked()
             .await
             .map_err(|e| status::from_store(&e))?;
+        let direct = self.direct_origins();
         let (last, earlier) = ids.split_last().expect("at least one batch");
         debug!(
             batch_id = last,
@@ -390,6 +404,7 @@ impl Inner {
                 batch_id: *id,
                 vector: Some(vector_to_pb(&vector)),
                 blocked_records,
+                direct_origins: direct.clone(),
                 ..Default::default()
             })
             .collect();
@@ -420,6 +435,7 @@ impl Inner {
                 })
                 .collect(),
             blocked_records,
+            direct_origins: direct,
         });
         Ok(acks)
     }
@@ -623,6 +639,7 @@ impl pb::replication_server::Replication for ReceiverService {
                 receiver_node_id: self.inner.local.node_id.to_string(),
                 vector: Some(vector_to_pb(&vector)),
                 hlc: self.inner.store.clock().now().encode(),
+                direct_origins: self.inner.direct_origins(),
             })),
         };
         tx.send(Ok(welcome))

@@ -8,7 +8,9 @@
 //! progress and marks `synced_at` on events every peer now has; the vector it
 //! carries (everything the peer holds, from any path) moves the session past
 //! what the peer got elsewhere, and the peer's own events go back to it only to
-//! catch up a copy restored from an older backup (no echo). Any failure ends the
+//! catch up a copy restored from an older backup (no echo). Origins the peer
+//! lists as connected to it directly are left to their own sessions (see
+//! `Direct`). Any failure ends the
 //! session; it reconnects with exponential backoff and jitter, restarting from the
 //! peer's vector, so nothing is lost and nothing is applied twice.
 
@@ -96,6 +98,29 @@ pub struct HeldOrigin {
 
 /// Longest wait before an origin a peer holds is resent.
 const MAX_HOLD: Duration = Duration::from_secs(300);
+
+/// How often a session that leaves origins to the peer asks again which are
+/// live there, when it has nothing else in flight.
+const DIRECT_PROBE: Duration = Duration::from_secs(1);
+
+/// Origins other than this node and the peer with a live session of their own
+/// to the peer (its last Welcome or Ack): this session does not relay them.
+/// When one is no longer listed, relaying resumes from the peer's vector (the
+/// cursor follows every ack's vector).
+#[derive(Debug, Default)]
+struct Direct {
+    origins: Vec<Ulid>,
+}
+
+impl Direct {
+    fn update(&mut self, listed: &[String], local: Ulid, peer: Ulid) {
+        self.origins = listed
+            .iter()
+            .filter_map(|o| Ulid::from_string(o).ok())
+            .filter(|o| *o != local && *o != peer)
+            .collect();
+    }
+}
 
 /// Held origins of one session: when each is resent, and how many times each was
 /// held (the wait doubles each time, up to [`MAX_HOLD`]).
@@ -584,6 +609,8 @@ impl SenderInner {
         }
         let mut cursor = peer_vector("welcome.vector", welcome.vector)
             .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        let mut direct = Direct::default();
+        direct.update(&welcome.direct_origins, self.local.node_id, peer.node_id);
         self.check_own_origin(peer.node_id, cursor.get(self.local.node_id))
             .await?;
         self.acked(peer.node_id, &cursor).await?;
@@ -609,6 +636,11 @@ impl SenderInner {
             // Fill the window with what the peer lacks.
             while inflight.len() < window {
                 let mut wanted = holds.skipping(&cursor);
+                // Origins with a live session of their own to the peer: their
+                // events reach it straight from them.
+                for origin in &direct.origins {
+                    wanted.0.insert(*origin, tidemark_hlc::Hlc::MAX);
+                }
                 if cursor.get(peer.node_id) >= peer_own {
                     // No echo: the peer's own events go back to it only to
                     // catch it up.
@@ -702,7 +734,7 @@ impl SenderInner {
                     return Ok(());
                 }
                 msg = inbound.message() => {
-                    self.on_reply(peer, msg, &mut inflight, &mut cursor, &mut holds).await?;
+                    self.on_reply(peer, msg, &mut inflight, &mut cursor, &mut holds, &mut direct).await?;
                 }
                 changed = commits.changed() => {
                     if changed.is_err() {
@@ -713,6 +745,20 @@ impl SenderInner {
                     return Err(SessionError::AckTimeout(ack_timeout));
                 }
                 _ = tokio::time::sleep_until(holds.next().unwrap_or(deadline)), if holds.next().is_some() => {}
+                _ = tokio::time::sleep(DIRECT_PROBE), if inflight.is_empty() && !direct.origins.is_empty() => {
+                    // Nothing in flight while origins are left to the peer: an
+                    // empty batch asks again which are still live there.
+                    next_batch += 1;
+                    tx.send(pb::SenderMessage {
+                        kind: Some(sender_message::Kind::Batch(pb::Batch {
+                            batch_id: next_batch,
+                            events: Vec::new(),
+                        })),
+                    })
+                    .await
+                    .map_err(|_| SessionError::Closed)?;
+                    inflight.push_back((next_batch, 0, Instant::now()));
+                }
             }
         }
     }
@@ -731,6 +777,7 @@ impl SenderInner {
         inflight: &mut VecDeque<(u64, u64, Instant)>,
         cursor: &mut VersionVector,
         holds: &mut Holds,
+        direct: &mut Direct,
     ) -> Result<(), SessionError> {
         let ack = match msg.map_err(SessionError::Refused)? {
             Some(pb::ReceiverMessage {
@@ -751,6 +798,7 @@ impl SenderInner {
         }
         let vector = peer_vector("ack.vector", ack.vector)
             .map_err(|s| SessionError::Protocol(s.message().to_owned()))?;
+        direct.update(&ack.direct_origins, self.local.node_id, peer.node_id);
         // What the peer holds by now (no holes: all of each origin up to its
         // entry), from this node or any other path: not sent again.
         for (origin, hlc) in &vector.0 {
