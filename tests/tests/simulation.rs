@@ -26,8 +26,8 @@
 //!    holds a gap-free prefix of the origin's log (checked during the faults too)
 //!    and, once quiescent, all of it, each event once;
 //! 2. every node's tables (stamps included), event ids and HLCs, blocked
-//!    records, and open conflicts (kind, sides) are identical (closed conflicts
-//!    are each node's history of which versions met there, and may differ);
+//!    records, and conflicts, open and decided, with every field (times
+//!    included) are identical: one history;
 //! 3. every record's row follows the greatest of its events by
 //!    `(hlc, node_id, event_id)`, whatever the policy: a delete leaves no row; a
 //!    put leaves exactly its values and stamps, or, on a constrained table, no
