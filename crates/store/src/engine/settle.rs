@@ -104,7 +104,10 @@ impl<B: Backend> Engine<B> {
         let mut versions: Vec<Ulid> = Vec::new();
         match res.causality {
             Causality::New => {}
-            Causality::Newer if res.superseded.is_empty() => {}
+            // One version superseded: none of its record's conflicts was open
+            // (an open one has two current versions), and only a constrained
+            // table has clashes: nothing to read.
+            Causality::Newer if res.superseded.len() < 2 && !self.constrained(table) => {}
             Causality::Newer => {
                 let stored = self
                     .backend
