@@ -100,8 +100,9 @@ impl<B: Backend> Engine<B> {
         let mut changed: Vec<Conflict> = Vec::new();
         // Constraint clashes whose blocked write a later write has seen: over.
         let mut over: Vec<Ulid> = Vec::new();
-        // Stored version conflicts' ids.
-        let mut versions: Vec<Ulid> = Vec::new();
+        // The record's conflicts as stored before this event (read only when
+        // one can change).
+        let mut stored: HashMap<Ulid, Conflict> = HashMap::new();
         match res.causality {
             Causality::New => {}
             // One version superseded: none of its record's conflicts was open
@@ -109,14 +110,8 @@ impl<B: Backend> Engine<B> {
             // table has clashes: nothing to read.
             Causality::Newer if res.superseded.len() < 2 && !self.constrained(table) => {}
             Causality::Newer => {
-                let stored = self
-                    .backend
-                    .record_conflicts(tx, &table.table_name, event.record_id)
-                    .await?;
-                for mut c in stored {
-                    if c.kind == ConflictKind::Version {
-                        versions.push(c.conflict_id);
-                    }
+                stored = self.stored_conflicts(tx, table, event.record_id).await?;
+                for c in stored.values() {
                     let superseded = res
                         .superseded
                         .iter()
@@ -131,6 +126,7 @@ impl<B: Backend> Engine<B> {
                             over.push(c.conflict_id);
                         }
                     } else if c.resolution_event_id.is_none() {
+                        let mut c = c.clone();
                         c.label(table.conflict_policy, Some(closed_by_event()));
                         changed.push(c);
                     }
@@ -148,19 +144,7 @@ impl<B: Backend> Engine<B> {
                 }
                 let history = History::new(&events)?;
                 let incoming = event.member()?;
-                let stored: HashMap<Ulid, Conflict> = self
-                    .backend
-                    .record_conflicts(tx, &table.table_name, event.record_id)
-                    .await?
-                    .into_iter()
-                    .map(|c| (c.conflict_id, c))
-                    .collect();
-                versions.extend(
-                    stored
-                        .values()
-                        .filter(|c| c.kind == ConflictKind::Version)
-                        .map(|c| c.conflict_id),
-                );
+                stored = self.stored_conflicts(tx, table, event.record_id).await?;
                 for l in history
                     .members
                     .iter()
@@ -207,11 +191,18 @@ impl<B: Backend> Engine<B> {
         // blocked write lost a version conflict since: that conflict is the one
         // kept under the id).
         if let Some(mut clash) = event.resolved_clash()
-            && !versions.contains(&clash.conflict_id)
-            && !changed
-                .iter()
-                .any(|c| c.conflict_id == clash.conflict_id && c.kind == ConflictKind::Version)
-            && !self.resolved_earlier(tx, clash.conflict_id, event).await?
+            && !stored
+                .get(&clash.conflict_id)
+                .into_iter()
+                .chain(
+                    changed
+                        .iter()
+                        .filter(|c| c.conflict_id == clash.conflict_id),
+                )
+                .any(|c| c.kind == ConflictKind::Version)
+            && !stored
+                .get(&clash.conflict_id)
+                .is_some_and(|c| resolved_earlier(c, event))
         {
             clash.label(table.conflict_policy, Some(closed_by_event()));
             over.retain(|id| *id != clash.conflict_id);
@@ -227,24 +218,20 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Whether the clash `id` is recorded as resolved by another write that
-    /// comes first (by its HLC time, then id: the same order on every node)
-    /// than `event`, which resolves it too (two operators on two nodes): the
-    /// first resolution is the one kept.
-    async fn resolved_earlier(
+    /// The conflicts of one record, by id.
+    async fn stored_conflicts(
         &self,
         tx: &mut B::Tx,
-        id: Ulid,
-        event: &ChangeEvent,
-    ) -> Result<bool> {
-        let Some(stored) = self.backend.conflict_in(tx, id).await? else {
-            return Ok(false);
-        };
-        Ok(stored.kind != ConflictKind::Version
-            && Closer::of(&stored).is_some_and(|k| {
-                k.info.is_some()
-                    && (k.at.as_str(), k.event_id) < (hlc_time(event.hlc).as_str(), event.event_id)
-            }))
+        table: &TableInfo,
+        record: Ulid,
+    ) -> Result<HashMap<Ulid, Conflict>> {
+        Ok(self
+            .backend
+            .record_conflicts(tx, &table.table_name, record)
+            .await?
+            .into_iter()
+            .map(|c| (c.conflict_id, c))
+            .collect())
     }
 
     /// A new event of this node for a write on top of `local`; `extra` is merged
@@ -428,10 +415,24 @@ pub(super) fn refused_by_table(e: &sqlx::Error) -> bool {
     }) || db.message().contains("datatype mismatch")
 }
 
+/// Whether `stored`, a clash `event` resolves too (two operators on two
+/// nodes), is recorded as resolved by another write that comes first (by its
+/// HLC time, then id: the same order on every node): the first resolution is
+/// the one kept.
+fn resolved_earlier(stored: &Conflict, event: &ChangeEvent) -> bool {
+    stored.kind != ConflictKind::Version
+        && Closer::of(stored).is_some_and(|k| {
+            k.info.is_some()
+                && (k.at.as_str(), k.event_id) < (hlc_time(event.hlc).as_str(), event.event_id)
+        })
+}
+
 /// A record's log as versions, to read its conflicts off.
 struct History<'a> {
     events: &'a [ChangeEvent],
     members: Vec<Member>,
+    /// Position of each event in both.
+    by_id: HashMap<Ulid, usize>,
 }
 
 impl<'a> History<'a> {
@@ -440,11 +441,20 @@ impl<'a> History<'a> {
             .iter()
             .map(ChangeEvent::member)
             .collect::<Result<Vec<_>>>()?;
-        Ok(History { events, members })
+        let by_id = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.event_id, i))
+            .collect();
+        Ok(History {
+            events,
+            members,
+            by_id,
+        })
     }
 
     fn index(&self, id: Ulid) -> Option<usize> {
-        self.members.iter().position(|m| m.event_id == id)
+        self.by_id.get(&id).copied()
     }
 
     fn member(&self, id: Ulid) -> Option<&Member> {
