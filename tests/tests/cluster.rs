@@ -267,3 +267,34 @@ async fn a_mesh_relays_nothing_a_peer_hears_directly() {
         assert_eq!((fresh - fresh0, dup - dup0), (40.0, 0.0), "{}", node.name);
     }
 }
+
+/// A node that comes back is streamed to as soon as it connects: its peer's
+/// sender, backing off after failing to reach it, is woken by the returning
+/// node's own session instead of sleeping out its backoff. Node 0's backoff
+/// here is ten minutes, so without the wake-up nothing would reach node 1
+/// within the convergence timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_peer_ends_the_senders_backoff() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", "");
+    for key in ["reconnect_initial_ms", "reconnect_max_ms"] {
+        cluster.nodes[0].set_config("replication", key, "600000");
+    }
+    cluster.nodes[0].start().await;
+    let id = Ulid::generate();
+    cluster.nodes[0]
+        .put(id, json!({"title": "written while node1 was down"}))
+        .await;
+    // Node 0 has failed to reach node 1 and backs off for 5 to 10 minutes.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while !cluster.nodes[0].log_contains("reconnecting with backoff") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node0 never tried node1: {}",
+            cluster.nodes[0].log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.nodes[1].start().await;
+    let snap = cluster.converged(CONVERGE).await;
+    assert!(snap.rows.contains_key(&id.to_string()), "{:?}", snap.rows);
+}

@@ -797,15 +797,24 @@ async fn run_node(node: NodeSetup) -> turmoil::Result {
         .collect();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let connector = Connector::new(|uri: tonic::transport::Uri| async move {
+        let host = uri.host().unwrap_or_default().to_owned();
+        let port = uri.port_u16().unwrap_or(PORT);
+        turmoil::net::TcpStream::connect((host.as_str(), port)).await
+    });
+    let sender = Sender::new(store.clone(), local.clone(), options(), &peers, None)
+        .with_connector(connector)
+        .with_jitter_seed(seed ^ i as u64);
     let receiver = ReceiverService::new(
         store.clone(),
-        local.clone(),
+        local,
         options(),
         cancel.clone(),
         tracker.clone(),
         &peers,
         false,
-    );
+    )
+    .waking(sender.wake_handle());
     let listener =
         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;
     let incoming = futures::stream::unfold(listener, |l| async move {
@@ -813,14 +822,6 @@ async fn run_node(node: NodeSetup) -> turmoil::Result {
         Some((next, l))
     });
     tokio::spawn(receiver.serve_incoming(incoming, std::future::pending()));
-    let connector = Connector::new(|uri: tonic::transport::Uri| async move {
-        let host = uri.host().unwrap_or_default().to_owned();
-        let port = uri.port_u16().unwrap_or(PORT);
-        turmoil::net::TcpStream::connect((host.as_str(), port)).await
-    });
-    let sender = Sender::new(store.clone(), local, options(), &peers, None)
-        .with_connector(connector)
-        .with_jitter_seed(seed ^ i as u64);
     for peer in peers {
         tokio::spawn(sender.clone().run_peer(peer, cancel.clone()));
     }

@@ -141,15 +141,6 @@ impl Node {
             })?;
         let grpc_addr = listener.local_addr()?;
 
-        let receiver = ReceiverService::new(
-            store.clone(),
-            settings.local.clone(),
-            settings.replication.clone(),
-            cancel.clone(),
-            tracker.clone(),
-            &settings.peers,
-            settings.tls.is_some(),
-        );
         let records = records::RecordsService::new(store.clone());
         let write_limits = records::WriteLimits {
             max_event_bytes: settings.max_event_bytes,
@@ -162,6 +153,16 @@ impl Node {
             &settings.peers,
             settings.tls.clone(),
         );
+        let receiver = ReceiverService::new(
+            store.clone(),
+            settings.local.clone(),
+            settings.replication.clone(),
+            cancel.clone(),
+            tracker.clone(),
+            &settings.peers,
+            settings.tls.is_some(),
+        )
+        .waking(sender.wake_handle());
         let admin = admin::AdminService::new(
             store.clone(),
             sender.clone(),

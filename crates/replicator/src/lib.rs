@@ -9,7 +9,9 @@
 //!   version vector lacks, bounded by unacked batches, reconnecting with backoff;
 //!   its connections can go through a [`Connector`] and its jitter be seeded, and
 //!   the receiver served from any incoming stream, so the whole replicator runs
-//!   unchanged under deterministic network simulation;
+//!   unchanged under deterministic network simulation; a [`PeerWake`] shared
+//!   with the receiver ends a sender's reconnect backoff as soon as that peer
+//!   opens a session here;
 //! * [`status`]: the one mapping from errors to `tonic::Status`;
 //! * [`testhooks`]: test-only pauses for fault tests, off unless set in the environment.
 //!
@@ -35,7 +37,7 @@ pub mod pb {
 use ulid::Ulid;
 
 pub use receiver::ReceiverService;
-pub use sender::{Connector, PeerIo, PeerState, Sender};
+pub use sender::{Connector, PeerIo, PeerState, PeerWake, Sender};
 pub use tls::PeerTls;
 
 /// The replication wire protocol version this build speaks.

@@ -61,6 +61,8 @@ struct Inner {
     /// Live sessions per sending node: which instance (daemon process) holds
     /// them, and how many (one per connection).
     sessions: std::sync::Mutex<HashMap<Ulid, LiveSessions>>,
+    /// Ends this node's reconnect backoff towards a peer that opens a session here.
+    wake: Option<crate::PeerWake>,
 }
 
 #[derive(Debug)]
@@ -130,8 +132,18 @@ impl ReceiverService {
                 peers: peers.iter().map(|p| (p.node_id, p.may_relay)).collect(),
                 require_certificate,
                 sessions: Default::default(),
+                wake: None,
             }),
         }
+    }
+
+    /// Wakes this node's sender towards a peer (out of its reconnect backoff)
+    /// whenever that peer's handshake here succeeds. Call before serving.
+    pub fn waking(mut self, wake: crate::PeerWake) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.wake = Some(wake);
+        }
+        self
     }
 
     /// Serves only this service on the connections `incoming` yields (TCP, or
@@ -607,6 +619,9 @@ impl pb::replication_server::Replication for ReceiverService {
                 return Err(status);
             }
         };
+        if let Some(wake) = &self.inner.wake {
+            wake.wake(sender);
+        }
         if let Ok(remote) = tidemark_hlc::Hlc::decode(hello.hlc)
             && let Err(e) = self.inner.store.clock().check_drift(remote)
         {

@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{Store, StoreError, VersionVector};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -234,6 +234,28 @@ struct SenderInner {
     connector: Option<Connector>,
     /// Seeds the reconnect jitter per peer (deterministic runs); entropy otherwise.
     jitter_seed: Option<u64>,
+    /// Ends a peer's reconnect backoff when that peer reaches this node.
+    wake: PeerWake,
+}
+
+/// Wakes a peer's sender out of its reconnect backoff. The receiver calls
+/// [`PeerWake::wake`] when that peer opens a session here: a peer that reaches
+/// this node is up, so waiting out a backoff of up to `reconnect_max_ms` before
+/// streaming to it only delays its catch-up. Cloned handles share one state.
+#[derive(Debug, Clone, Default)]
+pub struct PeerWake(Arc<std::sync::Mutex<std::collections::HashMap<Ulid, Arc<Notify>>>>);
+
+impl PeerWake {
+    /// `peer` is reachable: its sender, if backing off, reconnects now (or, if
+    /// not waiting, skips its next wait once).
+    pub fn wake(&self, peer: Ulid) {
+        self.of(peer).notify_one();
+    }
+
+    fn of(&self, peer: Ulid) -> Arc<Notify> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(peer).or_default().clone()
+    }
 }
 
 impl Sender {
@@ -255,8 +277,15 @@ impl Sender {
                 tls,
                 connector: None,
                 jitter_seed: None,
+                wake: PeerWake::default(),
             }),
         }
+    }
+
+    /// The handle that ends a peer's reconnect backoff; give it to the
+    /// receiver ([`crate::ReceiverService::waking`]).
+    pub fn wake_handle(&self) -> PeerWake {
+        self.inner.wake.clone()
     }
 
     /// Connects to peers through `connector` instead of TCP. Call before any
@@ -353,6 +382,7 @@ impl Sender {
                 backoff = backoff.with_seed(seed ^ (id as u64) ^ ((id >> 64) as u64));
             }
             let mut failures = 0u32;
+            let woken = self.inner.wake.of(peer.node_id);
             loop {
                 let result = self.inner.session(&peer, &cancel, &mut backoff).await;
                 let mut was_connected = false;
@@ -387,6 +417,10 @@ impl Sender {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
+                    _ = woken.notified() => {
+                        debug!("peer opened a session here: reconnecting now");
+                        backoff.reset();
+                    }
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
