@@ -2267,6 +2267,51 @@ async fn sqlite_missing_directory_is_named() {
     );
 }
 
+/// SQLite's WAL is checkpointed by a thread of its own shortly after commits,
+/// not by the commit that crosses `wal_autocheckpoint`: a few hundred pages of
+/// writes (below SQLite's default threshold of 1,000) reach the database file
+/// with no further commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_checkpoints_the_wal_in_the_background() {
+    let db = TestDb::sqlite();
+    let TestDb::Sqlite { path, .. } = &db else {
+        unreachable!("a SQLite database")
+    };
+    let store = with_notes(&db, Ulid::generate()).await;
+    let size = || std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let wal = || {
+        std::fs::metadata(path.with_extension("db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    // Let the checkpoint of start-up's commits finish first.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = size();
+    let body = "x".repeat(2000);
+    for i in 0..30u128 {
+        let values: Values =
+            serde_json::from_value(json!({"title": format!("note {i}"), "body": body}))
+                .expect("values");
+        store
+            .put("notes", id(10_000 + i), &values)
+            .await
+            .expect("put");
+    }
+    // Below SQLite's own automatic checkpoint: only the thread copies them.
+    let pages = wal() / 4096;
+    assert!(pages < 1000, "the WAL grew to {pages} pages");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while size() < before + 60 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {} bytes (was {before}): no checkpoint ran",
+            size()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    store.close().await;
+}
+
 #[tokio::test]
 async fn unreachable_postgres_is_named() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -23,6 +23,7 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction, TypeInfo, ValueRef};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
+mod checkpoint;
 mod writer;
 
 pub use writer::SqliteTx;
@@ -102,6 +103,8 @@ pub struct SqliteBackend {
     /// `<database>-tidemark.lock`, locked while this backend is open: one
     /// daemon per database.
     lock: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
+    /// Checkpoints the WAL shortly after commits, off the commit path.
+    checkpoint: std::sync::Arc<std::sync::Mutex<Option<checkpoint::Checkpointer>>>,
 }
 
 /// Who holds a lock, as written into the lock file.
@@ -192,7 +195,8 @@ impl SqliteBackend {
                 SqliteSynchronous::Normal
             })
             .busy_timeout(opts.busy_timeout)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("wal_autocheckpoint", checkpoint::BACKSTOP_PAGES.to_string());
         if let Some(pages) = opts.max_page_count {
             connect = connect.pragma("max_page_count", pages.to_string());
         }
@@ -209,12 +213,20 @@ impl SqliteBackend {
             target: format!("SQLite database {}", opts.path.display()),
             source: writer::sqlx_error(e),
         })?;
+        let checkpoint =
+            checkpoint::Checkpointer::start(&opts.path, opts.busy_timeout).map_err(|source| {
+                StoreError::Connect {
+                    target: format!("SQLite database {}", opts.path.display()),
+                    source,
+                }
+            })?;
         Ok(SqliteBackend {
             pool,
             writer: std::sync::Arc::new(tokio::sync::Mutex::new(Some(writer))),
             busy_timeout: opts.busy_timeout,
             synchronous_full: opts.synchronous_full,
             lock: std::sync::Arc::new(std::sync::Mutex::new(Some(lock))),
+            checkpoint: std::sync::Arc::new(std::sync::Mutex::new(Some(checkpoint))),
         })
     }
 
@@ -882,7 +894,16 @@ impl Backend for SqliteBackend {
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
-        writer::commit(tx, self.synchronous_full)
+        writer::commit(tx, self.synchronous_full)?;
+        if let Some(checkpoint) = self
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            checkpoint.poke();
+        }
+        Ok(())
     }
 
     async fn rollback(&self, tx: Self::Tx) -> Result<()> {
@@ -1954,8 +1975,16 @@ impl Backend for SqliteBackend {
 
     async fn close(&self) {
         // The write connection first (waiting for its transaction, if one is
-        // open), so the pool's last connection is the file's last.
+        // open), then the checkpoint thread's, so the pool's last connection
+        // is the file's last.
         drop(self.writer.lock().await.take());
+        let checkpoint = self
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // Joining waits for a checkpoint under way: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || drop(checkpoint)).await;
         self.pool.close().await;
         // Dropping the file releases the lock.
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -97,12 +97,23 @@ impl<B: Backend> Engine<B> {
             ));
         }
         event.vector()?;
+        // Field by field: `..event.clone()` would copy both value maps only to
+        // drop them.
         Ok((
             table,
             ChangeEvent {
+                event_id: event.event_id,
+                hlc: event.hlc,
+                wall_ms: event.wall_ms,
+                node_id: event.node_id,
+                table_name: event.table_name.clone(),
+                record_id: event.record_id,
+                operation: event.operation,
+                action: event.action.clone(),
+                user_id: event.user_id,
                 old_values: None,
                 new_values,
-                ..event.clone()
+                metadata: event.metadata.clone(),
             },
         ))
     }

@@ -67,6 +67,13 @@ pub(super) fn open(opts: &SqliteOptions) -> rusqlite::Result<Connection> {
     if let Some(pages) = opts.max_page_count {
         conn.pragma_update(None, "max_page_count", pages)?;
     }
+    // Checkpoints run on their own thread (see `checkpoint`); this is the
+    // backstop.
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        super::checkpoint::BACKSTOP_PAGES,
+    )?;
     Ok(conn)
 }
 
