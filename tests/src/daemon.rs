@@ -463,6 +463,27 @@ impl TestNode {
         std::fs::write(&path, text).expect("write config");
     }
 
+    /// Adds a `[[peers]]` entry for the node `id` listening on `port` (plaintext).
+    pub fn add_peer(&self, id: Ulid, port: u16) {
+        let path = self.config_path();
+        let mut text = std::fs::read_to_string(&path).expect("read config");
+        text.push_str(&format!(
+            "\n[[peers]]\nnode_id = \"{id}\"\naddress = \"http://127.0.0.1:{port}\"\n"
+        ));
+        std::fs::write(&path, text).expect("write config");
+    }
+
+    /// Sends SIGHUP: the daemon reloads `[[peers]]` from its config file.
+    pub fn reload(&self) {
+        let pid = self.pid().expect("node running");
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {pid} failed");
+    }
+
     /// Removes the `[[peers]]` entry of `id` from this node's config (the node
     /// forgets that peer's progress at its next start).
     pub fn remove_peer(&self, id: Ulid) {

@@ -298,3 +298,108 @@ async fn a_returning_peer_ends_the_senders_backoff() {
     let snap = cluster.converged(CONVERGE).await;
     assert!(snap.rows.contains_key(&id.to_string()), "{:?}", snap.rows);
 }
+
+/// Peers are added and removed while the nodes run: SIGHUP reloads
+/// `[[peers]]`. Node 2 starts unknown to the others and holds nothing; once
+/// they list it, it catches up. Once they drop it (it is decommissioned:
+/// stopped for good), `synced_at` advances on the others again, its progress
+/// and its lag gauges go, and status no longer shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_are_added_and_removed_on_reload() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite", "sqlite"], Topology::Mesh, "test", "");
+    let (id2, port2) = (cluster.nodes[2].id, cluster.nodes[2].port);
+    for i in 0..2 {
+        cluster.nodes[i].remove_peer(id2);
+    }
+    for node in cluster.nodes.iter_mut().take(2) {
+        node.start().await;
+    }
+    write_everywhere_of(&cluster, 0, 2).await;
+    // Node 2 runs, but the others refuse its sessions and do not send to it.
+    cluster.nodes[2].start().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(cluster.nodes[2].reader().events().await.is_empty());
+
+    // Added: node 2 catches up, and the others take its writes.
+    for i in 0..2 {
+        cluster.nodes[i].add_peer(id2, port2);
+        cluster.nodes[i].reload();
+    }
+    write_everywhere_of(&cluster, 1, 3).await;
+    let all = cluster.converged(CONVERGE).await;
+    // Two rounds: 2 writes on each of 2 nodes, then on each of 3.
+    assert_eq!(all.events.len(), 4 + 6);
+    let gauge = format!("tidemark_peer_unacked_events{{peer=\"{id2}\"}}");
+    // Refreshed every second.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while cluster.nodes[0].metric(&gauge).await != Some(0.0) {
+        assert!(std::time::Instant::now() < deadline, "{gauge} never 0");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Removed: node 2 stops for good; what the others write next is synced
+    // once they no longer wait for it.
+    cluster.nodes[2].stop();
+    write_everywhere_of(&cluster, 2, 2).await;
+    for i in 0..2 {
+        cluster.nodes[i].remove_peer(id2);
+        cluster.nodes[i].reload();
+    }
+    let after = cluster.converged(CONVERGE).await;
+    assert_eq!(after.events.len(), 10 + 4);
+    assert_eq!(after.unsynced, 0);
+    for node in cluster.nodes.iter().take(2) {
+        let status = node
+            .admin()
+            .await
+            .status(tidemark_replicator::pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        let listed: Vec<String> = status.peers.iter().map(|p| p.node_id.clone()).collect();
+        assert!(!listed.contains(&id2.to_string()), "{listed:?}");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+    }
+    // Its gauges are dropped once nobody sets them (the exporter's idle time):
+    // lag, connection, holds, last ack, its info line. Its counters and
+    // histograms stay (they count what happened).
+    let peer_label = format!("peer=\"{id2}\"");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, metrics) = cluster.nodes[0].http_get("/metrics").await;
+        let left: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.contains(&peer_label) && !l.contains("_total{"))
+            .filter(|l| {
+                !["_bucket{", "_sum{", "_count{"]
+                    .iter()
+                    .any(|h| l.contains(h))
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node0 still exports gauges of node2: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(cluster.nodes[0].metric(&gauge).await, None);
+}
+
+/// Writes through the API and through the database's own client on the first
+/// `n` nodes.
+async fn write_everywhere_of(cluster: &Cluster, round: u32, n: usize) {
+    for (i, node) in cluster.nodes.iter().enumerate().take(n) {
+        node.put(
+            Ulid::generate(),
+            json!({"title": format!("api r{round} n{i}"), "stars": i}),
+        )
+        .await;
+        let direct = Ulid::generate();
+        node.db.sql(&format!(
+            "INSERT INTO notes (id, title, body, stars) VALUES ('{direct}', 'sql r{round} n{i}', 'direct', {i})"
+        ));
+    }
+}

@@ -802,16 +802,23 @@ async fn run_node(node: NodeSetup) -> turmoil::Result {
         let port = uri.port_u16().unwrap_or(PORT);
         turmoil::net::TcpStream::connect((host.as_str(), port)).await
     });
-    let sender = Sender::new(store.clone(), local.clone(), options(), &peers, None)
-        .with_connector(connector)
-        .with_jitter_seed(seed ^ i as u64);
+    let peer_set = tidemark_replicator::PeerSet::new(peers.clone());
+    let sender = Sender::new(
+        store.clone(),
+        local.clone(),
+        options(),
+        peer_set.clone(),
+        None,
+    )
+    .with_connector(connector)
+    .with_jitter_seed(seed ^ i as u64);
     let receiver = ReceiverService::new(
         store.clone(),
         local,
         options(),
         cancel.clone(),
         tracker.clone(),
-        &peers,
+        peer_set,
         false,
     )
     .waking(sender.wake_handle());

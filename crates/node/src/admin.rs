@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use tidemark_replicator::convert::{event_to_pb, raw_object, vector_to_pb};
-use tidemark_replicator::{Peer, Sender, pb, status};
+use tidemark_replicator::{Sender, pb, status};
 use tidemark_store::engine::digest::MAX_RECORDS;
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{
@@ -22,9 +22,8 @@ const MAX_PAGE: u32 = 1000;
 pub struct AdminService {
     store: Store,
     sender: Sender,
-    peers: Vec<Peer>,
     /// Peers' configured names.
-    peer_names: std::collections::BTreeMap<ulid::Ulid, String>,
+    peer_names: crate::peers::PeerNames,
     name: String,
     cluster_id: String,
 }
@@ -33,15 +32,13 @@ impl AdminService {
     pub fn new(
         store: Store,
         sender: Sender,
-        peers: Vec<Peer>,
-        peer_names: std::collections::BTreeMap<ulid::Ulid, String>,
+        peer_names: crate::peers::PeerNames,
         name: String,
         cluster_id: String,
     ) -> Self {
         AdminService {
             store,
             sender,
-            peers,
             peer_names,
             name,
             cluster_id,
@@ -197,7 +194,7 @@ impl pb::admin_server::Admin for AdminService {
         let vector = self.store.vector().await.map_err(store_status)?;
         let states: std::collections::HashMap<_, _> = self.sender.states().into_iter().collect();
         let mut peers = Vec::new();
-        for p in &self.peers {
+        for p in self.sender.peers().current().iter() {
             let state = states.get(&p.node_id).cloned().unwrap_or_default();
             let acked = self
                 .store
@@ -228,7 +225,13 @@ impl pb::admin_server::Admin for AdminService {
                     })
                     .collect(),
                 blocked_records: state.blocked_records,
-                name: self.peer_names.get(&p.node_id).cloned().unwrap_or_default(),
+                name: self
+                    .peer_names
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&p.node_id)
+                    .cloned()
+                    .unwrap_or_default(),
             });
         }
         let open: std::collections::HashMap<String, u64> = self

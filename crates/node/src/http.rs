@@ -19,13 +19,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tidemark_replicator::Peer;
+use metrics_util::MetricKindMask;
+use tidemark_replicator::{Peer, Sender};
+
+use crate::peers::PeerNames;
 use tidemark_store::{RejectKind, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 const REFRESH: Duration = Duration::from_secs(1);
+
+/// How long a gauge nobody sets stays exported (see [`install_recorder`]).
+pub const GAUGE_IDLE: Duration = Duration::from_secs(45);
 
 /// Installs the process-wide metrics recorder and describes every metric.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -43,6 +49,11 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
                 1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0,
             ],
         )?
+        // A gauge nobody sets for this long is dropped: every gauge is set at
+        // least every 30 s while it means something (most every second, by
+        // `refresh`), so this only removes the series of peers no longer
+        // configured.
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -269,12 +280,6 @@ fn reject_codes() -> Vec<&'static str> {
 pub fn export_at_zero(peers: &[Peer], names: &std::collections::BTreeMap<ulid::Ulid, String>) {
     use metrics::{counter, gauge};
     gauge!("tidemark_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    // Peers' configured names, to join on the `peer` label of the per-peer
-    // series (`* on(instance, peer) group_left(name) tidemark_peer_info`).
-    for peer in peers {
-        let name = names.get(&peer.node_id).cloned().unwrap_or_default();
-        gauge!("tidemark_peer_info", "peer" => peer.node_id.to_string(), "name" => name).set(1.0);
-    }
     for source in ["api", "sql"] {
         counter!("tidemark_events_captured_total", "source" => source).increment(0);
     }
@@ -285,29 +290,37 @@ pub fn export_at_zero(peers: &[Peer], names: &std::collections::BTreeMap<ulid::U
     counter!("tidemark_conflicts_detected_total").increment(0);
     counter!("tidemark_captures_set_aside_total").increment(0);
     counter!("tidemark_events_compacted_total").increment(0);
-    let codes = reject_codes();
     for peer in peers {
-        let label = peer.node_id.to_string();
-        for name in [
-            "tidemark_events_sent_total",
-            "tidemark_events_applied_total",
-            "tidemark_drift_rejections_total",
-            "tidemark_own_events_missing_total",
-            "tidemark_duplicate_instances_refused_total",
+        export_peer_at_zero(peer, names.get(&peer.node_id).map_or("", String::as_str));
+    }
+}
+
+/// [`export_at_zero`] for one peer (also for a peer added while running), with
+/// its configured name in `tidemark_peer_info`, to join on the `peer` label of
+/// the per-peer series (`* on(instance, peer) group_left(name) tidemark_peer_info`).
+pub fn export_peer_at_zero(peer: &Peer, name: &str) {
+    use metrics::{counter, gauge};
+    let label = peer.node_id.to_string();
+    gauge!("tidemark_peer_info", "peer" => label.clone(), "name" => name.to_owned()).set(1.0);
+    for metric in [
+        "tidemark_events_sent_total",
+        "tidemark_events_applied_total",
+        "tidemark_drift_rejections_total",
+        "tidemark_own_events_missing_total",
+        "tidemark_duplicate_instances_refused_total",
+    ] {
+        counter!(metric, "peer" => label.clone()).increment(0);
+    }
+    for reason in ["superseded", "duplicate"] {
+        counter!("tidemark_events_skipped_total", "peer" => label.clone(), "reason" => reason)
+            .increment(0);
+    }
+    for code in reject_codes() {
+        for metric in [
+            "tidemark_events_held_total",
+            "tidemark_events_quarantined_total",
         ] {
-            counter!(name, "peer" => label.clone()).increment(0);
-        }
-        for reason in ["superseded", "duplicate"] {
-            counter!("tidemark_events_skipped_total", "peer" => label.clone(), "reason" => reason)
-                .increment(0);
-        }
-        for code in &codes {
-            for name in [
-                "tidemark_events_held_total",
-                "tidemark_events_quarantined_total",
-            ] {
-                counter!(name, "peer" => label.clone(), "code" => *code).increment(0);
-            }
+            counter!(metric, "peer" => label.clone(), "code" => code).increment(0);
         }
     }
 }
@@ -361,11 +374,25 @@ pub async fn serve(
 /// Refreshes the gauges computed from the store, every second until `cancel`.
 pub async fn refresh(
     store: Store,
-    peers: Vec<Peer>,
+    sender: Sender,
+    names: PeerNames,
     handle: PrometheusHandle,
     cancel: CancellationToken,
 ) {
     loop {
+        let peers = sender.peers().current();
+        // Gauges set once or on change are set again, so only those of
+        // removed peers go idle and are dropped.
+        metrics::gauge!("tidemark_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        {
+            let names = names.read().unwrap_or_else(|p| p.into_inner());
+            for peer in peers.iter() {
+                let name = names.get(&peer.node_id).cloned().unwrap_or_default();
+                metrics::gauge!("tidemark_peer_info", "peer" => peer.node_id.to_string(), "name" => name)
+                    .set(1.0);
+            }
+        }
+        sender.publish_gauges();
         if let Err(e) = refresh_once(&store, &peers).await {
             metrics::counter!("tidemark_store_errors_total", "op" => "metrics").increment(1);
             debug!(error = %e, "refreshing metrics failed");

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod peers;
 pub mod records;
 
 use std::net::SocketAddr;
@@ -48,6 +49,8 @@ pub struct Node {
     pub metrics_addr: Option<SocketAddr>,
     pub store: Store,
     pub sender: Sender,
+    peer_names: peers::PeerNames,
+    local: tidemark_replicator::LocalNode,
     cancel: CancellationToken,
     tracker: TaskTracker,
     /// Why the node stopped by itself, if it did (the writer lock was lost).
@@ -146,11 +149,14 @@ impl Node {
             max_event_bytes: settings.max_event_bytes,
             in_flight_bytes: settings.max_write_bytes_in_flight,
         };
+        let peer_set = tidemark_replicator::PeerSet::new(settings.peers.clone());
+        let peer_names: peers::PeerNames =
+            Arc::new(std::sync::RwLock::new(settings.peer_names.clone()));
         let sender = Sender::new(
             store.clone(),
             settings.local.clone(),
             settings.replication.clone(),
-            &settings.peers,
+            peer_set.clone(),
             settings.tls.clone(),
         );
         let receiver = ReceiverService::new(
@@ -159,15 +165,14 @@ impl Node {
             settings.replication.clone(),
             cancel.clone(),
             tracker.clone(),
-            &settings.peers,
+            peer_set,
             settings.tls.is_some(),
         )
         .waking(sender.wake_handle());
         let admin = admin::AdminService::new(
             store.clone(),
             sender.clone(),
-            settings.peers.clone(),
-            settings.peer_names.clone(),
+            peer_names.clone(),
             settings.name.clone(),
             settings.local.cluster_id.clone(),
         );
@@ -284,7 +289,8 @@ impl Node {
                 ));
                 tracker.spawn(http::refresh(
                     store.clone(),
-                    settings.peers.clone(),
+                    sender.clone(),
+                    peer_names.clone(),
                     handle,
                     cancel.clone(),
                 ));
@@ -299,9 +305,13 @@ impl Node {
             cancel.clone(),
         ));
 
-        for peer in &settings.peers {
-            tracker.spawn(sender.clone().run_peer(peer.clone(), cancel.clone()));
-        }
+        tracker.spawn(peers::supervise(
+            sender.clone(),
+            store.clone(),
+            peer_names.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        ));
         tracker.spawn(sender.clone().run_sync_marker(cancel.clone()));
         tracker.spawn(startup_check(
             store.clone(),
@@ -332,10 +342,21 @@ impl Node {
             metrics_addr,
             store,
             sender,
+            peer_names,
+            local: settings.local.clone(),
             cancel,
             tracker,
             fault,
         })
+    }
+
+    /// What changes the peer list while the node runs.
+    pub fn peer_control(&self) -> PeerControl {
+        PeerControl {
+            sender: self.sender.clone(),
+            peer_names: self.peer_names.clone(),
+            local: self.local.clone(),
+        }
     }
 
     /// Why the node stopped by itself, if it did: set before the shutdown it
@@ -357,6 +378,44 @@ impl Node {
         }
         self.store.close().await;
         info!("stopped");
+    }
+}
+
+/// Changes a running node's peer list ([`Node::peer_control`]).
+#[derive(Debug, Clone)]
+pub struct PeerControl {
+    sender: Sender,
+    peer_names: peers::PeerNames,
+    local: tidemark_replicator::LocalNode,
+}
+
+impl PeerControl {
+    /// Replaces the peer list with the `[[peers]]` of `settings` (a reloaded
+    /// config): sessions start for added peers and stop for removed ones,
+    /// which are no longer waited for (see [`peers`]). Other settings take
+    /// effect only at the next start; a config naming another node id or
+    /// cluster is refused.
+    pub fn reload_peers(&self, settings: &Settings) -> anyhow::Result<()> {
+        if settings.local != self.local {
+            anyhow::bail!(
+                "node.id and node.cluster_id cannot change while running (config has {} in {}, running as {} in {}); restart to change them",
+                settings.local.node_id,
+                settings.local.cluster_id,
+                self.local.node_id,
+                self.local.cluster_id
+            );
+        }
+        let before = self.sender.peers().ids();
+        *self.peer_names.write().unwrap_or_else(|p| p.into_inner()) = settings.peer_names.clone();
+        self.sender.peers().replace(settings.peers.clone());
+        let after = self.sender.peers().ids();
+        info!(
+            added = ?after.iter().filter(|p| !before.contains(p)).collect::<Vec<_>>(),
+            removed = ?before.iter().filter(|p| !after.contains(p)).collect::<Vec<_>>(),
+            peers = after.len(),
+            "reloaded [[peers]]; other settings take effect at the next start"
+        );
+        Ok(())
     }
 }
 
@@ -550,8 +609,13 @@ fn report_set_aside(set_aside: &[tidemark_store::SetAside]) {
     }
 }
 
-/// Runs a node until SIGINT or SIGTERM.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Runs a node until SIGINT or SIGTERM. On SIGHUP, `reload` reads the config
+/// again and the node takes its `[[peers]]` ([`Node::reload_peers`]); a
+/// config that does not load is reported and changes nothing.
+pub async fn run(
+    settings: Settings,
+    reload: impl Fn() -> Result<Settings, String> + Send + 'static,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let metrics = match settings.metrics_addr {
         Some(_) => Some(http::install_recorder().context("installing the metrics recorder")?),
@@ -562,6 +626,33 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
+    });
+    let reloading = node.peer_control();
+    let hangups = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP: the peer list cannot be reloaded");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.cancelled() => return,
+                _ = hup.recv() => {}
+            }
+            info!("SIGHUP received: reloading [[peers]] from the config");
+            match reload() {
+                Ok(settings) => {
+                    if let Err(e) = reloading.reload_peers(&settings) {
+                        error!(error = %e, "config not reloaded");
+                    }
+                }
+                Err(e) => error!(error = %e, "config not reloaded: the running peers stay"),
+            }
+        }
     });
     let fault = node.fault();
     node.stopped().await;

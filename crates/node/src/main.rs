@@ -182,7 +182,8 @@ fn main() -> ExitCode {
         Command::Run { config } => match load(&config) {
             Ok(settings) => {
                 init_logging(&settings.log.level, settings.log.format == "json");
-                runtime.block_on(tidemark::run(settings))
+                let path = config.clone();
+                runtime.block_on(tidemark::run(settings, move || load(&path)))
             }
             Err(msg) => {
                 eprintln!("tidemark: {msg}");

@@ -34,6 +34,8 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/tidemark_descriptor.bin"));
 }
 
+use std::sync::Arc;
+
 use ulid::Ulid;
 
 pub use receiver::ReceiverService;
@@ -82,6 +84,56 @@ pub struct Peer {
     /// Whether the peer may send events of other origins (relay); when false,
     /// only events it originated are accepted from it.
     pub may_relay: bool,
+}
+
+/// The configured peers, shared by the sender, the receiver and whoever
+/// reports on them, and replaceable while the node runs (the daemon reloads
+/// `[[peers]]` on SIGHUP). Readers see the whole new list at once;
+/// [`PeerSet::subscribe`] tells a supervisor when it changed.
+#[derive(Debug, Clone)]
+pub struct PeerSet(Arc<tokio::sync::watch::Sender<Arc<Vec<Peer>>>>);
+
+impl PeerSet {
+    pub fn new(peers: Vec<Peer>) -> Self {
+        PeerSet(Arc::new(tokio::sync::watch::Sender::new(Arc::new(peers))))
+    }
+
+    /// The peers now.
+    pub fn current(&self) -> Arc<Vec<Peer>> {
+        self.0.borrow().clone()
+    }
+
+    /// The ids of the peers now.
+    pub fn ids(&self) -> Vec<Ulid> {
+        self.0.borrow().iter().map(|p| p.node_id).collect()
+    }
+
+    /// The peer with this id, if it is configured now.
+    pub fn get(&self, id: Ulid) -> Option<Peer> {
+        self.0.borrow().iter().find(|p| p.node_id == id).cloned()
+    }
+
+    /// Replaces the list; subscribers are told if it changed.
+    pub fn replace(&self, peers: Vec<Peer>) {
+        self.0.send_if_modified(|now| {
+            let changed = **now != peers;
+            if changed {
+                *now = Arc::new(peers);
+            }
+            changed
+        });
+    }
+
+    /// Changes of the list, starting from the current one (already seen).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Vec<Peer>>> {
+        self.0.subscribe()
+    }
+}
+
+impl From<Vec<Peer>> for PeerSet {
+    fn from(peers: Vec<Peer>) -> Self {
+        PeerSet::new(peers)
+    }
 }
 
 /// Replication limits and timings.

@@ -53,8 +53,9 @@ struct Inner {
     cancel: CancellationToken,
     tracker: TaskTracker,
     /// The configured peers (and whether each may relay): a sender must claim
-    /// one of them.
-    peers: HashMap<Ulid, bool>,
+    /// one of them, at its handshake and at every batch (a peer removed from
+    /// the list while connected loses its session).
+    peers: crate::PeerSet,
     /// Mutual TLS: the sender must present a certificate naming the node id it
     /// claims.
     require_certificate: bool,
@@ -119,7 +120,7 @@ impl ReceiverService {
         opts: ReplicationOptions,
         cancel: CancellationToken,
         tracker: TaskTracker,
-        peers: &[crate::Peer],
+        peers: crate::PeerSet,
         require_certificate: bool,
     ) -> Self {
         ReceiverService {
@@ -129,7 +130,7 @@ impl ReceiverService {
                 opts,
                 cancel,
                 tracker,
-                peers: peers.iter().map(|p| (p.node_id, p.may_relay)).collect(),
+                peers,
                 require_certificate,
                 sessions: Default::default(),
                 wake: None,
@@ -268,7 +269,13 @@ impl Inner {
         holds: &mut HashMap<Ulid, Hlc>,
     ) -> Result<Vec<pb::Ack>, Status> {
         let peer = sender.to_string();
-        let may_relay = self.peers.get(&sender).copied().unwrap_or(false);
+        let Some(configured) = self.peers.get(sender) else {
+            return Err(Status::permission_denied(format!(
+                "node {sender} is no longer a configured peer of node {}",
+                self.local.node_id
+            )));
+        };
+        let may_relay = configured.may_relay;
         for batch in &batches {
             if batch.events.len() > self.opts.max_batch_events {
                 return Err(Status::invalid_argument(format!(
@@ -599,7 +606,7 @@ impl pb::replication_server::Replication for ReceiverService {
                     Some(_) => {}
                 }
             }
-            if !self.inner.peers.contains_key(&sender) {
+            if self.inner.peers.get(sender).is_none() {
                 return Err(Status::permission_denied(format!(
                     "node {sender} is not a configured peer of node {} (add it to [[peers]] on this node)",
                     self.inner.local.node_id

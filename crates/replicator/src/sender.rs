@@ -227,7 +227,7 @@ struct SenderInner {
     local: LocalNode,
     opts: ReplicationOptions,
     /// Every configured peer: `synced_at` needs all of their acks.
-    all_peers: Vec<Ulid>,
+    peers: crate::PeerSet,
     states: std::sync::Mutex<std::collections::HashMap<Ulid, PeerState>>,
     tls: Option<crate::PeerTls>,
     /// Opens peer connections instead of TCP (network simulation).
@@ -264,7 +264,7 @@ impl Sender {
         store: Store,
         local: LocalNode,
         opts: ReplicationOptions,
-        peers: &[Peer],
+        peers: crate::PeerSet,
         tls: Option<crate::PeerTls>,
     ) -> Self {
         Sender {
@@ -272,7 +272,7 @@ impl Sender {
                 store,
                 local,
                 opts,
-                all_peers: peers.iter().map(|p| p.node_id).collect(),
+                peers,
                 states: Default::default(),
                 tls,
                 connector: None,
@@ -307,6 +307,27 @@ impl Sender {
         self
     }
 
+    /// Sets every peer session's gauges again (the metrics exporter drops a
+    /// gauge nobody sets for a while: a removed peer's series go).
+    pub fn publish_gauges(&self) {
+        let map = self.inner.states.lock().unwrap_or_else(|p| p.into_inner());
+        for (peer, state) in map.iter() {
+            publish(*peer, state);
+        }
+    }
+
+    /// Forgets a peer removed from the list (after its session was cancelled):
+    /// its state, and so its gauges and its line in status, go.
+    pub fn forget(&self, peer: Ulid) {
+        let mut map = self.inner.states.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&peer);
+    }
+
+    /// The peers this sender serves now.
+    pub fn peers(&self) -> &crate::PeerSet {
+        &self.inner.peers
+    }
+
     /// A snapshot of every peer session's state.
     pub fn states(&self) -> Vec<(Ulid, PeerState)> {
         let map = self.inner.states.lock().unwrap_or_else(|p| p.into_inner());
@@ -319,11 +340,9 @@ impl Sender {
     /// recorded or new events are committed (a relayed event can arrive after
     /// every peer already acknowledged having it). Runs until `cancel`.
     pub async fn run_sync_marker(self, cancel: CancellationToken) {
-        if self.inner.all_peers.is_empty() {
-            return;
-        }
         let mut commits = self.inner.store.subscribe_commits();
         let mut acks = self.inner.store.subscribe_acks();
+        let mut peers = self.inner.peers.subscribe();
         let mut failures = 0u32;
         let mut absent = AbsentPeers::default();
         let limit = (self.inner.opts.absent_peer_limit_ms > 0)
@@ -332,7 +351,10 @@ impl Sender {
         let recheck = limit.map_or(Duration::MAX, |l| l.min(RELEASE_RECHECK));
         loop {
             let waited = self.waited_for(limit, &mut absent).await;
-            let marked = if waited.is_empty() {
+            let marked = if self.inner.peers.current().is_empty() {
+                // No peer to wait for: nothing is ever acknowledged.
+                Ok(0)
+            } else if waited.is_empty() {
                 self.inner.store.mark_all_synced().await
             } else {
                 self.inner.store.mark_synced(&waited).await
@@ -356,6 +378,7 @@ impl Sender {
                 _ = cancel.cancelled() => return,
                 changed = acks.changed() => if changed.is_err() { return },
                 changed = commits.changed() => if changed.is_err() { return },
+                changed = peers.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(recheck), if limit.is_some() => {}
             }
             // Coalesce bursts of acks and commits into one pass.
@@ -439,8 +462,9 @@ impl Sender {
     /// soon as it connects. `away` holds when each absent peer was first seen
     /// disconnected.
     async fn waited_for(&self, limit: Option<Duration>, watch: &mut AbsentPeers) -> Vec<Ulid> {
+        let all = self.inner.peers.ids();
         let Some(limit) = limit else {
-            return self.inner.all_peers.clone();
+            return all;
         };
         let connected: std::collections::HashSet<Ulid> = self
             .states()
@@ -449,7 +473,11 @@ impl Sender {
             .map(|(p, _)| p)
             .collect();
         let now = Instant::now();
-        for peer in &self.inner.all_peers {
+        // Peers removed from the list are no longer watched.
+        watch.away.retain(|p, _| all.contains(p));
+        watch.released.retain(|p| all.contains(p));
+        watch.checked.retain(|p, _| all.contains(p));
+        for peer in &all {
             if connected.contains(peer) {
                 watch.away.remove(peer);
                 if watch.released.remove(peer) {
@@ -487,12 +515,32 @@ impl Sender {
                 Err(e) => debug!(%peer, error = %e, "cannot read a peer's backlog"),
             }
         }
-        self.inner
-            .all_peers
-            .iter()
+        all.into_iter()
             .filter(|p| !watch.released.contains(p))
-            .copied()
             .collect()
+    }
+}
+
+/// Sets a peer session's gauges from its state.
+fn publish(peer: Ulid, state: &PeerState) {
+    let label = peer.to_string();
+    metrics::gauge!("tidemark_peer_connected", "peer" => label.clone()).set(if state.connected {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!("tidemark_peer_held_origins", "peer" => label.clone())
+        .set(state.held.len() as f64);
+    metrics::gauge!("tidemark_peer_released", "peer" => label.clone()).set(if state.released {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!("tidemark_peer_blocked_records", "peer" => label.clone())
+        .set(state.blocked_records as f64);
+    if let Some(ms) = state.last_ack_wall_ms {
+        metrics::gauge!("tidemark_peer_last_ack_timestamp_seconds", "peer" => label)
+            .set(ms as f64 / 1000.0);
     }
 }
 
@@ -515,22 +563,7 @@ impl SenderInner {
         let mut map = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let state = map.entry(peer).or_default();
         f(state);
-        let label = peer.to_string();
-        metrics::gauge!("tidemark_peer_connected", "peer" => label.clone())
-            .set(if state.connected { 1.0 } else { 0.0 });
-        metrics::gauge!("tidemark_peer_held_origins", "peer" => label.clone())
-            .set(state.held.len() as f64);
-        metrics::gauge!("tidemark_peer_released", "peer" => label.clone()).set(if state.released {
-            1.0
-        } else {
-            0.0
-        });
-        metrics::gauge!("tidemark_peer_blocked_records", "peer" => label.clone())
-            .set(state.blocked_records as f64);
-        if let Some(ms) = state.last_ack_wall_ms {
-            metrics::gauge!("tidemark_peer_last_ack_timestamp_seconds", "peer" => label)
-                .set(ms as f64 / 1000.0);
-        }
+        publish(peer, state);
     }
 
     async fn connect(&self, peer: &Peer) -> Result<Channel, SessionError> {
