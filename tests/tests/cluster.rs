@@ -12,8 +12,13 @@ const CONVERGE: Duration = Duration::from_secs(60);
 
 /// Writes through the API and through the database's own client on every node.
 async fn write_everywhere(cluster: &Cluster, round: u32) -> Vec<Ulid> {
+    write_on_first(cluster, round, cluster.nodes.len()).await
+}
+
+/// [`write_everywhere`] on the first `n` nodes only.
+async fn write_on_first(cluster: &Cluster, round: u32, n: usize) -> Vec<Ulid> {
     let mut ids = Vec::new();
-    for (i, node) in cluster.nodes.iter().enumerate() {
+    for (i, node) in cluster.nodes.iter().enumerate().take(n) {
         let api = Ulid::generate();
         node.put(
             api,
@@ -314,7 +319,7 @@ async fn peers_are_added_and_removed_on_reload() {
     for node in cluster.nodes.iter_mut().take(2) {
         node.start().await;
     }
-    write_everywhere_of(&cluster, 0, 2).await;
+    write_on_first(&cluster, 0, 2).await;
     // Node 2 runs, but the others refuse its sessions and do not send to it.
     cluster.nodes[2].start().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -325,7 +330,7 @@ async fn peers_are_added_and_removed_on_reload() {
         cluster.nodes[i].add_peer(id2, port2);
         cluster.nodes[i].reload();
     }
-    write_everywhere_of(&cluster, 1, 3).await;
+    write_on_first(&cluster, 1, 3).await;
     let all = cluster.converged(CONVERGE).await;
     // Two rounds: 2 writes on each of 2 nodes, then on each of 3.
     assert_eq!(all.events.len(), 4 + 6);
@@ -340,7 +345,7 @@ async fn peers_are_added_and_removed_on_reload() {
     // Removed: node 2 stops for good; what the others write next is synced
     // once they no longer wait for it.
     cluster.nodes[2].stop();
-    write_everywhere_of(&cluster, 2, 2).await;
+    write_on_first(&cluster, 2, 2).await;
     for i in 0..2 {
         cluster.nodes[i].remove_peer(id2);
         cluster.nodes[i].reload();
@@ -386,20 +391,4 @@ async fn peers_are_added_and_removed_on_reload() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(cluster.nodes[0].metric(&gauge).await, None);
-}
-
-/// Writes through the API and through the database's own client on the first
-/// `n` nodes.
-async fn write_everywhere_of(cluster: &Cluster, round: u32, n: usize) {
-    for (i, node) in cluster.nodes.iter().enumerate().take(n) {
-        node.put(
-            Ulid::generate(),
-            json!({"title": format!("api r{round} n{i}"), "stars": i}),
-        )
-        .await;
-        let direct = Ulid::generate();
-        node.db.sql(&format!(
-            "INSERT INTO notes (id, title, body, stars) VALUES ('{direct}', 'sql r{round} n{i}', 'direct', {i})"
-        ));
-    }
 }

@@ -5,7 +5,7 @@
 //! Every counter is exported at 0 from start-up, with the label sets it will
 //! use where they are known up front (each configured peer, each store
 //! operation, each refusal code), so an alert on it has a series before the
-//! first increment ([`export_at_zero`]).
+//! first increment ([`export_at_zero`], [`export_peer_at_zero`]).
 //!
 //! Lag gauges come from the store, not from counters kept in memory: per peer, the
 //! events this node holds that the peer has not acknowledged, and the age of the
@@ -273,11 +273,12 @@ fn reject_codes() -> Vec<&'static str> {
     codes
 }
 
-/// Exports every counter at 0 with the label sets known at start (Prometheus
-/// practice: an alert on a counter needs its series before the first
-/// increment), and `tidemark_build_info` at 1. Call once the recorder is
-/// installed, before the node starts counting.
-pub fn export_at_zero(peers: &[Peer], names: &std::collections::BTreeMap<ulid::Ulid, String>) {
+/// Exports every node-wide counter at 0 with the label sets known at start
+/// (Prometheus practice: an alert on a counter needs its series before the
+/// first increment), and `tidemark_build_info` at 1; each peer's are exported
+/// by [`export_peer_at_zero`]. Call once the recorder is installed, before the
+/// node starts counting.
+pub fn export_at_zero() {
     use metrics::{counter, gauge};
     gauge!("tidemark_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for source in ["api", "sql"] {
@@ -290,12 +291,10 @@ pub fn export_at_zero(peers: &[Peer], names: &std::collections::BTreeMap<ulid::U
     counter!("tidemark_conflicts_detected_total").increment(0);
     counter!("tidemark_captures_set_aside_total").increment(0);
     counter!("tidemark_events_compacted_total").increment(0);
-    for peer in peers {
-        export_peer_at_zero(peer, names.get(&peer.node_id).map_or("", String::as_str));
-    }
 }
 
-/// [`export_at_zero`] for one peer (also for a peer added while running), with
+/// [`export_at_zero`] for one peer, when its session starts (at start-up, or
+/// when it is added while running: see [`crate::peers::supervise`]), with
 /// its configured name in `tidemark_peer_info`, to join on the `peer` label of
 /// the per-peer series (`* on(instance, peer) group_left(name) tidemark_peer_info`).
 pub fn export_peer_at_zero(peer: &Peer, name: &str) {

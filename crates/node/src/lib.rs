@@ -67,7 +67,7 @@ impl Node {
     ) -> anyhow::Result<Node> {
         let node_id = settings.local.node_id;
         if metrics.is_some() {
-            http::export_at_zero(&settings.peers, &settings.peer_names);
+            http::export_at_zero();
         }
         if settings.clock_offset_ms != 0 {
             warn!(
