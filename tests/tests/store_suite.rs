@@ -1338,6 +1338,77 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     store.close().await;
 }
 
+/// An event every waited-for peer is known to hold is stored already synced,
+/// with no `synced_at` pass: the sending peer holds what it sent, an origin
+/// holds its own events, and any other peer must have acknowledged it.
+async fn received_events_every_peer_holds_arrive_synced(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let (p, q, r) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+    );
+    let event = |origin: Ulid, offset_ms: i64, n: u128| {
+        remote_event(
+            origin,
+            hlc_at(offset_ms, 0),
+            id(n),
+            Operation::Insert,
+            Some(json!({"title": format!("note {n}")})),
+        )
+    };
+    let apply = |e: &ChangeEvent, from: Ulid, waited: &[Ulid]| {
+        let (store, e, waited) = (store.clone(), e.clone(), waited.to_vec());
+        async move {
+            let out = store
+                .apply_from(
+                    Some(from),
+                    std::slice::from_ref(&e),
+                    Vec::new(),
+                    &|_| true,
+                    &waited,
+                )
+                .await
+                .expect("apply");
+            assert_eq!(out.applied, 1);
+        }
+    };
+    // A pair: p sends its own event; p is the only peer waited for.
+    let pair = event(p, -5_000, 1);
+    apply(&pair, p, &[p]).await;
+    assert_eq!(store.count_unsynced().await.expect("n"), 0, "held by p");
+    // Relayed by p from r, with q waited for too: q has not acknowledged it.
+    let relayed = event(r, -4_000, 2);
+    apply(&relayed, p, &[p, q]).await;
+    assert_eq!(store.count_unsynced().await.expect("n"), 1, "q lacks it");
+    // The origin itself is waited for: it holds its own event.
+    let own = event(r, -3_000, 3);
+    apply(&own, p, &[p, r]).await;
+    assert_eq!(
+        store.count_unsynced().await.expect("n"),
+        1,
+        "held by p and r"
+    );
+    // Once q has acknowledged r's events this far, the next arrives synced.
+    let mut q_has = VersionVector::new();
+    q_has.observe(r, hlc_at(-1_000, 0));
+    store.record_ack(q, &q_has).await.expect("ack");
+    let later = event(r, -2_000, 4);
+    apply(&later, p, &[p, q]).await;
+    assert_eq!(store.count_unsynced().await.expect("n"), 1, "q acked it");
+    // Nothing waited for (or no sending peer): stored unsynced, as before.
+    let alone = event(r, -1_500, 5);
+    apply(&alone, p, &[]).await;
+    assert_eq!(store.count_unsynced().await.expect("n"), 2);
+    // The pass marks the other two once p's and q's acks (the vectors their
+    // sessions report) cover them.
+    store.record_ack(p, &q_has).await.expect("ack");
+    assert_eq!(store.mark_synced(&[p, q]).await.expect("mark"), 2);
+    assert_eq!(store.count_unsynced().await.expect("n"), 0);
+    store.close().await;
+}
+
 /// Triggers of the application on a replicated table fire on the daemon's
 /// writes too; they are listed (Tidemark's own and the database's internal
 /// ones are not), so the daemon can warn about each.
@@ -1379,7 +1450,13 @@ async fn quarantined_events_list_and_discard(db: TestDb) {
         event: json!({"event_id": format!("bad id {n}"), "n": n}),
     };
     store
-        .apply_from(Some(peer), &[], vec![rejected(1), rejected(2)], &|_| true)
+        .apply_from(
+            Some(peer),
+            &[],
+            vec![rejected(1), rejected(2)],
+            &|_| true,
+            &[],
+        )
         .await
         .expect("apply");
     assert_eq!(store.count_quarantined().await.expect("count"), 2);
@@ -2225,6 +2302,7 @@ suite!(
         bad_remote_events_hold_their_origin,
         events_after_a_vector,
         synced_when_every_peer_acked,
+        received_events_every_peer_holds_arrive_synced,
         compaction_keeps_every_current_version,
         compaction_keeps_concurrent_versions_and_blocked_events,
         identity_and_clock_survive_restart,

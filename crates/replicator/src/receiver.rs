@@ -342,7 +342,15 @@ impl Inner {
         let allowed = move |origin: Ulid| may_relay || origin == sender;
         let outcome = match self
             .store
-            .apply_from(Some(sender), &events, rejected, &allowed)
+            .apply_from(
+                Some(sender),
+                &events,
+                rejected,
+                &allowed,
+                // Every configured peer (released ones included, which only
+                // makes this stricter than the synced_at pass).
+                &self.peers.ids(),
+            )
             .await
         {
             Ok(o) => o,

@@ -295,10 +295,14 @@ pub trait Backend: Send + Sync + 'static {
         tx: &mut Self::Tx,
         ids: &[Ulid],
     ) -> impl Future<Output = Result<HashSet<Ulid>>> + Send;
+    /// Keeps new events (an id already present is skipped). Those `synced`
+    /// picks are stored with `synced_at` already set: every peer `synced_at`
+    /// waits for is known to hold them.
     fn insert_events(
         &self,
         tx: &mut Self::Tx,
         events: &[ChangeEvent],
+        synced: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> impl Future<Output = Result<()>> + Send;
     /// Raises each origin's applied-vector entry to at least the given HLC.
     fn raise_vector(

@@ -331,8 +331,9 @@ impl Store {
         events: &[ChangeEvent],
         rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
+        waited: &[Ulid],
     ) -> Result<ApplyOutcome> {
-        dispatch!(self, e => e.apply_from(peer, events, rejected, allowed).await)
+        dispatch!(self, e => e.apply_from(peer, events, rejected, allowed, waited).await)
     }
 
     pub async fn count_quarantined(&self) -> Result<u64> {

@@ -907,7 +907,12 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
+    async fn insert_events(
+        &self,
+        tx: &mut Self::Tx,
+        events: &[ChangeEvent],
+        synced: &(dyn Fn(Ulid) -> bool + Sync),
+    ) -> Result<()> {
         for e in events {
             if tx.state.events.contains_key(&e.event_id) {
                 continue;
@@ -917,7 +922,7 @@ impl Backend for MemoryBackend {
                 e.event_id,
                 Some(StoredEvent {
                     event: e.clone(),
-                    synced_at: None,
+                    synced_at: synced(e.event_id).then(|| self.now()),
                 }),
             );
             tx.add_origin_entry((e.node_id, e.hlc, e.event_id));

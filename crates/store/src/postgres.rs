@@ -975,14 +975,21 @@ impl Backend for PostgresBackend {
             .collect()
     }
 
-    async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
+    async fn insert_events(
+        &self,
+        tx: &mut Self::Tx,
+        events: &[ChangeEvent],
+        synced: &(dyn Fn(Ulid) -> bool + Sync),
+    ) -> Result<()> {
         // One statement per chunk: a column array each, UNNEST-ed into rows.
         let text = |v: Option<&Values>| v.map(|v| Value::Object(v.clone()).to_string());
         for chunk in events.chunks(BULK_CHUNK) {
             let mut cols: [Vec<Option<String>>; 10] = Default::default();
             let mut hlcs = Vec::with_capacity(chunk.len());
             let mut walls = Vec::with_capacity(chunk.len());
+            let mut synceds = Vec::with_capacity(chunk.len());
             for e in chunk {
+                synceds.push(synced(e.event_id));
                 hlcs.push(e.hlc.encode());
                 walls.push(e.wall_ms);
                 let row = [
@@ -1015,10 +1022,12 @@ impl Backend for PostgresBackend {
             ] = cols;
             sqlx::query(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
-                 operation, action, user_id, old_values, new_values, metadata) \
-                 SELECT e, h, to_timestamp(w::double precision / 1000.0), n, t, r, o, a, u, ov::jsonb, nv::jsonb, m::jsonb \
+                 operation, action, user_id, old_values, new_values, metadata, synced_at) \
+                 SELECT e, h, to_timestamp(w::double precision / 1000.0), n, t, r, o, a, u, ov::jsonb, nv::jsonb, m::jsonb, \
+                 CASE WHEN s THEN CURRENT_TIMESTAMP END \
                  FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], \
-                 $8::text[], $9::text[], $10::text[], $11::text[], $12::text[]) AS x(e, h, w, n, t, r, o, a, u, ov, nv, m) \
+                 $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bool[]) \
+                 AS x(e, h, w, n, t, r, o, a, u, ov, nv, m, s) \
                  ON CONFLICT (event_id) DO NOTHING",
             )
             .bind(ids)
@@ -1033,6 +1042,7 @@ impl Backend for PostgresBackend {
             .bind(olds)
             .bind(news)
             .bind(metas)
+            .bind(synceds)
             .execute(&mut **tx)
             .await?;
         }

@@ -1248,7 +1248,12 @@ impl Backend for SqliteBackend {
             .collect()
     }
 
-    async fn insert_events(&self, tx: &mut Self::Tx, events: &[ChangeEvent]) -> Result<()> {
+    async fn insert_events(
+        &self,
+        tx: &mut Self::Tx,
+        events: &[ChangeEvent],
+        synced: &(dyn Fn(Ulid) -> bool + Sync),
+    ) -> Result<()> {
         // One cached statement run per event: on the direct connection a step
         // costs less than packing the batch into JSON for `json_each` and
         // parsing it back (values would be escaped into a string and out again).
@@ -1256,9 +1261,11 @@ impl Backend for SqliteBackend {
         let mut stmt = conn
             .prepare_cached(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
-                 operation, action, user_id, old_values, new_values, metadata) \
+                 operation, action, user_id, old_values, new_values, metadata, synced_at) \
                  VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', ?3 / 1000.0, 'unixepoch'), \
-                 ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (event_id) DO NOTHING",
+                 ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+                 CASE WHEN ?13 THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END) \
+                 ON CONFLICT (event_id) DO NOTHING",
             )
             .map_err(db_error)?;
         let text = |v: Option<&Values>| v.map(json_text).transpose();
@@ -1276,6 +1283,7 @@ impl Backend for SqliteBackend {
                 text(e.old_values.as_ref())?,
                 text(e.new_values.as_ref())?,
                 e.metadata.as_ref().map(Value::to_string),
+                synced(e.event_id),
             ])
             .map_err(db_error)?;
         }

@@ -121,7 +121,8 @@ impl<B: Backend> Engine<B> {
     /// Applies events from a peer in one transaction (see [`Engine::apply_from`]),
     /// accepting every origin.
     pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
-        self.apply_from(None, events, Vec::new(), &|_| true).await
+        self.apply_from(None, events, Vec::new(), &|_| true, &[])
+            .await
     }
 
     /// Applies a batch from `peer` in one transaction: idempotent (an event id
@@ -137,12 +138,19 @@ impl<B: Backend> Engine<B> {
     /// table or column this node does not know. Holding keeps the node's vector a
     /// true summary: it never passes an event the log does not hold. `rejected`
     /// (events the caller could not even identify) go to the quarantine.
+    ///
+    /// `waited` are the peers `synced_at` waits for. An event every one of them
+    /// is known to hold is stored already synced, instead of being updated
+    /// once more by the next `synced_at` pass: `peer` holds what it sent, the
+    /// origin holds its own events, and any other must have acknowledged it.
+    /// In a pair, every received event is synced on arrival.
     pub async fn apply_from(
         &self,
         peer: Option<Ulid>,
         events: &[ChangeEvent],
         rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
+        waited: &[Ulid],
     ) -> Result<ApplyOutcome> {
         let mut accepted = Vec::with_capacity(events.len());
         let mut held: Vec<Held> = Vec::new();
@@ -226,15 +234,19 @@ impl<B: Backend> Engine<B> {
                 *table = self.table(&table.table_name)?;
             }
         }
+        let synced = match peer {
+            Some(peer) if !waited.is_empty() => self.held_by_all(peer, waited, &accepted),
+            _ => HashSet::new(),
+        };
         let mut tx = self.begin_tx().await?;
-        let mut outcome = match self.apply_in(&mut tx, &accepted, false).await {
+        let mut outcome = match self.apply_in(&mut tx, &accepted, false, &synced).await {
             Ok(o) => o,
             // A row the table refused: start over, each row under a savepoint, and
             // block the records whose rows are refused.
             Err(StoreError::RowRefused { .. }) => {
                 self.backend.rollback(tx).await?;
                 tx = self.begin_tx().await?;
-                self.apply_in(&mut tx, &accepted, true).await?
+                self.apply_in(&mut tx, &accepted, true, &synced).await?
             }
             Err(e) => return Err(e),
         };
@@ -256,11 +268,37 @@ impl<B: Backend> Engine<B> {
         Ok(outcome)
     }
 
+    /// The accepted events that every peer in `waited` is known to hold, with
+    /// `peer` the one that sent them (see [`Engine::apply_from`]).
+    fn held_by_all(
+        &self,
+        peer: Ulid,
+        waited: &[Ulid],
+        accepted: &[(ChangeEvent, Arc<TableInfo>)],
+    ) -> HashSet<Ulid> {
+        let acks = lock(&self.acks);
+        accepted
+            .iter()
+            .map(|(e, _)| e)
+            .filter(|e| {
+                waited.iter().all(|w| {
+                    *w == peer
+                        || *w == e.node_id
+                        || acks
+                            .get(w)
+                            .is_some_and(|a| a.vector.get(e.node_id) >= e.hlc)
+                })
+            })
+            .map(|e| e.event_id)
+            .collect()
+    }
+
     pub(super) async fn apply_in(
         &self,
         tx: &mut B::Tx,
         accepted: &[(ChangeEvent, Arc<TableInfo>)],
         careful: bool,
+        synced: &HashSet<Ulid>,
     ) -> Result<ApplyOutcome> {
         let mut outcome = ApplyOutcome {
             drained: self.drain_in(tx).await?.events,
@@ -269,6 +307,7 @@ impl<B: Backend> Engine<B> {
         let ids: Vec<Ulid> = accepted.iter().map(|(e, _)| e.event_id).collect();
         let mut seen = self.backend.existing_events(tx, &ids).await?;
         let mut cache = VersionCache::buffered();
+        cache.synced = synced.clone();
         let records = accepted
             .iter()
             .filter(|(e, _)| !seen.contains(&e.event_id))
@@ -338,8 +377,9 @@ impl<B: Backend> Engine<B> {
         match cache.pending.as_mut() {
             Some(p) => p.events.push(event.clone()),
             None => {
+                let synced = &cache.synced;
                 self.backend
-                    .insert_events(tx, std::slice::from_ref(event))
+                    .insert_events(tx, std::slice::from_ref(event), &|id| synced.contains(&id))
                     .await?
             }
         }

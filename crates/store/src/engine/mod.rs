@@ -5,7 +5,7 @@
 //! buffer every path shares) and `progress` (reading the log after a vector,
 //! acks, `synced_at`, lag). This file holds the [`Engine`] itself and its reads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
@@ -69,6 +69,8 @@ struct VersionCache {
     cleared: std::collections::BTreeSet<(String, Ulid)>,
     /// Records blocked in this transaction (each once).
     blocked: std::collections::BTreeSet<(String, Ulid)>,
+    /// Events to store with `synced_at` already set (see [`Engine::apply_from`]).
+    synced: HashSet<Ulid>,
 }
 
 impl VersionCache {

@@ -321,7 +321,10 @@ impl<B: Backend> Engine<B> {
             self.backend.put_versions(tx, &table, &versions).await?;
         }
         if !pending.events.is_empty() {
-            self.backend.insert_events(tx, &pending.events).await?;
+            let synced = &cache.synced;
+            self.backend
+                .insert_events(tx, &pending.events, &|id| synced.contains(&id))
+                .await?;
         }
         Ok(())
     }

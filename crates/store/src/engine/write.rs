@@ -232,7 +232,7 @@ impl<B: Backend> Engine<B> {
                 .await?;
             if let Some(e) = &event {
                 self.backend
-                    .insert_events(tx, std::slice::from_ref(e))
+                    .insert_events(tx, std::slice::from_ref(e), &|_| false)
                     .await?;
                 own.observe(self.node_id, e.hlc);
             }
@@ -324,7 +324,7 @@ impl<B: Backend> Engine<B> {
 
     pub(super) async fn commit_local(&self, mut tx: B::Tx, event: &ChangeEvent) -> Result<()> {
         self.backend
-            .insert_events(&mut tx, std::slice::from_ref(event))
+            .insert_events(&mut tx, std::slice::from_ref(event), &|_| false)
             .await?;
         let mut own = VersionVector::new();
         own.observe(self.node_id, event.hlc);
