@@ -24,10 +24,10 @@ pub fn from_store(err: &StoreError) -> Status {
             Status::out_of_range(err.to_string())
         }
         StoreError::Unregistrable { .. } => Status::failed_precondition(err.to_string()),
-        StoreError::Db(sqlx_err) if constraint_message(sqlx_err).is_some() => {
+        StoreError::Db(_) if err.constraint_message().is_some() => {
             Status::failed_precondition(format!(
                 "the write violates a constraint of the table: {}",
-                constraint_message(sqlx_err).unwrap_or_default()
+                err.constraint_message().unwrap_or_default()
             ))
         }
         StoreError::Constraint { reason, .. } => Status::failed_precondition(format!(
@@ -41,22 +41,6 @@ pub fn from_store(err: &StoreError) -> Status {
             tracing::error!(error = %e, "store failure");
             Status::internal("internal store error (see the node's log)")
         }
-    }
-}
-
-/// The database's message when `err` is a constraint violation (NOT NULL, CHECK,
-/// UNIQUE, FOREIGN KEY): it names the table and column and is safe to show.
-fn constraint_message(err: &sqlx::Error) -> Option<String> {
-    use sqlx::error::ErrorKind;
-    match err {
-        sqlx::Error::Database(db) => match db.kind() {
-            ErrorKind::UniqueViolation
-            | ErrorKind::ForeignKeyViolation
-            | ErrorKind::NotNullViolation
-            | ErrorKind::CheckViolation => Some(db.message().to_owned()),
-            _ => None,
-        },
-        _ => None,
     }
 }
 

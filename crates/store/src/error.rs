@@ -79,7 +79,7 @@ pub enum StoreError {
     Connect {
         target: String,
         #[source]
-        source: sqlx::Error,
+        source: DbError,
     },
 
     /// Another daemon already writes to this database.
@@ -133,7 +133,25 @@ pub enum StoreError {
 
     /// Any other database error.
     #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(DbError),
+}
+
+/// A database driver's error, kept opaque: the driver's types stay inside the
+/// store, and callers ask what they need to know through [`StoreError`].
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DbError(pub(crate) sqlx::Error);
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Db(DbError(e))
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        DbError(e)
+    }
 }
 
 impl StoreError {
@@ -155,7 +173,10 @@ impl StoreError {
     /// connection lost, disk full) that a retry after a pause may clear.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Db(e) | StoreError::Connect { source: e, .. } => match e {
+            StoreError::Db(DbError(e))
+            | StoreError::Connect {
+                source: DbError(e), ..
+            } => match e {
                 sqlx::Error::Io(_)
                 | sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed
@@ -175,6 +196,23 @@ impl StoreError {
                 _ => false,
             },
             _ => false,
+        }
+    }
+
+    /// The database's message when the error is a constraint violation of a
+    /// table (NOT NULL, CHECK, UNIQUE, FOREIGN KEY): it names the table and
+    /// column and is safe to show to a client.
+    pub fn constraint_message(&self) -> Option<String> {
+        use sqlx::error::ErrorKind;
+        let StoreError::Db(DbError(sqlx::Error::Database(db))) = self else {
+            return None;
+        };
+        match db.kind() {
+            ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation => Some(db.message().to_owned()),
+            _ => None,
         }
     }
 }

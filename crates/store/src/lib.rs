@@ -42,7 +42,7 @@ use ulid::Ulid;
 
 pub use backend::{Backend, RowWrite};
 pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, STAMP_COLUMNS};
-pub use error::{Result, StoreError};
+pub use error::{DbError, Result, StoreError};
 pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,

@@ -31,6 +31,7 @@ use crate::rows::{
 use crate::value::ColumnType;
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
+
 /// Most rows one bulk (UNNEST) statement carries.
 const BULK_CHUNK: usize = 1000;
 /// The NOTIFY channel capture triggers signal.
@@ -152,7 +153,7 @@ async fn take_writer_lock(options: &PgConnectOptions, target: &str) -> Result<sq
         .await
         .map_err(|source| StoreError::Connect {
             target: target.to_owned(),
-            source,
+            source: source.into(),
         })?;
     // A session that just ended (a daemon killed or restarting) may hold the
     // lock for a moment more: a free lock is taken, a held one asked about
@@ -374,7 +375,7 @@ impl PostgresBackend {
             .await
             .map_err(|source| StoreError::Connect {
                 target: target.clone(),
-                source,
+                source: source.into(),
             })?;
         Ok(PostgresBackend {
             pool,

@@ -206,18 +206,18 @@ impl SqliteBackend {
             .await
             .map_err(|source| StoreError::Connect {
                 target: format!("SQLite database {}", opts.path.display()),
-                source,
+                source: source.into(),
             })?;
         // After the pool, which created the file.
         let writer = writer::open(opts).map_err(|e| StoreError::Connect {
             target: format!("SQLite database {}", opts.path.display()),
-            source: writer::sqlx_error(e),
+            source: writer::sqlx_error(e).into(),
         })?;
         let checkpoint =
             checkpoint::Checkpointer::start(&opts.path, opts.busy_timeout).map_err(|source| {
                 StoreError::Connect {
                     target: format!("SQLite database {}", opts.path.display()),
-                    source,
+                    source: source.into(),
                 }
             })?;
         Ok(SqliteBackend {
@@ -578,7 +578,7 @@ fn conflict_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConflictRow> {
 
 /// JSON text of a value bound as a parameter (what sqlx's `Json` binds).
 fn json_text(v: &impl serde::Serialize) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))
+    serde_json::to_string(v).map_err(|e| StoreError::from(sqlx::Error::Encode(Box::new(e))))
 }
 
 fn select_columns(table: &TableInfo) -> String {

@@ -380,13 +380,15 @@ impl<B: Backend> Engine<B> {
             }
         };
         match written {
-            Err(StoreError::Db(e)) if refused_by_table(&e) => Err(StoreError::RowRefused {
-                table: table.table_name.clone(),
-                event_id,
-                reason: e
-                    .as_database_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
-            }),
+            Err(StoreError::Db(crate::error::DbError(e))) if refused_by_table(&e) => {
+                Err(StoreError::RowRefused {
+                    table: table.table_name.clone(),
+                    event_id,
+                    reason: e
+                        .as_database_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+                })
+            }
             Err(StoreError::Constraint { reason, .. }) => Err(StoreError::RowRefused {
                 table: table.table_name.clone(),
                 event_id,

@@ -115,7 +115,7 @@ impl Drop for SqliteTx {
 pub(super) async fn begin(writer: &Writer, timeout: Duration) -> Result<SqliteTx> {
     let guard = writer.clone().lock_owned().await;
     if guard.is_none() {
-        return Err(StoreError::Db(sqlx::Error::PoolClosed));
+        return Err(sqlx::Error::PoolClosed.into());
     }
     let tx = SqliteTx { conn: guard };
     let deadline = Instant::now() + timeout;
@@ -335,5 +335,5 @@ pub(super) fn sqlx_error(e: rusqlite::Error) -> sqlx::Error {
 }
 
 pub(super) fn db_error(e: rusqlite::Error) -> StoreError {
-    StoreError::Db(sqlx_error(e))
+    sqlx_error(e).into()
 }
