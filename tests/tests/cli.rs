@@ -278,3 +278,89 @@ fn check_config_prints_a_readable_summary() {
     );
     assert!(!stdout.contains("Settings {"), "a debug dump:\n{stdout}");
 }
+
+/// `tidemark bench` at a tiny size runs every run, on SQLite, PostgreSQL and a
+/// mixed pair, and reports each: every node received every other node's events
+/// (and the marker rows that end each run), the raw baselines of both backends
+/// were measured, and nothing was left out.
+#[test]
+fn bench_runs_every_run_on_both_backends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let out = tidemark(&[
+        "bench",
+        "--writes",
+        "120",
+        "--batched-writes",
+        "1000",
+        "--backlog",
+        "400",
+        "--rate",
+        "50",
+        "--lag-secs",
+        "1",
+        "--clients",
+        "2",
+        "--dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--json",
+        json.to_str().expect("utf-8 path"),
+    ]);
+    assert!(out.status.success(), "tidemark bench: {}", stderr(&out));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("bench JSON")).expect("JSON");
+    for (raw, events) in [
+        ("raw_single", 120),
+        ("raw_batched", 1000),
+        ("raw_pg_single", 120),
+        ("raw_pg_batched", 1000),
+    ] {
+        assert_eq!(report[raw]["events"], events, "{raw}: {}", report[raw]);
+        assert!(
+            report[raw]["per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+            "{raw}"
+        );
+    }
+    assert!(
+        report["postgres_left_out"].is_null(),
+        "{}",
+        report["postgres_left_out"]
+    );
+    let runs = report["runs"].as_array().expect("runs");
+    let names: Vec<&str> = runs.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "api-single-2",
+            "sql-single-2",
+            "sql-batch100-2",
+            "api-single-3",
+            "pg-api-single-2",
+            "pg-batch100-2",
+            "mixed-batch100-2"
+        ]
+    );
+    for run in runs {
+        let nodes = run["nodes"].as_u64().expect("nodes");
+        let events = run["rate"]["events"].as_u64().expect("events");
+        let expected = if run["name"].as_str().is_some_and(|n| n.contains("batch")) {
+            1000
+        } else {
+            120
+        };
+        assert_eq!(events, expected, "{run}");
+        // Each node received every event written elsewhere once as new: the
+        // workload's and one marker row per node.
+        let new = run["received"]["applied"].as_u64().unwrap_or(0)
+            + run["received"]["superseded"].as_u64().unwrap_or(0);
+        assert_eq!(new, (nodes - 1) * (events + nodes), "{run}");
+    }
+    assert_eq!(report["catch_up"]["backlog"], 400);
+    assert!(report["catch_up"]["per_sec"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(report["lag"]["writes"], 50);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("to raw PostgreSQL batched"),
+        "the PostgreSQL ratio is reported:\n{text}"
+    );
+}

@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod peers;
+pub mod pgserver;
 pub mod records;
 
 use std::net::SocketAddr;

@@ -32,6 +32,9 @@ use crate::value::ColumnType;
 
 const MIGRATIONS_TABLE: &str = "tidemark_schema_migrations";
 
+/// The SQL of the first PostgreSQL migration (the whole schema), for tools that
+/// build a bare database of the same shape (the raw baseline of `tidemark bench`).
+pub const SCHEMA_SQL: &str = include_str!("../migrations/postgres/0001_init.up.sql");
 /// Most rows one bulk (UNNEST) statement carries.
 const BULK_CHUNK: usize = 1000;
 /// The NOTIFY channel capture triggers signal.
