@@ -503,6 +503,7 @@ async fn send_as(node: &TestNode, sender: Ulid, event: pb::Event) -> pb::Ack {
                 .encode(),
             instance_id: Ulid::generate().to_string(),
             receiver_origin_hlc: 0,
+            compacted: None,
         };
         for kind in [
             sender_message::Kind::Hello(hello),

@@ -40,6 +40,7 @@ fn hello(node: &TestNode) -> pb::Hello {
         // One instance, like one daemon process: its sessions may overlap.
         instance_id: RAW_SENDER.to_string(),
         receiver_origin_hlc: 0,
+        compacted: None,
     }
 }
 
@@ -727,4 +728,111 @@ async fn causal_chain_delivered_out_of_order_opens_no_conflict() {
         .conflicts;
     assert!(conflicts.is_empty(), "false conflict: {conflicts:?}");
     assert!(node.reader().rows().await[&r.to_string()].contains("\"c\""));
+}
+
+/// `e` numbered `seq` in its origin's sequence (metadata "seq").
+fn numbered(mut e: pb::Event, seq: u64) -> pb::Event {
+    let mut meta: serde_json::Value =
+        serde_json::from_str(e.metadata_json.as_deref().unwrap_or("{}")).expect("meta");
+    meta["seq"] = json!(seq);
+    e.metadata_json = Some(meta.to_string());
+    e
+}
+
+/// Positions over the wire: a numbered event that skips numbers of its origin
+/// holds the origin (code FAILED_PRECONDITION, naming the missing numbers)
+/// with its later events, until the missing ones come; `admin status` then
+/// shows the position. A sender that compacted events of the origin newer
+/// than the receiver holds (Hello.compacted) may skip numbers: it streams the
+/// superseded history's survivors, from which the records converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_past_a_gap_holds_its_origin_until_the_missing_ones_come() {
+    let c = single_node("").await;
+    let node = &c.nodes[0];
+    let (x, y) = (Ulid::from_parts(1, 0xA), Ulid::from_parts(1, 0xB));
+    let insert = |origin: Ulid, offset_ms: i64, seq: u64| {
+        numbered(
+            event(
+                origin,
+                offset_ms,
+                0,
+                Ulid::generate(),
+                pb::Operation::Insert,
+                Some(json!({"title": format!("number {seq}")})),
+            ),
+            seq,
+        )
+    };
+    let (x1, x2, x3, x4) = (
+        insert(x, -4_000, 1),
+        insert(x, -3_000, 2),
+        insert(x, -2_000, 3),
+        insert(x, -1_000, 4),
+    );
+    let y1 = insert(y, -1_500, 1);
+    let mut s = open(node, hello(node)).await.expect("session");
+    let ack = s
+        .send(vec![x1.clone(), x3.clone(), y1.clone(), x4.clone()])
+        .await
+        .expect("ack");
+    assert_eq!(ack.applied, 2, "x1 and y1: {ack:?}");
+    assert_eq!(ack.held.len(), 1, "{ack:?}");
+    let h = &ack.held[0];
+    assert_eq!(
+        (h.origin.as_str(), h.event_id.as_str(), h.code.as_str()),
+        (
+            x.to_string().as_str(),
+            x3.event_id.as_str(),
+            "FAILED_PRECONDITION"
+        )
+    );
+    assert!(
+        h.message.contains("numbers 2 to 2 are missing"),
+        "{}",
+        h.message
+    );
+    // The sender resends from the held event, after the missing one.
+    let ack = s
+        .send(vec![x2.clone(), x3.clone(), x4.clone()])
+        .await
+        .expect("ack");
+    assert!(ack.held.is_empty(), "{ack:?}");
+    assert_eq!(ack.applied, 3);
+    let status = node
+        .admin()
+        .await
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let position = |origin: Ulid| {
+        status
+            .positions
+            .iter()
+            .find(|p| p.origin == origin.to_string())
+            .map(|p| (p.seq, p.hlc))
+    };
+    assert_eq!(position(x), Some((4, x4.hlc)));
+    assert_eq!(position(y), Some((1, y1.hlc)));
+    drop(s);
+
+    // A sender that compacted x's events past number 4 skips to number 7.
+    let z = Ulid::from_parts(1, 0xC);
+    let (z1, z3) = (insert(z, -900, 1), insert(z, -500, 3));
+    let (x7, x8) = (insert(x, -800, 7), insert(x, -700, 8));
+    let mut compacting = hello(node);
+    compacting.compacted = Some(pb::VersionVector {
+        entries: vec![pb::VectorEntry {
+            node_id: x.to_string(),
+            hlc: x8.hlc - 1,
+        }],
+    });
+    let mut s = open(node, compacting).await.expect("session");
+    let ack = s
+        .send(vec![x7.clone(), x8.clone(), z1.clone(), z3.clone()])
+        .await
+        .expect("ack");
+    assert_eq!(ack.applied, 3, "x7, x8 and z1: {ack:?}");
+    assert_eq!(ack.held.len(), 1, "z compacted nothing: {ack:?}");
+    assert_eq!(ack.held[0].event_id, z3.event_id);
 }

@@ -204,7 +204,7 @@ async fn migrations_up_down_up(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     );
     store.migrate_down().await.expect("down");
     assert_eq!(
@@ -223,7 +223,7 @@ async fn migrations_up_down_up(db: TestDb) {
     store.migrate_up().await.expect("up again");
     assert_eq!(
         store.applied_migrations().await.expect("applied"),
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     );
     assert_eq!(db.sql("SELECT COUNT(*) FROM change_events"), "0");
     store.close().await;
@@ -2265,6 +2265,134 @@ async fn concurrent_api_writes_commit_in_groups(db: TestDb) {
     store.close().await;
 }
 
+/// Every event a node stamps carries its number in the node's own sequence:
+/// 1, 2, 3... in HLC order, with no gap, whether writes commit alone or in a
+/// group. A write that fails after it was numbered gives its number back, and
+/// numbering goes on after a restart. The node's position on its own origin
+/// is the last number.
+async fn own_events_are_numbered_without_gaps(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    put_title(&store, id(1), "one").await;
+    let mut group = tokio::task::JoinSet::new();
+    for n in 10..20u128 {
+        let store = store.clone();
+        group.spawn(async move { put_title(&store, id(n), "grouped").await });
+    }
+    while let Some(done) = group.join_next().await {
+        done.expect("put task");
+    }
+    // NOT NULL refuses it after the event was numbered: rolled back.
+    let err = store
+        .put("notes", id(50), &obj(json!({"title": null})))
+        .await
+        .expect_err("NOT NULL title");
+    assert!(
+        err.constraint_message().is_some() || matches!(err, StoreError::Constraint { .. }),
+        "{err}"
+    );
+    put_title(&store, id(2), "two").await;
+    store.delete("notes", id(1)).await.expect("delete");
+    let own_numbers = |events: Vec<ChangeEvent>| -> Vec<u64> {
+        let mut own: Vec<ChangeEvent> = events.into_iter().filter(|e| e.node_id == me).collect();
+        own.sort_by_key(|e| e.hlc);
+        own.iter()
+            .map(|e| e.seq().expect("seq").expect("numbered"))
+            .collect()
+    };
+    let numbers = own_numbers(all_events(&store).await);
+    let n = numbers.len() as u64;
+    assert!(n >= 13, "{numbers:?}");
+    assert_eq!(numbers, (1..=n).collect::<Vec<_>>());
+    let position = store.positions()[&me];
+    assert_eq!(position.seq, n);
+    assert_eq!(position.hlc, store.vector().await.expect("vector").get(me));
+    store.close().await;
+
+    let store = open(&db, me).await;
+    assert_eq!(
+        store.positions()[&me].seq,
+        n,
+        "the position survives a restart"
+    );
+    let next = put_title(&store, id(3), "three").await;
+    assert_eq!(next.seq().expect("seq"), Some(n + 1));
+    assert_eq!(store.positions()[&me].seq, n + 1);
+    store.close().await;
+}
+
+/// Received numbered events raise their origin's position (the highest HLC
+/// and the number of the last event held), which survives a restart; an
+/// unnumbered event (stamped before origins numbered their events) raises the
+/// HLC only, and a malformed number holds its origin. (A session refuses a
+/// number that skips past the position before the store sees it: see the
+/// protocol tests.)
+async fn received_numbers_raise_positions(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let origin = Ulid::from_parts(1, 7);
+    let event = |n: u128, seq: Value| {
+        let mut e = remote_event(
+            origin,
+            hlc_at(-10_000 + n as i64, 0),
+            id(n),
+            Operation::Insert,
+            Some(json!({"title": format!("note {n}")})),
+        );
+        if !seq.is_null() {
+            e.metadata.as_mut().expect("metadata")["seq"] = seq;
+        }
+        e
+    };
+    let old = event(1, Value::Null);
+    let out = store
+        .apply_remote(std::slice::from_ref(&old))
+        .await
+        .expect("apply");
+    assert_eq!(out.applied, 1);
+    let position = store.positions()[&origin];
+    assert_eq!(
+        (position.seq, position.hlc),
+        (0, old.hlc),
+        "unnumbered: HLC only"
+    );
+    let (e1, e2) = (event(2, json!(1)), event(3, json!(2)));
+    let out = store
+        .apply_remote(&[e1.clone(), e2.clone()])
+        .await
+        .expect("apply");
+    assert_eq!(out.applied, 2);
+    let position = store.positions()[&origin];
+    assert_eq!((position.seq, position.hlc), (2, e2.hlc));
+    // Applied again: nothing moves.
+    let out = store
+        .apply_remote(std::slice::from_ref(&e1))
+        .await
+        .expect("apply");
+    assert_eq!((out.applied, out.duplicates), (0, 1));
+    assert_eq!(store.positions()[&origin].seq, 2);
+
+    let bad = event(4, json!("three"));
+    let out = store
+        .apply_remote(std::slice::from_ref(&bad))
+        .await
+        .expect("apply");
+    assert_eq!(out.applied, 0);
+    assert_eq!(out.held.len(), 1);
+    assert_eq!(out.held[0].kind, tidemark_store::RejectKind::Invalid);
+    assert!(
+        out.held[0].reason.contains("metadata.seq"),
+        "{}",
+        out.held[0].reason
+    );
+    assert_eq!(store.positions()[&origin].seq, 2);
+    store.close().await;
+    let store = open(&db, me).await;
+    let position = store.positions()[&origin];
+    assert_eq!((position.seq, position.hlc), (2, e2.hlc), "after a restart");
+    store.close().await;
+}
+
 // ---------------------------------------------------------------------------------
 
 macro_rules! tests_on {
@@ -2314,6 +2442,8 @@ suite!(
         one_batch_with_policy_and_concurrent_versions,
         concurrent_api_writes_commit_in_groups,
         quarantined_events_list_and_discard,
+        own_events_are_numbered_without_gaps,
+        received_numbers_raise_positions,
     ],
     // These need direct SQL, which the memory backend does not have: SQL
     // migrations checked through the SQL client, capture triggers fed by direct

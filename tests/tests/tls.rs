@@ -113,6 +113,7 @@ async fn hello(channel: Channel, node: &TestNode, sender: Ulid) -> Result<(), to
             // One process per claimed node id.
             instance_id: sender.to_string(),
             receiver_origin_hlc: 0,
+            compacted: None,
         })),
     })
     .await

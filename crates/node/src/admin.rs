@@ -267,6 +267,16 @@ impl pb::admin_server::Admin for AdminService {
             unreplicated_captures: self.store.count_set_aside().await.map_err(store_status)?,
             quarantined_events: self.store.count_quarantined().await.map_err(store_status)?,
             writes_held: self.store.own_writes_held(),
+            positions: self
+                .store
+                .positions()
+                .into_iter()
+                .map(|(origin, p)| pb::Position {
+                    origin: origin.to_string(),
+                    hlc: p.hlc.encode(),
+                    seq: p.seq,
+                })
+                .collect(),
         }))
     }
 

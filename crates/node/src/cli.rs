@@ -673,6 +673,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "unreplicated_captures": s.unreplicated_captures,
                     "quarantined_events": s.quarantined_events,
                     "writes_held": s.writes_held,
+                    "positions": s.positions.iter().map(|p| json!({
+                        "origin": p.origin, "hlc": int64_json(p.hlc), "seq": p.seq,
+                    })).collect::<Vec<_>>(),
                     "peers": s.peers.iter().map(|p| json!({
                         "node_id": p.node_id, "name": p.name, "address": p.address, "connected": p.connected,
                         "released": p.released,
@@ -797,13 +800,25 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                 .collect();
             print_table(&["table", "policy", "open conflicts", "columns"], &rows);
             out!();
+            // Each origin's position: its events numbered 1 to `seq` are
+            // held, the newest at `hlc`.
             let rows: Vec<Vec<String>> = s
-                .vector
+                .positions
                 .iter()
-                .flat_map(|v| &v.entries)
-                .map(|e| vec![e.node_id.clone(), hlc_text(e.hlc), e.hlc.to_string()])
+                .map(|p| {
+                    vec![
+                        p.origin.clone(),
+                        if p.seq > 0 {
+                            p.seq.to_string()
+                        } else {
+                            "-".into()
+                        },
+                        hlc_text(p.hlc),
+                        p.hlc.to_string(),
+                    ]
+                })
                 .collect();
-            print_table(&["origin", "newest event", "hlc"], &rows);
+            print_table(&["origin", "position", "newest event", "hlc"], &rows);
         }
         AdminCommand::Conflicts(ConflictsCommand::List {
             table,

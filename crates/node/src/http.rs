@@ -255,7 +255,8 @@ fn reject_codes() -> Vec<&'static str> {
         | RejectKind::NotAllowed
         | RejectKind::FarFuture
         | RejectKind::Drift
-        | RejectKind::Refused => (),
+        | RejectKind::Refused
+        | RejectKind::Gap => (),
     };
     let mut codes: Vec<&'static str> = [
         RejectKind::Invalid,
@@ -264,6 +265,7 @@ fn reject_codes() -> Vec<&'static str> {
         RejectKind::FarFuture,
         RejectKind::Drift,
         RejectKind::Refused,
+        RejectKind::Gap,
     ]
     .into_iter()
     .map(RejectKind::code)

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, Stream};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
-use tidemark_store::{ChangeEvent, Held, RejectKind, Store};
+use tidemark_store::{ChangeEvent, Held, Position, RejectKind, Store, VersionVector};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,9 @@ use crate::{LocalNode, PROTOCOL_VERSION, ReplicationOptions, status};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// When the sender should retry an origin held at an event it could not decode.
 const HOLD_MALFORMED_MS: u64 = 5_000;
+/// How long an origin held at a gap in its numbers waits before the sender
+/// tries it again (the missing events may reach this node by another path).
+const HOLD_GAP_MS: u64 = 10_000;
 /// Most events of batches already received that one transaction applies
 /// together (a sender ahead of this node pipelines several).
 const COALESCE_EVENTS: usize = 4_000;
@@ -265,6 +268,7 @@ impl Inner {
     async fn apply_batches(
         &self,
         sender: Ulid,
+        compacted: &VersionVector,
         batches: Vec<pb::Batch>,
         holds: &mut HashMap<Ulid, Hlc>,
     ) -> Result<Vec<pb::Ack>, Status> {
@@ -337,7 +341,8 @@ impl Inner {
                 }),
             }
         }
-        // An origin held at a malformed event: its later events wait too.
+        held.extend(hold_gaps(&self.store.positions(), compacted, &mut events));
+        // An origin held at a malformed event or a gap: its later events wait too.
         events.retain(|e| held.iter().all(|h| h.origin != e.node_id || e.hlc < h.hlc));
         let allowed = move |origin: Ulid| may_relay || origin == sender;
         let outcome = match self
@@ -471,6 +476,7 @@ impl Inner {
     async fn serve(
         self: Arc<Self>,
         sender: Ulid,
+        compacted: VersionVector,
         mut inbound: Streaming<pb::SenderMessage>,
         out: mpsc::Sender<Result<pb::ReceiverMessage, Status>>,
     ) {
@@ -537,7 +543,7 @@ impl Inner {
             }
             let batch_id = batches.last().map_or(0, |b| b.batch_id);
             let replies: Vec<Result<pb::ReceiverMessage, Status>> = match self
-                .apply_batches(sender, batches, &mut holds)
+                .apply_batches(sender, &compacted, batches, &mut holds)
                 .await
             {
                 Ok(acks) => acks
@@ -642,6 +648,7 @@ impl pb::replication_server::Replication for ReceiverService {
         {
             warn!(%sender, error = %e, "peer clock is ahead beyond max drift; its events will be refused until it is fixed");
         }
+        let compacted = peer_vector("hello.compacted", hello.compacted.clone())?;
         let store = &self.inner.store;
         let peer_has = tidemark_hlc::Hlc::decode(hello.receiver_origin_hlc)
             .map_err(|e| Status::invalid_argument(format!("hello.receiver_origin_hlc: {e}")))?;
@@ -680,12 +687,69 @@ impl pb::replication_server::Replication for ReceiverService {
         self.inner.tracker.spawn(
             async move {
                 let _guard = guard;
-                inner.serve(sender, inbound, tx).await
+                inner.serve(sender, compacted, inbound, tx).await
             }
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Holds each origin at its first numbered event that does not continue the
+/// origin's sequence here, and drops its later events: a session streams an
+/// origin's events in order from a log with no holes, so a number past the
+/// next one means the events between are missing, and applying past them would
+/// leave a hole this node's position could not show. The one exception is
+/// compaction: a sender that deleted superseded events of the origin newer
+/// than the ones held here (`compacted`, from its Hello) streams what it kept,
+/// and the records converge from that. A number at or below the next one is an
+/// event held already or later in the batch; the store skips duplicates by id.
+/// Unnumbered events (stamped before origins numbered their events) pass.
+fn hold_gaps(
+    positions: &BTreeMap<Ulid, Position>,
+    compacted: &VersionVector,
+    events: &mut Vec<ChangeEvent>,
+) -> Vec<Held> {
+    let mut at: BTreeMap<Ulid, Position> = BTreeMap::new();
+    let mut held = Vec::new();
+    events.retain(|event| {
+        let origin = event.node_id;
+        if held.iter().any(|h: &Held| h.origin == origin) {
+            return false;
+        }
+        // A malformed number is refused by the store, with its reason.
+        let Ok(Some(seq)) = event.seq() else {
+            return true;
+        };
+        let here = at
+            .entry(origin)
+            .or_insert_with(|| positions.get(&origin).copied().unwrap_or_default());
+        if seq > here.seq + 1 && compacted.get(origin) <= here.hlc {
+            held.push(Held {
+                origin,
+                hlc: event.hlc,
+                event_id: event.event_id.to_string(),
+                kind: RejectKind::Gap,
+                reason: format!(
+                    "event {} is number {seq} of origin {origin}, but this node holds its events only up to number {}: numbers {} to {} are missing",
+                    event.event_id,
+                    here.seq,
+                    here.seq + 1,
+                    seq - 1
+                ),
+                retry_after_ms: HOLD_GAP_MS,
+            });
+            return false;
+        }
+        if seq > here.seq {
+            *here = Position {
+                hlc: here.hlc.max(event.hlc),
+                seq,
+            };
+        }
+        true
+    });
+    held
 }
 
 /// Decodes a vector from a peer's message, as a status on error.

@@ -641,6 +641,7 @@ impl SenderInner {
         // it lacks of it (a copy restored from an older backup catches up
         // here), never the events it writes from now on (it has them).
         let peer_own = self.store.vector().await?.get(peer.node_id);
+        let compacted = self.store.compacted_vector().await?;
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
             cluster_id: self.local.cluster_id.clone(),
@@ -650,6 +651,7 @@ impl SenderInner {
             hlc: self.store.clock().now().encode(),
             instance_id: crate::instance_id().to_string(),
             receiver_origin_hlc: peer_own.encode(),
+            compacted: Some(crate::convert::vector_to_pb(&compacted)),
         };
         tx.send(pb::SenderMessage {
             kind: Some(sender_message::Kind::Hello(hello)),

@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
-    Quarantined, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
+    Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -311,6 +311,14 @@ pub trait Backend: Send + Sync + 'static {
         vector: &VersionVector,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Raises each origin's `max_seq` (the number of its last event held) to
+    /// at least the given number.
+    fn raise_sequences(
+        &self,
+        tx: &mut Self::Tx,
+        seqs: &Sequences,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// `new_values` of these events (`None` for a delete).
     fn event_values(
         &self,
@@ -395,6 +403,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Version>>> + Send;
     /// The applied vector: per origin, the highest HLC present.
     fn vector(&self) -> impl Future<Output = Result<VersionVector>> + Send;
+    /// Per origin, the number of the last event held (`max_seq`; origins with
+    /// none numbered are left out).
+    fn sequences(&self) -> impl Future<Output = Result<Sequences>> + Send;
     /// Highest HLC in `change_events` (zero when empty).
     fn max_hlc(&self) -> impl Future<Output = Result<Hlc>> + Send;
     /// Events of `origin` with HLC above `after`, ascending, at most `limit`.

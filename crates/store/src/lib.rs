@@ -47,8 +47,8 @@ pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,
     ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, Member,
-    Operation, Quarantined, RejectKind, Rejected, ResolveChoice, SetAside, TableInfo, Values,
-    Version, VersionVector,
+    Operation, Position, Quarantined, RejectKind, Rejected, ResolveChoice, Sequences, SetAside,
+    TableInfo, Values, Version, VersionVector,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
@@ -393,6 +393,11 @@ impl Store {
         dispatch!(self, e => e.vector().await)
     }
 
+    /// See [`Engine::positions`].
+    pub fn positions(&self) -> std::collections::BTreeMap<Ulid, Position> {
+        dispatch!(self, e => e.positions())
+    }
+
     pub async fn events_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<ChangeEvent>> {
         dispatch!(self, e => e.events_after(have, limit).await)
     }
@@ -441,6 +446,11 @@ impl Store {
     /// Rows in the log and the wall time (ms) of the oldest.
     pub async fn log_extent(&self) -> Result<(u64, Option<i64>)> {
         dispatch!(self, e => e.log_extent().await)
+    }
+
+    /// See [`Engine::compacted_vector`].
+    pub async fn compacted_vector(&self) -> Result<VersionVector> {
+        dispatch!(self, e => e.compacted_vector().await)
     }
 
     pub async fn pending_captures(&self) -> Result<u64> {

@@ -35,7 +35,8 @@ use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus,
-    ForeignKey, Quarantined, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
+    ForeignKey, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
+    VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -137,6 +138,8 @@ struct State {
     progress: BTreeMap<(Ulid, Ulid), Hlc>,
     /// `tidemark_blocked`, by (table, record).
     blocked: BTreeMap<(String, Ulid), Blocked>,
+    /// `tidemark_nodes.max_seq`.
+    seqs: BTreeMap<Ulid, u64>,
     /// `tidemark_nodes.compacted_hlc`.
     compacted: BTreeMap<Ulid, Hlc>,
 }
@@ -281,6 +284,9 @@ fn quarantine_field(s: &mut State) -> &mut BTreeMap<String, Rejected> {
 }
 fn registry_field(s: &mut State) -> &mut BTreeMap<String, TableInfo> {
     &mut s.registry
+}
+fn seqs_field(s: &mut State) -> &mut BTreeMap<Ulid, u64> {
+    &mut s.seqs
 }
 fn compacted_field(s: &mut State) -> &mut BTreeMap<Ulid, Hlc> {
     &mut s.compacted
@@ -940,6 +946,15 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn raise_sequences(&self, tx: &mut Self::Tx, seqs: &Sequences) -> Result<()> {
+        for (origin, seq) in seqs {
+            if tx.state.seqs.get(origin).is_none_or(|c| seq > c) {
+                tx.set(seqs_field, *origin, Some(*seq));
+            }
+        }
+        Ok(())
+    }
+
     async fn event_values(
         &self,
         tx: &mut Self::Tx,
@@ -1104,6 +1119,10 @@ impl Backend for MemoryBackend {
                 .map(|(o, h)| (*o, *h))
                 .collect(),
         ))
+    }
+
+    async fn sequences(&self) -> Result<Sequences> {
+        Ok(self.state.lock().await.seqs.clone())
     }
 
     async fn max_hlc(&self) -> Result<Hlc> {

@@ -102,6 +102,19 @@ impl FromStr for ConflictPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VersionVector(pub BTreeMap<Ulid, Hlc>);
 
+/// Where this node stands on one origin: the highest HLC of the origin's
+/// events it holds, and the number (`metadata.seq`) of the last one. Every
+/// origin numbers its events 1, 2, 3... so the numbers held are exactly 1 to
+/// `seq` (0: none numbered yet); a position never rewinds or skips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub hlc: Hlc,
+    pub seq: u64,
+}
+
+/// Per origin, the number of the last event held (see [`Position`]).
+pub type Sequences = BTreeMap<Ulid, u64>;
+
 impl VersionVector {
     pub fn new() -> Self {
         Self::default()
@@ -248,6 +261,22 @@ impl ChangeEvent {
                 vv.observe(self.node_id, self.hlc);
                 Ok(vv)
             }
+        }
+    }
+
+    /// The event's number in its origin's gap-free sequence (`metadata.seq`:
+    /// 1, 2, 3... per origin); `None` for an event stamped before origins
+    /// numbered their events.
+    pub fn seq(&self) -> Result<Option<u64>, StoreError> {
+        match self.metadata.as_ref().and_then(|m| m.get("seq")) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n)),
+                _ => Err(StoreError::Invalid {
+                    field: "metadata.seq".into(),
+                    reason: format!("{} is not a positive integer", truncate(&v.to_string())),
+                }),
+            },
         }
     }
 
@@ -925,6 +954,10 @@ pub enum RejectKind {
     Drift,
     /// The table refused the values (a constraint or type the row breaks).
     Refused,
+    /// A numbered event that does not continue its origin's sequence here:
+    /// the events between are missing (its sender no longer holds them, or
+    /// sent out of order).
+    Gap,
 }
 
 impl RejectKind {
@@ -935,7 +968,7 @@ impl RejectKind {
             RejectKind::UnknownTable => "NOT_FOUND",
             RejectKind::NotAllowed => "PERMISSION_DENIED",
             RejectKind::FarFuture | RejectKind::Drift => "OUT_OF_RANGE",
-            RejectKind::Refused => "FAILED_PRECONDITION",
+            RejectKind::Refused | RejectKind::Gap => "FAILED_PRECONDITION",
         }
     }
 }

@@ -22,11 +22,12 @@ use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
-    Quarantined, Rejected, SetAside, TableInfo, Values, Version, VersionVector,
+    Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version, VersionVector,
 };
 use crate::rows::{
     BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
-    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, vector_from_rows,
+    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, sequences_from_rows,
+    vector_from_rows,
 };
 use crate::value::ColumnType;
 
@@ -1076,6 +1077,20 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
+    async fn raise_sequences(&self, tx: &mut Self::Tx, seqs: &Sequences) -> Result<()> {
+        for (origin, seq) in seqs {
+            sqlx::query(
+                "INSERT INTO tidemark_nodes (node_id, max_seq) VALUES ($1, $2) \
+                 ON CONFLICT (node_id) DO UPDATE SET max_seq = GREATEST(tidemark_nodes.max_seq, excluded.max_seq)",
+            )
+            .bind(origin.to_string())
+            .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn event_values(
         &self,
         tx: &mut Self::Tx,
@@ -1479,6 +1494,14 @@ impl Backend for PostgresBackend {
                 .fetch_all(&self.pool)
                 .await?;
         vector_from_rows(rows, "tidemark_nodes")
+    }
+
+    async fn sequences(&self) -> Result<Sequences> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT node_id::text, max_seq FROM tidemark_nodes WHERE max_seq > 0")
+                .fetch_all(&self.pool)
+                .await?;
+        sequences_from_rows(rows)
     }
 
     async fn max_hlc(&self) -> Result<Hlc> {

@@ -335,6 +335,18 @@ pub fn vector_from_rows(rows: Vec<(String, i64)>, what: &str) -> Result<VersionV
     Ok(vv)
 }
 
+/// `(origin, max_seq)` rows of `tidemark_nodes` as sequences.
+pub fn sequences_from_rows(rows: Vec<(String, i64)>) -> Result<crate::model::Sequences> {
+    rows.into_iter()
+        .map(|(origin, seq)| {
+            let seq = u64::try_from(seq).map_err(|_| {
+                StoreError::corrupt("tidemark_nodes", format!("max_seq {seq} is negative"))
+            })?;
+            Ok((ulid("tidemark_nodes", &origin)?, seq))
+        })
+        .collect()
+}
+
 /// The regular expression / GLOB class of a canonical ULID's characters.
 pub const ULID_FIRST: &str = "0-7";
 pub const ULID_REST: &str = "0-9A-HJKMNP-TV-Z";

@@ -47,12 +47,13 @@ use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
     Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
-    ForeignKey, Operation, Quarantined, Rejected, SetAside, TableInfo, Values, Version,
+    ForeignKey, Operation, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
     VersionVector,
 };
 use crate::rows::{
     BLOCKED_COLUMNS, BlockedRow, CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
-    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, vector_from_rows,
+    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, sequences_from_rows,
+    vector_from_rows,
 };
 use crate::value::{ColumnType, SqlCell};
 
@@ -1302,6 +1303,18 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn raise_sequences(&self, tx: &mut Self::Tx, seqs: &Sequences) -> Result<()> {
+        for (origin, seq) in seqs {
+            execute(
+                tx.conn(),
+                "INSERT INTO tidemark_nodes (node_id, max_seq) VALUES (?1, ?2) \
+                 ON CONFLICT (node_id) DO UPDATE SET max_seq = max(max_seq, excluded.max_seq)",
+                params![origin.to_string(), i64::try_from(*seq).unwrap_or(i64::MAX)],
+            )?;
+        }
+        Ok(())
+    }
+
     async fn event_values(
         &self,
         tx: &mut Self::Tx,
@@ -1703,6 +1716,14 @@ impl Backend for SqliteBackend {
                 .fetch_all(&self.pool)
                 .await?;
         vector_from_rows(rows, "tidemark_nodes")
+    }
+
+    async fn sequences(&self) -> Result<Sequences> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT node_id, max_seq FROM tidemark_nodes WHERE max_seq > 0")
+                .fetch_all(&self.pool)
+                .await?;
+        sequences_from_rows(rows)
     }
 
     async fn max_hlc(&self) -> Result<Hlc> {

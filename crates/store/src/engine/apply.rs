@@ -184,6 +184,11 @@ impl<B: Backend> Engine<B> {
                 continue;
             }
             *last = (event.hlc, event.event_id);
+            if let Err(e) = event.seq() {
+                let reason = format!("event {} of origin {}: {e}", event.event_id, event.node_id);
+                hold(RejectKind::Invalid, reason, HOLD_INVALID_MS);
+                continue;
+            }
             if !allowed(event.node_id) {
                 let reason = format!(
                     "the sending peer may not relay events of origin {}",
@@ -378,8 +383,7 @@ impl<B: Backend> Engine<B> {
             Some(p) => p.events.push(event.clone()),
             None => {
                 let synced = &cache.synced;
-                self.backend
-                    .insert_events(tx, std::slice::from_ref(event), &|id| synced.contains(&id))
+                self.insert_events(tx, std::slice::from_ref(event), &|id| synced.contains(&id))
                     .await?
             }
         }

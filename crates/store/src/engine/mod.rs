@@ -19,8 +19,8 @@ use crate::ident::Ident;
 use crate::model::{
     ApplyOutcome, BlockKind, Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter,
     ConflictKind, ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, Held, Operation,
-    RejectKind, Rejected, ResolveChoice, SetAside, TableInfo, Values, Version, VersionVector,
-    parse_ulid,
+    Position, RejectKind, Rejected, ResolveChoice, Sequences, SetAside, TableInfo, Values, Version,
+    VersionVector, parse_ulid,
 };
 use crate::rules::{Causality, Resolution, resolve};
 use crate::value::ColumnType;
@@ -199,6 +199,14 @@ pub struct Engine<B: Backend> {
     applied: std::sync::Mutex<VersionVector>,
     /// What the open write transaction raised the vector to.
     pending_raise: std::sync::Mutex<VersionVector>,
+    /// Per origin, the number of the last event held (positions), as
+    /// committed: loaded when the store opens, raised after every commit.
+    sequences: std::sync::Mutex<Sequences>,
+    /// What the open write transaction raised them to: the numbers of the
+    /// events it inserted, this node's own new events among them (numbered
+    /// by [`Engine::next_own_seq`]). A transaction that does not commit gives
+    /// its numbers back: the next begin clears this.
+    pending_sequences: std::sync::Mutex<Sequences>,
     /// Peers' acknowledged vectors as last heard, ahead of what is persisted:
     /// an ack is recorded in memory on the sender's path and written with the
     /// next `synced_at` pass (see [`Engine::mark_synced`]).
@@ -301,6 +309,13 @@ impl<B: Backend> Engine<B> {
             }
         };
         let own_at_open = applied.get(node_id);
+        let sequences = match backend.sequences().await {
+            Ok(s) => s,
+            Err(e) => {
+                backend.close().await;
+                return Err(e);
+            }
+        };
         let engine = Engine {
             backend,
             node_id,
@@ -320,6 +335,8 @@ impl<B: Backend> Engine<B> {
             captured: CaptureTally::default(),
             applied: std::sync::Mutex::new(applied),
             pending_raise: Default::default(),
+            sequences: std::sync::Mutex::new(sequences),
+            pending_sequences: Default::default(),
             acks: Default::default(),
             acked: watch::Sender::new(0),
             compact_from: std::sync::Mutex::new(Hlc::ZERO),
@@ -404,16 +421,72 @@ impl<B: Backend> Engine<B> {
     async fn begin_tx(&self) -> Result<B::Tx> {
         self.captured.begin();
         lock(&self.pending_raise).0.clear();
+        lock(&self.pending_sequences).clear();
         self.backend.begin().await
     }
 
-    /// Commits the daemon's write transaction.
-    async fn commit_tx(&self, tx: B::Tx) -> Result<()> {
+    /// Commits the daemon's write transaction, with the positions its events
+    /// raised.
+    async fn commit_tx(&self, mut tx: B::Tx) -> Result<()> {
+        let sequences = std::mem::take(&mut *lock(&self.pending_sequences));
+        if !sequences.is_empty() {
+            self.backend.raise_sequences(&mut tx, &sequences).await?;
+        }
         self.backend.commit(tx).await?;
         self.captured.committed();
         let raised = std::mem::take(&mut *lock(&self.pending_raise));
         lock(&self.applied).merge(&raised);
+        let mut committed = lock(&self.sequences);
+        for (origin, seq) in sequences {
+            let at = committed.entry(origin).or_default();
+            *at = (*at).max(seq);
+        }
         Ok(())
+    }
+
+    /// Keeps events in `change_events` in the open write transaction, noting
+    /// the numbers they carry (their origins' positions rise at commit).
+    async fn insert_events(
+        &self,
+        tx: &mut B::Tx,
+        events: &[ChangeEvent],
+        synced: &(dyn Fn(Ulid) -> bool + Sync),
+    ) -> Result<()> {
+        self.backend.insert_events(tx, events, synced).await?;
+        let mut pending = lock(&self.pending_sequences);
+        for e in events {
+            if let Some(seq) = e.seq()? {
+                let at = pending.entry(e.node_id).or_default();
+                *at = (*at).max(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of this node's next own event in the open write
+    /// transaction: one past the last held, committed or earlier in it.
+    pub(super) fn next_own_seq(&self) -> u64 {
+        let committed = lock(&self.sequences).get(&self.node_id).copied();
+        let mut pending = lock(&self.pending_sequences);
+        let at = pending.entry(self.node_id).or_default();
+        *at = (*at).max(committed.unwrap_or(0)) + 1;
+        *at
+    }
+
+    /// Per origin this node holds events of, where it stands: the highest HLC
+    /// held and the number of the last event held.
+    pub fn positions(&self) -> BTreeMap<Ulid, Position> {
+        let vector = self.applied_vector();
+        let sequences = lock(&self.sequences).clone();
+        let mut out: BTreeMap<Ulid, Position> = vector
+            .0
+            .into_iter()
+            .map(|(origin, hlc)| (origin, Position { hlc, seq: 0 }))
+            .collect();
+        for (origin, seq) in sequences {
+            out.entry(origin).or_default().seq = seq;
+        }
+        out
     }
 
     /// Raises the applied vector in the open write transaction; the in-memory

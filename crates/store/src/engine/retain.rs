@@ -52,4 +52,18 @@ impl<B: Backend> Engine<B> {
     pub async fn log_extent(&self) -> Result<(u64, Option<i64>)> {
         self.backend.log_extent().await
     }
+
+    /// Per origin, the highest HLC of its events compaction deleted here
+    /// (origins with none left out): what a session tells a receiver its
+    /// stream may skip.
+    pub async fn compacted_vector(&self) -> Result<VersionVector> {
+        let mut compacted = VersionVector::new();
+        for origin in self.applied_vector().0.into_keys() {
+            let hlc = self.backend.compacted_upto(origin).await?;
+            if hlc > Hlc::ZERO {
+                compacted.observe(origin, hlc);
+            }
+        }
+        Ok(compacted)
+    }
 }

@@ -250,7 +250,7 @@ impl<B: Backend> Engine<B> {
         let hlc = self.clock.now();
         let mut vv = local.map(|v| v.vv.clone()).unwrap_or_default();
         vv.observe(self.node_id, hlc);
-        let mut metadata = json!({ "vv": vv.to_json() });
+        let mut metadata = json!({ "vv": vv.to_json(), "seq": self.next_own_seq() });
         let mut action = None;
         if let Some((act, resolution)) = extra {
             action = Some(act.to_owned());
@@ -322,8 +322,7 @@ impl<B: Backend> Engine<B> {
         }
         if !pending.events.is_empty() {
             let synced = &cache.synced;
-            self.backend
-                .insert_events(tx, &pending.events, &|id| synced.contains(&id))
+            self.insert_events(tx, &pending.events, &|id| synced.contains(&id))
                 .await?;
         }
         Ok(())

@@ -231,8 +231,7 @@ impl<B: Backend> Engine<B> {
                 .write_in(tx, &mut cache, &w.table, w.id, w.values.clone())
                 .await?;
             if let Some(e) = &event {
-                self.backend
-                    .insert_events(tx, std::slice::from_ref(e), &|_| false)
+                self.insert_events(tx, std::slice::from_ref(e), &|_| false)
                     .await?;
                 own.observe(self.node_id, e.hlc);
             }
@@ -323,8 +322,7 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(super) async fn commit_local(&self, mut tx: B::Tx, event: &ChangeEvent) -> Result<()> {
-        self.backend
-            .insert_events(&mut tx, std::slice::from_ref(event), &|_| false)
+        self.insert_events(&mut tx, std::slice::from_ref(event), &|_| false)
             .await?;
         let mut own = VersionVector::new();
         own.observe(self.node_id, event.hlc);

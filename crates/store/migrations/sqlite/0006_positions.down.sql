@@ -1,0 +1,1 @@
+ALTER TABLE tidemark_nodes DROP COLUMN max_seq;
