@@ -434,13 +434,17 @@ impl<B: Backend> Engine<B> {
         }
         self.backend.commit(tx).await?;
         self.captured.committed();
+        // Positions first: a vector read in between (an ack) never shows an
+        // HLC whose number the session's gap check could not see yet.
+        {
+            let mut committed = lock(&self.sequences);
+            for (origin, seq) in sequences {
+                let at = committed.entry(origin).or_default();
+                *at = (*at).max(seq);
+            }
+        }
         let raised = std::mem::take(&mut *lock(&self.pending_raise));
         lock(&self.applied).merge(&raised);
-        let mut committed = lock(&self.sequences);
-        for (origin, seq) in sequences {
-            let at = committed.entry(origin).or_default();
-            *at = (*at).max(seq);
-        }
         Ok(())
     }
 
