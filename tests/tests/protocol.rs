@@ -814,6 +814,17 @@ async fn a_number_past_a_gap_holds_its_origin_until_the_missing_ones_come() {
     };
     assert_eq!(position(x), Some((4, x4.hlc)));
     assert_eq!(position(y), Some((1, y1.hlc)));
+    // And on /metrics, refreshed every second.
+    let gauge = format!("tidemark_origin_position{{origin=\"{x}\"}}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node.metric(&gauge).await != Some(4.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{gauge} is {:?}, not 4",
+            node.metric(&gauge).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     drop(s);
 
     // A sender that compacted x's events past number 4 skips to number 7.

@@ -155,6 +155,11 @@ fn describe() {
         "Wall-clock part of the node's current HLC."
     );
     describe_gauge!(
+        "tidemark_origin_position",
+        Unit::Count,
+        "Per origin, the number of the origin's last event this node holds (every origin numbers its events 1, 2, 3... with no gap)."
+    );
+    describe_gauge!(
         "tidemark_unsynced_events",
         Unit::Count,
         "Events not yet acknowledged by every configured peer."
@@ -428,6 +433,10 @@ async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<(
     }
     for (table, open) in store.open_conflicts_by_table().await? {
         metrics::gauge!("tidemark_conflicts_open", "table" => table).set(open as f64);
+    }
+    for (origin, position) in store.positions() {
+        metrics::gauge!("tidemark_origin_position", "origin" => origin.to_string())
+            .set(position.seq as f64);
     }
     metrics::gauge!("tidemark_hlc_wall_seconds").set(store.clock().now().wall_ms() as f64 / 1000.0);
     metrics::gauge!("tidemark_unsynced_events").set(store.count_unsynced().await? as f64);
