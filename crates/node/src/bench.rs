@@ -80,6 +80,71 @@ pub struct BenchArgs {
     pub no_postgres: bool,
 }
 
+/// How a throughput run writes, on every node.
+#[derive(Debug, Clone, Copy)]
+enum Workload {
+    /// Single-row puts through the API (`--clients` per node).
+    Api,
+    /// Rows inserted with direct SQL, `per_tx` per transaction (the
+    /// `--batched-writes` size when more than one).
+    Sql { per_tx: usize },
+}
+
+/// A throughput run: a fresh cluster of one node per entry of `kinds`.
+struct ThroughputRun {
+    name: &'static str,
+    label: &'static str,
+    kinds: &'static [Kind],
+    workload: Workload,
+}
+
+/// The throughput runs, in the order they run (PostgreSQL ones only with a
+/// server).
+const THROUGHPUT_RUNS: [ThroughputRun; 7] = [
+    ThroughputRun {
+        name: "api-single-2",
+        label: "2 nodes, single-row writes through the API",
+        kinds: &[Kind::Sqlite; 2],
+        workload: Workload::Api,
+    },
+    ThroughputRun {
+        name: "sql-single-2",
+        label: "2 nodes, single-row writes with direct SQL",
+        kinds: &[Kind::Sqlite; 2],
+        workload: Workload::Sql { per_tx: 1 },
+    },
+    ThroughputRun {
+        name: "sql-batch100-2",
+        label: "2 nodes, 100-row transactions with direct SQL",
+        kinds: &[Kind::Sqlite; 2],
+        workload: Workload::Sql { per_tx: 100 },
+    },
+    ThroughputRun {
+        name: "api-single-3",
+        label: "3 nodes, single-row writes through the API",
+        kinds: &[Kind::Sqlite; 3],
+        workload: Workload::Api,
+    },
+    ThroughputRun {
+        name: "pg-api-single-2",
+        label: "2 PostgreSQL nodes, single-row writes through the API",
+        kinds: &[Kind::Postgres; 2],
+        workload: Workload::Api,
+    },
+    ThroughputRun {
+        name: "pg-batch100-2",
+        label: "2 PostgreSQL nodes, 100-row transactions with direct SQL",
+        kinds: &[Kind::Postgres; 2],
+        workload: Workload::Sql { per_tx: 100 },
+    },
+    ThroughputRun {
+        name: "mixed-batch100-2",
+        label: "a SQLite and a PostgreSQL node, 100-row transactions with direct SQL",
+        kinds: &[Kind::Sqlite, Kind::Postgres],
+        workload: Workload::Sql { per_tx: 100 },
+    },
+];
+
 /// The runs of a full bench, in the order they run.
 const RUNS: [&str; 9] = [
     "api-single-2",
@@ -1119,13 +1184,17 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let step = |s: &str| write_line(Stream::Stderr, format_args!("bench: {s}"));
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    let pg_runs = ["pg-api-single-2", "pg-batch100-2", "mixed-batch100-2"];
-    let sqlite_runs = RUNS.iter().filter(|r| !r.starts_with("pg-"));
+    let wants = |kind: Kind| {
+        THROUGHPUT_RUNS
+            .iter()
+            .any(|r| r.kinds.contains(&kind) && wanted(r.name))
+    };
     let (w, clients) = (args.writes, args.clients);
     let wb = args.batched_writes;
 
     let (mut raw_single, mut raw_batched) = (None, None);
-    if sqlite_runs.clone().any(|r| wanted(r)) {
+    // Catch-up and lag run on SQLite.
+    if wants(Kind::Sqlite) || wanted("catch-up") || wanted("lag") {
         step("raw SQLite, one write per transaction")?;
         raw_single = Some(raw_rate(&dir, "single", w.min(20_000), 1)?);
         step("raw SQLite, 100 writes per transaction")?;
@@ -1136,7 +1205,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let pg = if args.no_postgres {
         pg_skipped = Some("left out (--no-postgres)".to_owned());
         None
-    } else if !pg_runs.iter().any(|r| wanted(r)) {
+    } else if !wants(Kind::Postgres) {
         None
     } else {
         step("starting a throwaway PostgreSQL server")?;
@@ -1159,108 +1228,31 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let mut runs = Vec::new();
-    let sqlite2 = [Kind::Sqlite; 2];
-    if wanted("api-single-2") {
-        step("2 nodes, single-row writes through the API")?;
-        runs.push(
-            throughput(
-                &dir,
-                "api-single-2",
-                &sqlite2,
-                None,
-                w,
-                async |c: &Cluster| api_writes(c, 2, w, clients).await,
-            )
-            .await?,
-        );
-    }
-    if wanted("sql-single-2") {
-        step("2 nodes, single-row writes with direct SQL")?;
-        runs.push(
-            throughput(
-                &dir,
-                "sql-single-2",
-                &sqlite2,
-                None,
-                w,
-                async |c: &Cluster| sql_writes(c, 2, w, 1).await,
-            )
-            .await?,
-        );
-    }
-    if wanted("sql-batch100-2") {
-        step("2 nodes, 100-row transactions with direct SQL")?;
-        runs.push(
-            throughput(
-                &dir,
-                "sql-batch100-2",
-                &sqlite2,
-                None,
-                wb,
-                async |c: &Cluster| sql_writes(c, 2, wb, 100).await,
-            )
-            .await?,
-        );
-    }
-    if wanted("api-single-3") {
-        step("3 nodes, single-row writes through the API")?;
-        runs.push(
-            throughput(
-                &dir,
-                "api-single-3",
-                &[Kind::Sqlite; 3],
-                None,
-                w,
-                async |c: &Cluster| api_writes(c, 3, w, clients).await,
-            )
-            .await?,
-        );
-    }
-    if let Some(server) = &pg {
-        let pg2 = [Kind::Postgres; 2];
-        if wanted("pg-api-single-2") {
-            step("2 PostgreSQL nodes, single-row writes through the API")?;
-            runs.push(
-                throughput(
-                    &dir,
-                    "pg-api-single-2",
-                    &pg2,
-                    Some(server),
-                    w,
-                    async |c: &Cluster| api_writes(c, 2, w, clients).await,
-                )
-                .await?,
-            );
+    for run in &THROUGHPUT_RUNS {
+        let uses_pg = run.kinds.contains(&Kind::Postgres);
+        if !wanted(run.name) || (uses_pg && pg.is_none()) {
+            continue;
         }
-        if wanted("pg-batch100-2") {
-            step("2 PostgreSQL nodes, 100-row transactions with direct SQL")?;
-            runs.push(
-                throughput(
-                    &dir,
-                    "pg-batch100-2",
-                    &pg2,
-                    Some(server),
-                    wb,
-                    async |c: &Cluster| sql_writes(c, 2, wb, 100).await,
-                )
-                .await?,
-            );
-        }
-        if wanted("mixed-batch100-2") {
-            step("a SQLite and a PostgreSQL node, 100-row transactions with direct SQL")?;
-            let mixed = [Kind::Sqlite, Kind::Postgres];
-            runs.push(
-                throughput(
-                    &dir,
-                    "mixed-batch100-2",
-                    &mixed,
-                    Some(server),
-                    wb,
-                    async |c: &Cluster| sql_writes(c, 2, wb, 100).await,
-                )
-                .await?,
-            );
-        }
+        step(run.label)?;
+        let nodes = run.kinds.len();
+        let writes = match run.workload {
+            Workload::Sql { per_tx } if per_tx > 1 => wb,
+            _ => w,
+        };
+        runs.push(
+            throughput(
+                &dir,
+                run.name,
+                run.kinds,
+                pg.as_ref(),
+                writes,
+                async |c: &Cluster| match run.workload {
+                    Workload::Api => api_writes(c, nodes, writes, clients).await,
+                    Workload::Sql { per_tx } => sql_writes(c, nodes, writes, per_tx).await,
+                },
+            )
+            .await?,
+        );
     }
     let catch_up = if wanted("catch-up") {
         step("catch-up of a backlog")?;
