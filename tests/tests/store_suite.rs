@@ -1557,6 +1557,8 @@ async fn refused_rows_retry_on_demand(db: TestDb) {
         Operation::Insert,
         Some(json!({"title": "many", "stars": 9})),
     );
+    // Counted before, so the count below must follow the commit that blocks.
+    assert_eq!(store.count_blocked().await.expect("count"), 0);
     store
         .apply_remote(std::slice::from_ref(&event))
         .await

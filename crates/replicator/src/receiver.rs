@@ -322,7 +322,9 @@ impl Inner {
                 }
             }
             let event_id = raw.event_id.clone();
-            let json = crate::convert::event_json(&raw);
+            // Kept only for an event that cannot even be identified (it goes
+            // to the quarantine as sent); a held one is sent again.
+            let json = identity.is_none().then(|| crate::convert::event_json(&raw));
             match (event_from_pb(raw), identity) {
                 (Ok(e), _) => events.push(e),
                 (Err(e), Some((origin, hlc))) => held.push(Held {
@@ -337,7 +339,7 @@ impl Inner {
                     event_id,
                     kind: RejectKind::Invalid,
                     reason: e.to_string(),
-                    event: json,
+                    event: json.unwrap_or_default(),
                 }),
             }
         }

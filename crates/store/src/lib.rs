@@ -241,7 +241,7 @@ impl Store {
     }
 
     pub async fn count_blocked(&self) -> Result<u64> {
-        dispatch!(self, e => e.backend().count_blocked().await)
+        dispatch!(self, e => e.count_blocked().await)
     }
 
     /// Sets a table's conflict policy cluster-wide (the change replicates).

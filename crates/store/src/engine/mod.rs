@@ -6,6 +6,7 @@
 //! acks, `synced_at`, lag). This file holds the [`Engine`] itself and its reads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
@@ -215,6 +216,20 @@ pub struct Engine<B: Backend> {
     acked: watch::Sender<u64>,
     /// Where the next compaction step starts (see `retain`).
     compact_from: std::sync::Mutex<Hlc>,
+    /// Blocked records counted (see [`Engine::count_blocked`]).
+    blocked: BlockedTally,
+}
+
+/// The number of blocked records, counted again only after a commit that
+/// blocked or unblocked one: every received batch's ack reports it.
+#[derive(Debug, Default)]
+struct BlockedTally {
+    /// Whether the open write transaction blocked or unblocked a record.
+    pending: std::sync::atomic::AtomicBool,
+    /// Bumped by every commit that did.
+    generation: std::sync::atomic::AtomicU64,
+    /// The last count and the generation it was read at.
+    counted: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// One peer's acknowledged vector in memory.
@@ -340,6 +355,7 @@ impl<B: Backend> Engine<B> {
             acks: Default::default(),
             acked: watch::Sender::new(0),
             compact_from: std::sync::Mutex::new(Hlc::ZERO),
+            blocked: BlockedTally::default(),
         };
         let started: Result<()> = async {
             let persisted = engine.backend.max_hlc().await?;
@@ -420,6 +436,7 @@ impl<B: Backend> Engine<B> {
     /// Begins the daemon's write transaction (the caller holds the writer lock).
     async fn begin_tx(&self) -> Result<B::Tx> {
         self.captured.begin();
+        self.blocked.pending.store(false, Relaxed);
         lock(&self.pending_raise).0.clear();
         lock(&self.pending_sequences).clear();
         self.backend.begin().await
@@ -434,6 +451,9 @@ impl<B: Backend> Engine<B> {
         }
         self.backend.commit(tx).await?;
         self.captured.committed();
+        if self.blocked.pending.swap(false, Relaxed) {
+            self.blocked.generation.fetch_add(1, Relaxed);
+        }
         // Positions first: a vector read in between (an ack) never shows an
         // HLC whose number the session's gap check could not see yet.
         {
@@ -446,6 +466,37 @@ impl<B: Backend> Engine<B> {
         let raised = std::mem::take(&mut *lock(&self.pending_raise));
         lock(&self.applied).merge(&raised);
         Ok(())
+    }
+
+    /// Records a blocked record in the open write transaction.
+    async fn put_blocked(&self, tx: &mut B::Tx, blocked: &Blocked) -> Result<()> {
+        self.blocked.pending.store(true, Relaxed);
+        self.backend.put_blocked(tx, blocked).await
+    }
+
+    /// Removes a record's block in the open write transaction.
+    async fn remove_blocked(&self, tx: &mut B::Tx, table: &str, id: Ulid) -> Result<()> {
+        self.blocked.pending.store(true, Relaxed);
+        self.backend.remove_blocked(tx, table, id).await
+    }
+
+    /// Records blocked by constraints, as committed; read from the database
+    /// only when a commit since the last count blocked or unblocked one.
+    pub async fn count_blocked(&self) -> Result<u64> {
+        let generation = self.blocked.generation.load(Relaxed);
+        if let Some((n, at)) = *lock(&self.blocked.counted)
+            && at == generation
+        {
+            return Ok(n);
+        }
+        // Read after the generation: a commit in between bumps it again, so
+        // a count it makes stale is never taken as current.
+        let n = self.backend.count_blocked().await?;
+        let mut counted = lock(&self.blocked.counted);
+        if counted.is_none_or(|(_, at)| at <= generation) {
+            *counted = Some((n, generation));
+        }
+        Ok(n)
     }
 
     /// Keeps events in `change_events` in the open write transaction, noting

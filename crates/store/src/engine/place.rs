@@ -121,9 +121,7 @@ impl<B: Backend> Engine<B> {
             self.unplace(tx, cache, vec![(table.clone(), record)])
                 .await?;
             if previous.is_some() {
-                self.backend
-                    .remove_blocked(tx, &table.table_name, record)
-                    .await?;
+                self.remove_blocked(tx, &table.table_name, record).await?;
             }
             return Ok(());
         };
@@ -322,9 +320,7 @@ impl<B: Backend> Engine<B> {
                 }
                 cache.touched.insert((table.table_name.clone(), record));
                 if let Some(b) = previous {
-                    self.backend
-                        .remove_blocked(tx, &table.table_name, record)
-                        .await?;
+                    self.remove_blocked(tx, &table.table_name, record).await?;
                     if b.event_id == winner.order.event_id {
                         // Placed again without a new write: the clash is gone.
                         self.backend.delete_clash(tx, b.event_id).await?;
@@ -384,21 +380,20 @@ impl<B: Backend> Engine<B> {
             .await?;
         cache.blocked.insert((table.table_name.clone(), record));
         let (blocker_table, blocker_id) = blocker;
-        self.backend
-            .put_blocked(
-                tx,
-                &Blocked {
-                    table_name: table.table_name.clone(),
-                    record_id: record,
-                    event_id: winner.order.event_id,
-                    kind,
-                    reason,
-                    blocker_table: (!blocker_table.is_empty()).then_some(blocker_table),
-                    blocker_id,
-                    blocked_at: String::new(),
-                },
-            )
-            .await?;
+        self.put_blocked(
+            tx,
+            &Blocked {
+                table_name: table.table_name.clone(),
+                record_id: record,
+                event_id: winner.order.event_id,
+                kind,
+                reason,
+                blocker_table: (!blocker_table.is_empty()).then_some(blocker_table),
+                blocker_id,
+                blocked_at: String::new(),
+            },
+        )
+        .await?;
         match clash {
             Some(clash) => self.record_clash(tx, table, record, winner, &clash).await,
             // Blocked for another reason now (waiting for a parent that is not
@@ -516,21 +511,20 @@ impl<B: Backend> Engine<B> {
                             ),
                         };
                         cache.blocked.insert((child.table_name.clone(), kid));
-                        self.backend
-                            .put_blocked(
-                                tx,
-                                &Blocked {
-                                    table_name: child.table_name.clone(),
-                                    record_id: kid,
-                                    event_id: kv.event_id,
-                                    kind: BlockKind::ForeignKey,
-                                    reason,
-                                    blocker_table: Some(table.table_name.clone()),
-                                    blocker_id: Some(id),
-                                    blocked_at: String::new(),
-                                },
-                            )
-                            .await?;
+                        self.put_blocked(
+                            tx,
+                            &Blocked {
+                                table_name: child.table_name.clone(),
+                                record_id: kid,
+                                event_id: kv.event_id,
+                                kind: BlockKind::ForeignKey,
+                                reason,
+                                blocker_table: Some(table.table_name.clone()),
+                                blocker_id: Some(id),
+                                blocked_at: String::new(),
+                            },
+                        )
+                        .await?;
                         if let Some(v) = deleted {
                             let clash = Clash {
                                 kind: ConflictKind::ForeignKey,
@@ -585,7 +579,7 @@ impl<B: Backend> Engine<B> {
             return Ok(());
         }
         for (table, id) in std::mem::take(&mut cache.cleared) {
-            self.backend.remove_blocked(tx, &table, id).await?;
+            self.remove_blocked(tx, &table, id).await?;
         }
         self.retry_blocked(tx, cache).await
     }
