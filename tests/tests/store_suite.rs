@@ -588,6 +588,71 @@ async fn registration_snapshots_existing_rows(db: TestDb) {
     store.close().await;
 }
 
+/// Rows that already exist on two nodes when `notes` is registered on each:
+/// every row becomes an event on each node, concurrent with the other's. The
+/// rows both hold alike are one row, not a conflict; a row they hold
+/// differently is one conflict, the same on both.
+async fn identical_rows_registered_on_two_nodes_are_no_conflicts(db: TestDb) {
+    let (same, other) = (id(1), id(2));
+    let nodes = [db.another(), db.another()];
+    let mut stores = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        node.sql(&notes_ddl(node));
+        node.sql(&format!(
+            "INSERT INTO notes (id, title, body, stars) VALUES ('{same}', 'alike', NULL, 3), \
+             ('{other}', 'written on node {n}', 'x', 1)"
+        ));
+        let store = open(node, Ulid::generate()).await;
+        store
+            .register_table("notes", ConflictPolicy::Manual)
+            .await
+            .expect("register");
+        assert_eq!(store.drain().await.expect("drain").events, 2);
+        stores.push(store);
+    }
+    for (from, to) in [(0, 1), (1, 0)] {
+        let events: Vec<ChangeEvent> = all_events(&stores[from])
+            .await
+            .into_iter()
+            .filter(|e| e.node_id == stores[from].node_id())
+            .collect();
+        stores[to].apply_remote(&events).await.expect("apply");
+    }
+    let mut listed = Vec::new();
+    for (store, node) in stores.iter().zip(&nodes) {
+        let conflicts = store
+            .list_conflicts(&ConflictFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(
+            conflicts.iter().map(|c| c.record_id).collect::<Vec<_>>(),
+            vec![other],
+            "{}: only the row the nodes hold differently conflicts",
+            db.kind()
+        );
+        listed.push(conflicts);
+        assert_eq!(notes_cell(node, same, "title").await, "alike");
+    }
+    assert_eq!(
+        listed[0],
+        listed[1],
+        "{}: the same conflict on both",
+        db.kind()
+    );
+    assert_eq!(
+        notes_rows(&nodes[0]).await,
+        notes_rows(&nodes[1]).await,
+        "{}: the same rows",
+        db.kind()
+    );
+    for store in stores {
+        store.close().await;
+    }
+}
+
 async fn remote_apply_is_idempotent_and_lww(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -2019,6 +2084,85 @@ async fn conflict_history_is_the_same_in_any_order(db: TestDb) {
     }
 }
 
+/// Concurrent versions that hold the same row are no conflict, whatever order
+/// they arrive in: of a, b and f (the same title) and e (another), only e
+/// lost anything (to f, the greatest). A conflict recorded while b was the
+/// greatest different version goes when f, equal to its loser, arrives.
+async fn identical_concurrent_versions_are_no_conflict(db: TestDb) {
+    let (p1, p2, p3, p4) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+        Ulid::from_parts(1, 4),
+    );
+    let r = id(5);
+    let a = causal_event(p1, hlc_at(-4_000, 0), r, "same", &[]);
+    let e = causal_event(p2, hlc_at(-3_000, 0), r, "other", &[]);
+    let b = causal_event(p3, hlc_at(-2_000, 0), r, "same", &[]);
+    let f = causal_event(p4, hlc_at(-1_000, 0), r, "same", &[]);
+    let events = [a.clone(), e.clone(), b.clone(), f.clone()];
+    let mut orders: Vec<Vec<usize>> = Vec::new();
+    for i in 0..4 {
+        for j in (0..4).filter(|j| *j != i) {
+            for k in (0..4).filter(|k| *k != i && *k != j) {
+                orders.push(vec![i, j, k, 6 - i - j - k]);
+            }
+        }
+    }
+    let list = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .list_conflicts(&ConflictFilter {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .expect("list")
+        }
+    };
+    for (n, order) in orders.iter().enumerate() {
+        let fresh = db.another();
+        let store = with_notes(&fresh, Ulid::generate()).await;
+        store
+            .set_policy("notes", ConflictPolicy::Manual)
+            .await
+            .expect("manual");
+        let delivered: Vec<ChangeEvent> = order.iter().map(|i| events[*i].clone()).collect();
+        if n % 2 == 0 {
+            for ev in &delivered {
+                store
+                    .apply_remote(std::slice::from_ref(ev))
+                    .await
+                    .expect("apply");
+            }
+        } else {
+            store.apply_remote(&delivered).await.expect("apply");
+        }
+        let got = list(&store).await;
+        let ctx = format!("{} delivered in order {order:?}", db.kind());
+        let summary: Vec<_> = got
+            .iter()
+            .map(|c| (c.conflict_id, c.status, c.winner.event_id))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![(e.event_id, ConflictStatus::Open, f.event_id)],
+            "{ctx}"
+        );
+        store.close().await;
+    }
+    // Two versions alike, alone: nothing to show.
+    let fresh = db.another();
+    let store = with_notes(&fresh, Ulid::generate()).await;
+    store
+        .apply_remote(&[a.clone(), b.clone()])
+        .await
+        .expect("apply");
+    assert!(list(&store).await.is_empty(), "{}", db.kind());
+    store.close().await;
+}
+
 async fn out_of_order_causal_chain_opens_no_conflict(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     store
@@ -2440,6 +2584,7 @@ suite!(
         manual_conflicts_open_and_resolve,
         out_of_order_causal_chain_opens_no_conflict,
         conflict_history_is_the_same_in_any_order,
+        identical_concurrent_versions_are_no_conflict,
         policy_switch_moves_conflicts,
         one_batch_with_policy_and_concurrent_versions,
         concurrent_api_writes_commit_in_groups,
@@ -2456,6 +2601,7 @@ suite!(
         key_change_is_delete_plus_insert,
         non_ulid_keys_are_refused_by_the_trigger,
         registration_snapshots_existing_rows,
+        identical_rows_registered_on_two_nodes_are_no_conflicts,
         one_daemon_per_database,
         capture_around_the_triggers_is_reported,
         application_triggers_are_listed,

@@ -405,7 +405,7 @@ impl Inner {
             info!(
                 %sender,
                 conflicts = outcome.conflicts,
-                "concurrent versions met: conflicts recorded (`tidemark admin conflicts list` shows them)"
+                "concurrent versions met: `tidemark admin conflicts list` shows the conflicts they made (none where they hold the same row)"
             );
         }
         let vector = self

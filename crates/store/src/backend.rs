@@ -362,6 +362,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes the constraint conflict (kind other than `version`) with this id,
     /// a clash that no longer holds.
     fn delete_clash(&self, tx: &mut Self::Tx, id: Ulid) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the version conflict with this id: its sides turned out to
+    /// hold the same row.
+    fn delete_version_conflict(
+        &self,
+        tx: &mut Self::Tx,
+        id: Ulid,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Every conflict of one record, inside `tx`.
     fn record_conflicts(
         &self,

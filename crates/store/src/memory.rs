@@ -886,6 +886,18 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn delete_version_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        if tx
+            .state
+            .conflicts
+            .get(&id)
+            .is_some_and(|c| c.kind == crate::model::ConflictKind::Version)
+        {
+            tx.set(conflicts_field, id, None);
+        }
+        Ok(())
+    }
+
     async fn stamp_rows(
         &self,
         tx: &mut Self::Tx,

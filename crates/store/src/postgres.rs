@@ -1256,6 +1256,16 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
+    async fn delete_version_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM tidemark_conflicts WHERE conflict_id = $1::bpchar AND kind = 'version'",
+        )
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     async fn put_conflicts(&self, tx: &mut Self::Tx, conflicts: &[Conflict]) -> Result<()> {
         for c in conflicts {
             sqlx::query(

@@ -1476,6 +1476,15 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn delete_version_conflict(&self, tx: &mut Self::Tx, id: Ulid) -> Result<()> {
+        execute(
+            tx.conn(),
+            "DELETE FROM tidemark_conflicts WHERE conflict_id = ?1 AND kind = 'version'",
+            [id.to_string()],
+        )?;
+        Ok(())
+    }
+
     async fn put_conflicts(&self, tx: &mut Self::Tx, conflicts: &[Conflict]) -> Result<()> {
         let values = |v: Option<&Values>| v.map(json_text).transpose();
         for c in conflicts {

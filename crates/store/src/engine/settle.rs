@@ -100,6 +100,8 @@ impl<B: Backend> Engine<B> {
         let mut changed: Vec<Conflict> = Vec::new();
         // Constraint clashes whose blocked write a later write has seen: over.
         let mut over: Vec<Ulid> = Vec::new();
+        // Version conflicts whose winner turned out to hold the same row.
+        let mut moot: Vec<Ulid> = Vec::new();
         // The record's conflicts as stored before this event (read only when
         // one can change).
         let mut stored: HashMap<Ulid, Conflict> = HashMap::new();
@@ -156,11 +158,23 @@ impl<B: Backend> Engine<B> {
                         .get(&l.event_id)
                         .filter(|c| c.kind == ConflictKind::Version);
                     if let Some(found) = lost(l, &history.members) {
-                        changed.push(history.conflict(table, event.record_id, &found, before));
+                        let c = history.conflict(table, event.record_id, &found, before);
+                        if Self::same_row(table, event.record_id, &c.winner, &c.loser) {
+                            // Nothing was lost: the row the loser wrote is the
+                            // row that stays (the same rows written on several
+                            // nodes, e.g. existing rows registered on each).
+                            if before.is_some() {
+                                moot.push(c.conflict_id);
+                            }
+                        } else {
+                            changed.push(c);
+                        }
                     }
                 }
                 for c in stored.values() {
-                    if changed.iter().any(|d| d.conflict_id == c.conflict_id) {
+                    if changed.iter().any(|d| d.conflict_id == c.conflict_id)
+                        || moot.contains(&c.conflict_id)
+                    {
                         continue;
                     }
                     let Some(loser) = history.member(c.loser.event_id) else {
@@ -212,10 +226,33 @@ impl<B: Backend> Engine<B> {
         for id in over {
             self.backend.delete_clash(tx, id).await?;
         }
+        for id in moot {
+            self.backend.delete_version_conflict(tx, id).await?;
+        }
         if !changed.is_empty() {
             self.backend.put_conflicts(tx, &changed).await?;
         }
         Ok(())
+    }
+
+    /// Whether two sides of a version conflict hold the same row (both
+    /// deleted, or equal values in their canonical form, so the answer does
+    /// not depend on how a backend printed a value).
+    fn same_row(table: &TableInfo, record: Ulid, a: &ConflictSide, b: &ConflictSide) -> bool {
+        match (&a.values, &b.values) {
+            (None, None) => true,
+            (Some(x), Some(y)) => {
+                x == y
+                    || matches!(
+                        (
+                            Self::canonical_values(table, record, x),
+                            Self::canonical_values(table, record, y),
+                        ),
+                        (Ok(x), Ok(y)) if x == y
+                    )
+            }
+            _ => false,
+        }
     }
 
     /// The conflicts of one record, by id.
