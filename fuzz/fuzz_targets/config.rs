@@ -16,8 +16,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut config = match Config::from_toml(text) {
         Ok(c) => c,
-        Err(e) => {
-            assert!(!e.key.is_empty(), "an error without a key: {e}");
+        Err(errors) => {
+            assert!(!errors.0.is_empty(), "parsing failed without saying why");
+            for e in &errors.0 {
+                assert!(!e.key.is_empty(), "an error without a key: {e}");
+            }
             return;
         }
     };
