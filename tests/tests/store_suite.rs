@@ -1976,20 +1976,24 @@ async fn manual_conflicts_open_and_resolve(db: TestDb) {
 /// decided ones included, with the same times (HLC times, not local ones).
 /// `a` and `b` are concurrent, `c` has seen both (a plain write: it supersedes
 /// them), `e` has seen nothing and is the greatest.
-async fn conflict_history_is_the_same_in_any_order(db: TestDb) {
-    let (p1, p2, p3, p4) = (
-        Ulid::from_parts(1, 1),
-        Ulid::from_parts(1, 2),
-        Ulid::from_parts(1, 3),
-        Ulid::from_parts(1, 4),
-    );
-    let r = id(4);
-    let a = causal_event(p1, hlc_at(-4_000, 0), r, "a", &[]);
-    let b = causal_event(p2, hlc_at(-3_000, 0), r, "b", &[]);
-    let c = causal_event(p3, hlc_at(-2_000, 0), r, "c", &[&a, &b]);
-    let e = causal_event(p4, hlc_at(-1_000, 0), r, "e", &[]);
-    let events = [a.clone(), b.clone(), c.clone(), e.clone()];
-    let time = |ev: &ChangeEvent| tidemark_store::model::hlc_time(ev.hlc);
+/// The conflicts of `notes` a store lists (any status).
+async fn conflicts_of(store: &Store) -> Vec<tidemark_store::Conflict> {
+    store
+        .list_conflicts(&ConflictFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+}
+
+/// Delivers four events in each of their 24 orders to a fresh store whose
+/// `notes` are `manual` (half the orders one event per call, half as one
+/// batch); returns each order with the conflicts the store ends with.
+async fn conflicts_in_every_order(
+    db: &TestDb,
+    events: &[ChangeEvent; 4],
+) -> Vec<(Vec<usize>, Vec<tidemark_store::Conflict>)> {
     let mut orders: Vec<Vec<usize>> = Vec::new();
     for i in 0..4 {
         for j in (0..4).filter(|j| *j != i) {
@@ -1998,9 +2002,8 @@ async fn conflict_history_is_the_same_in_any_order(db: TestDb) {
             }
         }
     }
-    let mut first: Option<Vec<tidemark_store::Conflict>> = None;
-    for (n, order) in orders.iter().enumerate() {
-        // Half the orders one event per call, half in one batch.
+    let mut out = Vec::new();
+    for (n, order) in orders.into_iter().enumerate() {
         let fresh = db.another();
         let store = with_notes(&fresh, Ulid::generate()).await;
         store
@@ -2018,14 +2021,28 @@ async fn conflict_history_is_the_same_in_any_order(db: TestDb) {
         } else {
             store.apply_remote(&delivered).await.expect("apply");
         }
-        let got = store
-            .list_conflicts(&ConflictFilter {
-                limit: 100,
-                ..Default::default()
-            })
-            .await
-            .expect("list");
+        out.push((order, conflicts_of(&store).await));
         store.close().await;
+    }
+    out
+}
+
+async fn conflict_history_is_the_same_in_any_order(db: TestDb) {
+    let (p1, p2, p3, p4) = (
+        Ulid::from_parts(1, 1),
+        Ulid::from_parts(1, 2),
+        Ulid::from_parts(1, 3),
+        Ulid::from_parts(1, 4),
+    );
+    let r = id(4);
+    let a = causal_event(p1, hlc_at(-4_000, 0), r, "a", &[]);
+    let b = causal_event(p2, hlc_at(-3_000, 0), r, "b", &[]);
+    let c = causal_event(p3, hlc_at(-2_000, 0), r, "c", &[&a, &b]);
+    let e = causal_event(p4, hlc_at(-1_000, 0), r, "e", &[]);
+    let events = [a.clone(), b.clone(), c.clone(), e.clone()];
+    let time = |ev: &ChangeEvent| tidemark_store::model::hlc_time(ev.hlc);
+    let mut first: Option<Vec<tidemark_store::Conflict>> = None;
+    for (order, got) in conflicts_in_every_order(&db, &events).await {
         let ctx = format!("{} delivered in order {order:?}", db.kind());
         match &first {
             Some(expected) => assert_eq!(&got, expected, "{ctx}"),
@@ -2101,46 +2118,7 @@ async fn identical_concurrent_versions_are_no_conflict(db: TestDb) {
     let b = causal_event(p3, hlc_at(-2_000, 0), r, "same", &[]);
     let f = causal_event(p4, hlc_at(-1_000, 0), r, "same", &[]);
     let events = [a.clone(), e.clone(), b.clone(), f.clone()];
-    let mut orders: Vec<Vec<usize>> = Vec::new();
-    for i in 0..4 {
-        for j in (0..4).filter(|j| *j != i) {
-            for k in (0..4).filter(|k| *k != i && *k != j) {
-                orders.push(vec![i, j, k, 6 - i - j - k]);
-            }
-        }
-    }
-    let list = |store: &Store| {
-        let store = store.clone();
-        async move {
-            store
-                .list_conflicts(&ConflictFilter {
-                    limit: 100,
-                    ..Default::default()
-                })
-                .await
-                .expect("list")
-        }
-    };
-    for (n, order) in orders.iter().enumerate() {
-        let fresh = db.another();
-        let store = with_notes(&fresh, Ulid::generate()).await;
-        store
-            .set_policy("notes", ConflictPolicy::Manual)
-            .await
-            .expect("manual");
-        let delivered: Vec<ChangeEvent> = order.iter().map(|i| events[*i].clone()).collect();
-        if n % 2 == 0 {
-            for ev in &delivered {
-                store
-                    .apply_remote(std::slice::from_ref(ev))
-                    .await
-                    .expect("apply");
-            }
-        } else {
-            store.apply_remote(&delivered).await.expect("apply");
-        }
-        let got = list(&store).await;
-        let ctx = format!("{} delivered in order {order:?}", db.kind());
+    for (order, got) in conflicts_in_every_order(&db, &events).await {
         let summary: Vec<_> = got
             .iter()
             .map(|c| (c.conflict_id, c.status, c.winner.event_id))
@@ -2148,9 +2126,9 @@ async fn identical_concurrent_versions_are_no_conflict(db: TestDb) {
         assert_eq!(
             summary,
             vec![(e.event_id, ConflictStatus::Open, f.event_id)],
-            "{ctx}"
+            "{} delivered in order {order:?}",
+            db.kind()
         );
-        store.close().await;
     }
     // Two versions alike, alone: nothing to show.
     let fresh = db.another();
@@ -2159,7 +2137,7 @@ async fn identical_concurrent_versions_are_no_conflict(db: TestDb) {
         .apply_remote(&[a.clone(), b.clone()])
         .await
         .expect("apply");
-    assert!(list(&store).await.is_empty(), "{}", db.kind());
+    assert!(conflicts_of(&store).await.is_empty(), "{}", db.kind());
     store.close().await;
 }
 
