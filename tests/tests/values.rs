@@ -10,6 +10,11 @@
 //!   conversion. Every row read back with raw sqlx on both databases equals, as
 //!   a typed value, what was written, and both logs hold the same events with the
 //!   same canonical values.
+//! * `the_same_rows_written_on_both_backends_are_no_conflicts`: the same random
+//!   rows written on both stores at once (concurrent versions of each row) make
+//!   no conflict on either once exchanged, although the backends log some values
+//!   differently (PostgreSQL's `jsonb` respells JSON documents, SQLite keeps no
+//!   -0.0).
 //! * `values_no_backend_can_store_are_refused_at_the_api`: NaN, NUL in text or
 //!   JSON, a decimal beyond its scale, an out-of-range smallint and a date that
 //!   does not exist are refused by `put_raw` with an error naming the table,
@@ -1032,6 +1037,36 @@ async fn logged(store: &Store, problems: &mut Vec<String>) -> BTreeMap<Ulid, (Ul
     log
 }
 
+/// Writes `row` on `store`: by direct SQL (then drained) or through the
+/// write API, as the sample says.
+async fn write_row(store: &Store, sql: &Direct, row: &Sample) -> Result<(), String> {
+    if row.direct {
+        match sql.insert(row).await {
+            Ok(()) => match store.drain().await {
+                Ok(d) if d.events == 1 && d.set_aside.is_empty() => Ok(()),
+                Ok(d) => Err(format!(
+                    "drained {} events, set aside {:?}",
+                    d.events, d.set_aside
+                )),
+                Err(e) => Err(format!("drain: {e}")),
+            },
+            Err(e) => Err(format!("insert: {e}")),
+        }
+    } else {
+        let pairs: Vec<(&str, String)> = COLUMNS
+            .iter()
+            .zip(&row.values)
+            .map(|((c, ..), v)| (*c, api_json(v, row.alt)))
+            .collect();
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(c, t)| (*c, t.as_str())).collect();
+        store
+            .put_raw("readings", row.id, raw_values(&pairs))
+            .await
+            .map(drop)
+            .map_err(|e| format!("put_raw: {e}"))
+    }
+}
+
 fn short_json(v: Option<&serde_json::Value>) -> String {
     v.map_or("absent".into(), |v| short(&v.to_string()))
 }
@@ -1076,35 +1111,10 @@ async fn every_class_round_trips_between_sqlite_and_postgres() {
     let mut problems = Vec::new();
     let mut written = Vec::new();
     for row in &rows {
-        let (store, sql) = if row.on_pg {
-            (&pg, &pg_sql)
+        let outcome = if row.on_pg {
+            write_row(&pg, &pg_sql, row).await
         } else {
-            (&lite, &lite_sql)
-        };
-        let outcome = if row.direct {
-            match sql.insert(row).await {
-                Ok(()) => match store.drain().await {
-                    Ok(d) if d.events == 1 && d.set_aside.is_empty() => Ok(()),
-                    Ok(d) => Err(format!(
-                        "drained {} events, set aside {:?}",
-                        d.events, d.set_aside
-                    )),
-                    Err(e) => Err(format!("drain: {e}")),
-                },
-                Err(e) => Err(format!("insert: {e}")),
-            }
-        } else {
-            let pairs: Vec<(&str, String)> = COLUMNS
-                .iter()
-                .zip(&row.values)
-                .map(|((c, ..), v)| (*c, api_json(v, row.alt)))
-                .collect();
-            let pairs: Vec<(&str, &str)> = pairs.iter().map(|(c, t)| (*c, t.as_str())).collect();
-            store
-                .put_raw("readings", row.id, raw_values(&pairs))
-                .await
-                .map(drop)
-                .map_err(|e| format!("put_raw: {e}"))
+            write_row(&lite, &lite_sql, row).await
         };
         match outcome {
             Ok(()) => written.push(row),
@@ -1193,6 +1203,76 @@ async fn every_class_round_trips_between_sqlite_and_postgres() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// The same rows, every class's edge values among them, written on a SQLite
+/// and a PostgreSQL node at once (each through the write API or by direct SQL,
+/// as the sample says, alike on both): the two versions of each row are
+/// concurrent and hold the same row, so once exchanged no conflict is
+/// recorded on either node, whatever spelling each backend logged a value in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_rows_written_on_both_backends_are_no_conflicts() {
+    let seed = seed();
+    let count: usize = std::env::var("TIDEMARK_VALUES_ROWS").map_or(60, |n| {
+        n.parse().expect("TIDEMARK_VALUES_ROWS must be a number")
+    });
+    eprintln!("TIDEMARK_VALUES_SEED={seed} TIDEMARK_VALUES_ROWS={count}");
+    let rows = generate(&mut ChaCha8Rng::seed_from_u64(seed), count);
+    let (lite_db, pg_db) = (TestDb::sqlite(), TestDb::postgres());
+    let (lite, pg) = (setup(&lite_db).await, setup(&pg_db).await);
+    let (lite_sql, pg_sql) = (
+        Direct::connect(&lite_db).await,
+        Direct::connect(&pg_db).await,
+    );
+    let mut both = 0;
+    for row in &rows {
+        let on_lite = write_row(&lite, &lite_sql, row).await;
+        let on_pg = write_row(&pg, &pg_sql, row).await;
+        both += usize::from(on_lite.is_ok() && on_pg.is_ok());
+    }
+    assert!(
+        both >= rows.len() / 2,
+        "TIDEMARK_VALUES_SEED={seed}: only {both} of {} rows were taken on both",
+        rows.len()
+    );
+    let quarantined = exchange(&lite, &pg).await;
+    assert!(
+        quarantined.is_empty(),
+        "TIDEMARK_VALUES_SEED={seed}: {quarantined:?}"
+    );
+    for store in [&lite, &pg] {
+        let conflicts = store
+            .list_conflicts(&tidemark_store::ConflictFilter {
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await
+            .expect("conflicts");
+        let shown: Vec<String> = conflicts
+            .iter()
+            .map(|c| {
+                let none = Values::new();
+                let (w, l) = (
+                    c.winner.values.as_ref().unwrap_or(&none),
+                    c.loser.values.as_ref().unwrap_or(&none),
+                );
+                let differ: Vec<String> = w
+                    .keys()
+                    .chain(l.keys())
+                    .filter(|k| w.get(*k) != l.get(*k))
+                    .map(|k| format!("{k}: {} / {}", short_json(w.get(k)), short_json(l.get(k))))
+                    .collect();
+                format!("row {}: {}", c.record_id, differ.join(", "))
+            })
+            .collect();
+        assert!(
+            shown.is_empty(),
+            "TIDEMARK_VALUES_SEED={seed}: {} recorded {} conflicts over rows written alike:\n{}",
+            store.kind(),
+            shown.len(),
+            shown.join("\n")
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

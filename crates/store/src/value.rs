@@ -399,6 +399,38 @@ impl ColumnType {
         }
     }
 
+    /// Whether two values of this class, each in its canonical form (or as a
+    /// log holds it), are the same value to the application, whichever backend
+    /// wrote them: floats compare as numbers (SQLite cannot keep -0.0 apart
+    /// from 0.0), JSON documents as parsed JSON (PostgreSQL's `jsonb` respells
+    /// and reorders a document), everything else by its canonical form.
+    pub fn same(&self, a: &Value, b: &Value) -> bool {
+        if a == b {
+            return true;
+        }
+        match self {
+            ColumnType::Float32 | ColumnType::Float64 => {
+                let float = |v: &Value| match v {
+                    Value::Number(n) => number_to_f64(n).ok(),
+                    Value::String(s) => special_float(s).ok(),
+                    _ => None,
+                };
+                matches!((float(a), float(b)), (Some(x), Some(y)) if x == y)
+            }
+            ColumnType::Json => {
+                let doc = |v: &Value| match v {
+                    Value::String(s) => serde_json::from_str::<Value>(s).ok(),
+                    _ => None,
+                };
+                matches!((doc(a), doc(b)), (Some(x), Some(y)) if x == y)
+            }
+            _ => matches!(
+                (self.check(a), self.check(b)),
+                (Ok(x), Ok(y)) if x == y
+            ),
+        }
+    }
+
     /// Reads a value an application wrote as JSON (the write API): numbers keep
     /// their exact text, a JSON column takes the document itself, bytes are
     /// base64, booleans may be 0 or 1.
@@ -1071,6 +1103,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn the_same_value_whichever_backend_spelled_it() {
+        let f = ColumnType::Float64;
+        assert!(f.same(&json!("-0"), &json!(0.0)));
+        assert!(f.same(&json!(1.5), &json!(1.5)));
+        assert!(f.same(&json!(1e18), &json!(1_000_000_000_000_000_000_i64)));
+        assert!(!f.same(&json!(1.5), &json!(2.5)));
+        assert!(!f.same(&json!("Infinity"), &json!("-Infinity")));
+        let j = ColumnType::Json;
+        assert!(j.same(
+            &json!(r#"{"b":[1,null],"a":-0.5e-3}"#),
+            &json!(r#"{"a": -0.0005, "b": [1, null]}"#)
+        ));
+        assert!(!j.same(&json!(r#"{"a":1}"#), &json!(r#"{"a":2}"#)));
+        let t = ColumnType::Text { max_chars: None };
+        assert!(t.same(&json!("x"), &json!("x")));
+        assert!(!t.same(&json!("x"), &json!("x ")));
+        assert!(!t.same(&json!("x"), &Value::Null));
+        assert!(t.same(&Value::Null, &Value::Null));
+    }
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).expect("raw")

@@ -159,7 +159,7 @@ impl<B: Backend> Engine<B> {
                         .filter(|c| c.kind == ConflictKind::Version);
                     if let Some(found) = lost(l, &history.members) {
                         let c = history.conflict(table, event.record_id, &found, before);
-                        if Self::same_row(table, event.record_id, &c.winner, &c.loser) {
+                        if Self::same_row(table, &c.winner, &c.loser) {
                             // Nothing was lost: the row the loser wrote is the
                             // row that stays (the same rows written on several
                             // nodes, e.g. existing rows registered on each).
@@ -235,21 +235,22 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Whether two sides of a version conflict hold the same row (both
-    /// deleted, or equal values in their canonical form, so the answer does
-    /// not depend on how a backend printed a value).
-    fn same_row(table: &TableInfo, record: Ulid, a: &ConflictSide, b: &ConflictSide) -> bool {
+    /// Whether two sides of a version conflict hold the same row: both
+    /// deleted, or the same columns with the same values
+    /// ([`ColumnType::same`], so the answer does not depend on which backend
+    /// wrote or printed a value).
+    fn same_row(table: &TableInfo, a: &ConflictSide, b: &ConflictSide) -> bool {
         match (&a.values, &b.values) {
             (None, None) => true,
             (Some(x), Some(y)) => {
-                x == y
-                    || matches!(
-                        (
-                            Self::canonical_values(table, record, x),
-                            Self::canonical_values(table, record, y),
-                        ),
-                        (Ok(x), Ok(y)) if x == y
-                    )
+                x.len() == y.len()
+                    && x.iter().all(|(column, v)| {
+                        y.get(column)
+                            .is_some_and(|w| match table.column_type(column) {
+                                Some(class) => class.same(v, w),
+                                None => v == w,
+                            })
+                    })
             }
             _ => false,
         }
