@@ -261,7 +261,8 @@ fn reject_codes() -> Vec<&'static str> {
         | RejectKind::FarFuture
         | RejectKind::Drift
         | RejectKind::Refused
-        | RejectKind::Gap => (),
+        | RejectKind::Gap
+        | RejectKind::SecondWriter => (),
     };
     let mut codes: Vec<&'static str> = [
         RejectKind::Invalid,
@@ -271,6 +272,7 @@ fn reject_codes() -> Vec<&'static str> {
         RejectKind::Drift,
         RejectKind::Refused,
         RejectKind::Gap,
+        RejectKind::SecondWriter,
     ]
     .into_iter()
     .map(RejectKind::code)

@@ -36,6 +36,9 @@ const HOLD_MALFORMED_MS: u64 = 5_000;
 /// How long an origin held at a gap in its numbers waits before the sender
 /// tries it again (the missing events may reach this node by another path).
 const HOLD_GAP_MS: u64 = 10_000;
+/// How long an origin held for a second writer waits before the sender tries
+/// it again (an operator must stop one of the two daemons).
+const HOLD_SECOND_WRITER_MS: u64 = 60_000;
 /// Most events of batches already received that one transaction applies
 /// together (a sender ahead of this node pipelines several).
 const COALESCE_EVENTS: usize = 4_000;
@@ -707,6 +710,9 @@ impl pb::replication_server::Replication for ReceiverService {
 /// and the records converge from that. A number at or below the next one is an
 /// event held already or later in the batch; the store skips duplicates by id.
 /// Unnumbered events (stamped before origins numbered their events) pass.
+/// A number already held that comes with an HLC newer than any held cannot
+/// come from the origin's one writer: the origin is held
+/// ([`RejectKind::SecondWriter`]).
 fn hold_gaps(
     positions: &BTreeMap<Ulid, Position>,
     compacted: &VersionVector,
@@ -743,6 +749,20 @@ fn hold_gaps(
             });
             return false;
         }
+        if seq <= here.seq && here.seq > 0 && event.hlc > here.hlc {
+            held.push(Held {
+                origin,
+                hlc: event.hlc,
+                event_id: event.event_id.to_string(),
+                kind: RejectKind::SecondWriter,
+                reason: format!(
+                    "event {} is number {seq} of origin {origin} with HLC {}, newer than HLC {} of number {}, the last this node holds: numbers and HLCs of one writer rise together, so two daemons are writing as node {origin} (a copy of its database started with its id?); its events wait until one of them stops",
+                    event.event_id, event.hlc, here.hlc, here.seq
+                ),
+                retry_after_ms: HOLD_SECOND_WRITER_MS,
+            });
+            return false;
+        }
         if seq > here.seq {
             *here = Position {
                 hlc: here.hlc.max(event.hlc),
@@ -760,4 +780,67 @@ pub fn peer_vector(
     v: Option<pb::VersionVector>,
 ) -> Result<tidemark_store::VersionVector, Status> {
     vector_from_pb(field, v).map_err(|e| status::from_field(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_store::Operation;
+
+    fn numbered(origin: Ulid, hlc: i64, seq: u64) -> ChangeEvent {
+        ChangeEvent {
+            event_id: Ulid::generate(),
+            hlc: Hlc::decode(hlc).expect("hlc"),
+            wall_ms: 0,
+            node_id: origin,
+            table_name: "notes".into(),
+            record_id: Ulid::generate(),
+            operation: Operation::Delete,
+            action: None,
+            user_id: None,
+            old_values: None,
+            new_values: None,
+            metadata: Some(serde_json::json!({ "seq": seq })),
+        }
+    }
+
+    #[test]
+    fn a_held_number_with_a_newer_hlc_is_a_second_writer() {
+        let origin = Ulid::generate();
+        let positions = BTreeMap::from([(
+            origin,
+            Position {
+                hlc: Hlc::decode(1_000).expect("hlc"),
+                seq: 5,
+            },
+        )]);
+        let none = VersionVector::new();
+        // A number held, with an older HLC: a duplicate, for the store to skip.
+        let mut events = vec![numbered(origin, 900, 4), numbered(origin, 1_100, 6)];
+        assert!(hold_gaps(&positions, &none, &mut events).is_empty());
+        assert_eq!(events.len(), 2);
+        // A number held, with an HLC newer than any held: another writer.
+        let clone = numbered(origin, 1_050, 5);
+        let mut events = vec![clone.clone(), numbered(origin, 1_100, 6)];
+        let held = hold_gaps(&positions, &none, &mut events);
+        assert!(events.is_empty(), "the origin's later events wait too");
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].kind, RejectKind::SecondWriter);
+        assert_eq!(held[0].event_id, clone.event_id.to_string());
+        assert!(
+            held[0].reason.contains("two daemons are writing as node"),
+            "{}",
+            held[0].reason
+        );
+        // Nothing numbered held yet (events stamped before numbering): passes.
+        let fresh = BTreeMap::from([(
+            origin,
+            Position {
+                hlc: Hlc::decode(1_000).expect("hlc"),
+                seq: 0,
+            },
+        )]);
+        let mut events = vec![numbered(origin, 1_100, 1)];
+        assert!(hold_gaps(&fresh, &none, &mut events).is_empty());
+    }
 }

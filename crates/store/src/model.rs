@@ -958,6 +958,11 @@ pub enum RejectKind {
     /// the events between are missing (its sender no longer holds them, or
     /// sent out of order).
     Gap,
+    /// A numbered event that contradicts its origin's sequence here: a number
+    /// already held, with an HLC newer than any held. One writer stamps its
+    /// numbers and HLCs in the same order, so two daemons are writing as one
+    /// node (e.g. a copy of its database started with its id).
+    SecondWriter,
 }
 
 impl RejectKind {
@@ -968,7 +973,9 @@ impl RejectKind {
             RejectKind::UnknownTable => "NOT_FOUND",
             RejectKind::NotAllowed => "PERMISSION_DENIED",
             RejectKind::FarFuture | RejectKind::Drift => "OUT_OF_RANGE",
-            RejectKind::Refused | RejectKind::Gap => "FAILED_PRECONDITION",
+            RejectKind::Refused | RejectKind::Gap | RejectKind::SecondWriter => {
+                "FAILED_PRECONDITION"
+            }
         }
     }
 }
