@@ -403,7 +403,9 @@ impl ColumnType {
     /// log holds it), are the same value to the application, whichever backend
     /// wrote them: floats compare as numbers (SQLite cannot keep -0.0 apart
     /// from 0.0), JSON documents as parsed JSON (PostgreSQL's `jsonb` respells
-    /// and reorders a document), everything else by its canonical form.
+    /// and reorders a document; numbers inside one compare as serde_json reads
+    /// them, so two integers past 2^64 that round to the same double compare
+    /// equal), everything else by its canonical form.
     pub fn same(&self, a: &Value, b: &Value) -> bool {
         if a == b {
             return true;
