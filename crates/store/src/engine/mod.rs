@@ -455,16 +455,17 @@ impl<B: Backend> Engine<B> {
             self.blocked.generation.fetch_add(1, Relaxed);
         }
         // Positions first: a vector read in between (an ack) never shows an
-        // HLC whose number the session's gap check could not see yet.
-        {
-            let mut committed = lock(&self.sequences);
-            for (origin, seq) in sequences {
-                let at = committed.entry(origin).or_default();
-                *at = (*at).max(seq);
-            }
-        }
+        // HLC whose number the session's gap check could not see yet. The
+        // vector is raised with the numbers still locked, so `positions`
+        // (which locks them first) sees both raised or neither.
         let raised = std::mem::take(&mut *lock(&self.pending_raise));
+        let mut committed = lock(&self.sequences);
+        for (origin, seq) in sequences {
+            let at = committed.entry(origin).or_default();
+            *at = (*at).max(seq);
+        }
         lock(&self.applied).merge(&raised);
+        drop(committed);
         Ok(())
     }
 
@@ -529,10 +530,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Per origin this node holds events of, where it stands: the highest HLC
-    /// held and the number of the last event held.
+    /// held and the number of the last event held, as of one commit (a
+    /// session's checks compare both: a number with an HLC from another
+    /// commit could look like a gap or a second writer).
     pub fn positions(&self) -> BTreeMap<Ulid, Position> {
-        let vector = self.applied_vector();
-        let sequences = lock(&self.sequences).clone();
+        let (vector, sequences) = {
+            let sequences = lock(&self.sequences);
+            (self.applied_vector(), sequences.clone())
+        };
         let mut out: BTreeMap<Ulid, Position> = vector
             .0
             .into_iter()
