@@ -1071,6 +1071,17 @@ fn short_json(v: Option<&serde_json::Value>) -> String {
     v.map_or("absent".into(), |v| short(&v.to_string()))
 }
 
+/// The random rows of a run: `TIDEMARK_VALUES_ROWS` of them (default 60)
+/// from `TIDEMARK_VALUES_SEED` (random when unset), both printed.
+fn random_rows() -> (u64, Vec<Sample>) {
+    let seed = seed();
+    let count: usize = std::env::var("TIDEMARK_VALUES_ROWS").map_or(60, |n| {
+        n.parse().expect("TIDEMARK_VALUES_ROWS must be a number")
+    });
+    eprintln!("TIDEMARK_VALUES_SEED={seed} TIDEMARK_VALUES_ROWS={count}");
+    (seed, generate(&mut ChaCha8Rng::seed_from_u64(seed), count))
+}
+
 fn seed() -> u64 {
     match std::env::var("TIDEMARK_VALUES_SEED") {
         Ok(s) => s.parse().expect("TIDEMARK_VALUES_SEED must be a u64"),
@@ -1082,12 +1093,7 @@ fn seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_class_round_trips_between_sqlite_and_postgres() {
-    let seed = seed();
-    let count: usize = std::env::var("TIDEMARK_VALUES_ROWS").map_or(60, |n| {
-        n.parse().expect("TIDEMARK_VALUES_ROWS must be a number")
-    });
-    eprintln!("TIDEMARK_VALUES_SEED={seed} TIDEMARK_VALUES_ROWS={count}");
-    let rows = generate(&mut ChaCha8Rng::seed_from_u64(seed), count);
+    let (seed, rows) = random_rows();
 
     let (lite_db, pg_db) = (TestDb::sqlite(), TestDb::postgres());
     let (lite, pg) = (setup(&lite_db).await, setup(&pg_db).await);
@@ -1212,12 +1218,7 @@ async fn every_class_round_trips_between_sqlite_and_postgres() {
 /// recorded on either node, whatever spelling each backend logged a value in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_rows_written_on_both_backends_are_no_conflicts() {
-    let seed = seed();
-    let count: usize = std::env::var("TIDEMARK_VALUES_ROWS").map_or(60, |n| {
-        n.parse().expect("TIDEMARK_VALUES_ROWS must be a number")
-    });
-    eprintln!("TIDEMARK_VALUES_SEED={seed} TIDEMARK_VALUES_ROWS={count}");
-    let rows = generate(&mut ChaCha8Rng::seed_from_u64(seed), count);
+    let (seed, rows) = random_rows();
     let (lite_db, pg_db) = (TestDb::sqlite(), TestDb::postgres());
     let (lite, pg) = (setup(&lite_db).await, setup(&pg_db).await);
     let (lite_sql, pg_sql) = (
