@@ -336,11 +336,12 @@ impl TestNode {
                     self.log_tail(40)
                 );
             }
-            // Ready when /readyz answers (the gRPC listener is bound before it).
+            // Serving when /healthz answers (the gRPC listener is bound before
+            // it). /readyz waits for the peers too: see `wait_ready`.
             if tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
                 .await
                 .is_ok()
-                && self.http_get("/readyz").await.0 == 200
+                && self.http_get("/healthz").await.0 == 200
             {
                 break;
             }
@@ -354,6 +355,26 @@ impl TestNode {
         }
         if self.reader.is_none() {
             self.reader = Some(Reader::connect(&self.db).await);
+        }
+    }
+
+    /// Waits until /readyz answers 200 (the node caught up with its peers),
+    /// checking on the way that the body says why it is not.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, body) = self.http_get("/readyz").await;
+            if code == 200 {
+                return;
+            }
+            assert_eq!(code, 503, "{}: /readyz answered {code}: {body}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {within:?}: {body}\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -12,6 +12,8 @@ use tidemark_store::{ConflictPolicy, MemoryBackend, Store, Values};
 use ulid::Ulid;
 
 use crate::TestDb;
+use crate::daemon::Table;
+use crate::typed::Class;
 
 /// The tables whose `user_id` references `users(id)` on this backend.
 pub fn child_tables(db: &TestDb) -> &'static [&'static str] {
@@ -127,3 +129,34 @@ pub fn child_row(id: Ulid, user: Ulid, amount: i64) -> Values {
 fn row(v: Value) -> Values {
     v.as_object().cloned().expect("a row is a JSON object")
 }
+
+/// One column of each class, declared as each backend declares it (the SQLite
+/// TEXT column `d` holds exact decimals through its type override).
+pub const READINGS: Table = Table {
+    name: "readings",
+    ddl: |db| match db {
+        TestDb::Postgres { .. } => "CREATE TABLE readings (id CHAR(26) PRIMARY KEY, i BIGINT, \
+            s SMALLINT, f DOUBLE PRECISION, d NUMERIC, t TEXT, b BOOLEAN, dt DATE, \
+            ts TIMESTAMPTZ, u UUID, j JSONB, bl BYTEA)"
+            .into(),
+        _ => "CREATE TABLE readings (id TEXT PRIMARY KEY, i INTEGER, s SMALLINT, f REAL, \
+            d TEXT, t TEXT, b BOOLEAN, dt DATE, ts TIMESTAMP, u UUID, j JSON, bl BLOB)"
+            .into(),
+    },
+    policy: "lww",
+    sqlite_types: r#"{ d = "decimal" }"#,
+};
+
+pub const READING_COLUMNS: &[(&str, Class)] = &[
+    ("i", Class::Int),
+    ("s", Class::Int),
+    ("f", Class::Float),
+    ("d", Class::Decimal),
+    ("t", Class::Text),
+    ("b", Class::Bool),
+    ("dt", Class::Date),
+    ("ts", Class::Timestamptz),
+    ("u", Class::Uuid),
+    ("j", Class::Json),
+    ("bl", Class::Bytes),
+];

@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tidemark_replicator::pb;
-use tidemark_tests::TestDb;
 use tidemark_tests::check;
 use tidemark_tests::daemon::{Cluster, Table, TestNode, Topology};
 use tidemark_tests::proxy::{Links, fault_seed};
@@ -87,37 +86,6 @@ const DOCS: Table = Table {
 };
 
 const DOC_COLUMNS: &[(&str, Class)] = &[("body", Class::Text)];
-
-/// One column of each class, declared as each backend declares it (the SQLite
-/// TEXT column `d` holds exact decimals through its type override).
-const READINGS: Table = Table {
-    name: "readings",
-    ddl: |db| match db {
-        TestDb::Postgres { .. } => "CREATE TABLE readings (id CHAR(26) PRIMARY KEY, i BIGINT, \
-            s SMALLINT, f DOUBLE PRECISION, d NUMERIC, t TEXT, b BOOLEAN, dt DATE, \
-            ts TIMESTAMPTZ, u UUID, j JSONB, bl BYTEA)"
-            .into(),
-        _ => "CREATE TABLE readings (id TEXT PRIMARY KEY, i INTEGER, s SMALLINT, f REAL, \
-            d TEXT, t TEXT, b BOOLEAN, dt DATE, ts TIMESTAMP, u UUID, j JSON, bl BLOB)"
-            .into(),
-    },
-    policy: "lww",
-    sqlite_types: r#"{ d = "decimal" }"#,
-};
-
-const READING_COLUMNS: &[(&str, Class)] = &[
-    ("i", Class::Int),
-    ("s", Class::Int),
-    ("f", Class::Float),
-    ("d", Class::Decimal),
-    ("t", Class::Text),
-    ("b", Class::Bool),
-    ("dt", Class::Date),
-    ("ts", Class::Timestamptz),
-    ("u", Class::Uuid),
-    ("j", Class::Json),
-    ("bl", Class::Bytes),
-];
 
 // ---------------------------------------------------------------------------------
 // Clusters
@@ -790,7 +758,7 @@ async fn an_origin_two_minutes_ahead_holds_only_itself_in_a_chain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_cluster_carries_exact_values() {
-    let cluster = pair(["sqlite", "postgres"], &[READINGS]).await;
+    let cluster = pair(["sqlite", "postgres"], &[schema::READINGS]).await;
     let (lite, pg) = (&cluster.nodes[0], &cluster.nodes[1]);
     let ids: Vec<Ulid> = (0..7).map(|_| Ulid::generate()).collect();
     let insert = "INSERT INTO readings (id, i, s, f, d, t, b, dt, ts, u, j, bl) VALUES";
@@ -827,7 +795,7 @@ async fn mixed_cluster_carries_exact_values() {
     ));
     // Written on one backend, changed on the other.
     wait_for("PostgreSQL has SQLite's first row", PROMPTLY, async || {
-        typed::rows(pg.reader(), "readings", READING_COLUMNS)
+        typed::rows(pg.reader(), "readings", schema::READING_COLUMNS)
             .await
             .contains_key(&ids[0].to_string())
     })
@@ -852,12 +820,12 @@ async fn mixed_cluster_carries_exact_values() {
         .expect("API write")
         .event_id;
 
-    let tables = settled(&cluster, &[("readings", READING_COLUMNS)], &[api]).await;
+    let tables = settled(&cluster, &[("readings", schema::READING_COLUMNS)], &[api]).await;
     let rows = &tables[0];
     assert_eq!(rows.len(), ids.len(), "{rows:?}");
     // Row `n` (of `ids`), column `column`.
     let cell = |n: usize, column: &str| {
-        let c = READING_COLUMNS
+        let c = schema::READING_COLUMNS
             .iter()
             .position(|(name, _)| *name == column)
             .expect("column");

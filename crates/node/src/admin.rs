@@ -3,8 +3,8 @@
 //! row digests that compare nodes.
 
 use serde_json::Value;
-use tidemark_replicator::convert::{event_to_pb, raw_object, vector_to_pb};
-use tidemark_replicator::{Sender, pb, status};
+use tidemark_replicator::convert::{event_to_pb, positions_to_pb, raw_object, vector_to_pb};
+use tidemark_replicator::{Phase, Sender, pb, status};
 use tidemark_store::engine::digest::MAX_RECORDS;
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{
@@ -252,6 +252,11 @@ impl pb::admin_server::Admin for AdminService {
                 open_conflicts: open.get(&t.table_name).copied().unwrap_or(0),
             })
             .collect();
+        // The phase first: positions only grow, so an active node's positions,
+        // read after, cover what it caught up with.
+        let phase = self.sender.catch_up().phase();
+        let positions = self.store.positions();
+        let catch_up = self.sender.catch_up().status(&positions);
         Ok(Response::new(pb::StatusResponse {
             node_id: self.store.node_id().to_string(),
             name: self.name.clone(),
@@ -267,16 +272,14 @@ impl pb::admin_server::Admin for AdminService {
             unreplicated_captures: self.store.count_set_aside().await.map_err(store_status)?,
             quarantined_events: self.store.count_quarantined().await.map_err(store_status)?,
             writes_held: self.store.own_writes_held(),
-            positions: self
-                .store
-                .positions()
-                .into_iter()
-                .map(|(origin, p)| pb::Position {
-                    origin: origin.to_string(),
-                    hlc: p.hlc.encode(),
-                    seq: p.seq,
-                })
-                .collect(),
+            positions: positions_to_pb(&positions),
+            state: phase.to_string(),
+            catchup_remaining_events: if phase == Phase::Active {
+                0
+            } else {
+                catch_up.remaining_events
+            },
+            catchup_held_origins: catch_up.held_origins.iter().map(Ulid::to_string).collect(),
         }))
     }
 

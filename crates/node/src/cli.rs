@@ -673,6 +673,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
                     "unreplicated_captures": s.unreplicated_captures,
                     "quarantined_events": s.quarantined_events,
                     "writes_held": s.writes_held,
+                    "state": s.state,
+                    "catchup_remaining_events": s.catchup_remaining_events,
+                    "catchup_held_origins": s.catchup_held_origins,
                     "positions": s.positions.iter().map(|p| json!({
                         "origin": p.origin, "hlc": int64_json(p.hlc), "seq": p.seq,
                     })).collect::<Vec<_>>(),
@@ -703,6 +706,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<bool> {
             }
             out!("cluster  {}", s.cluster_id);
             out!("store    {}", s.store);
+            out!("{}", state_line(&s));
             out!(
                 "unsynced {} events, {} captured writes pending",
                 s.unsynced_events,
@@ -1649,6 +1653,29 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<bool> {
             }));
             Ok(g.found)
         }
+    }
+}
+
+/// The status line saying where the node stands since it started.
+fn state_line(s: &pb::StatusResponse) -> String {
+    let held = if s.catchup_held_origins.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (left out, held here: {})",
+            s.catchup_held_origins.join(", ")
+        )
+    };
+    match s.state.as_str() {
+        "active" => format!("state    active: ready{held}"),
+        "waiting_for_peer" => {
+            "state    waiting for a peer: no session welcomed yet, not ready".into()
+        }
+        "catching_up" => format!(
+            "state    catching up: {} events behind what its peers held when it met them, not ready{held}",
+            s.catchup_remaining_events
+        ),
+        other => format!("state    {other}"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP listener for operators: `/metrics` (Prometheus text format),
-//! `/healthz` (the process is up) and `/readyz` (the store answers), plus the
-//! task that refreshes the lag gauges.
+//! `/healthz` (the process is up) and `/readyz` (the store answers and the
+//! node has caught up with its peers since it started), plus the task that
+//! refreshes the lag gauges.
 //!
 //! Every counter is exported at 0 from start-up, with the label sets it will
 //! use where they are known up front (each configured peer, each store
@@ -20,7 +21,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
-use tidemark_replicator::{Peer, Sender};
+use tidemark_replicator::{CatchUp, CatchUpStatus, Peer, Phase, Sender};
 
 use crate::peers::PeerNames;
 use tidemark_store::{RejectKind, Store};
@@ -333,10 +334,21 @@ pub fn export_peer_at_zero(peer: &Peer, name: &str) {
     }
 }
 
+/// `tidemark_node_state{state}` (1 for the node's phase, 0 for the others)
+/// and `tidemark_catchup_remaining_events`.
+fn publish_catch_up(status: &CatchUpStatus) {
+    for phase in Phase::ALL {
+        metrics::gauge!("tidemark_node_state", "state" => phase.as_str())
+            .set(if phase == status.phase { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!("tidemark_catchup_remaining_events").set(status.remaining_events as f64);
+}
+
 #[derive(Clone)]
 struct AppState {
     handle: PrometheusHandle,
     store: Store,
+    catch_up: CatchUp,
     cancel: CancellationToken,
 }
 
@@ -344,13 +356,28 @@ async fn metrics(State(s): State<AppState>) -> String {
     s.handle.render()
 }
 
-async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+/// Ready: the store answers and the node has caught up since it started
+/// (see `tidemark_replicator::catchup`); otherwise 503 saying which.
+async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why);
     if s.cancel.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        return unavailable("shutting down\n".into());
     }
-    match tokio::time::timeout(Duration::from_secs(2), s.store.vector()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "store not answering\n"),
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.store.vector()).await,
+        Ok(Ok(_))
+    ) {
+        return unavailable("store not answering\n".into());
+    }
+    let status = s.catch_up.status(&s.store.positions());
+    match status.phase {
+        Phase::Active => (StatusCode::OK, "ready\n".into()),
+        Phase::WaitingForPeer => unavailable("waiting for a peer's session\n".into()),
+        Phase::CatchingUp => unavailable(format!(
+            "catching up: {} events behind on {} origins\n",
+            status.remaining_events,
+            status.origins_behind.len()
+        )),
     }
 }
 
@@ -359,11 +386,13 @@ pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     store: Store,
+    catch_up: CatchUp,
     cancel: CancellationToken,
 ) {
     let state = AppState {
         handle,
         store,
+        catch_up,
         cancel: cancel.clone(),
     };
     let app = Router::new()
@@ -401,6 +430,7 @@ pub async fn refresh(
             }
         }
         sender.publish_gauges();
+        publish_catch_up(&sender.catch_up().status(&store.positions()));
         if let Err(e) = refresh_once(&store, &peers).await {
             metrics::counter!("tidemark_store_errors_total", "op" => "metrics").increment(1);
             debug!(error = %e, "refreshing metrics failed");

@@ -169,7 +169,8 @@ impl Node {
             peer_set,
             settings.tls.is_some(),
         )
-        .waking(sender.wake_handle());
+        .waking(sender.wake_handle())
+        .catching_up(sender.catch_up().clone());
         let admin = admin::AdminService::new(
             store.clone(),
             sender.clone(),
@@ -286,6 +287,7 @@ impl Node {
                     http_listener,
                     handle.clone(),
                     store.clone(),
+                    sender.catch_up().clone(),
                     cancel.clone(),
                 ));
                 tracker.spawn(http::refresh(
@@ -314,6 +316,11 @@ impl Node {
             tracker.clone(),
         ));
         tracker.spawn(sender.clone().run_sync_marker(cancel.clone()));
+        tracker.spawn(sender.catch_up().clone().watch(
+            store.clone(),
+            sender.peers().clone(),
+            cancel.clone(),
+        ));
         tracker.spawn(startup_check(
             store.clone(),
             settings.peers.iter().map(|p| p.node_id).collect(),

@@ -2,10 +2,12 @@
 //! types meet the rest of the code; every field of an incoming message is checked
 //! here and a failure names the field.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
-use tidemark_store::{ChangeEvent, Operation, TableInfo, Values, VersionVector};
+use tidemark_store::{ChangeEvent, Operation, Position, TableInfo, Values, VersionVector};
 use ulid::Ulid;
 
 use crate::pb;
@@ -198,6 +200,31 @@ pub fn vector_from_pb(
     for (i, entry) in v.unwrap_or_default().entries.into_iter().enumerate() {
         let node = ulid(&format!("{field}.entries[{i}].node_id"), &entry.node_id)?;
         out.observe(node, hlc(&format!("{field}.entries[{i}].hlc"), entry.hlc)?);
+    }
+    Ok(out)
+}
+
+/// Positions per origin, ordered by origin.
+pub fn positions_to_pb(positions: &BTreeMap<Ulid, Position>) -> Vec<pb::Position> {
+    positions
+        .iter()
+        .map(|(origin, p)| pb::Position {
+            origin: origin.to_string(),
+            hlc: p.hlc.encode(),
+            seq: p.seq,
+        })
+        .collect()
+}
+
+pub fn positions_from_pb(
+    field: &str,
+    positions: Vec<pb::Position>,
+) -> Result<BTreeMap<Ulid, Position>, FieldError> {
+    let mut out = BTreeMap::new();
+    for (i, p) in positions.into_iter().enumerate() {
+        let origin = ulid(&format!("{field}[{i}].origin"), &p.origin)?;
+        let hlc = hlc(&format!("{field}[{i}].hlc"), p.hlc)?;
+        out.insert(origin, Position { hlc, seq: p.seq });
     }
     Ok(out)
 }

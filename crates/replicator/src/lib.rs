@@ -12,11 +12,14 @@
 //!   unchanged under deterministic network simulation; a [`PeerWake`] shared
 //!   with the receiver ends a sender's reconnect backoff as soon as that peer
 //!   opens a session here;
+//! * [`catchup::CatchUp`]: whether the node holds what its peers held when it
+//!   met them (waiting for a peer, catching up, active): what `/readyz` says;
 //! * [`status`]: the one mapping from errors to `tonic::Status`;
 //! * [`testhooks`]: test-only pauses for fault tests, off unless set in the environment.
 //!
 //! This crate holds no SQL; everything durable goes through `tidemark_store::Store`.
 
+pub mod catchup;
 pub mod convert;
 pub mod receiver;
 pub mod sender;
@@ -38,6 +41,7 @@ use std::sync::Arc;
 
 use ulid::Ulid;
 
+pub use catchup::{CatchUp, CatchUpStatus, Phase};
 pub use receiver::ReceiverService;
 pub use sender::{Connector, PeerIo, PeerState, PeerWake, Sender};
 pub use tls::PeerTls;

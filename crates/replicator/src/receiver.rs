@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use ulid::Ulid;
 
 use crate::convert::{
-    event_from_pb, schema_difference, tables_to_pb, vector_from_pb, vector_to_pb,
+    event_from_pb, positions_to_pb, schema_difference, tables_to_pb, vector_from_pb, vector_to_pb,
 };
 use crate::pb::{self, receiver_message, sender_message};
 use crate::{LocalNode, PROTOCOL_VERSION, ReplicationOptions, status};
@@ -70,6 +70,8 @@ struct Inner {
     sessions: std::sync::Mutex<HashMap<Ulid, LiveSessions>>,
     /// Ends this node's reconnect backoff towards a peer that opens a session here.
     wake: Option<crate::PeerWake>,
+    /// Told of origins held here, which leave the catch-up target.
+    catch_up: Option<crate::CatchUp>,
 }
 
 #[derive(Debug)]
@@ -140,6 +142,7 @@ impl ReceiverService {
                 require_certificate,
                 sessions: Default::default(),
                 wake: None,
+                catch_up: None,
             }),
         }
     }
@@ -149,6 +152,16 @@ impl ReceiverService {
     pub fn waking(mut self, wake: crate::PeerWake) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.wake = Some(wake);
+        }
+        self
+    }
+
+    /// Tells `catch_up` of every origin held here for a reason that more time
+    /// or another path does not mend (everything but a gap): it leaves the
+    /// node's catch-up target. Call before serving.
+    pub fn catching_up(mut self, catch_up: crate::CatchUp) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.catch_up = Some(catch_up);
         }
         self
     }
@@ -377,6 +390,9 @@ impl Inner {
             if matches!(h.kind, RejectKind::Drift | RejectKind::FarFuture) {
                 metrics::counter!("tidemark_drift_rejections_total", "peer" => peer.clone())
                     .increment(1);
+            }
+            if let (Some(c), false) = (&self.catch_up, h.kind == RejectKind::Gap) {
+                c.origin_held(h.origin);
             }
             if first {
                 warn!(%sender, origin = %h.origin, event_id = %h.event_id, code = h.kind.code(), reason = %h.reason, retry_after_ms = h.retry_after_ms, "origin held: its events wait, the others go on");
@@ -682,6 +698,7 @@ impl pb::replication_server::Replication for ReceiverService {
                 vector: Some(vector_to_pb(&vector)),
                 hlc: self.inner.store.clock().now().encode(),
                 direct_origins: self.inner.direct_origins(),
+                positions: positions_to_pb(&store.positions()),
             })),
         };
         tx.send(Ok(welcome))

@@ -36,7 +36,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use ulid::Ulid;
 
-use crate::convert::{event_to_pb, tables_to_pb};
+use crate::convert::{event_to_pb, positions_from_pb, tables_to_pb};
 use crate::pb::{self, receiver_message, sender_message};
 use crate::receiver::peer_vector;
 use crate::{LocalNode, PROTOCOL_VERSION, Peer, ReplicationOptions};
@@ -236,6 +236,8 @@ struct SenderInner {
     jitter_seed: Option<u64>,
     /// Ends a peer's reconnect backoff when that peer reaches this node.
     wake: PeerWake,
+    /// Whether this node holds what its peers held at their welcomes.
+    catch_up: crate::CatchUp,
 }
 
 /// Wakes a peer's sender out of its reconnect backoff. The receiver calls
@@ -267,6 +269,7 @@ impl Sender {
         peers: crate::PeerSet,
         tls: Option<crate::PeerTls>,
     ) -> Self {
+        let catch_up = crate::CatchUp::new(!peers.ids().is_empty());
         Sender {
             inner: Arc::new(SenderInner {
                 store,
@@ -278,6 +281,7 @@ impl Sender {
                 connector: None,
                 jitter_seed: None,
                 wake: PeerWake::default(),
+                catch_up,
             }),
         }
     }
@@ -286,6 +290,13 @@ impl Sender {
     /// receiver ([`crate::ReceiverService::waking`]).
     pub fn wake_handle(&self) -> PeerWake {
         self.inner.wake.clone()
+    }
+
+    /// Whether this node has caught up since it started; give it to the
+    /// receiver ([`crate::ReceiverService::catching_up`]) and run
+    /// [`crate::CatchUp::watch`].
+    pub fn catch_up(&self) -> &crate::CatchUp {
+        &self.inner.catch_up
     }
 
     /// Connects to peers through `connector` instead of TCP. Call before any
@@ -683,6 +694,10 @@ impl SenderInner {
         self.check_own_origin(peer.node_id, cursor.get(self.local.node_id))
             .await?;
         self.acked(peer.node_id, &cursor).await?;
+        let theirs = positions_from_pb("welcome.positions", welcome.positions)
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        self.catch_up
+            .welcomed(peer.node_id, &theirs, &self.store.positions());
         backoff.reset();
         self.update(peer.node_id, |s| {
             s.connected = true;

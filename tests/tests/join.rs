@@ -1,0 +1,341 @@
+//! Adding a node to a running cluster, and what `/readyz` says meanwhile.
+//!
+//! * `a_fourth_node_joins_under_writes_and_is_never_ready_early`: a PostgreSQL
+//!   node joins a running SQLite, SQLite, PostgreSQL mesh that holds a backlog
+//!   of 24,000 events and keeps taking API writes of every column class, with
+//!   concurrent updates of the same records (conflicts, `manual` ones among
+//!   them) and deletes. It is killed (`kill -9`) three times while catching
+//!   up; each restart resumes where its last commit left it (its positions
+//!   never go back), it is never active (ready) before it holds what every
+//!   peer held when it started, and it ends identical to the others: events,
+//!   rows (typed, every class), record versions, conflict history, blocked
+//!   records.
+//! * `a_node_whose_peers_are_down_is_not_ready`: a node whose only peer is
+//!   down answers `/readyz` 503 (waiting for a peer) and says so in status and
+//!   metrics; both are ready once the peer is up.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tidemark_replicator::pb;
+use tidemark_replicator::pb::records_client::RecordsClient;
+use tidemark_tests::check;
+use tidemark_tests::daemon::{Cluster, Table, TestNode, Topology};
+use tidemark_tests::schema;
+use tidemark_tests::typed;
+use ulid::Ulid;
+
+const USERS: Table = Table {
+    name: "users",
+    ddl: schema::users_ddl,
+    policy: "manual",
+    sqlite_types: "",
+};
+
+/// Backlog rows each of the first three nodes writes before the fourth starts.
+const BACKLOG: usize = 8_000;
+/// Longest wait for anything the cluster should do.
+const WAIT: Duration = Duration::from_secs(180);
+
+async fn status(node: &TestNode) -> pb::StatusResponse {
+    node.admin()
+        .await
+        .status(pb::StatusRequest {})
+        .await
+        .expect("admin status")
+        .into_inner()
+}
+
+/// Per origin, (HLC, number of the last event held).
+type Positions = BTreeMap<String, (i64, u64)>;
+
+fn positions(s: &pb::StatusResponse) -> Positions {
+    s.positions
+        .iter()
+        .map(|p| (p.origin.clone(), (p.hlc, p.seq)))
+        .collect()
+}
+
+/// What every one of `all` holds: per origin, the least position (an origin
+/// one of them lacks is left out).
+fn common(all: &[Positions]) -> Positions {
+    let mut out = all[0].clone();
+    out.retain(|origin, _| all.iter().all(|p| p.contains_key(origin)));
+    for p in &all[1..] {
+        for (origin, (hlc, seq)) in out.iter_mut() {
+            let (h, s) = p[origin];
+            *hlc = (*hlc).min(h);
+            *seq = (*seq).min(s);
+        }
+    }
+    out
+}
+
+/// Origins where `have` is below `want`, with both positions.
+fn short_of(have: &Positions, want: &Positions) -> Vec<String> {
+    want.iter()
+        .filter_map(|(origin, &(hlc, seq))| {
+            let (h, s) = have.get(origin).copied().unwrap_or((0, 0));
+            (h < hlc || s < seq)
+                .then(|| format!("{origin}: holds ({h}, {s}), wants ({hlc}, {seq})"))
+        })
+        .collect()
+}
+
+/// Waits until the `/metrics` sample reads `want`.
+async fn wait_metric(node: &TestNode, sample: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = node.metric(sample).await;
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {sample} is {got:?}, not {want}",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn total(p: &Positions) -> u64 {
+    p.values().map(|(_, seq)| seq).sum()
+}
+
+/// Writes through the APIs of `urls` in turn until `stop`: typed readings,
+/// updates of 20 shared notes and 8 shared users (written on several nodes
+/// at once: conflicts, `manual` on users), and deletes of notes. Returns the
+/// event id of every acknowledged write.
+async fn load(urls: Vec<String>, stop: Arc<AtomicBool>) -> Vec<String> {
+    let mut clients = Vec::new();
+    for url in &urls {
+        clients.push(RecordsClient::connect(url.clone()).await.expect("connect"));
+    }
+    let notes: Vec<Ulid> = (0..20).map(|_| Ulid::generate()).collect();
+    let users: Vec<Ulid> = (0..8).map(|_| Ulid::generate()).collect();
+    let mut written = Vec::new();
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let n = clients.len();
+        let client = &mut clients[i % n];
+        let mut put = async |table: &str, id: Ulid, values: serde_json::Value| {
+            let r = client
+                .put(pb::PutRequest {
+                    table: table.into(),
+                    id: id.to_string(),
+                    values_json: values.to_string(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("put {table} {id}: {e}"));
+            r.into_inner().event_id
+        };
+        let note = notes[i % notes.len()];
+        written.push(put("notes", note, json!({"title": format!("t{i}"), "stars": i})).await);
+        if i.is_multiple_of(2) {
+            written.push(
+                put(
+                    "readings",
+                    Ulid::generate(),
+                    json!({"i": i, "s": (i % 300) as i64 - 150, "f": i as f64 * 0.1 + 1e-300,
+                           "d": format!("-{i}.0000000000000000000001"), "t": format!("naïve ☃ {i}"),
+                           "b": i.is_multiple_of(4), "dt": "2024-02-29",
+                           "u": "00112233-4455-6677-8899-aabbccddeeff", "bl": "AAEC/w=="}),
+                )
+                .await,
+            );
+        }
+        if i.is_multiple_of(3) {
+            let k = (i / 3) % users.len();
+            written.push(
+                put(
+                    "users",
+                    users[k],
+                    json!({"email": format!("user{k}@example.com"), "name": format!("n{i}"), "age": i % 150}),
+                )
+                .await,
+            );
+        }
+        if i % 10 == 9 {
+            let r = client
+                .delete(pb::DeleteRequest {
+                    table: "notes".into(),
+                    id: notes[(i / 10) % notes.len()].to_string(),
+                })
+                .await
+                .expect("delete");
+            written.push(r.into_inner().event_id);
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    written
+}
+
+/// One INSERT of `n` notes through the node's database client (ids: a
+/// fresh ULID's first 16 characters and a 10-digit counter).
+fn backlog(node: &TestNode, n: usize) {
+    let prefix = &Ulid::generate().to_string()[..16];
+    let name = &node.name;
+    node.db.sql(&match node.db.kind() {
+        "postgres" => format!(
+            "INSERT INTO notes (id, title, body, stars) SELECT '{prefix}' || lpad(i::text, 10, '0'), \
+             'backlog {name} ' || i, 'body', i FROM generate_series(1, {n}) AS i"
+        ),
+        _ => format!(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) \
+             INSERT INTO notes (id, title, body, stars) SELECT '{prefix}' || printf('%010d', i), \
+             'backlog {name} ' || i, 'body', i FROM c"
+        ),
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
+    let mut cluster = Cluster::prepare_with(
+        &["sqlite", "sqlite", "postgres", "postgres"],
+        Topology::Mesh,
+        "test",
+        "",
+        &[USERS, schema::READINGS],
+    );
+    for node in &mut cluster.nodes[..3] {
+        node.start().await;
+    }
+    for node in &cluster.nodes[..3] {
+        backlog(node, BACKLOG);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut totals = Vec::new();
+        for node in &cluster.nodes[..3] {
+            totals.push(total(&positions(&status(node).await)));
+        }
+        if totals.iter().all(|t| *t >= 3 * BACKLOG as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not spread: {totals:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(load(
+        cluster.nodes[..3].iter().map(TestNode::grpc_url).collect(),
+        stop.clone(),
+    ));
+
+    let mut last_seen = Positions::new();
+    for round in 0..4 {
+        // What every peer holds now: the joiner may not be active before it
+        // holds all of it.
+        let mut peers = Vec::new();
+        for node in &cluster.nodes[..3] {
+            peers.push(positions(&status(node).await));
+        }
+        let floor = common(&peers);
+        cluster.nodes[3].start().await;
+        let joiner = &cluster.nodes[3];
+        let at_start = positions(&status(joiner).await);
+        assert!(
+            short_of(&at_start, &last_seen).is_empty(),
+            "round {round}: the joiner's positions went back after the restart: {:?}",
+            short_of(&at_start, &last_seen)
+        );
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = status(joiner).await;
+            let have = positions(&s);
+            if s.state == "active" {
+                let short = short_of(&have, &floor);
+                assert!(
+                    short.is_empty(),
+                    "round {round}: active before holding what its peers held at its start: {short:?}"
+                );
+                assert!(
+                    round == 3,
+                    "round {round}: caught up before it could be killed mid-way (raise BACKLOG)"
+                );
+                assert_eq!(joiner.http_get("/readyz").await.0, 200);
+                break;
+            }
+            let (code, body) = joiner.http_get("/readyz").await;
+            // Active may have come between the two reads; never the reverse.
+            if code == 200 {
+                assert_eq!(status(joiner).await.state, "active", "ready but not active");
+            } else {
+                assert_eq!(code, 503, "{body}");
+            }
+            if round < 3 && s.state == "catching_up" && total(&have) >= total(&at_start) + 2_000 {
+                assert!(
+                    s.catchup_remaining_events > 0,
+                    "catching up with 0 remaining"
+                );
+                last_seen = have;
+                cluster.nodes[3].kill();
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the joiner is still {} ({} events remaining)\n{}",
+                s.state,
+                s.catchup_remaining_events,
+                joiner.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The gauges follow within a refresh (a second).
+    let joiner = &cluster.nodes[3];
+    wait_metric(joiner, "tidemark_node_state{state=\"active\"}", 1.0).await;
+    wait_metric(joiner, "tidemark_node_state{state=\"catching_up\"}", 0.0).await;
+    wait_metric(joiner, "tidemark_catchup_remaining_events", 0.0).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    cluster.converged(WAIT).await;
+    check::after_heal(&cluster, &written).await;
+    check::assert_same_blocked(&cluster.nodes).await;
+    let reference = typed::rows(
+        cluster.nodes[0].reader(),
+        "readings",
+        schema::READING_COLUMNS,
+    )
+    .await;
+    assert!(!reference.is_empty());
+    for node in &cluster.nodes[1..] {
+        let rows = typed::rows(node.reader(), "readings", schema::READING_COLUMNS).await;
+        assert!(
+            rows == reference,
+            "{}: readings differ from node0's",
+            node.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_peers_are_down_is_not_ready() {
+    let mut cluster = Cluster::prepare(&["sqlite", "sqlite"], Topology::Mesh, "test", "");
+    cluster.nodes[0].start().await;
+    let a = &cluster.nodes[0];
+    // Its only peer is down: it cannot know what it lacks.
+    for _ in 0..10 {
+        let (code, body) = a.http_get("/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body, "waiting for a peer's session\n");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(a).await.state, "waiting_for_peer");
+    wait_metric(a, "tidemark_node_state{state=\"waiting_for_peer\"}", 1.0).await;
+    wait_metric(a, "tidemark_node_state{state=\"active\"}", 0.0).await;
+    cluster.nodes[1].start().await;
+    for node in &cluster.nodes {
+        node.wait_ready(Duration::from_secs(60)).await;
+        assert_eq!(status(node).await.state, "active");
+    }
+}
