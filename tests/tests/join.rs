@@ -10,6 +10,11 @@
 //!   peer held when it started, and it ends identical to the others: events,
 //!   rows (typed, every class), record versions, conflict history, blocked
 //!   records.
+//! * `a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_the_donor`:
+//!   `tidemark snapshot create` copies a running SQLite node's database while
+//!   API writes go on; started with the donor's id the copy is refused naming
+//!   both, started with an id of its own it is ready having received only
+//!   what came after the copy (not the log), and the three nodes converge.
 //! * `a_node_whose_peers_are_down_is_not_ready`: a node whose only peer is
 //!   down answers `/readyz` 503 (waiting for a peer) and says so in status and
 //!   metrics; both are ready once the peer is up.
@@ -23,7 +28,7 @@ use serde_json::json;
 use tidemark_replicator::pb;
 use tidemark_replicator::pb::records_client::RecordsClient;
 use tidemark_tests::check;
-use tidemark_tests::daemon::{Cluster, Table, TestNode, Topology};
+use tidemark_tests::daemon::{Cluster, Table, TestNode, Topology, free_port, tidemark_bin};
 use tidemark_tests::schema;
 use tidemark_tests::typed;
 use ulid::Ulid;
@@ -338,4 +343,140 @@ async fn a_node_whose_peers_are_down_is_not_ready() {
         node.wait_ready(Duration::from_secs(60)).await;
         assert_eq!(status(node).await.state, "active");
     }
+}
+
+/// Sum of every sample of a counter family in `/metrics`.
+async fn counter_sum(node: &TestNode, name: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_the_donor() {
+    let mut cluster = Cluster::prepare_with(
+        &["sqlite", "sqlite", "sqlite"],
+        Topology::Mesh,
+        "test",
+        "",
+        &[USERS, schema::READINGS],
+    );
+    for node in &mut cluster.nodes[..2] {
+        node.start().await;
+    }
+    backlog(&cluster.nodes[0], 3_000);
+    backlog(&cluster.nodes[1], 3_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(load(
+        cluster.nodes[..2].iter().map(TestNode::grpc_url).collect(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + WAIT;
+    while total(&positions(&status(&cluster.nodes[0]).await)) < 6_000 {
+        assert!(Instant::now() < deadline, "the backlog did not spread");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The new node's database is a copy of node0's, taken while it runs.
+    let tidemark_tests::TestDb::Sqlite { path, .. } = &cluster.nodes[2].db else {
+        unreachable!()
+    };
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let out = std::process::Command::new(tidemark_bin())
+        .args(["snapshot", "create", "--config"])
+        .arg(cluster.nodes[0].config_path())
+        .arg("--out")
+        .arg(path)
+        .output()
+        .expect("run tidemark snapshot create");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "snapshot create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("a snapshot of node {}", cluster.nodes[0].id)),
+        "{stdout}"
+    );
+    let copied = cluster.nodes[2]
+        .db
+        .sql("SELECT COUNT(*) FROM change_events")
+        .trim()
+        .parse::<u64>()
+        .expect("count");
+    assert!(copied >= 6_000, "the snapshot holds {copied} events");
+    // A second snapshot onto the same file is refused: nothing is overwritten.
+    let again = std::process::Command::new(tidemark_bin())
+        .args(["snapshot", "create", "--config"])
+        .arg(cluster.nodes[0].config_path())
+        .arg("--out")
+        .arg(path)
+        .output()
+        .expect("run tidemark snapshot create");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+
+    // Started as its donor (node0's config on the copy), it is refused.
+    let clone = cluster.nodes[2].dir.join("clone.toml");
+    let text = std::fs::read_to_string(cluster.nodes[0].config_path())
+        .expect("read config")
+        .replace(&cluster.nodes[0].db.url(), &cluster.nodes[2].db.url())
+        .replace(
+            &format!("127.0.0.1:{}\"\nmetrics", cluster.nodes[0].port),
+            &format!("127.0.0.1:{}\"\nmetrics", free_port()),
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"", cluster.nodes[0].metrics_port),
+            &format!("127.0.0.1:{}\"", free_port()),
+        );
+    std::fs::write(&clone, text).expect("write clone config");
+    let refused = std::process::Command::new(tidemark_bin())
+        .args(["run", "--config"])
+        .arg(&clone)
+        .output()
+        .expect("run the clone");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the clone ran as its donor");
+    assert!(
+        stderr.contains(&format!(
+            "this database is a snapshot of node {}, the id this node is configured with",
+            cluster.nodes[0].id
+        )),
+        "{stderr}"
+    );
+
+    // With an id of its own it needs only what came after the copy.
+    cluster.nodes[2].start().await;
+    cluster.nodes[2].wait_ready(WAIT).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    cluster.converged(WAIT).await;
+    check::after_heal(&cluster, &written).await;
+    let received = counter_sum(&cluster.nodes[2], "tidemark_events_applied_total").await
+        + counter_sum(&cluster.nodes[2], "tidemark_events_skipped_total").await;
+    let held = cluster.nodes[2]
+        .db
+        .sql("SELECT COUNT(*) FROM change_events")
+        .trim()
+        .parse::<f64>()
+        .expect("count");
+    assert!(
+        received < held - copied as f64 + 1_000.0,
+        "node2 received {received} events for a log of {held}, {copied} of them copied"
+    );
+    let meta = cluster.nodes[2]
+        .db
+        .sql("SELECT key || '=' || value FROM tidemark_meta WHERE key IN ('node_id', 'snapshot_of') ORDER BY key");
+    assert_eq!(
+        meta.trim(),
+        format!(
+            "node_id={}\nsnapshot_of={}",
+            cluster.nodes[2].id, cluster.nodes[0].id
+        )
+    );
 }

@@ -10,7 +10,7 @@ use tidemark_hlc::{Clock, Hlc, WallClock};
 use tidemark_store::memory::Column;
 use tidemark_store::{
     Backend, ChangeEvent, ConflictFilter, ConflictPolicy, ConflictStatus, Operation, ResolveChoice,
-    Store, StoreError, StoreUrl, Values, VersionVector,
+    Store, StoreError, StoreUrl, Values, VersionVector, snapshot,
 };
 use tidemark_tests::TestDb;
 use ulid::Ulid;
@@ -2517,6 +2517,68 @@ async fn received_numbers_raise_positions(db: TestDb) {
     store.close().await;
 }
 
+/// `snapshot::strip` makes a copy of a node's database a start for a new
+/// node: the donor's acks, unsynced marks and unstamped captures go, its log,
+/// rows and positions stay, and only a node with another id may open it.
+async fn a_stripped_database_opens_only_as_a_new_node(db: TestDb) {
+    let donor = Ulid::generate();
+    let store = with_notes(&db, donor).await;
+    store.bind_cluster("c1").await.expect("bind");
+    for i in 1..=3 {
+        store
+            .put("notes", id(i), &obj(json!({"title": format!("n{i}")})))
+            .await
+            .expect("put");
+    }
+    let peer = Ulid::from_parts(1, 1);
+    store
+        .record_ack(peer, &store.vector().await.expect("vv"))
+        .await
+        .expect("ack");
+    assert_eq!(store.mark_synced(&[peer]).await.expect("mark"), 3);
+    // A direct write the donor has not stamped yet.
+    db.sql(&format!(
+        "INSERT INTO notes (id, title) VALUES ('{}', 'late')",
+        id(4)
+    ));
+    assert_eq!(store.pending_captures().await.expect("pending"), 1);
+    let (vector, positions) = (store.vector().await.expect("vv"), store.positions());
+    store.close().await;
+
+    let url: StoreUrl = db.url().parse().expect("url");
+    let info = snapshot::strip(&url).await.expect("strip");
+    assert_eq!(info.donor, donor);
+    assert_eq!(info.cluster_id.as_deref(), Some("c1"));
+    // Again: already a snapshot, the same answer.
+    assert_eq!(snapshot::strip(&url).await.expect("strip again"), info);
+
+    match db.open(clock(donor)).await {
+        Err(StoreError::SnapshotOfThisNode { donor: d }) => assert_eq!(d, donor.to_string()),
+        Err(e) => panic!("opened as the donor: {e}"),
+        Ok(_) => panic!("opened as the donor"),
+    }
+    let new = Ulid::generate();
+    let store = open(&db, new).await;
+    store.bind_cluster("c1").await.expect("same cluster");
+    assert_eq!(store.node_id(), new);
+    assert_eq!(store.vector().await.expect("vv"), vector);
+    assert_eq!(store.positions(), positions);
+    assert_eq!(store.count_unsynced().await.expect("unsynced"), 3);
+    assert_eq!(store.pending_captures().await.expect("pending"), 0);
+    assert!(
+        store
+            .peer_progress(peer)
+            .await
+            .expect("progress")
+            .0
+            .is_empty()
+    );
+    assert_eq!(all_events(&store).await.len(), 3);
+    store.close().await;
+    // Bound to the new node now: stripping it again names the new one.
+    assert_eq!(snapshot::strip(&url).await.expect("strip").donor, new);
+}
+
 // ---------------------------------------------------------------------------------
 
 macro_rules! tests_on {
@@ -2584,6 +2646,7 @@ suite!(
         capture_around_the_triggers_is_reported,
         application_triggers_are_listed,
         refused_rows_retry_on_demand,
+        a_stripped_database_opens_only_as_a_new_node,
     ],
 );
 

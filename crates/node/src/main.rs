@@ -92,8 +92,33 @@ enum Command {
     /// Make a cluster CA and node certificates for mutual TLS between peers.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Copy a node's database for a new node to start from, the node's
+    /// identity stripped (a file snapshot).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Print a new ULID (for node.id).
     NewId,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Copy the SQLite database of the node `--config` describes to OUT (one
+    /// consistent read; the node may be running) and strip its identity.
+    Create {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The new file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Strip a node's identity from a database copied by other means: a
+    /// stopped node's SQLite file, or `pg_dump` / `pg_restore` into a new
+    /// PostgreSQL database. No daemon may run on it.
+    Strip {
+        /// sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB
+        #[arg(long)]
+        url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +188,41 @@ fn load(path: &std::path::Path) -> Result<tidemark::Settings, String> {
     };
     let config = Config::load(path).map_err(|e| problems(e.0))?;
     config.validate().map_err(problems)
+}
+
+/// `tidemark snapshot create` and `tidemark snapshot strip`.
+async fn snapshot(command: SnapshotCommand) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tidemark_store::{StoreUrl, snapshot};
+    let (info, what) = match command {
+        SnapshotCommand::Create { config, out } => {
+            let settings = load(&config).map_err(anyhow::Error::msg)?;
+            let StoreUrl::Sqlite(source) = &settings.store_url else {
+                anyhow::bail!(
+                    "snapshot create copies SQLite databases; copy a PostgreSQL database with pg_dump and pg_restore into a new database, then run `tidemark snapshot strip --url` on it"
+                );
+            };
+            let info = snapshot::create_sqlite(source, &out)
+                .await
+                .with_context(|| format!("snapshot of {}", source.path.display()))?;
+            (info, out.display().to_string())
+        }
+        SnapshotCommand::Strip { url } => {
+            let url: StoreUrl = url.parse().context("--url")?;
+            let info = snapshot::strip(&url)
+                .await
+                .with_context(|| format!("stripping {url}"))?;
+            (info, url.to_string())
+        }
+    };
+    println!(
+        "{what}: a snapshot of node {} (cluster {}), its identity stripped.\n\
+         Start a new node on it with an id of its own (`tidemark new-id`) and the same\n\
+         [[tables]], list the cluster's nodes in its [[peers]], and add it to theirs.",
+        info.donor,
+        info.cluster_id.as_deref().unwrap_or("not bound yet")
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -251,6 +311,7 @@ fn main() -> ExitCode {
             tidemark::certs::make_client(&dir, &name, days)
                 .map(|()| println!("wrote {0}/{name}.pem and {0}/{name}.key", dir.display()))
         }
+        Command::Snapshot(command) => runtime.block_on(snapshot(command)),
         Command::NewId => {
             println!("{}", ulid::Ulid::generate());
             Ok(())

@@ -512,6 +512,10 @@ pub trait Backend: Send + Sync + 'static {
     /// when the backend connected), taking it again if its connection broke.
     fn check_lock(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// Makes the database a snapshot of node `donor` in one transaction (see
+    /// [`crate::snapshot`]): [`STRIP_IDENTITY`] on the SQL backends.
+    fn strip_identity(&self, donor: Ulid) -> impl Future<Output = Result<()>> + Send;
+
     /// Closes the connections and releases the writer lock.
     fn close(&self) -> impl Future<Output = ()> + Send;
 
@@ -527,3 +531,18 @@ pub trait Backend: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Ulid>>> + Send;
 }
+
+/// What makes a copy of a node's database a snapshot any new node may start
+/// from, the same text on both SQL backends (`$1`: the donor's node id):
+/// peers' acks of the donor's log go (the new node's peers acknowledge it
+/// anew, so `synced_at` is cleared too), direct writes the donor had not
+/// stamped go (the donor stamps them; they arrive as its events), the donor
+/// is recorded as `snapshot_of` and its node id goes, last.
+pub const STRIP_IDENTITY: [&str; 5] = [
+    "DELETE FROM tidemark_peer_progress",
+    "DELETE FROM tidemark_capture_queue",
+    "UPDATE change_events SET synced_at = NULL WHERE synced_at IS NOT NULL",
+    "INSERT INTO tidemark_meta (key, value) VALUES ('snapshot_of', $1) \
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "DELETE FROM tidemark_meta WHERE key = 'node_id'",
+];

@@ -105,6 +105,17 @@ pub enum StoreError {
         configured: String,
     },
 
+    /// A database that is a snapshot of this very node (see
+    /// [`crate::snapshot`]).
+    #[error(
+        "this database is a snapshot of node {donor}, the id this node is configured with: a node started from a snapshot needs an id of its own (`tidemark new-id`), or it would write {donor}'s events beside {donor}"
+    )]
+    SnapshotOfThisNode { donor: String },
+
+    /// A snapshot could not be taken or prepared.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+
     /// A schema migration failed.
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

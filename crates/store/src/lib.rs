@@ -32,6 +32,7 @@ pub mod model;
 pub mod postgres;
 mod rows;
 pub mod rules;
+pub mod snapshot;
 pub mod sqlite;
 pub mod value;
 

@@ -1337,6 +1337,17 @@ impl Backend for MemoryBackend {
         Ok(Vec::new())
     }
 
+    async fn strip_identity(&self, donor: Ulid) -> Result<()> {
+        let mut s = self.state.lock().await;
+        s.progress.clear();
+        for e in s.events.values_mut() {
+            e.synced_at = None;
+        }
+        s.meta.insert("snapshot_of".into(), donor.to_string());
+        s.meta.remove("node_id");
+        Ok(())
+    }
+
     async fn check_lock(&self) -> Result<()> {
         Ok(())
     }

@@ -2006,6 +2006,21 @@ impl Backend for SqliteBackend {
             .collect())
     }
 
+    async fn strip_identity(&self, donor: Ulid) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for sql in crate::backend::STRIP_IDENTITY {
+            let q = sqlx::query(sql);
+            let q = if sql.contains("$1") {
+                q.bind(donor.to_string())
+            } else {
+                q
+            };
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn check_lock(&self) -> Result<()> {
         // A file lock lasts as long as the open file: nothing can take it away.
         Ok(())

@@ -383,7 +383,14 @@ impl<B: Backend> Engine<B> {
                 });
             }
             Some(_) => {}
-            None => backend.meta_set("node_id", &node_id.to_string()).await?,
+            None => {
+                if let Some(donor) = backend.meta_get("snapshot_of").await?
+                    && donor == node_id.to_string()
+                {
+                    return Err(StoreError::SnapshotOfThisNode { donor });
+                }
+                backend.meta_set("node_id", &node_id.to_string()).await?
+            }
         }
         backend.vector().await
     }
