@@ -646,6 +646,8 @@ impl<'pg> Cluster<'pg> {
         Ok(Cluster { nodes, pg })
     }
 
+    /// Starts daemon `i` and waits until it serves (`/healthz`; `/readyz`
+    /// also waits for its peers).
     async fn start(&mut self, i: usize) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("locating the tidemark binary")?;
         let node = &mut self.nodes[i];
@@ -653,6 +655,12 @@ impl<'pg> Cluster<'pg> {
             .spawn()
             .context("starting a daemon")?;
         node.child = Some(child);
+        self.wait_for(i, "/healthz").await
+    }
+
+    /// Waits until daemon `i` answers 200 on `path` of its metrics listener.
+    async fn wait_for(&mut self, i: usize, path: &'static str) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
         let url = format!("127.0.0.1:{}", node.metrics_port);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -668,16 +676,16 @@ impl<'pg> Cluster<'pg> {
                 );
             }
             let url = url.clone();
-            let ready = tokio::task::spawn_blocking(move || {
-                crate::cli::healthcheck(&url, Duration::from_millis(500)).unwrap_or(false)
+            let ok = tokio::task::spawn_blocking(move || {
+                crate::cli::answers_ok(&url, path, Duration::from_millis(500)).unwrap_or(false)
             })
             .await?;
-            if ready {
+            if ok {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "daemon {i} not ready after 60 s; log: {}",
+                    "daemon {i}: {path} not answering 200 after 60 s; log: {}",
                     node.log.display()
                 );
             }
@@ -685,9 +693,14 @@ impl<'pg> Cluster<'pg> {
         }
     }
 
+    /// Starts every daemon, then waits until each is ready (caught up with
+    /// its peers).
     async fn start_all(&mut self) -> anyhow::Result<()> {
         for i in 0..self.nodes.len() {
             self.start(i).await?;
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_for(i, "/readyz").await?;
         }
         Ok(())
     }

@@ -1682,7 +1682,16 @@ fn state_line(s: &pb::StatusResponse) -> String {
 /// `tidemark healthcheck`: GET /readyz on the metrics listener; true when it
 /// answers 200. For container health checks in images without curl.
 pub fn healthcheck(addr: &str, timeout: std::time::Duration) -> anyhow::Result<bool> {
-    let response = http_get(addr, "/readyz", timeout)?;
+    answers_ok(addr, "/readyz", timeout)
+}
+
+/// Whether `GET path` on the metrics listener `addr` answers 200.
+pub(crate) fn answers_ok(
+    addr: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<bool> {
+    let response = http_get(addr, path, timeout)?;
     Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
 }
 

@@ -156,6 +156,16 @@ fn describe() {
         "Wall-clock part of the node's current HLC."
     );
     describe_gauge!(
+        "tidemark_node_state",
+        Unit::Count,
+        "1 for where the node stands since it started (waiting_for_peer, catching_up, active), 0 for the others; /readyz answers 200 only when active."
+    );
+    describe_gauge!(
+        "tidemark_catchup_remaining_events",
+        Unit::Count,
+        "While catching up, events the node lacks of what its peers held when it met them (by their numbers); 0 when active."
+    );
+    describe_gauge!(
         "tidemark_origin_position",
         Unit::Count,
         "Per origin, the number of the origin's last event this node holds (every origin numbers its events 1, 2, 3... with no gap)."
