@@ -1280,13 +1280,21 @@ async fn compaction_keeps_concurrent_versions_and_blocked_events(db: TestDb) {
         ])
     );
     assert_eq!(store.count_blocked().await.expect("blocked"), 1);
+    // r1's two versions are a conflict lww decided: it stays with them.
+    let decided = conflicts_of(&store).await;
+    assert_eq!(decided.len(), 1, "{decided:?}");
+    assert_eq!(decided[0].status, ConflictStatus::Resolved);
+    assert_eq!(done.conflicts, 0);
 
-    // A write that has seen both versions of r1 ends the conflict: the two go.
+    // A write that has seen both versions of r1 ends the conflict: the two go,
+    // and the decided conflict with them.
     let after = put(r1, "after").await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     ack_all().await;
     let done = store.compact_step(Duration::ZERO, 100).await.expect("step");
     assert_eq!(done.deleted, 2, "{done:?}");
+    assert_eq!(done.conflicts, 1, "{done:?}");
+    assert!(conflicts_of(&store).await.is_empty());
     let kept = all_events(&store).await;
     assert_eq!(
         sorted(kept.iter().map(|e| e.event_id).collect()),
@@ -1309,6 +1317,8 @@ async fn compaction_keeps_concurrent_versions_and_blocked_events(db: TestDb) {
             "{r}"
         );
     }
+    // Nor does it hold the conflict: the same history on both.
+    assert!(conflicts_of(&behind).await.is_empty());
     behind.close().await;
     store.close().await;
 }

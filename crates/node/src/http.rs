@@ -230,6 +230,11 @@ fn describe() {
         Unit::Count,
         "Superseded events every peer acknowledged that retention deleted from change_events."
     );
+    describe_counter!(
+        "tidemark_conflicts_compacted_total",
+        Unit::Count,
+        "Decided conflicts retention deleted with a compacted event of theirs."
+    );
     describe_gauge!(
         "tidemark_log_events",
         Unit::Count,
@@ -311,6 +316,7 @@ pub fn export_at_zero() {
     counter!("tidemark_conflicts_detected_total").increment(0);
     counter!("tidemark_captures_set_aside_total").increment(0);
     counter!("tidemark_events_compacted_total").increment(0);
+    counter!("tidemark_conflicts_compacted_total").increment(0);
 }
 
 /// [`export_at_zero`] for one peer, when its session starts (at start-up, or

@@ -685,6 +685,7 @@ async fn retention_loop(store: Store, r: config::RetentionSettings, cancel: Canc
             Ok(done) => {
                 failures = 0;
                 metrics::counter!("tidemark_events_compacted_total").increment(done.deleted);
+                metrics::counter!("tidemark_conflicts_compacted_total").increment(done.conflicts);
                 deleted_in_pass += done.deleted;
                 if done.scanned >= u64::from(r.batch) {
                     r.step_pause

@@ -49,6 +49,9 @@ pub struct Compacted {
     pub scanned: u64,
     /// Events deleted.
     pub deleted: u64,
+    /// Decided conflicts deleted with one of their events: history that no
+    /// longer has an event in the log (a node joining now would not hold it).
+    pub conflicts: u64,
     /// HLC of the last event looked at.
     pub last: Option<Hlc>,
 }

@@ -1298,6 +1298,21 @@ impl Backend for MemoryBackend {
                 continue;
             }
             let origin = e.node_id;
+            let record = (e.table_name.clone(), e.record_id);
+            let decided: Vec<Ulid> = s
+                .conflicts
+                .values()
+                .filter(|c| {
+                    c.status == ConflictStatus::Resolved
+                        && (c.table_name.as_str(), c.record_id) == (record.0.as_str(), record.1)
+                        && (c.loser.event_id == id || c.winner.event_id == id)
+                })
+                .map(|c| c.conflict_id)
+                .collect();
+            for conflict in decided {
+                tx.set(conflicts_field, conflict, None);
+                done.conflicts += 1;
+            }
             tx.set(events_field, id, None);
             tx.remove_origin_entry((origin, hlc, id));
             if tx.state.compacted.get(&origin).is_none_or(|c| hlc > *c) {

@@ -1662,13 +1662,14 @@ impl Backend for PostgresBackend {
         before: Hlc,
         limit: u32,
     ) -> Result<Compacted> {
-        let rows: Vec<(String, String, i64, bool)> = sqlx::query_as(
+        let rows: Vec<(String, String, i64, bool, String, String)> = sqlx::query_as(
             "SELECT e.event_id::text, e.node_id::text, e.hlc_timestamp, \
                e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
                AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
                  WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
                  AND (v.event_id = e.event_id OR strpos(v.frontier::text, e.event_id::text) > 0)) \
-               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id) \
+               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
+               e.table_name::text, e.record_id::text \
              FROM change_events e \
              WHERE e.hlc_timestamp > $1 AND e.hlc_timestamp < $2 AND e.synced_at IS NOT NULL \
              ORDER BY e.hlc_timestamp LIMIT $3",
@@ -1683,11 +1684,14 @@ impl Backend for PostgresBackend {
             ..Compacted::default()
         };
         let mut gone: Vec<String> = Vec::new();
+        let (mut tables, mut records) = (Vec::new(), Vec::new());
         let mut upto: HashMap<String, i64> = HashMap::new();
-        for (event_id, origin, hlc, superseded) in rows {
+        for (event_id, origin, hlc, superseded, table, record) in rows {
             done.last = Some(decode_hlc("change_events", hlc)?);
             if superseded {
                 gone.push(event_id);
+                tables.push(table);
+                records.push(record);
                 let top = upto.entry(origin).or_insert(hlc);
                 *top = (*top).max(hlc);
             }
@@ -1699,6 +1703,18 @@ impl Backend for PostgresBackend {
                     .execute(&mut **tx)
                     .await?
                     .rows_affected();
+            done.conflicts = sqlx::query(
+                "DELETE FROM tidemark_conflicts c \
+                 USING UNNEST($1::text[], $2::bpchar[], $3::bpchar[]) AS g(t, r, e) \
+                 WHERE c.table_name = g.t AND c.record_id = g.r AND c.status = 'resolved' \
+                 AND (c.loser_event_id = g.e OR c.winner_event_id = g.e)",
+            )
+            .bind(&tables)
+            .bind(&records)
+            .bind(&gone)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
         }
         for (origin, hlc) in upto {
             sqlx::query(

@@ -1890,26 +1890,36 @@ impl Backend for SqliteBackend {
         before: Hlc,
         limit: u32,
     ) -> Result<Compacted> {
-        let rows: Vec<(String, String, i64, bool)> = query(
+        let rows: Vec<(String, String, i64, bool, String, String)> = query(
             tx.conn(),
             "SELECT e.event_id, e.node_id, e.hlc_timestamp, \
                e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
                AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
                  WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
                  AND (v.event_id = e.event_id OR instr(v.frontier, e.event_id) > 0)) \
-               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id) \
+               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
+               e.table_name, e.record_id \
              FROM change_events e \
              WHERE e.hlc_timestamp > ?1 AND e.hlc_timestamp < ?2 AND e.synced_at IS NOT NULL \
              ORDER BY e.hlc_timestamp LIMIT ?3",
             params![after.encode(), before.encode(), i64::from(limit)],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
         )?;
         let mut done = Compacted {
             scanned: rows.len() as u64,
             ..Compacted::default()
         };
         let mut upto: HashMap<String, i64> = HashMap::new();
-        for (event_id, origin, hlc, superseded) in rows {
+        for (event_id, origin, hlc, superseded, table, record) in rows {
             done.last = Some(decode_hlc("change_events", hlc)?);
             if !superseded {
                 continue;
@@ -1918,6 +1928,12 @@ impl Backend for SqliteBackend {
                 tx.conn(),
                 "DELETE FROM change_events WHERE event_id = ?1",
                 [&event_id],
+            )?;
+            done.conflicts += execute(
+                tx.conn(),
+                "DELETE FROM tidemark_conflicts WHERE table_name = ?1 AND record_id = ?2 \
+                 AND status = 'resolved' AND (loser_event_id = ?3 OR winner_event_id = ?3)",
+                params![table, record, event_id],
             )?;
             let top = upto.entry(origin).or_insert(hlc);
             *top = (*top).max(hlc);
