@@ -15,6 +15,10 @@
 //!   API writes go on; started with the donor's id the copy is refused naming
 //!   both, started with an id of its own it is ready having received only
 //!   what came after the copy (not the log), and the three nodes converge.
+//! * `a_postgres_node_seeded_with_pg_dump_and_strip_joins`: the documented
+//!   PostgreSQL procedure: `pg_dump` of a running node, `pg_restore` into the
+//!   new node's empty database, `tidemark snapshot strip`; the new node starts
+//!   on it with its own id and the three nodes end identical.
 //! * `a_node_whose_peers_are_down_is_not_ready`: a node whose only peer is
 //!   down answers `/readyz` 503 (waiting for a peer) and says so in status and
 //!   metrics; both are ready once the peer is up.
@@ -478,5 +482,92 @@ async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_th
             "node_id={}\nsnapshot_of={}",
             cluster.nodes[2].id, cluster.nodes[0].id
         )
+    );
+}
+
+/// Runs a PostgreSQL client tool, panicking with its output when it fails.
+fn run_tool(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (Debian: postgresql-client): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_node_seeded_with_pg_dump_and_strip_joins() {
+    let mut cluster = Cluster::prepare_with(
+        &["postgres", "postgres", "postgres"],
+        Topology::Mesh,
+        "test",
+        "",
+        &[USERS, schema::READINGS],
+    );
+    for node in &mut cluster.nodes[..2] {
+        node.start().await;
+    }
+    backlog(&cluster.nodes[0], 2_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(load(
+        cluster.nodes[..2].iter().map(TestNode::grpc_url).collect(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + WAIT;
+    while total(&positions(&status(&cluster.nodes[1]).await)) < 2_000 {
+        assert!(Instant::now() < deadline, "the backlog did not spread");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // node2's database: an empty one, restored from a dump of running node0.
+    let dump = cluster.nodes[2].dir.join("node0.dump");
+    let dump = dump.to_str().expect("utf-8 path");
+    let donor_url = cluster.nodes[0].db.url();
+    run_tool(
+        "pg_dump",
+        &["--format=custom", "--file", dump, "--dbname", &donor_url],
+    );
+    let fresh = tidemark_tests::PgCluster::shared().create_database();
+    run_tool("pg_restore", &["--no-owner", "--dbname", &fresh, dump]);
+    let config = std::fs::read_to_string(cluster.nodes[2].config_path())
+        .expect("read config")
+        .replace(&cluster.nodes[2].db.url(), &fresh);
+    std::fs::write(cluster.nodes[2].config_path(), config).expect("write config");
+    cluster.nodes[2].db = tidemark_tests::TestDb::Postgres { url: fresh.clone() };
+    let stripped = run_tool(
+        tidemark_bin().to_str().expect("utf-8 path"),
+        &["snapshot", "strip", "--url", &fresh],
+    );
+    assert!(
+        stripped.contains(&format!("a snapshot of node {}", cluster.nodes[0].id)),
+        "{stripped}"
+    );
+
+    cluster.nodes[2].start().await;
+    cluster.nodes[2].wait_ready(WAIT).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    cluster.converged(WAIT).await;
+    check::after_heal(&cluster, &written).await;
+    let reference = typed::rows(
+        cluster.nodes[0].reader(),
+        "readings",
+        schema::READING_COLUMNS,
+    )
+    .await;
+    let restored = typed::rows(
+        cluster.nodes[2].reader(),
+        "readings",
+        schema::READING_COLUMNS,
+    )
+    .await;
+    assert!(
+        restored == reference,
+        "node2's readings differ from node0's"
     );
 }
