@@ -202,42 +202,74 @@ fn backlog(node: &TestNode, n: usize) {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
-    let mut cluster = Cluster::prepare_with(
-        &["sqlite", "sqlite", "postgres", "postgres"],
-        Topology::Mesh,
-        "test",
-        "",
-        &[USERS, schema::READINGS],
-    );
-    for node in &mut cluster.nodes[..3] {
-        node.start().await;
-    }
-    for node in &cluster.nodes[..3] {
-        backlog(node, BACKLOG);
-    }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut totals = Vec::new();
-        for node in &cluster.nodes[..3] {
-            totals.push(total(&positions(&status(node).await)));
-        }
-        if totals.iter().all(|t| *t >= 3 * BACKLOG as u64) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the backlog did not spread: {totals:?}"
+/// A mesh of `backends` replicating notes, users and readings, whose first
+/// `started` nodes run: each wrote `backlog_each` notes by SQL, every one of
+/// them holds all of those, and [`load`] writes through their APIs until
+/// [`Loaded::finish`]. The other nodes are configured and not started.
+struct Loaded {
+    cluster: Cluster,
+    stop: Arc<AtomicBool>,
+    writer: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Loaded {
+    async fn start(backends: &[&str], started: usize, backlog_each: usize) -> Loaded {
+        let mut cluster = Cluster::prepare_with(
+            backends,
+            Topology::Mesh,
+            "test",
+            "",
+            &[USERS, schema::READINGS],
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        for node in &mut cluster.nodes[..started] {
+            node.start().await;
+        }
+        for node in &cluster.nodes[..started] {
+            backlog(node, backlog_each);
+        }
+        let want = (started * backlog_each) as u64;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut totals = Vec::new();
+            for node in &cluster.nodes[..started] {
+                totals.push(total(&positions(&status(node).await)));
+            }
+            if totals.iter().all(|t| *t >= want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backlog did not spread: {totals:?} of {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn(load(
+            cluster.nodes[..started]
+                .iter()
+                .map(TestNode::grpc_url)
+                .collect(),
+            stop.clone(),
+        ));
+        Loaded {
+            cluster,
+            stop,
+            writer,
+        }
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(load(
-        cluster.nodes[..3].iter().map(TestNode::grpc_url).collect(),
-        stop.clone(),
-    ));
+    /// Stops the writes; the event id of every acknowledged one.
+    async fn finish(self) -> (Cluster, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let written = self.writer.await.expect("writer");
+        (self.cluster, written)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
+    let mut loaded = Loaded::start(&["sqlite", "sqlite", "postgres", "postgres"], 3, BACKLOG).await;
+    let cluster = &mut loaded.cluster;
 
     let mut last_seen = Positions::new();
     for round in 0..4 {
@@ -305,8 +337,7 @@ async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
     wait_metric(joiner, "tidemark_node_state{state=\"catching_up\"}", 0.0).await;
     wait_metric(joiner, "tidemark_catchup_remaining_events", 0.0).await;
 
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.await.expect("writer");
+    let (cluster, written) = loaded.finish().await;
     cluster.converged(WAIT).await;
     check::after_heal(&cluster, &written).await;
     check::assert_same_blocked(&cluster.nodes).await;
@@ -360,28 +391,8 @@ async fn counter_sum(node: &TestNode, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_the_donor() {
-    let mut cluster = Cluster::prepare_with(
-        &["sqlite", "sqlite", "sqlite"],
-        Topology::Mesh,
-        "test",
-        "",
-        &[USERS, schema::READINGS],
-    );
-    for node in &mut cluster.nodes[..2] {
-        node.start().await;
-    }
-    backlog(&cluster.nodes[0], 3_000);
-    backlog(&cluster.nodes[1], 3_000);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(load(
-        cluster.nodes[..2].iter().map(TestNode::grpc_url).collect(),
-        stop.clone(),
-    ));
-    let deadline = Instant::now() + WAIT;
-    while total(&positions(&status(&cluster.nodes[0]).await)) < 6_000 {
-        assert!(Instant::now() < deadline, "the backlog did not spread");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut loaded = Loaded::start(&["sqlite", "sqlite", "sqlite"], 2, 3_000).await;
+    let cluster = &mut loaded.cluster;
 
     // The new node's database is a copy of node0's, taken while it runs.
     let tidemark_tests::TestDb::Sqlite { path, .. } = &cluster.nodes[2].db else {
@@ -457,8 +468,7 @@ async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_th
     // With an id of its own it needs only what came after the copy.
     cluster.nodes[2].start().await;
     cluster.nodes[2].wait_ready(WAIT).await;
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.await.expect("writer");
+    let (cluster, written) = loaded.finish().await;
     cluster.converged(WAIT).await;
     check::after_heal(&cluster, &written).await;
     let received = counter_sum(&cluster.nodes[2], "tidemark_events_applied_total").await
@@ -502,27 +512,8 @@ fn run_tool(program: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_node_seeded_with_pg_dump_and_strip_joins() {
-    let mut cluster = Cluster::prepare_with(
-        &["postgres", "postgres", "postgres"],
-        Topology::Mesh,
-        "test",
-        "",
-        &[USERS, schema::READINGS],
-    );
-    for node in &mut cluster.nodes[..2] {
-        node.start().await;
-    }
-    backlog(&cluster.nodes[0], 2_000);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(load(
-        cluster.nodes[..2].iter().map(TestNode::grpc_url).collect(),
-        stop.clone(),
-    ));
-    let deadline = Instant::now() + WAIT;
-    while total(&positions(&status(&cluster.nodes[1]).await)) < 2_000 {
-        assert!(Instant::now() < deadline, "the backlog did not spread");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut loaded = Loaded::start(&["postgres", "postgres", "postgres"], 2, 1_000).await;
+    let cluster = &mut loaded.cluster;
 
     // node2's database: an empty one, restored from a dump of running node0.
     let dump = cluster.nodes[2].dir.join("node0.dump");
@@ -550,8 +541,7 @@ async fn a_postgres_node_seeded_with_pg_dump_and_strip_joins() {
 
     cluster.nodes[2].start().await;
     cluster.nodes[2].wait_ready(WAIT).await;
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.await.expect("writer");
+    let (cluster, written) = loaded.finish().await;
     cluster.converged(WAIT).await;
     check::after_heal(&cluster, &written).await;
     let reference = typed::rows(
