@@ -181,6 +181,27 @@ fn trend(before: Option<u64>, now: u64, secs: f64) -> String {
     }
 }
 
+/// A reachable node's state: writes held (restarted, waiting to hear how far
+/// its peers hold its events), waiting for a peer or catching up (not ready),
+/// else up. Nodes of older builds report no catch-up state: up.
+fn state_key(status: &pb::StatusResponse) -> &'static str {
+    match status.state.as_str() {
+        _ if status.writes_held => "writes_held",
+        "waiting_for_peer" => "waiting_for_peer",
+        "catching_up" => "catching_up",
+        _ => "up",
+    }
+}
+
+fn state_text(status: &pb::StatusResponse) -> String {
+    match state_key(status) {
+        "writes_held" => "writes held".into(),
+        "waiting_for_peer" => "waiting for a peer".into(),
+        "catching_up" => format!("catching up, {} behind", status.catchup_remaining_events),
+        other => other.into(),
+    }
+}
+
 fn as_json(view: &View) -> Value {
     let nodes: Vec<Value> = view
         .nodes
@@ -188,7 +209,8 @@ fn as_json(view: &View) -> Value {
         .map(|(key, node)| match node {
             NodeView::Up { address, status } => json!({
                 "node_id": status.node_id, "name": status.name, "address": address,
-                "state": if status.writes_held { "writes_held" } else { "up" },
+                "state": state_key(status),
+                "catchup_remaining_events": status.catchup_remaining_events,
                 "store": status.store, "hlc": int64_json(status.hlc),
                 "unsynced_events": status.unsynced_events,
                 "open_conflicts": open_conflicts(status),
@@ -261,12 +283,7 @@ fn print_view(view: &View, previous: Option<&View>) {
                 status.name.clone(),
                 super::short(&status.node_id),
                 status.store.clone(),
-                if status.writes_held {
-                    "writes held"
-                } else {
-                    "up"
-                }
-                .to_owned(),
+                state_text(status),
                 status.unsynced_events.to_string(),
                 open_conflicts(status).to_string(),
                 status.blocked_records.to_string(),
