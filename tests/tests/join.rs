@@ -19,6 +19,13 @@
 //!   PostgreSQL procedure: `pg_dump` of a running node, `pg_restore` into the
 //!   new node's empty database, `tidemark snapshot strip`; the new node starts
 //!   on it with its own id and the three nodes end identical.
+//! * `a_delete_the_joiner_takes_stays_when_an_older_update_arrives_late`: a
+//!   SQLite node joins a SQLite and PostgreSQL pair whose logs are compacted,
+//!   while an update the PostgreSQL node made before the SQLite node's delete
+//!   (concurrent with it, older) is held back by cut links: the joiner takes
+//!   the delete, is not ready while its peer holds the update it lacks, and
+//!   when the update arrives the row stays deleted everywhere, one decided
+//!   conflict on every node.
 //! * `a_node_whose_peers_are_down_is_not_ready`: a node whose only peer is
 //!   down answers `/readyz` 503 (waiting for a peer) and says so in status and
 //!   metrics; both are ready once the peer is up.
@@ -33,6 +40,7 @@ use tidemark_replicator::pb;
 use tidemark_replicator::pb::records_client::RecordsClient;
 use tidemark_tests::check;
 use tidemark_tests::daemon::{Cluster, Table, TestNode, Topology, free_port, tidemark_bin};
+use tidemark_tests::proxy::{Links, fault_seed};
 use tidemark_tests::schema;
 use tidemark_tests::typed;
 use ulid::Ulid;
@@ -559,5 +567,115 @@ async fn a_postgres_node_seeded_with_pg_dump_and_strip_joins() {
     assert!(
         restored == reference,
         "node2's readings differ from node0's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_the_joiner_takes_stays_when_an_older_update_arrives_late() {
+    const RETENTION: &str = "[retention]\nenabled = true\nmin_age_secs = 0\nbatch = 50\nstep_pause_ms = 10\ninterval_secs = 1\n";
+    let mut cluster = Cluster::prepare(
+        &["sqlite", "postgres", "sqlite"],
+        Topology::Mesh,
+        "test",
+        "",
+    );
+    let links = Links::mesh(&cluster, "test", RETENTION, fault_seed()).await;
+    // The joiner is added to the others' peers only when it joins (until then
+    // they would keep every event for it, uncompacted).
+    let joiner_id = cluster.nodes[2].id;
+    for node in &mut cluster.nodes[..2] {
+        node.remove_peer(joiner_id);
+        node.start().await;
+    }
+    let r = Ulid::generate();
+    let events_of_r = async |node: &TestNode| -> Vec<String> {
+        node.reader()
+            .fetch_all::<(String,)>(&format!(
+                "SELECT event_id FROM change_events WHERE record_id = '{r}' ORDER BY event_id"
+            ))
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect()
+    };
+    // Three versions on node0; once node1 has them, the first two are
+    // compacted on both.
+    let mut history = Vec::new();
+    for v in ["v1", "v2", "v3"] {
+        history.push(cluster.nodes[0].put(r, json!({"title": v})).await.event_id);
+    }
+    let deadline = Instant::now() + WAIT;
+    while events_of_r(&cluster.nodes[0]).await.len() != 1
+        || events_of_r(&cluster.nodes[1]).await.len() != 1
+    {
+        assert!(Instant::now() < deadline, "r's log was not compacted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // node1's own events reach nobody now (its links out are cut), node0's
+    // still reach node1.
+    links.link(1, 0).partition();
+    links.link(1, 2).partition();
+    let update = cluster.nodes[1]
+        .put(r, json!({"title": "older update from node1"}))
+        .await
+        .event_id;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let delete = cluster.nodes[0].delete(r).await.event_id;
+
+    // The joiner is added (config, SIGHUP) and started. It takes node0's log
+    // (the delete, compacted history) and learns from node1's welcome that
+    // node1 holds an event of its own it lacks.
+    for i in 0..2 {
+        cluster.nodes[i].add_peer(joiner_id, links.link(i, 2).port());
+        cluster.nodes[i].reload();
+    }
+    cluster.nodes[2].start().await;
+    let joiner = &cluster.nodes[2];
+    let deadline = Instant::now() + WAIT;
+    while !events_of_r(joiner).await.contains(&delete) {
+        assert!(
+            Instant::now() < deadline,
+            "the joiner did not get the delete"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let taken = events_of_r(joiner).await;
+    assert!(
+        !taken.contains(&history[0]) && !taken.contains(&history[1]),
+        "the joiner got compacted history: {taken:?} (v1, v2: {:?})",
+        &history[..2]
+    );
+    assert!(!joiner.reader().rows().await.contains_key(&r.to_string()));
+    for _ in 0..20 {
+        let s = status(joiner).await;
+        assert_ne!(s.state, "active", "ready while lacking node1's update");
+        assert_eq!(joiner.http_get("/readyz").await.0, 503);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    links.heal();
+    joiner.wait_ready(WAIT).await;
+    cluster.converged(WAIT).await;
+    let state = check::after_heal(&cluster, &[update.clone(), delete.clone()]).await;
+    for node in &cluster.nodes {
+        assert!(
+            !node.reader().rows().await.contains_key(&r.to_string()),
+            "{}: the older update brought r back",
+            node.name
+        );
+    }
+    // The late update lost to the delete: one decided conflict, the same on
+    // every node (after_heal compared them).
+    let decided: Vec<_> = state
+        .conflicts
+        .iter()
+        .filter(|c| c.2 == r.to_string())
+        .collect();
+    assert_eq!(decided.len(), 1, "{decided:?}");
+    assert_eq!(
+        (&decided[0].4, &decided[0].5),
+        (&delete, &update),
+        "{decided:?}"
     );
 }
