@@ -9,7 +9,8 @@
 //!   never go back), it is never active (ready) before it holds what every
 //!   peer held when it started, and it ends identical to the others: events,
 //!   rows (typed, every class), record versions, conflict history, blocked
-//!   records.
+//!   records. The SQLite donors' WAL stays bounded while it copies (no read
+//!   pins it).
 //! * `a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_the_donor`:
 //!   `tidemark snapshot create` copies a running SQLite node's database while
 //!   API writes go on; started with the donor's id the copy is refused naming
@@ -100,6 +101,18 @@ fn short_of(have: &Positions, want: &Positions) -> Vec<String> {
                 .then(|| format!("{origin}: holds ({h}, {s}), wants ({hlc}, {seq})"))
         })
         .collect()
+}
+
+/// Four times the WAL size at which the write connection's own checkpoint
+/// runs (4,096 pages of 4 KiB): its passive checkpoints keep it well below.
+const WAL_BOUND: u64 = 64 << 20;
+
+/// Size of a SQLite node's WAL file (0 when there is none).
+fn wal_bytes(node: &TestNode) -> u64 {
+    let tidemark_tests::TestDb::Sqlite { path, .. } = &node.db else {
+        return 0;
+    };
+    std::fs::metadata(format!("{}-wal", path.display())).map_or(0, |m| m.len())
 }
 
 /// Waits until the `/metrics` sample reads `want`.
@@ -280,6 +293,9 @@ async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
     let cluster = &mut loaded.cluster;
 
     let mut last_seen = Positions::new();
+    // The SQLite donors' WAL while the joiner copies: a read that pinned it
+    // would let it grow with every write meanwhile.
+    let mut wal_peak = 0u64;
     for round in 0..4 {
         // What every peer holds now: the joiner may not be active before it
         // holds all of it.
@@ -313,6 +329,9 @@ async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
                 assert_eq!(joiner.http_get("/readyz").await.0, 200);
                 break;
             }
+            for donor in &cluster.nodes[..2] {
+                wal_peak = wal_peak.max(wal_bytes(donor));
+            }
             let (code, body) = joiner.http_get("/readyz").await;
             // Active may have come between the two reads; never the reverse.
             if code == 200 {
@@ -339,6 +358,11 @@ async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    eprintln!("donors' WAL peak while the joiner copied: {wal_peak} bytes");
+    assert!(
+        wal_peak < WAL_BOUND,
+        "a donor's WAL reached {wal_peak} bytes while the joiner copied (bound {WAL_BOUND})"
+    );
     // The gauges follow within a refresh (a second).
     let joiner = &cluster.nodes[3];
     wait_metric(joiner, "tidemark_node_state{state=\"active\"}", 1.0).await;
