@@ -285,6 +285,41 @@ impl Loaded {
         let written = self.writer.await.expect("writer");
         (self.cluster, written)
     }
+
+    /// Starts node `i` (the one joining), waits until it is ready, stops the
+    /// writes, and checks the cluster ends as one: every acknowledged write
+    /// everywhere, one state (events, rows, versions, conflicts), blocked
+    /// records and typed readings alike.
+    async fn join_and_settle(mut self, i: usize) -> Cluster {
+        self.cluster.nodes[i].start().await;
+        self.cluster.nodes[i].wait_ready(WAIT).await;
+        let (cluster, written) = self.finish().await;
+        settled(&cluster, &written).await;
+        cluster
+    }
+}
+
+/// The cluster converged with every write in `written`, one state, the same
+/// blocked records, and the same readings, typed, on every node.
+async fn settled(cluster: &Cluster, written: &[String]) {
+    cluster.converged(WAIT).await;
+    check::after_heal(cluster, written).await;
+    check::assert_same_blocked(&cluster.nodes).await;
+    let reference = typed::rows(
+        cluster.nodes[0].reader(),
+        "readings",
+        schema::READING_COLUMNS,
+    )
+    .await;
+    assert!(!reference.is_empty());
+    for node in &cluster.nodes[1..] {
+        let rows = typed::rows(node.reader(), "readings", schema::READING_COLUMNS).await;
+        assert!(
+            rows == reference,
+            "{}: readings differ from node0's",
+            node.name
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,24 +405,7 @@ async fn a_fourth_node_joins_under_writes_and_is_never_ready_early() {
     wait_metric(joiner, "tidemark_catchup_remaining_events", 0.0).await;
 
     let (cluster, written) = loaded.finish().await;
-    cluster.converged(WAIT).await;
-    check::after_heal(&cluster, &written).await;
-    check::assert_same_blocked(&cluster.nodes).await;
-    let reference = typed::rows(
-        cluster.nodes[0].reader(),
-        "readings",
-        schema::READING_COLUMNS,
-    )
-    .await;
-    assert!(!reference.is_empty());
-    for node in &cluster.nodes[1..] {
-        let rows = typed::rows(node.reader(), "readings", schema::READING_COLUMNS).await;
-        assert!(
-            rows == reference,
-            "{}: readings differ from node0's",
-            node.name
-        );
-    }
+    settled(&cluster, &written).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,11 +516,7 @@ async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_th
     );
 
     // With an id of its own it needs only what came after the copy.
-    cluster.nodes[2].start().await;
-    cluster.nodes[2].wait_ready(WAIT).await;
-    let (cluster, written) = loaded.finish().await;
-    cluster.converged(WAIT).await;
-    check::after_heal(&cluster, &written).await;
+    let cluster = loaded.join_and_settle(2).await;
     let received = counter_sum(&cluster.nodes[2], "tidemark_events_applied_total").await
         + counter_sum(&cluster.nodes[2], "tidemark_events_skipped_total").await;
     let held = cluster.nodes[2]
@@ -571,27 +585,7 @@ async fn a_postgres_node_seeded_with_pg_dump_and_strip_joins() {
         "{stripped}"
     );
 
-    cluster.nodes[2].start().await;
-    cluster.nodes[2].wait_ready(WAIT).await;
-    let (cluster, written) = loaded.finish().await;
-    cluster.converged(WAIT).await;
-    check::after_heal(&cluster, &written).await;
-    let reference = typed::rows(
-        cluster.nodes[0].reader(),
-        "readings",
-        schema::READING_COLUMNS,
-    )
-    .await;
-    let restored = typed::rows(
-        cluster.nodes[2].reader(),
-        "readings",
-        schema::READING_COLUMNS,
-    )
-    .await;
-    assert!(
-        restored == reference,
-        "node2's readings differ from node0's"
-    );
+    loaded.join_and_settle(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -671,11 +665,22 @@ async fn a_delete_the_joiner_takes_stays_when_an_older_update_arrives_late() {
         &history[..2]
     );
     assert!(!joiner.reader().rows().await.contains_key(&r.to_string()));
-    for _ in 0..20 {
+    // It knows what it lacks once node1 welcomed it, and stays unready: past
+    // the grace for silent peers too (replication.startup_check_ms, 10 s).
+    let mut lacking_since = None;
+    let deadline = Instant::now() + WAIT;
+    loop {
         let s = status(joiner).await;
         assert_ne!(s.state, "active", "ready while lacking node1's update");
         assert_eq!(joiner.http_get("/readyz").await.0, 503);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.catchup_remaining_events > 0 {
+            let since = *lacking_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(12) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "node1's welcome never came");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     links.heal();

@@ -273,7 +273,8 @@ pub struct ReplicationConfig {
     pub capture_poll_ms: u64,
     /// At start, how long API writes and capture draining wait for every peer
     /// to say how far it holds this node's own events (a database restored from
-    /// an older copy lacks some); 0 starts writing at once.
+    /// an older copy lacks some); 0 starts writing at once. Readiness waits as
+    /// long for every peer to answer before it counts only those that did.
     pub startup_check_ms: u64,
 }
 

@@ -316,6 +316,7 @@ impl Node {
             tracker.clone(),
         ));
         tracker.spawn(sender.clone().run_sync_marker(cancel.clone()));
+        sender.catch_up().set_grace(settings.startup_check);
         tracker.spawn(sender.catch_up().clone().watch(
             store.clone(),
             sender.peers().clone(),

@@ -4,12 +4,16 @@
 //! file snapshot) holds less than its peers. It is *waiting for a peer* until
 //! one of its sessions is welcomed, *catching up* while its positions are
 //! below what a welcomed peer held at its welcome (each [`pb::Welcome`] carries
-//! the receiver's positions), and *active* from the moment it holds all of it.
+//! the receiver's positions) or while configured peers it has not heard from
+//! may still answer, and *active* from the moment it holds all of it.
 //!
 //! Invariants:
 //! * never active before it is: with peers configured, active needs at least
-//!   one welcome, and every position of every peer welcomed before then
-//!   covered (HLC and number) by this node's own;
+//!   one welcome, a welcome from every configured peer or the grace
+//!   (`replication.startup_check_ms`, counted from start) over, and every
+//!   position of every peer welcomed before then covered (HLC and number) by
+//!   this node's own: a peer that answers a moment after another cannot be
+//!   left out because the node caught up with the first one quickly;
 //! * what a peer held at its welcome is the whole target: events written
 //!   later are lag (the lag metrics), not catching up, so a node under
 //!   continuous writes still becomes active;
@@ -25,11 +29,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tidemark_store::{Position, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use ulid::Ulid;
+
+/// How long after start configured peers not heard from are waited for,
+/// unless [`CatchUp::set_grace`] says otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// Where the node stands since it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +88,8 @@ pub struct CatchUpStatus {
 #[derive(Debug)]
 struct State {
     phase: Phase,
+    /// Until when a configured peer not heard from yet is waited for.
+    grace_until: Instant,
     /// Per origin, the greatest position a welcomed peer reported.
     target: BTreeMap<Ulid, Position>,
     heard: BTreeSet<Ulid>,
@@ -92,7 +103,9 @@ struct State {
 pub struct CatchUp(Arc<Mutex<State>>);
 
 impl CatchUp {
-    /// `has_peers`: whether any peer is configured at start.
+    /// `has_peers`: whether any peer is configured at start. Configured peers
+    /// not heard from are waited for up to [`DEFAULT_GRACE`] from now (see
+    /// [`CatchUp::set_grace`]).
     pub fn new(has_peers: bool) -> Self {
         let phase = if has_peers {
             Phase::WaitingForPeer
@@ -101,10 +114,18 @@ impl CatchUp {
         };
         CatchUp(Arc::new(Mutex::new(State {
             phase,
+            grace_until: Instant::now() + DEFAULT_GRACE,
             target: BTreeMap::new(),
             heard: BTreeSet::new(),
             held: BTreeSet::new(),
         })))
+    }
+
+    /// Waits for configured peers not heard from up to `grace` after start
+    /// (`replication.startup_check_ms`; 0: only for the first).
+    pub fn set_grace(&self, grace: Duration) {
+        let mut s = self.state();
+        s.grace_until = s.grace_until - DEFAULT_GRACE + grace;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -119,14 +140,10 @@ impl CatchUp {
         self.phase() == Phase::Active
     }
 
-    /// `peer` welcomed a session holding `theirs`; `local` is this node's now.
-    /// Only a peer's first welcome since start counts, and none once active.
-    pub fn welcomed(
-        &self,
-        peer: Ulid,
-        theirs: &BTreeMap<Ulid, Position>,
-        local: &BTreeMap<Ulid, Position>,
-    ) {
+    /// `peer` welcomed a session holding `theirs`. Only a peer's first
+    /// welcome since start counts, and none once active; the next
+    /// [`CatchUp::observe`] decides.
+    pub fn welcomed(&self, peer: Ulid, theirs: &BTreeMap<Ulid, Position>) {
         let mut s = self.state();
         if s.phase == Phase::Active || !s.heard.insert(peer) {
             return;
@@ -137,7 +154,6 @@ impl CatchUp {
             t.seq = t.seq.max(p.seq);
         }
         s.phase = Phase::CatchingUp;
-        settle(&mut s, local);
     }
 
     /// This node holds `origin` at an event: it is left out of the target.
@@ -158,11 +174,19 @@ impl CatchUp {
         }
     }
 
-    /// Looks again with this node's positions now; returns the phase.
-    pub fn observe(&self, local: &BTreeMap<Ulid, Position>) -> Phase {
+    /// Looks again with this node's positions now and the peers configured
+    /// now; returns the phase.
+    pub fn observe(&self, local: &BTreeMap<Ulid, Position>, configured: &[Ulid]) -> Phase {
         let mut s = self.state();
         if s.phase == Phase::CatchingUp {
-            settle(&mut s, local);
+            let unheard: Vec<Ulid> = configured
+                .iter()
+                .filter(|p| !s.heard.contains(p))
+                .copied()
+                .collect();
+            if unheard.is_empty() || Instant::now() >= s.grace_until {
+                settle(&mut s, local, &unheard);
+            }
         }
         s.phase
     }
@@ -192,7 +216,7 @@ impl CatchUp {
             if peers.ids().is_empty() {
                 self.no_peers();
             }
-            if self.observe(&store.positions()) == Phase::Active {
+            if self.observe(&store.positions(), &peers.ids()) == Phase::Active {
                 return;
             }
             tokio::select! {
@@ -223,21 +247,25 @@ fn behind(s: &State, local: &BTreeMap<Ulid, Position>) -> (u64, Vec<Ulid>) {
     (events, origins)
 }
 
-fn settle(s: &mut State, local: &BTreeMap<Ulid, Position>) {
+/// Active if `local` covers the target; `unheard`: configured peers that did
+/// not answer within the grace.
+fn settle(s: &mut State, local: &BTreeMap<Ulid, Position>, unheard: &[Ulid]) {
     let (_, origins) = behind(s, local);
     if !origins.is_empty() {
         return;
     }
     s.phase = Phase::Active;
     let peers: Vec<String> = s.heard.iter().map(Ulid::to_string).collect();
-    if s.held.is_empty() {
+    if s.held.is_empty() && unheard.is_empty() {
         info!(peers = ?peers, "caught up with the peers: active");
     } else {
         let held: Vec<String> = s.held.iter().map(Ulid::to_string).collect();
+        let unheard: Vec<String> = unheard.iter().map(Ulid::to_string).collect();
         tracing::warn!(
             peers = ?peers,
             held = ?held,
-            "caught up with the peers except origins this node holds (see admin status): active"
+            unheard = ?unheard,
+            "caught up with the peers that answered, except origins this node holds (see admin status): active; peers that did not answer within replication.startup_check_ms were not waited for"
         );
     }
 }
@@ -259,31 +287,27 @@ mod tests {
         let (a, b, peer) = (Ulid::generate(), Ulid::generate(), Ulid::generate());
         let c = CatchUp::new(true);
         let empty = BTreeMap::new();
-        assert_eq!(c.observe(&empty), Phase::WaitingForPeer);
+        assert_eq!(c.observe(&empty, &[peer]), Phase::WaitingForPeer);
         let theirs = BTreeMap::from([(a, pos(10, 5)), (b, pos(20, 3))]);
-        c.welcomed(peer, &theirs, &empty);
+        c.welcomed(peer, &theirs);
         assert_eq!(c.phase(), Phase::CatchingUp);
         let status = c.status(&BTreeMap::from([(a, pos(10, 5))]));
         assert_eq!(status.remaining_events, 3);
         assert_eq!(status.origins_behind, vec![b]);
         // The HLC reached but not the number (or the reverse): still behind.
         assert_eq!(
-            c.observe(&BTreeMap::from([(a, pos(10, 5)), (b, pos(20, 2))])),
+            c.observe(&BTreeMap::from([(a, pos(10, 5)), (b, pos(20, 2))]), &[peer]),
             Phase::CatchingUp
         );
         assert_eq!(
-            c.observe(&BTreeMap::from([(a, pos(10, 4)), (b, pos(20, 3))])),
+            c.observe(&BTreeMap::from([(a, pos(10, 4)), (b, pos(20, 3))]), &[peer]),
             Phase::CatchingUp
         );
         let caught = BTreeMap::from([(a, pos(11, 6)), (b, pos(20, 3))]);
-        assert_eq!(c.observe(&caught), Phase::Active);
+        assert_eq!(c.observe(&caught, &[peer]), Phase::Active);
         // Kept: lag after that is lag.
-        assert_eq!(c.observe(&empty), Phase::Active);
-        c.welcomed(
-            Ulid::generate(),
-            &BTreeMap::from([(a, pos(99, 99))]),
-            &empty,
-        );
+        assert_eq!(c.observe(&empty, &[peer]), Phase::Active);
+        c.welcomed(Ulid::generate(), &BTreeMap::from([(a, pos(99, 99))]));
         assert_eq!(c.phase(), Phase::Active);
     }
 
@@ -292,20 +316,36 @@ mod tests {
         let (a, b) = (Ulid::generate(), Ulid::generate());
         let (p, q) = (Ulid::generate(), Ulid::generate());
         let c = CatchUp::new(true);
-        let empty = BTreeMap::new();
-        c.welcomed(p, &BTreeMap::from([(a, pos(10, 5))]), &empty);
-        c.welcomed(
-            q,
-            &BTreeMap::from([(a, pos(12, 6)), (b, pos(5, 1))]),
-            &empty,
-        );
+        c.welcomed(p, &BTreeMap::from([(a, pos(10, 5))]));
+        c.welcomed(q, &BTreeMap::from([(a, pos(12, 6)), (b, pos(5, 1))]));
         let have_a = BTreeMap::from([(a, pos(10, 5))]);
-        assert_eq!(c.observe(&have_a), Phase::CatchingUp);
+        assert_eq!(c.observe(&have_a, &[p, q]), Phase::CatchingUp);
         assert_eq!(c.status(&have_a).remaining_events, 2);
         // A repeated welcome of the same peer (a reconnect) changes nothing.
-        c.welcomed(p, &BTreeMap::from([(a, pos(50, 50))]), &empty);
+        c.welcomed(p, &BTreeMap::from([(a, pos(50, 50))]));
         c.origin_held(b);
-        assert_eq!(c.observe(&BTreeMap::from([(a, pos(12, 6))])), Phase::Active);
+        assert_eq!(
+            c.observe(&BTreeMap::from([(a, pos(12, 6))]), &[p, q]),
+            Phase::Active
+        );
+    }
+
+    #[test]
+    fn a_peer_not_heard_from_is_waited_for_until_the_grace_ends() {
+        let a = Ulid::generate();
+        let (p, q) = (Ulid::generate(), Ulid::generate());
+        let c = CatchUp::new(true);
+        c.welcomed(p, &BTreeMap::from([(a, pos(10, 5))]));
+        let caught = BTreeMap::from([(a, pos(10, 5))]);
+        // Caught up with p, but q may hold more and has not answered yet.
+        assert_eq!(c.observe(&caught, &[p, q]), Phase::CatchingUp);
+        // Once q answers with nothing more, or the grace is over, active.
+        let d = CatchUp::new(true);
+        d.welcomed(p, &BTreeMap::from([(a, pos(10, 5))]));
+        d.set_grace(Duration::ZERO);
+        assert_eq!(d.observe(&caught, &[p, q]), Phase::Active);
+        c.welcomed(q, &BTreeMap::from([(a, pos(9, 4))]));
+        assert_eq!(c.observe(&caught, &[p, q]), Phase::Active);
     }
 
     #[test]

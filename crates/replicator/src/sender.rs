@@ -696,8 +696,7 @@ impl SenderInner {
         self.acked(peer.node_id, &cursor).await?;
         let theirs = positions_from_pb("welcome.positions", welcome.positions)
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
-        self.catch_up
-            .welcomed(peer.node_id, &theirs, &self.store.positions());
+        self.catch_up.welcomed(peer.node_id, &theirs);
         backoff.reset();
         self.update(peer.node_id, |s| {
             s.connected = true;
