@@ -45,9 +45,11 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 pub enum Phase {
     /// Peers are configured and none has welcomed a session yet.
     WaitingForPeer,
-    /// Holds less than a welcomed peer held at its welcome.
+    /// Holds less than a welcomed peer held at its welcome, or a configured
+    /// peer has not answered yet within the grace.
     CatchingUp,
-    /// Holds what every peer welcomed so far held at its welcome.
+    /// Holds what every welcomed peer held at its welcome, every configured
+    /// peer having answered or the grace being over.
     Active,
 }
 
@@ -224,7 +226,7 @@ impl CatchUp {
                 r = commits.changed() => if r.is_err() { return },
                 r = listed.changed() => if r.is_err() { return },
                 // A welcome changes the target without a commit.
-                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
     }
