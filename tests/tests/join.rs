@@ -439,6 +439,17 @@ async fn counter_sum(node: &TestNode, name: &str) -> f64 {
         .sum()
 }
 
+/// Runs `tidemark snapshot create` of `donor`'s database to `out`.
+fn snapshot_create(donor: &TestNode, out: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(tidemark_bin())
+        .args(["snapshot", "create", "--config"])
+        .arg(donor.config_path())
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run tidemark snapshot create")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_the_donor() {
     let mut loaded = Loaded::start(&["sqlite", "sqlite", "sqlite"], 2, 3_000).await;
@@ -451,13 +462,7 @@ async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_th
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
-    let out = std::process::Command::new(tidemark_bin())
-        .args(["snapshot", "create", "--config"])
-        .arg(cluster.nodes[0].config_path())
-        .arg("--out")
-        .arg(path)
-        .output()
-        .expect("run tidemark snapshot create");
+    let out = snapshot_create(&cluster.nodes[0], path);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -476,13 +481,7 @@ async fn a_node_seeded_from_a_file_snapshot_joins_and_its_clone_cannot_run_as_th
         .expect("count");
     assert!(copied >= 6_000, "the snapshot holds {copied} events");
     // A second snapshot onto the same file is refused: nothing is overwritten.
-    let again = std::process::Command::new(tidemark_bin())
-        .args(["snapshot", "create", "--config"])
-        .arg(cluster.nodes[0].config_path())
-        .arg("--out")
-        .arg(path)
-        .output()
-        .expect("run tidemark snapshot create");
+    let again = snapshot_create(&cluster.nodes[0], path);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
 
