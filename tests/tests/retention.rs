@@ -2,11 +2,13 @@
 //! events every peer acknowledged leave the log, each record keeps its current
 //! version, an event a stopped peer lacks stays until it has it, and the peer
 //! then converges from what stayed; a node removed from `[[peers]]` is no
-//! longer waited for.
+//! longer waited for; tombstones go, and a forgotten id written again is no
+//! conflict anywhere.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tidemark_replicator::pb;
 use tidemark_tests::daemon::{Cluster, Topology};
 use ulid::Ulid;
 
@@ -246,4 +248,98 @@ async fn a_peer_away_too_long_is_released_and_converges_when_back() {
             .await,
         "an event a peer lacks was marked synced before the peer was away for the limit"
     );
+}
+
+/// Tombstones go once every peer acknowledged the delete and it is old enough
+/// (at once here) on a node that collects them; its peer keeps its own
+/// (`keep_tombstones`). A forgotten id written again on the collecting node is
+/// the delete's successor on both: no conflict, even under `manual`, and the
+/// kept deletes then leave the peer's log as superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_go_and_a_forgotten_id_is_written_again_without_conflict() {
+    let extra = format!("{RETENTION}tombstone_min_age_secs = 0\n");
+    let mut cluster = Cluster::prepare(&["sqlite", "postgres"], Topology::Mesh, "test", &extra);
+    cluster.nodes[1].set_config("retention", "keep_tombstones", "true");
+    for node in cluster.nodes.iter_mut() {
+        node.start().await;
+    }
+    cluster.converged(CONVERGE).await;
+    cluster.nodes[0]
+        .admin()
+        .await
+        .set_policy(pb::SetPolicyRequest {
+            table: "notes".into(),
+            conflict_policy: "manual".into(),
+        })
+        .await
+        .expect("set policy");
+    let ids: Vec<Ulid> = (0..6).map(|_| Ulid::generate()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        cluster.nodes[i % 2]
+            .put(*id, json!({"title": format!("r{i}"), "stars": i}))
+            .await;
+    }
+    cluster.converged(CONVERGE).await;
+    // Each deleted on the node that did not write it, then a live record per
+    // node, so no delete is its origin's newest event.
+    for (i, id) in ids.iter().enumerate() {
+        cluster.nodes[(i + 1) % 2].delete(*id).await;
+    }
+    for node in &cluster.nodes {
+        node.put(Ulid::generate(), json!({"title": "live"})).await;
+    }
+    // node0: the policy event and the two live records stay; node1 keeps the
+    // six deletes besides.
+    let deadline = Instant::now() + CONVERGE;
+    let (n0, n1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    const TOMBSTONES: &str =
+        "SELECT COUNT(*) FROM tidemark_record_versions WHERE table_name = 'notes' AND deleted";
+    let count = async |node: &tidemark_tests::daemon::TestNode, sql: &str| {
+        let (n,): (i64,) = node.reader().fetch_all(sql).await[0];
+        n
+    };
+    loop {
+        let logs = (
+            n0.reader().events().await.len(),
+            n1.reader().events().await.len(),
+        );
+        let collected = n0
+            .metric("tidemark_tombstones_compacted_total")
+            .await
+            .unwrap_or(0.0);
+        if logs == (2, 8) && collected == 6.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node0 collects the six tombstones, node1 keeps them, within {CONVERGE:?}: logs of notes {logs:?}, collected {collected}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(count(n1, TOMBSTONES).await, 6, "node1 keeps its tombstones");
+    assert_eq!(count(n0, TOMBSTONES).await, 0, "node0 forgot them");
+    assert_eq!(
+        n1.metric("tidemark_tombstones_compacted_total")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+
+    // The ids written again where they are forgotten.
+    for (i, id) in ids.iter().enumerate() {
+        n0.put(*id, json!({"title": format!("again {i}")})).await;
+    }
+    let snap = compacted_to(&cluster, 2 + 6 + 1).await;
+    for (i, id) in ids.iter().enumerate() {
+        let row = snap.rows.get(&id.to_string()).expect("written again");
+        assert!(row.contains(&format!("again {i}")), "{row}");
+    }
+    for node in &cluster.nodes {
+        assert_eq!(
+            count(node, "SELECT COUNT(*) FROM tidemark_conflicts").await,
+            0,
+            "{}: a forgotten id written again is no conflict",
+            node.name
+        );
+    }
 }

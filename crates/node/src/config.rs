@@ -378,6 +378,13 @@ pub struct RetentionConfig {
     /// for it until it connects again. 0: a peer is waited for however long it is
     /// away. Applies whether or not compaction is enabled.
     pub max_peer_absence_secs: u64,
+    /// Keep tombstones (deleted records' last versions) however old.
+    pub keep_tombstones: bool,
+    /// A tombstone goes once its delete is this old (seconds; at least
+    /// `min_age_secs`) and every configured peer, released ones included,
+    /// acknowledged it. A node cut off from every path for longer must rejoin
+    /// as a new node (see ARCHITECTURE.md, Retention).
+    pub tombstone_min_age_secs: u64,
 }
 
 impl Default for RetentionConfig {
@@ -389,6 +396,8 @@ impl Default for RetentionConfig {
             step_pause_ms: 100,
             interval_secs: 60,
             max_peer_absence_secs: 0,
+            keep_tombstones: false,
+            tombstone_min_age_secs: 30 * 24 * 3600,
         }
     }
 }
@@ -397,6 +406,8 @@ impl Default for RetentionConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionSettings {
     pub min_age: Duration,
+    /// `None`: tombstones are kept.
+    pub tombstone_min_age: Option<Duration>,
     pub batch: u32,
     pub step_pause: Duration,
     pub interval: Duration,
@@ -545,8 +556,12 @@ impl Settings {
                 self.retention.as_ref().map_or_else(
                     || "off (change_events keeps every change)".to_owned(),
                     |r| format!(
-                        "superseded events acknowledged by every peer, after {} s",
-                        r.min_age.as_secs()
+                        "superseded events acknowledged by every peer, after {} s; tombstones {}",
+                        r.min_age.as_secs(),
+                        r.tombstone_min_age.map_or_else(
+                            || "kept".to_owned(),
+                            |t| format!("after {} s", t.max(r.min_age).as_secs())
+                        )
                     )
                 )
             ),
@@ -908,10 +923,16 @@ impl Config {
         }
         let r = &self.replication;
         let t = &self.retention;
-        let ranges: [(&str, u64, u64, u64); 16] = [
+        let ranges: [(&str, u64, u64, u64); 17] = [
             (
                 "retention.min_age_secs",
                 t.min_age_secs,
+                0,
+                100 * 365 * 86_400,
+            ),
+            (
+                "retention.tombstone_min_age_secs",
+                t.tombstone_min_age_secs,
                 0,
                 100 * 365 * 86_400,
             ),
@@ -1175,6 +1196,8 @@ impl Config {
             log: self.log.clone(),
             retention: self.retention.enabled.then(|| RetentionSettings {
                 min_age: Duration::from_secs(self.retention.min_age_secs),
+                tombstone_min_age: (!self.retention.keep_tombstones)
+                    .then(|| Duration::from_secs(self.retention.tombstone_min_age_secs)),
                 batch: self.retention.batch,
                 step_pause: Duration::from_millis(self.retention.step_pause_ms),
                 interval: Duration::from_secs(self.retention.interval_secs),

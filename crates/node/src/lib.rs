@@ -329,7 +329,12 @@ impl Node {
             cancel.clone(),
         ));
         if let Some(retention) = settings.retention.clone() {
-            tracker.spawn(retention_loop(store.clone(), retention, cancel.clone()));
+            tracker.spawn(retention_loop(
+                store.clone(),
+                retention,
+                sender.peers().clone(),
+                cancel.clone(),
+            ));
         }
         let fault = Arc::new(std::sync::OnceLock::new());
         tracker.spawn(store_watch(store.clone(), fault.clone(), cancel.clone()));
@@ -678,26 +683,43 @@ const CAPTURE_CHECK_EVERY: u32 = 6;
 
 /// Compacts the log (`[retention]`): a step at a time while a pass over the
 /// log finds work, then a pause; each step is one short write transaction.
-async fn retention_loop(store: Store, r: config::RetentionSettings, cancel: CancellationToken) {
-    let mut deleted_in_pass = 0u64;
+/// Tombstones wait for every peer configured at that step (`peers`, reloaded
+/// on SIGHUP).
+async fn retention_loop(
+    store: Store,
+    r: config::RetentionSettings,
+    peers: tidemark_replicator::PeerSet,
+    cancel: CancellationToken,
+) {
+    let (mut deleted_in_pass, mut tombstones_in_pass) = (0u64, 0u64);
     let mut failures = 0u32;
     loop {
-        let pause = match store.compact_step(r.min_age, r.batch).await {
+        let rules = tidemark_store::Retain {
+            min_age: r.min_age,
+            tombstone_min_age: r.tombstone_min_age,
+            peers: peers.ids(),
+        };
+        let pause = match store.compact_step(&rules, r.batch).await {
             Ok(done) => {
                 failures = 0;
                 metrics::counter!("tidemark_events_compacted_total").increment(done.deleted);
                 metrics::counter!("tidemark_conflicts_compacted_total").increment(done.conflicts);
+                metrics::counter!("tidemark_tombstones_compacted_total").increment(done.tombstones);
+                metrics::counter!("tidemark_quarantine_compacted_total")
+                    .increment(done.quarantined);
                 deleted_in_pass += done.deleted;
+                tombstones_in_pass += done.tombstones;
                 if done.scanned >= u64::from(r.batch) {
                     r.step_pause
                 } else {
                     if deleted_in_pass > 0 {
                         info!(
                             events = deleted_in_pass,
-                            "log compacted: deleted superseded events every peer acknowledged"
+                            tombstones = tombstones_in_pass,
+                            "log compacted: deleted superseded events every peer acknowledged, and tombstones past tombstone_min_age_secs"
                         );
                     }
-                    deleted_in_pass = 0;
+                    (deleted_in_pass, tombstones_in_pass) = (0, 0);
                     r.interval
                 }
             }

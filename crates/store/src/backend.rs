@@ -52,8 +52,24 @@ pub struct Compacted {
     /// Decided conflicts deleted with one of their events: history that no
     /// longer has an event in the log (a node joining now would not hold it).
     pub conflicts: u64,
+    /// Tombstones collected: deleted records of which nothing stays.
+    pub tombstones: u64,
+    /// Quarantined events older than the minimum age deleted (at the start
+    /// of a pass over the log).
+    pub quarantined: u64,
     /// HLC of the last event looked at.
     pub last: Option<Hlc>,
+}
+
+/// Which tombstones a compaction step may collect (see
+/// [`Backend::compact_events`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Tombstones<'a> {
+    /// Deletes stamped before this.
+    pub before: Hlc,
+    /// Per origin, what every configured peer (released ones included)
+    /// acknowledged: a delete above it stays.
+    pub acked: &'a VersionVector,
 }
 
 #[derive(Debug, Clone)]
@@ -353,6 +369,9 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         event_ids: Option<&[String]>,
     ) -> impl Future<Output = Result<u64>> + Send;
+    /// Deletes quarantined events received before `before_ms` (wall time, ms
+    /// since the epoch); how many went.
+    fn expire_quarantined(&self, before_ms: i64) -> impl Future<Output = Result<u64>> + Send;
 
     // ---- conflicts ------------------------------------------------------------------
 
@@ -483,11 +502,20 @@ pub trait Backend: Send + Sync + 'static {
     /// is its record's current version or one of its concurrent versions, while
     /// a blocked record waits on it, and while it is its origin's newest. Raises
     /// each origin's `compacted_hlc` to the highest HLC it deleted.
+    ///
+    /// With `tombstones`, a delete that is its record's only version left (no
+    /// other event of the record in the log, nothing concurrent, no open
+    /// conflict naming the record, no block on it or waiting for it), stamped
+    /// before `tombstones.before`, not its origin's newest, and within
+    /// `tombstones.acked` (every configured peer's acks, not `synced_at`,
+    /// which does not wait for released peers) goes too, with the record's
+    /// version: nothing of the record stays.
     fn compact_events(
         &self,
         tx: &mut Self::Tx,
         after: Hlc,
         before: Hlc,
+        tombstones: Option<Tombstones<'_>>,
         limit: u32,
     ) -> impl Future<Output = Result<Compacted>> + Send;
     /// The highest HLC of `origin` compaction deleted (zero when none).

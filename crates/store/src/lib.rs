@@ -42,7 +42,7 @@ use tidemark_hlc::{Clock, Hlc};
 use ulid::Ulid;
 
 pub use backend::{Backend, RowWrite};
-pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, STAMP_COLUMNS};
+pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, Retain, STAMP_COLUMNS};
 pub use error::{DbError, Result, StoreError};
 pub use memory::MemoryBackend;
 pub use model::{
@@ -436,12 +436,8 @@ impl Store {
     }
 
     /// One step of log compaction (see [`engine::Engine::compact_step`]).
-    pub async fn compact_step(
-        &self,
-        min_age: std::time::Duration,
-        limit: u32,
-    ) -> Result<backend::Compacted> {
-        dispatch!(self, e => e.compact_step(min_age, limit).await)
+    pub async fn compact_step(&self, rules: &Retain, limit: u32) -> Result<backend::Compacted> {
+        dispatch!(self, e => e.compact_step(rules, limit).await)
     }
 
     /// Rows in the log and the wall time (ms) of the oldest.

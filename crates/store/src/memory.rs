@@ -30,7 +30,7 @@ use tidemark_hlc::Hlc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use ulid::Ulid;
 
-use crate::backend::{Backend, Compacted, RowWrite, SavepointOp, TableShape};
+use crate::backend::{Backend, Compacted, RowWrite, SavepointOp, TableShape, Tombstones};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
@@ -132,8 +132,8 @@ struct State {
     nodes: BTreeMap<Ulid, Hlc>,
     versions: BTreeMap<(String, Ulid), Version>,
     conflicts: BTreeMap<Ulid, Conflict>,
-    /// By event id as received.
-    quarantine: BTreeMap<String, Rejected>,
+    /// By event id as received, with when it came (wall ms).
+    quarantine: BTreeMap<String, (Rejected, i64)>,
     /// `(peer, origin)` -> acknowledged HLC.
     progress: BTreeMap<(Ulid, Ulid), Hlc>,
     /// `tidemark_blocked`, by (table, record).
@@ -279,7 +279,7 @@ fn versions_field(s: &mut State) -> &mut BTreeMap<(String, Ulid), Version> {
 fn conflicts_field(s: &mut State) -> &mut BTreeMap<Ulid, Conflict> {
     &mut s.conflicts
 }
-fn quarantine_field(s: &mut State) -> &mut BTreeMap<String, Rejected> {
+fn quarantine_field(s: &mut State) -> &mut BTreeMap<String, (Rejected, i64)> {
     &mut s.quarantine
 }
 fn registry_field(s: &mut State) -> &mut BTreeMap<String, TableInfo> {
@@ -500,6 +500,37 @@ fn conflict_matches(c: &Conflict, filter: &ConflictFilter) -> bool {
     filter.table.as_ref().is_none_or(|t| *t == c.table_name)
         && filter.status.is_none_or(|s| s == c.status)
         && filter.after.is_none_or(|a| c.conflict_id > a)
+}
+
+impl MemoryBackend {
+    /// Whether `e` is a tombstone that goes (see [`Backend::compact_events`]);
+    /// its origin's newest events and blocks on it are checked by the caller.
+    fn tombstone_goes(s: &State, e: &ChangeEvent, t: &Tombstones<'_>) -> bool {
+        let record = (e.table_name.clone(), e.record_id);
+        let named = |table: &Option<String>, id: Option<Ulid>| {
+            table.as_deref() == Some(e.table_name.as_str()) && id == Some(e.record_id)
+        };
+        e.operation == crate::model::Operation::Delete
+            && e.hlc < t.before
+            && s.versions
+                .get(&record)
+                .is_some_and(|v| v.event_id == e.event_id && v.deleted && v.frontier.len() == 1)
+            && !s.events.values().any(|o| {
+                o.event.event_id != e.event_id
+                    && o.event.record_id == e.record_id
+                    && o.event.table_name == e.table_name
+            })
+            && !s.conflicts.values().any(|c| {
+                c.status == ConflictStatus::Open
+                    && ((c.table_name == e.table_name && c.record_id == e.record_id)
+                        || named(&c.winner_table, c.winner_record_id))
+            })
+            && !s.blocked.values().any(|b| {
+                (b.table_name == e.table_name && b.record_id == e.record_id)
+                    || named(&b.blocker_table, b.blocker_id)
+            })
+            && t.acked.get(e.node_id) >= e.hlc
+    }
 }
 
 impl Backend for MemoryBackend {
@@ -992,7 +1023,8 @@ impl Backend for MemoryBackend {
         for r in rows {
             let key = crate::model::truncate(&r.event_id);
             if !tx.state.quarantine.contains_key(&key) {
-                tx.set(quarantine_field, key, Some(r.clone()));
+                let at = (self.wall_ms)();
+                tx.set(quarantine_field, key, Some((r.clone(), at)));
             }
         }
         Ok(())
@@ -1018,7 +1050,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn list_quarantined(&self, limit: u32) -> Result<Vec<Quarantined>> {
-        // The memory backend keeps no peer or time with them.
+        // The memory backend keeps no peer with them.
         Ok(self
             .state
             .lock()
@@ -1026,13 +1058,13 @@ impl Backend for MemoryBackend {
             .quarantine
             .values()
             .take(limit as usize)
-            .map(|r| Quarantined {
+            .map(|(r, at)| Quarantined {
                 event_id: r.event_id.clone(),
                 peer_id: None,
                 code: r.kind.code().to_owned(),
                 reason: r.reason.clone(),
                 event: r.event.to_string(),
-                received_at: String::new(),
+                received_at: crate::model::iso8601(*at),
             })
             .collect())
     }
@@ -1044,6 +1076,13 @@ impl Backend for MemoryBackend {
             None => state.quarantine.clear(),
             Some(ids) => state.quarantine.retain(|id, _| !ids.contains(id)),
         }
+        Ok((before - state.quarantine.len()) as u64)
+    }
+
+    async fn expire_quarantined(&self, before_ms: i64) -> Result<u64> {
+        let mut state = self.state.lock().await;
+        let before = state.quarantine.len();
+        state.quarantine.retain(|_, (_, at)| *at >= before_ms);
         Ok((before - state.quarantine.len()) as u64)
     }
 
@@ -1265,6 +1304,7 @@ impl Backend for MemoryBackend {
         tx: &mut Self::Tx,
         after: Hlc,
         before: Hlc,
+        tombstones: Option<Tombstones<'_>>,
         limit: u32,
     ) -> Result<Compacted> {
         // In HLC order, as the SQL backends' index on hlc_timestamp gives it.
@@ -1294,11 +1334,13 @@ impl Backend for MemoryBackend {
                 .get(&(e.table_name.clone(), e.record_id))
                 .is_some_and(|v| v.event_id == id || v.frontier.iter().any(|m| m.event_id == id));
             let waited_on = s.blocked.values().any(|b| b.event_id == id);
-            if newest || current || waited_on {
+            let record = (e.table_name.clone(), e.record_id);
+            let tombstone =
+                !newest && !waited_on && tombstones.is_some_and(|t| Self::tombstone_goes(s, e, &t));
+            if !tombstone && (newest || current || waited_on) {
                 continue;
             }
             let origin = e.node_id;
-            let record = (e.table_name.clone(), e.record_id);
             let decided: Vec<Ulid> = s
                 .conflicts
                 .values()
@@ -1312,6 +1354,10 @@ impl Backend for MemoryBackend {
             for conflict in decided {
                 tx.set(conflicts_field, conflict, None);
                 done.conflicts += 1;
+            }
+            if tombstone {
+                tx.set(versions_field, record, None);
+                done.tombstones += 1;
             }
             tx.set(events_field, id, None);
             tx.remove_origin_entry((origin, hlc, id));

@@ -17,7 +17,7 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
-use crate::backend::{Backend, Compacted, RowWrite, TableShape};
+use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -199,6 +199,24 @@ async fn take_writer_lock(options: &PgConnectOptions, target: &str) -> Result<sq
         },
     })
 }
+
+/// Whether event `e` (in `compact_events`) is a tombstone that goes: see
+/// [`Backend::compact_events`]. `$4` is the HLC it must be older than (0 when
+/// tombstones stay), `$5` what every peer acknowledged (a vector as JSON).
+const TOMBSTONE_GOES: &str = "(e.operation = 'DELETE' AND e.hlc_timestamp < $4 \
+    AND e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
+    AND EXISTS (SELECT 1 FROM tidemark_record_versions v \
+      WHERE v.table_name = e.table_name AND v.record_id = e.record_id AND v.event_id = e.event_id \
+      AND v.deleted AND jsonb_array_length(v.frontier) = 1) \
+    AND NOT EXISTS (SELECT 1 FROM change_events o \
+      WHERE o.table_name = e.table_name AND o.record_id = e.record_id AND o.event_id <> e.event_id) \
+    AND NOT EXISTS (SELECT 1 FROM tidemark_conflicts c WHERE c.status = 'open' \
+      AND ((c.table_name = e.table_name AND c.record_id = e.record_id) \
+        OR (c.winner_table = e.table_name AND c.winner_record_id = e.record_id))) \
+    AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id \
+      OR (b.table_name = e.table_name AND b.record_id = e.record_id) \
+      OR (b.blocker_table = e.table_name AND b.blocker_id = e.record_id)) \
+    AND e.hlc_timestamp <= coalesce(($5::jsonb ->> e.node_id::text)::bigint, 0))";
 
 fn ids_text(ids: &[Ulid]) -> Vec<String> {
     ids.iter().map(Ulid::to_string).collect()
@@ -1423,6 +1441,16 @@ impl Backend for PostgresBackend {
         Ok(done.rows_affected())
     }
 
+    async fn expire_quarantined(&self, before_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM tidemark_quarantine WHERE received_at < to_timestamp($1 / 1000.0)",
+        )
+        .bind(before_ms as f64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
         let row: Option<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CONFLICT_COLUMNS}, {PG_CONFLICT_TIMES} FROM tidemark_conflicts WHERE conflict_id = $1::bpchar"
@@ -1660,35 +1688,47 @@ impl Backend for PostgresBackend {
         tx: &mut Self::Tx,
         after: Hlc,
         before: Hlc,
+        tombstones: Option<Tombstones<'_>>,
         limit: u32,
     ) -> Result<Compacted> {
-        let rows: Vec<(String, String, i64, bool, String, String)> = sqlx::query_as(
-            "SELECT e.event_id::text, e.node_id::text, e.hlc_timestamp, \
-               e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
-               AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
-                 WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
-                 AND (v.event_id = e.event_id OR strpos(v.frontier::text, e.event_id::text) > 0)) \
-               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
-               e.table_name::text, e.record_id::text \
-             FROM change_events e \
-             WHERE e.hlc_timestamp > $1 AND e.hlc_timestamp < $2 AND e.synced_at IS NOT NULL \
-             ORDER BY e.hlc_timestamp LIMIT $3",
-        )
-        .bind(after.encode())
-        .bind(before.encode())
-        .bind(i64::from(limit))
-        .fetch_all(&mut **tx)
-        .await?;
+        let (tomb_before, peers) = match tombstones {
+            Some(t) => (t.before.encode(), t.acked.to_json()),
+            None => (0, serde_json::json!({})),
+        };
+        let rows: Vec<(String, String, i64, bool, String, String, bool)> =
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT e.event_id::text, e.node_id::text, e.hlc_timestamp, \
+                   e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
+                   AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
+                     WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
+                     AND (v.event_id = e.event_id OR strpos(v.frontier::text, e.event_id::text) > 0)) \
+                   AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
+                   e.table_name::text, e.record_id::text, {TOMBSTONE_GOES} \
+                 FROM change_events e \
+                 WHERE e.hlc_timestamp > $1 AND e.hlc_timestamp < $2 AND e.synced_at IS NOT NULL \
+                 ORDER BY e.hlc_timestamp LIMIT $3"
+            )))
+            .bind(after.encode())
+            .bind(before.encode())
+            .bind(i64::from(limit))
+            .bind(tomb_before)
+            .bind(&peers)
+            .fetch_all(&mut **tx)
+            .await?;
         let mut done = Compacted {
             scanned: rows.len() as u64,
             ..Compacted::default()
         };
         let mut gone: Vec<String> = Vec::new();
         let (mut tables, mut records) = (Vec::new(), Vec::new());
+        let mut forgotten: Vec<usize> = Vec::new();
         let mut upto: HashMap<String, i64> = HashMap::new();
-        for (event_id, origin, hlc, superseded, table, record) in rows {
+        for (event_id, origin, hlc, superseded, table, record, tombstone) in rows {
             done.last = Some(decode_hlc("change_events", hlc)?);
-            if superseded {
+            if superseded || tombstone {
+                if tombstone {
+                    forgotten.push(gone.len());
+                }
                 gone.push(event_id);
                 tables.push(table);
                 records.push(record);
@@ -1712,6 +1752,21 @@ impl Backend for PostgresBackend {
             .bind(&tables)
             .bind(&records)
             .bind(&gone)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        }
+        if !forgotten.is_empty() {
+            let pick =
+                |v: &[String]| -> Vec<String> { forgotten.iter().map(|&i| v[i].clone()).collect() };
+            done.tombstones = sqlx::query(
+                "DELETE FROM tidemark_record_versions v \
+                 USING UNNEST($1::text[], $2::bpchar[], $3::bpchar[]) AS g(t, r, e) \
+                 WHERE v.table_name = g.t AND v.record_id = g.r AND v.event_id = g.e",
+            )
+            .bind(pick(&tables))
+            .bind(pick(&records))
+            .bind(pick(&gone))
             .execute(&mut **tx)
             .await?
             .rows_affected();

@@ -42,7 +42,7 @@ const CACHED_UPSERT_ROWS: usize = 8;
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
 pub const SCHEMA_SQL: &str = include_str!("../migrations/sqlite/0001_init.up.sql");
 
-use crate::backend::{Backend, Compacted, RowWrite, TableShape};
+use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -249,6 +249,24 @@ const SMALL_ID_SET: usize = 8;
 /// its binds: one parameter per id for a few ids (the usual API and live
 /// replication case: a cached statement per count, no temporary table), a JSON
 /// array read by `json_each` for more.
+/// Whether event `e` (in `compact_events`) is a tombstone that goes: see
+/// [`Backend::compact_events`]. `?4` is the HLC it must be older than (0 when
+/// tombstones stay), `?5` what every peer acknowledged (a vector as JSON).
+const TOMBSTONE_GOES: &str = "(e.operation = 'DELETE' AND e.hlc_timestamp < ?4 \
+    AND e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
+    AND EXISTS (SELECT 1 FROM tidemark_record_versions v \
+      WHERE v.table_name = e.table_name AND v.record_id = e.record_id AND v.event_id = e.event_id \
+      AND v.deleted = 1 AND json_array_length(v.frontier) = 1) \
+    AND NOT EXISTS (SELECT 1 FROM change_events o \
+      WHERE o.table_name = e.table_name AND o.record_id = e.record_id AND o.event_id <> e.event_id) \
+    AND NOT EXISTS (SELECT 1 FROM tidemark_conflicts c WHERE c.status = 'open' \
+      AND ((c.table_name = e.table_name AND c.record_id = e.record_id) \
+        OR (c.winner_table = e.table_name AND c.winner_record_id = e.record_id))) \
+    AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id \
+      OR (b.table_name = e.table_name AND b.record_id = e.record_id) \
+      OR (b.blocker_table = e.table_name AND b.blocker_id = e.record_id)) \
+    AND e.hlc_timestamp <= coalesce(json_extract(?5, '$.' || e.node_id), 0))";
+
 fn id_set(first: usize, ids: &[Ulid]) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value as V;
     if ids.len() <= SMALL_ID_SET {
@@ -1639,6 +1657,18 @@ impl Backend for SqliteBackend {
         Ok(done.rows_affected())
     }
 
+    async fn expire_quarantined(&self, before_ms: i64) -> Result<u64> {
+        // received_at is RFC 3339 text in one format: ordered as text.
+        let done = sqlx::query(
+            "DELETE FROM tidemark_quarantine \
+             WHERE received_at < strftime('%Y-%m-%dT%H:%M:%fZ', $1 / 1000.0, 'unixepoch')",
+        )
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn conflict(&self, id: Ulid) -> Result<Option<Conflict>> {
         let row: Option<ConflictRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CONFLICT_COLUMNS}, detected_at, resolved_at FROM tidemark_conflicts WHERE conflict_id = $1"
@@ -1888,21 +1918,34 @@ impl Backend for SqliteBackend {
         tx: &mut Self::Tx,
         after: Hlc,
         before: Hlc,
+        tombstones: Option<Tombstones<'_>>,
         limit: u32,
     ) -> Result<Compacted> {
-        let rows: Vec<(String, String, i64, bool, String, String)> = query(
+        let (tomb_before, peers) = match tombstones {
+            Some(t) => (t.before.encode(), t.acked.to_json().to_string()),
+            None => (0, "{}".to_owned()),
+        };
+        let rows: Vec<(String, String, i64, bool, String, String, bool)> = query(
             tx.conn(),
-            "SELECT e.event_id, e.node_id, e.hlc_timestamp, \
-               e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
-               AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
-                 WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
-                 AND (v.event_id = e.event_id OR instr(v.frontier, e.event_id) > 0)) \
-               AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
-               e.table_name, e.record_id \
-             FROM change_events e \
-             WHERE e.hlc_timestamp > ?1 AND e.hlc_timestamp < ?2 AND e.synced_at IS NOT NULL \
-             ORDER BY e.hlc_timestamp LIMIT ?3",
-            params![after.encode(), before.encode(), i64::from(limit)],
+            &format!(
+                "SELECT e.event_id, e.node_id, e.hlc_timestamp, \
+                   e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
+                   AND NOT EXISTS (SELECT 1 FROM tidemark_record_versions v \
+                     WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
+                     AND (v.event_id = e.event_id OR instr(v.frontier, e.event_id) > 0)) \
+                   AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
+                   e.table_name, e.record_id, {TOMBSTONE_GOES} \
+                 FROM change_events e \
+                 WHERE e.hlc_timestamp > ?1 AND e.hlc_timestamp < ?2 AND e.synced_at IS NOT NULL \
+                 ORDER BY e.hlc_timestamp LIMIT ?3"
+            ),
+            params![
+                after.encode(),
+                before.encode(),
+                i64::from(limit),
+                tomb_before,
+                peers
+            ],
             |r| {
                 Ok((
                     r.get(0)?,
@@ -1911,6 +1954,7 @@ impl Backend for SqliteBackend {
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ))
             },
         )?;
@@ -1919,9 +1963,9 @@ impl Backend for SqliteBackend {
             ..Compacted::default()
         };
         let mut upto: HashMap<String, i64> = HashMap::new();
-        for (event_id, origin, hlc, superseded, table, record) in rows {
+        for (event_id, origin, hlc, superseded, table, record, tombstone) in rows {
             done.last = Some(decode_hlc("change_events", hlc)?);
-            if !superseded {
+            if !superseded && !tombstone {
                 continue;
             }
             done.deleted += execute(
@@ -1935,6 +1979,14 @@ impl Backend for SqliteBackend {
                  AND status = 'resolved' AND (loser_event_id = ?3 OR winner_event_id = ?3)",
                 params![table, record, event_id],
             )?;
+            if tombstone {
+                done.tombstones += execute(
+                    tx.conn(),
+                    "DELETE FROM tidemark_record_versions WHERE table_name = ?1 AND record_id = ?2 \
+                     AND event_id = ?3",
+                    params![table, record, event_id],
+                )?;
+            }
             let top = upto.entry(origin).or_insert(hlc);
             *top = (*top).max(hlc);
         }

@@ -37,6 +37,7 @@ mod settle;
 mod write;
 
 pub use registry::datatype_id;
+pub use retain::Retain;
 
 /// Locks a mutex whose data stays consistent even if a holder panicked.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -200,15 +200,14 @@ impl<B: Backend> Engine<B> {
         self.settle_acks(&[], Some(everything)).await
     }
 
-    /// Persists dirty acks and marks synced every event up to the floor of
-    /// `peers`' acks, or up to `floor` when given.
-    async fn settle_acks(&self, peers: &[Ulid], floor: Option<VersionVector>) -> Result<u64> {
+    /// Brings `peers`' acks into memory (persisted ones first seen), and
+    /// counts what this node holds of a peer's own origin as acknowledged by
+    /// it: a peer holds its own events (it wrote them), and no one sends them
+    /// back to it to be acknowledged.
+    async fn refresh_acks(&self, peers: &[Ulid]) -> Result<()> {
         let held = self.vector().await?;
         for peer in peers {
             self.load_acks(*peer).await?;
-            // A peer holds its own events (it wrote them), and no one sends
-            // them back to it to be acknowledged: whatever this node holds of
-            // a peer's origin counts as acknowledged by that peer.
             let own = held.get(*peer);
             if own > Hlc::ZERO {
                 let mut acks = lock(&self.acks);
@@ -219,33 +218,53 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let given = floor;
+        Ok(())
+    }
+
+    /// Per origin, what every one of `peers` acknowledged (as in memory);
+    /// `None` for no peers.
+    fn acks_floor(&self, peers: &[Ulid]) -> Option<VersionVector> {
+        let acks = lock(&self.acks);
+        let mut floor: Option<VersionVector> = None;
+        for peer in peers {
+            let acked = acks.get(peer).map(|a| &a.vector);
+            floor = Some(match (floor, acked) {
+                (_, None) => VersionVector::new(),
+                (None, Some(a)) => a.clone(),
+                (Some(f), Some(a)) => VersionVector(
+                    f.0.into_iter()
+                        .filter_map(|(o, h)| {
+                            let min = h.min(a.get(o));
+                            (min > Hlc::ZERO).then_some((o, min))
+                        })
+                        .collect(),
+                ),
+            });
+        }
+        floor
+    }
+
+    /// Per origin, what every one of `peers` acknowledged; everything this
+    /// node holds when there are none.
+    pub(super) async fn acked_by_all(&self, peers: &[Ulid]) -> Result<VersionVector> {
+        self.refresh_acks(peers).await?;
+        Ok(match self.acks_floor(peers) {
+            Some(floor) => floor,
+            None => self.applied_vector(),
+        })
+    }
+
+    /// Persists dirty acks and marks synced every event up to the floor of
+    /// `peers`' acks, or up to `floor` when given.
+    async fn settle_acks(&self, peers: &[Ulid], floor: Option<VersionVector>) -> Result<u64> {
+        self.refresh_acks(peers).await?;
+        let floor = floor.or_else(|| self.acks_floor(peers)).unwrap_or_default();
         let _w = self.writer.lock().await;
-        let (dirty, floor) = {
-            let acks = lock(&self.acks);
-            let dirty: Vec<(Ulid, VersionVector)> = acks
-                .iter()
-                .filter(|(_, a)| a.dirty)
-                .map(|(p, a)| (*p, a.vector.clone()))
-                .collect();
-            let mut floor: Option<VersionVector> = None;
-            for peer in peers {
-                let acked = acks.get(peer).map(|a| &a.vector);
-                floor = Some(match (floor, acked) {
-                    (_, None) => VersionVector::new(),
-                    (None, Some(a)) => a.clone(),
-                    (Some(f), Some(a)) => VersionVector(
-                        f.0.into_iter()
-                            .filter_map(|(o, h)| {
-                                let min = h.min(a.get(o));
-                                (min > Hlc::ZERO).then_some((o, min))
-                            })
-                            .collect(),
-                    ),
-                });
-            }
-            (dirty, given.or(floor).unwrap_or_default())
-        };
+        let dirty: Vec<(Ulid, VersionVector)> = lock(&self.acks)
+            .iter()
+            .filter(|(_, a)| a.dirty)
+            .map(|(p, a)| (*p, a.vector.clone()))
+            .collect();
         if dirty.is_empty() && floor.0.is_empty() {
             return Ok(0);
         }

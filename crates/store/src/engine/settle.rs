@@ -286,7 +286,16 @@ impl<B: Backend> Engine<B> {
         extra: Option<(&str, Value)>,
     ) -> ChangeEvent {
         let hlc = self.clock.now();
-        let mut vv = local.map(|v| v.vv.clone()).unwrap_or_default();
+        // A record this node holds no version of starts from everything the
+        // node holds (its applied vector: no holes, so every event below it is
+        // here). A tombstone of the same id that this node collected, or never
+        // received because its donor had, is below it: on a node that still
+        // keeps the tombstone the write is its successor, as it is here, not a
+        // concurrent version (see `retain`).
+        let mut vv = match local {
+            Some(v) => v.vv.clone(),
+            None => self.applied_vector(),
+        };
         vv.observe(self.node_id, hlc);
         let mut metadata = json!({ "vv": vv.to_json(), "seq": self.next_own_seq() });
         let mut action = None;
