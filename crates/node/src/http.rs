@@ -235,6 +235,16 @@ fn describe() {
         Unit::Count,
         "Decided conflicts retention deleted with a compacted event of theirs."
     );
+    describe_counter!(
+        "tidemark_tombstones_compacted_total",
+        Unit::Count,
+        "Tombstones retention collected: deleted records of which nothing stayed."
+    );
+    describe_counter!(
+        "tidemark_quarantine_compacted_total",
+        Unit::Count,
+        "Quarantined events retention deleted once older than retention.min_age_secs."
+    );
     describe_gauge!(
         "tidemark_log_events",
         Unit::Count,
@@ -317,6 +327,8 @@ pub fn export_at_zero() {
     counter!("tidemark_captures_set_aside_total").increment(0);
     counter!("tidemark_events_compacted_total").increment(0);
     counter!("tidemark_conflicts_compacted_total").increment(0);
+    counter!("tidemark_tombstones_compacted_total").increment(0);
+    counter!("tidemark_quarantine_compacted_total").increment(0);
 }
 
 /// [`export_at_zero`] for one peer, when its session starts (at start-up, or
