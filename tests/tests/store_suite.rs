@@ -326,6 +326,71 @@ async fn direct_writes_are_captured_exactly_once(db: TestDb) {
     store.close().await;
 }
 
+/// Statements writing several rows are captured row by row, in statement
+/// order: a multi-row INSERT, an UPDATE of every row (one of which does not
+/// change), a key change, and a DELETE of several rows.
+async fn multi_row_statements_are_captured_row_by_row(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let (a, b, c, d) = (id(1), id(2), id(3), id(4));
+    db.sql(&format!(
+        "INSERT INTO notes (id, title, stars) VALUES ('{c}', 'c', 5), ('{a}', 'a', 1), ('{b}', 'b', 2)"
+    ));
+    db.sql("UPDATE notes SET stars = 5");
+    db.sql(&format!("UPDATE notes SET id = '{d}' WHERE id = '{a}'"));
+    db.sql(&format!("DELETE FROM notes WHERE id IN ('{b}', '{c}')"));
+    assert_eq!(store.drain().await.expect("drain").events, 9);
+    let ops: Vec<(Ulid, Operation)> = all_events(&store)
+        .await
+        .iter()
+        .map(|e| (e.record_id, e.operation))
+        .collect();
+    let sorted_ops = |mut v: Vec<(Ulid, Operation)>| {
+        v.sort_by_key(|(id, _)| *id);
+        v
+    };
+    assert_eq!(
+        ops[..3],
+        [
+            (c, Operation::Insert),
+            (a, Operation::Insert),
+            (b, Operation::Insert)
+        ],
+        "{ops:?}"
+    );
+    assert_eq!(
+        sorted_ops(ops[3..5].to_vec()),
+        vec![(a, Operation::Update), (b, Operation::Update)],
+        "c had five stars already: {ops:?}"
+    );
+    assert_eq!(
+        ops[5..7],
+        [(a, Operation::Delete), (d, Operation::Insert)],
+        "{ops:?}"
+    );
+    assert_eq!(
+        sorted_ops(ops[7..].to_vec()),
+        vec![(b, Operation::Delete), (c, Operation::Delete)],
+        "{ops:?}"
+    );
+    assert_eq!(
+        store.get("notes", d).await.expect("get"),
+        Some(obj(
+            json!({"id": d.to_string(), "title": "a", "body": null, "stars": 5})
+        ))
+    );
+    for gone in [a, b, c] {
+        assert!(store.get("notes", gone).await.expect("get").is_none());
+        assert!(
+            store
+                .version("notes", gone)
+                .await
+                .expect("v")
+                .is_some_and(|v| v.deleted)
+        );
+    }
+    store.close().await;
+}
+
 async fn key_change_is_delete_plus_insert(db: TestDb) {
     let store = with_notes(&db, Ulid::generate()).await;
     let (a, b) = (id(1), id(2));
@@ -1744,13 +1809,13 @@ async fn capture_around_the_triggers_is_reported(db: TestDb) {
                 id(1)
             ));
             assert_eq!(store.pending_captures().await.expect("pending"), 1);
-            db.sql("ALTER TABLE notes DISABLE TRIGGER tidemark_capture");
+            db.sql("ALTER TABLE notes DISABLE TRIGGER tidemark_capture_update");
             let problems = store.check_capture().await.expect("check");
             assert_eq!(problems.len(), 1, "{problems:?}");
             assert!(
-                problems[0]
-                    .starts_with("table notes: capture trigger tidemark_capture is disabled")
-                    && problems[0].contains("ENABLE ALWAYS TRIGGER tidemark_capture"),
+                problems[0].starts_with(
+                    "table notes: capture trigger tidemark_capture_update is disabled"
+                ) && problems[0].contains("ENABLE ALWAYS TRIGGER tidemark_capture_update"),
                 "{problems:?}"
             );
         }
@@ -2811,6 +2876,7 @@ suite!(
     sql_only: [
         migrations_up_down_up,
         direct_writes_are_captured_exactly_once,
+        multi_row_statements_are_captured_row_by_row,
         key_change_is_delete_plus_insert,
         non_ulid_keys_are_refused_by_the_trigger,
         registration_snapshots_existing_rows,

@@ -314,10 +314,44 @@ fn capture_function(info: &TableInfo) -> String {
     )
 }
 
-/// The table's capture trigger function: records the row after each direct
-/// write (JSON text from `row_to_json`, run with settings that make it exact),
-/// skips updates that change no replicated column, refuses keys that are not
-/// ULIDs, and wakes the daemon.
+/// The capture triggers of every replicated table: statement-level, one per
+/// kind of write (a trigger with transition tables has one event), so a
+/// statement writing many rows is captured by one `INSERT ... SELECT` and one
+/// notify instead of a call per row.
+const CAPTURE_TRIGGERS: [(&str, &str, &str); 3] = [
+    (
+        "tidemark_capture_insert",
+        "INSERT",
+        "REFERENCING NEW TABLE AS tidemark_new",
+    ),
+    (
+        "tidemark_capture_update",
+        "UPDATE",
+        "REFERENCING OLD TABLE AS tidemark_old NEW TABLE AS tidemark_new",
+    ),
+    (
+        "tidemark_capture_delete",
+        "DELETE",
+        "REFERENCING OLD TABLE AS tidemark_old",
+    ),
+];
+
+/// Every trigger Tidemark puts on a replicated table: the capture triggers,
+/// the lock taken before any row of a statement, the TRUNCATE refusal.
+const OUR_TRIGGERS: [&str; 5] = [
+    CAPTURE_TRIGGERS[0].0,
+    CAPTURE_TRIGGERS[1].0,
+    CAPTURE_TRIGGERS[2].0,
+    "tidemark_capture_lock",
+    "tidemark_refuse_truncate",
+];
+
+/// The table's capture trigger function, run once per statement by each of
+/// [`CAPTURE_TRIGGERS`]: records the rows the statement wrote (JSON text from
+/// `row_to_json`, run with settings that make it exact) in statement order,
+/// refuses keys that are not ULIDs, and wakes the daemon. An UPDATE pairs old
+/// and new rows by key: a row whose replicated columns did not change is
+/// skipped, a changed key is a delete of the old key and an insert of the new.
 fn capture_function_sql(info: &TableInfo) -> String {
     let t_lit = info.table_name.replace('\'', "''");
     let pk = q(&info.primary_key);
@@ -325,46 +359,51 @@ fn capture_function_sql(info: &TableInfo) -> String {
         r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
 SET extra_float_digits = 3 SET "TimeZone" = 'UTC' SET bytea_output = 'hex' AS $tidemark$
 DECLARE
-    new_row json;
-    old_row json;
-    old_id text;
-    new_id text;
+    bad text;
+    captured bigint;
 BEGIN
     IF current_setting('tidemark.applying', true) = 'on' THEN
         RETURN NULL;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        new_id := NEW.{pk}::text;
-        IF new_id IS NULL OR new_id !~ '^[0-7][0-9A-HJKMNP-TV-Z]{{25}}$' THEN
-            RAISE EXCEPTION 'tidemark: %.% must be a ULID in canonical form (26 uppercase Crockford base32 characters), got %', TG_TABLE_NAME, '{pk_lit}', coalesce(quote_literal(new_id), 'NULL')
+        SELECT coalesce(quote_literal(n.{pk}::text), 'NULL') INTO bad FROM tidemark_new n
+        WHERE n.{pk} IS NULL OR n.{pk}::text !~ '^[0-7][0-9A-HJKMNP-TV-Z]{{25}}$' LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'tidemark: %.% must be a ULID in canonical form (26 uppercase Crockford base32 characters), got %', TG_TABLE_NAME, '{pk_lit}', bad
                 USING ERRCODE = 'check_violation';
         END IF;
-        SELECT row_to_json(r) INTO new_row FROM (SELECT {new_list}) r;
     END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        old_id := OLD.{pk}::text;
-    END IF;
-    IF TG_OP = 'UPDATE' AND old_id = new_id THEN
-        SELECT row_to_json(r) INTO old_row FROM (SELECT {old_list}) r;
-        IF old_row::text = new_row::text THEN
-            RETURN NULL;
-        END IF;
-    END IF;
-    IF TG_OP = 'UPDATE' AND old_id IS DISTINCT FROM new_id THEN
+    IF TG_OP = 'INSERT' THEN
         INSERT INTO tidemark_capture_queue (table_name, record_id, operation, new_values)
-        VALUES ('{t_lit}', old_id, 'DELETE', NULL), ('{t_lit}', new_id, 'INSERT', new_row);
+        SELECT '{t_lit}', n.{pk}::text, 'INSERT', (SELECT row_to_json(r) FROM (SELECT {new_list}) r)
+        FROM tidemark_new n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO tidemark_capture_queue (table_name, record_id, operation, new_values)
+        SELECT '{t_lit}', o.{pk}::text, 'DELETE', NULL FROM tidemark_old o;
     ELSE
         INSERT INTO tidemark_capture_queue (table_name, record_id, operation, new_values)
-        VALUES ('{t_lit}', coalesce(new_id, old_id), TG_OP, new_row);
+        SELECT '{t_lit}', coalesce(w.id, v.id),
+               CASE WHEN w.id IS NULL THEN 'DELETE' WHEN v.id IS NULL THEN 'INSERT' ELSE 'UPDATE' END,
+               w.vals
+        FROM (SELECT o.{pk}::text AS id, (SELECT row_to_json(r) FROM (SELECT {old_list}) r) AS vals
+              FROM tidemark_old o) v
+        FULL JOIN (SELECT n.{pk}::text AS id, (SELECT row_to_json(r) FROM (SELECT {new_list}) r) AS vals
+              FROM tidemark_new n) w ON w.id = v.id
+        WHERE v.id IS NULL OR w.id IS NULL OR v.vals::text <> w.vals::text
+        -- Keys a statement gave up first, so a value they held is free again.
+        ORDER BY w.id IS NOT NULL, coalesce(w.id, v.id);
     END IF;
-    PERFORM pg_notify('tidemark_capture', '');
+    GET DIAGNOSTICS captured = ROW_COUNT;
+    IF captured > 0 THEN
+        PERFORM pg_notify('tidemark_capture', '');
+    END IF;
     RETURN NULL;
 END
 $tidemark$"#,
         func = q(&capture_function(info)),
         pk_lit = info.primary_key.replace('\'', "''"),
-        new_list = select_list(info, "NEW"),
-        old_list = select_list(info, "OLD"),
+        new_list = select_list(info, "n"),
+        old_list = select_list(info, "o"),
     )
 }
 
@@ -594,14 +633,24 @@ impl Backend for PostgresBackend {
                 ),
             });
         }
-        for sql in [
+        let mut ddl = vec![
             capture_function_sql(info),
+            // The row trigger earlier versions installed.
             format!("DROP TRIGGER IF EXISTS tidemark_capture ON {t}"),
-            format!(
-                "CREATE TRIGGER tidemark_capture AFTER INSERT OR UPDATE OR DELETE ON {t} \
-                 FOR EACH ROW EXECUTE FUNCTION {}()",
+        ];
+        for (name, event, referencing) in CAPTURE_TRIGGERS {
+            ddl.push(format!("DROP TRIGGER IF EXISTS {name} ON {t}"));
+            ddl.push(format!(
+                "CREATE TRIGGER {name} AFTER {event} ON {t} {referencing} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {}()",
                 q(&capture_function(info))
-            ),
+            ));
+            // Fired in sessions with session_replication_role = replica too
+            // (bulk loaders and other replication tools set it): no write to a
+            // replicated table goes around capture.
+            ddl.push(format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}"));
+        }
+        for sql in ddl.into_iter().chain([
             format!("DROP TRIGGER IF EXISTS tidemark_capture_lock ON {t}"),
             format!(
                 "CREATE TRIGGER tidemark_capture_lock BEFORE INSERT OR UPDATE OR DELETE ON {t} \
@@ -612,13 +661,9 @@ impl Backend for PostgresBackend {
                 "CREATE TRIGGER tidemark_refuse_truncate BEFORE TRUNCATE ON {t} \
                  FOR EACH STATEMENT EXECUTE FUNCTION tidemark_refuse_truncate()"
             ),
-            // Fired in sessions with session_replication_role = replica too
-            // (bulk loaders and other replication tools set it): no write to a
-            // replicated table goes around capture.
-            format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER tidemark_capture"),
             format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER tidemark_capture_lock"),
             format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER tidemark_refuse_truncate"),
-        ] {
+        ]) {
             exec(&mut tx, sql).await?;
         }
         let classes: Vec<String> = info.types.iter().map(ToString::to_string).collect();
@@ -1816,11 +1861,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn check_capture(&self, tables: &[std::sync::Arc<TableInfo>]) -> Result<Vec<String>> {
-        const NEEDED: [&str; 3] = [
-            "tidemark_capture",
-            "tidemark_capture_lock",
-            "tidemark_refuse_truncate",
-        ];
+        const NEEDED: [&str; 5] = OUR_TRIGGERS;
         let mut problems = Vec::new();
         for info in tables {
             let found: Vec<(String, String)> = sqlx::query_as(
@@ -1856,11 +1897,7 @@ impl Backend for PostgresBackend {
         &self,
         tables: &[std::sync::Arc<TableInfo>],
     ) -> Result<Vec<(String, String)>> {
-        const OURS: [&str; 3] = [
-            "tidemark_capture",
-            "tidemark_capture_lock",
-            "tidemark_refuse_truncate",
-        ];
+        const OURS: [&str; 5] = OUR_TRIGGERS;
         let names: Vec<String> = tables.iter().map(|t| t.table_name.clone()).collect();
         // Internal triggers (those behind foreign keys) are the database's own.
         let found: Vec<(String, String)> = sqlx::query_as(
