@@ -17,7 +17,7 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
-use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones};
+use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones, tombstone_goes_sql};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -199,24 +199,6 @@ async fn take_writer_lock(options: &PgConnectOptions, target: &str) -> Result<sq
         },
     })
 }
-
-/// Whether event `e` (in `compact_events`) is a tombstone that goes: see
-/// [`Backend::compact_events`]. `$4` is the HLC it must be older than (0 when
-/// tombstones stay), `$5` what every peer acknowledged (a vector as JSON).
-const TOMBSTONE_GOES: &str = "(e.operation = 'DELETE' AND e.hlc_timestamp < $4 \
-    AND e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
-    AND EXISTS (SELECT 1 FROM tidemark_record_versions v \
-      WHERE v.table_name = e.table_name AND v.record_id = e.record_id AND v.event_id = e.event_id \
-      AND v.deleted AND jsonb_array_length(v.frontier) = 1) \
-    AND NOT EXISTS (SELECT 1 FROM change_events o \
-      WHERE o.table_name = e.table_name AND o.record_id = e.record_id AND o.event_id <> e.event_id) \
-    AND NOT EXISTS (SELECT 1 FROM tidemark_conflicts c WHERE c.status = 'open' \
-      AND ((c.table_name = e.table_name AND c.record_id = e.record_id) \
-        OR (c.winner_table = e.table_name AND c.winner_record_id = e.record_id))) \
-    AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id \
-      OR (b.table_name = e.table_name AND b.record_id = e.record_id) \
-      OR (b.blocker_table = e.table_name AND b.blocker_id = e.record_id)) \
-    AND e.hlc_timestamp <= coalesce(($5::jsonb ->> e.node_id::text)::bigint, 0))";
 
 fn ids_text(ids: &[Ulid]) -> Vec<String> {
     ids.iter().map(Ulid::to_string).collect()
@@ -1740,6 +1722,11 @@ impl Backend for PostgresBackend {
             Some(t) => (t.before.encode(), t.acked.to_json()),
             None => (0, serde_json::json!({})),
         };
+        let tombstone_goes = tombstone_goes_sql(
+            "$4",
+            "coalesce(($5::jsonb ->> e.node_id::text)::bigint, 0)",
+            "jsonb_array_length(v.frontier)",
+        );
         let rows: Vec<(String, String, i64, bool, String, String, bool)> =
             sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT e.event_id::text, e.node_id::text, e.hlc_timestamp, \
@@ -1748,7 +1735,7 @@ impl Backend for PostgresBackend {
                      WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
                      AND (v.event_id = e.event_id OR strpos(v.frontier::text, e.event_id::text) > 0)) \
                    AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
-                   e.table_name::text, e.record_id::text, {TOMBSTONE_GOES} \
+                   e.table_name::text, e.record_id::text, {tombstone_goes} \
                  FROM change_events e \
                  WHERE e.hlc_timestamp > $1 AND e.hlc_timestamp < $2 AND e.synced_at IS NOT NULL \
                  ORDER BY e.hlc_timestamp LIMIT $3"

@@ -42,7 +42,7 @@ const CACHED_UPSERT_ROWS: usize = 8;
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
 pub const SCHEMA_SQL: &str = include_str!("../migrations/sqlite/0001_init.up.sql");
 
-use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones};
+use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones, tombstone_goes_sql};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -249,23 +249,6 @@ const SMALL_ID_SET: usize = 8;
 /// its binds: one parameter per id for a few ids (the usual API and live
 /// replication case: a cached statement per count, no temporary table), a JSON
 /// array read by `json_each` for more.
-/// Whether event `e` (in `compact_events`) is a tombstone that goes: see
-/// [`Backend::compact_events`]. `?4` is the HLC it must be older than (0 when
-/// tombstones stay), `?5` what every peer acknowledged (a vector as JSON).
-const TOMBSTONE_GOES: &str = "(e.operation = 'DELETE' AND e.hlc_timestamp < ?4 \
-    AND e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
-    AND EXISTS (SELECT 1 FROM tidemark_record_versions v \
-      WHERE v.table_name = e.table_name AND v.record_id = e.record_id AND v.event_id = e.event_id \
-      AND v.deleted = 1 AND json_array_length(v.frontier) = 1) \
-    AND NOT EXISTS (SELECT 1 FROM change_events o \
-      WHERE o.table_name = e.table_name AND o.record_id = e.record_id AND o.event_id <> e.event_id) \
-    AND NOT EXISTS (SELECT 1 FROM tidemark_conflicts c WHERE c.status = 'open' \
-      AND ((c.table_name = e.table_name AND c.record_id = e.record_id) \
-        OR (c.winner_table = e.table_name AND c.winner_record_id = e.record_id))) \
-    AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id \
-      OR (b.table_name = e.table_name AND b.record_id = e.record_id) \
-      OR (b.blocker_table = e.table_name AND b.blocker_id = e.record_id)) \
-    AND e.hlc_timestamp <= coalesce(json_extract(?5, '$.' || e.node_id), 0))";
 
 fn id_set(first: usize, ids: &[Ulid]) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value as V;
@@ -1925,6 +1908,11 @@ impl Backend for SqliteBackend {
             Some(t) => (t.before.encode(), t.acked.to_json().to_string()),
             None => (0, "{}".to_owned()),
         };
+        let tombstone_goes = tombstone_goes_sql(
+            "?4",
+            "coalesce(json_extract(?5, '$.' || e.node_id), 0)",
+            "json_array_length(v.frontier)",
+        );
         let rows: Vec<(String, String, i64, bool, String, String, bool)> = query(
             tx.conn(),
             &format!(
@@ -1934,7 +1922,7 @@ impl Backend for SqliteBackend {
                      WHERE v.table_name = e.table_name AND v.record_id = e.record_id \
                      AND (v.event_id = e.event_id OR instr(v.frontier, e.event_id) > 0)) \
                    AND NOT EXISTS (SELECT 1 FROM tidemark_blocked b WHERE b.event_id = e.event_id), \
-                   e.table_name, e.record_id, {TOMBSTONE_GOES} \
+                   e.table_name, e.record_id, {tombstone_goes} \
                  FROM change_events e \
                  WHERE e.hlc_timestamp > ?1 AND e.hlc_timestamp < ?2 AND e.synced_at IS NOT NULL \
                  ORDER BY e.hlc_timestamp LIMIT ?3"
