@@ -249,7 +249,6 @@ const SMALL_ID_SET: usize = 8;
 /// its binds: one parameter per id for a few ids (the usual API and live
 /// replication case: a cached statement per count, no temporary table), a JSON
 /// array read by `json_each` for more.
-
 fn id_set(first: usize, ids: &[Ulid]) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value as V;
     if ids.len() <= SMALL_ID_SET {
