@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use tidemark_hlc::Hlc;
 use tidemark_store::{
     ApplyOutcome, BlockKind, ChangeEvent, Conflict, ConflictFilter, ConflictKind, ConflictPolicy,
-    ConflictStatus, ForeignKey, Operation, Store, Values, VersionVector,
+    ConflictStatus, ForeignKey, Operation, Retain, Store, Values, VersionVector,
 };
 use tidemark_tests::TestDb;
 use tidemark_tests::schema::{self, child_row, child_tables, user_row};
@@ -812,6 +812,32 @@ async fn a_parent_delete_wins_over_its_children(db: TestDb) {
         assert_eq!(got.log, every, "{ctx}");
     }
     converged(&nodes, &deliveries, &records).await;
+    // The parent's tombstone stays while its children wait for it, however
+    // old and acknowledged (a later write of its origin, so it is not the
+    // origin's newest): collected, a node would no longer know what they wait
+    // for, and a node keeping it would.
+    let later_id = Ulid::generate();
+    let later = write(
+        origin(1),
+        hlc_at(-1_000),
+        "users",
+        later_id,
+        Some(user_row(later_id, Some("later@x.test"), "later", 30)),
+        &[],
+    );
+    let rules = Retain {
+        min_age: std::time::Duration::ZERO,
+        tombstone_min_age: Some(std::time::Duration::ZERO),
+        peers: Vec::new(),
+    };
+    for (_, store) in &nodes {
+        apply(store, std::slice::from_ref(&later)).await;
+        store.mark_all_synced().await.expect("synced");
+        let done = store.compact_step(&rules, 1_000).await.expect("compact");
+        assert_eq!(done.tombstones, 0, "{}: {done:?}", store.kind());
+        let kept = store.version("users", parent).await.expect("version");
+        assert!(kept.is_some_and(|v| v.deleted), "{}", store.kind());
+    }
     close_all(&nodes).await;
 }
 
