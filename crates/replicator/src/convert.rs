@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
-use tidemark_store::{ChangeEvent, Operation, Position, TableInfo, Values, VersionVector};
+use tidemark_store::{
+    ChangeEvent, Operation, Position, TableInfo, Values, VersionVector, values_text,
+};
 use ulid::Ulid;
 
 use crate::pb;
@@ -110,10 +112,7 @@ pub fn event_to_pb(e: &ChangeEvent) -> pb::Event {
         action: e.action.clone(),
         user_id: e.user_id.map(|u| u.to_string()),
         old_values_json: None,
-        new_values_json: e
-            .new_values
-            .as_ref()
-            .map(|v| Value::Object(v.clone()).to_string()),
+        new_values_json: e.new_values.as_ref().map(values_text),
         metadata_json: e.metadata.as_ref().map(Value::to_string),
     }
 }

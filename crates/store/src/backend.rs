@@ -96,6 +96,17 @@ pub struct Tombstones<'a> {
     pub acked: &'a VersionVector,
 }
 
+/// What a daemon write transaction may touch (see [`Backend::begin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxScope {
+    /// Replicated tables and the capture queue: drains, applies, local writes,
+    /// registration.
+    Rows,
+    /// Only Tidemark's own tables besides them: acks, `synced_at`, the log's
+    /// bookkeeping. Direct writes to replicated tables may run alongside.
+    Log,
+}
+
 #[derive(Debug, Clone)]
 pub struct RowWrite {
     pub id: Ulid,
@@ -169,7 +180,11 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- the daemon's write transaction ----------------------------------------
 
-    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+    /// Begins the daemon's write transaction. A [`TxScope::Rows`] transaction
+    /// may drain captures and write replicated tables, so it excludes direct
+    /// writes for its length; a [`TxScope::Log`] one touches only Tidemark's
+    /// own bookkeeping and lets applications write meanwhile.
+    fn begin(&self, scope: TxScope) -> impl Future<Output = Result<Self::Tx>> + Send;
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
     fn rollback(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
 

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use tidemark_hlc::{Clock, Hlc};
 use ulid::Ulid;
 
-pub use backend::{Backend, RowWrite};
+pub use backend::{Backend, RowWrite, TxScope};
 pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, Retain, STAMP_COLUMNS};
 pub use error::{DbError, Result, StoreError};
 pub use memory::MemoryBackend;
@@ -49,7 +49,7 @@ pub use model::{
     ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,
     ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, Member,
     Operation, Position, Quarantined, RejectKind, Rejected, ResolveChoice, Sequences, SetAside,
-    TableInfo, Values, Version, VersionVector,
+    TableInfo, Values, Version, VersionVector, values_text,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};

@@ -30,7 +30,7 @@ use tidemark_hlc::Hlc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use ulid::Ulid;
 
-use crate::backend::{Backend, Compacted, RowWrite, SavepointOp, TableShape, Tombstones};
+use crate::backend::{Backend, Compacted, RowWrite, SavepointOp, TableShape, Tombstones, TxScope};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
@@ -678,7 +678,7 @@ impl Backend for MemoryBackend {
         Ok(self.state.lock().await.registry.values().cloned().collect())
     }
 
-    async fn begin(&self) -> Result<Self::Tx> {
+    async fn begin(&self, _scope: TxScope) -> Result<Self::Tx> {
         Ok(MemoryTx {
             state: self.state.clone().lock_owned().await,
             undo: Vec::new(),

@@ -15,6 +15,13 @@ use crate::value::{ColumnType, SqlCell};
 /// `node_id` and `hlc_modified` excluded).
 pub type Values = Map<String, Value>;
 
+/// The JSON text of a record's values, written from the map itself (wrapping
+/// it in a [`Value`] first would copy every value).
+pub fn values_text(values: &Values) -> String {
+    // Strings and JSON values into a String: nothing here can fail.
+    serde_json::to_string(values).expect("a JSON object always serialises")
+}
+
 /// The kind of write an event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {

@@ -42,7 +42,9 @@ const CACHED_UPSERT_ROWS: usize = 8;
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
 pub const SCHEMA_SQL: &str = include_str!("../migrations/sqlite/0001_init.up.sql");
 
-use crate::backend::{Backend, Compacted, RowWrite, TableShape, Tombstones, tombstone_goes_sql};
+use crate::backend::{
+    Backend, Compacted, RowWrite, TableShape, Tombstones, TxScope, tombstone_goes_sql,
+};
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
@@ -763,7 +765,7 @@ impl Backend for SqliteBackend {
             .fetch_all(&self.pool)
             .await?;
         let has = |c: &str| existing.iter().any(|e| e.0 == c);
-        let tx = self.begin().await?;
+        let tx = self.begin(TxScope::Rows).await?;
         if !has("node_id") {
             exec_once(
                 &tx,
@@ -890,8 +892,8 @@ impl Backend for SqliteBackend {
         rows.into_iter().map(TableInfo::try_from).collect()
     }
 
-    async fn begin(&self) -> Result<Self::Tx> {
-        writer::begin(&self.writer, self.busy_timeout).await
+    async fn begin(&self, scope: TxScope) -> Result<Self::Tx> {
+        writer::begin(&self.writer, self.busy_timeout, scope).await
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
@@ -1761,9 +1763,11 @@ impl Backend for SqliteBackend {
         after: Hlc,
         limit: u32,
     ) -> Result<Vec<ChangeEvent>> {
+        // An origin's HLCs are unique in the log, so the (node_id,
+        // hlc_timestamp) index gives the order without a sorter.
         let sql = format!(
             "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
-             WHERE node_id = $1 AND hlc_timestamp > $2 ORDER BY hlc_timestamp, event_id LIMIT $3"
+             WHERE node_id = $1 AND hlc_timestamp > $2 ORDER BY hlc_timestamp LIMIT $3"
         );
         let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(origin.to_string())

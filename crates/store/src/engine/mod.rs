@@ -14,7 +14,7 @@ use tidemark_hlc::{Clock, Hlc};
 use tokio::sync::{Mutex, watch};
 use ulid::Ulid;
 
-use crate::backend::{Backend, RowWrite, SavepointOp};
+use crate::backend::{Backend, RowWrite, SavepointOp, TxScope};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
@@ -443,11 +443,21 @@ impl<B: Backend> Engine<B> {
 
     /// Begins the daemon's write transaction (the caller holds the writer lock).
     async fn begin_tx(&self) -> Result<B::Tx> {
+        self.begin_scoped(TxScope::Rows).await
+    }
+
+    /// Begins a write transaction that touches only Tidemark's bookkeeping
+    /// (acks, `synced_at`): direct writes need not wait for it.
+    async fn begin_log_tx(&self) -> Result<B::Tx> {
+        self.begin_scoped(TxScope::Log).await
+    }
+
+    async fn begin_scoped(&self, scope: TxScope) -> Result<B::Tx> {
         self.captured.begin();
         self.blocked.pending.store(false, Relaxed);
         lock(&self.pending_raise).0.clear();
         lock(&self.pending_sequences).clear();
-        self.backend.begin().await
+        self.backend.begin(scope).await
     }
 
     /// Commits the daemon's write transaction, with the positions its events

@@ -268,7 +268,7 @@ impl<B: Backend> Engine<B> {
         if dirty.is_empty() && floor.0.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.begin_tx().await?;
+        let mut tx = self.begin_log_tx().await?;
         let mut marked = 0;
         let done: Result<()> = async {
             for (peer, vector) in &dirty {
@@ -302,7 +302,7 @@ impl<B: Backend> Engine<B> {
     /// cluster): its acks no longer count anywhere. Returns how many peers.
     pub async fn forget_peers(&self, keep: &[Ulid]) -> Result<u64> {
         let _w = self.writer.lock().await;
-        let mut tx = self.begin_tx().await?;
+        let mut tx = self.begin_log_tx().await?;
         let n = match self.backend.forget_peers(&mut tx, keep).await {
             Ok(n) => n,
             Err(e) => {

@@ -26,6 +26,7 @@ use sqlx::types::Json;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::SqliteOptions;
+use crate::backend::TxScope;
 use crate::error::{Result, StoreError};
 use crate::value::SqlCell;
 
@@ -87,6 +88,9 @@ fn busy_timeout(d: Duration) -> Duration {
 #[derive(Debug)]
 pub struct SqliteTx {
     conn: OwnedMutexGuard<Option<Connection>>,
+    /// The capture guard is raised (a [`TxScope::Rows`] transaction): lowered
+    /// again at commit.
+    guarded: bool,
 }
 
 impl SqliteTx {
@@ -110,14 +114,18 @@ impl Drop for SqliteTx {
     }
 }
 
-/// Takes the write connection and begins a write transaction with the capture
-/// guard raised.
-pub(super) async fn begin(writer: &Writer, timeout: Duration) -> Result<SqliteTx> {
+/// Takes the write connection and begins a write transaction; one that may
+/// write replicated tables raises the capture guard. A bookkeeping one leaves
+/// it: its commit then writes no page of the guard table.
+pub(super) async fn begin(writer: &Writer, timeout: Duration, scope: TxScope) -> Result<SqliteTx> {
     let guard = writer.clone().lock_owned().await;
     if guard.is_none() {
         return Err(sqlx::Error::PoolClosed.into());
     }
-    let tx = SqliteTx { conn: guard };
+    let tx = SqliteTx {
+        conn: guard,
+        guarded: scope == TxScope::Rows,
+    };
     let deadline = Instant::now() + timeout;
     let mut attempt = 0;
     loop {
@@ -135,10 +143,12 @@ pub(super) async fn begin(writer: &Writer, timeout: Duration) -> Result<SqliteTx
             Err(e) => return Err(db_error(e)),
         }
     }
-    tx.conn()
-        .prepare_cached("UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1")
-        .and_then(|mut s| s.execute([]))
-        .map_err(db_error)?;
+    if tx.guarded {
+        tx.conn()
+            .prepare_cached("UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1")
+            .and_then(|mut s| s.execute([]))
+            .map_err(db_error)?;
+    }
     Ok(tx)
 }
 
@@ -159,9 +169,11 @@ fn try_begin(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
 /// `block_in_place`, so the worker's other tasks move to another thread.
 pub(super) fn commit(tx: SqliteTx, synchronous_full: bool) -> Result<()> {
     let conn = tx.conn();
-    conn.prepare_cached("UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1")
-        .and_then(|mut s| s.execute([]))
-        .map_err(db_error)?;
+    if tx.guarded {
+        conn.prepare_cached("UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1")
+            .and_then(|mut s| s.execute([]))
+            .map_err(db_error)?;
+    }
     let multi_threaded = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     let commit = || conn.execute_batch("COMMIT");
