@@ -1627,6 +1627,68 @@ async fn synced_when_every_peer_acked(db: TestDb) {
     store.close().await;
 }
 
+/// How far a peer is behind: events it has not acknowledged, counted by the
+/// origins' gap-free numbers (and in the log for events stamped before them),
+/// with the wall time of the oldest.
+async fn peer_lag_counts_what_the_peer_lacks(db: TestDb) {
+    let me = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let peer = Ulid::from_parts(1, 1);
+    let mut mine = Vec::new();
+    for n in 1..=5 {
+        mine.push(
+            store
+                .put("notes", id(n), &obj(json!({"title": n.to_string()})))
+                .await
+                .expect("put"),
+        );
+    }
+    assert_eq!(
+        store.peer_lag(peer).await.expect("lag"),
+        (5, Some(mine[0].wall_ms)),
+        "nothing acknowledged"
+    );
+    let mut acked = VersionVector::new();
+    acked.observe(me, mine[1].hlc);
+    store.record_ack(peer, &acked).await.expect("ack");
+    assert_eq!(
+        store.peer_lag(peer).await.expect("lag"),
+        (3, Some(mine[2].wall_ms)),
+        "two acknowledged"
+    );
+    // Another origin's events, stamped without numbers: counted in the log.
+    let other = Ulid::from_parts(1, 2);
+    let theirs: Vec<ChangeEvent> = (0..2)
+        .map(|n| {
+            remote_event(
+                other,
+                hlc_at(-1_000 + n, 0),
+                id(10 + n as u128),
+                Operation::Insert,
+                Some(json!({"title": "theirs", "body": null, "stars": 0})),
+            )
+        })
+        .collect();
+    assert_eq!(theirs[0].seq().expect("seq"), None);
+    store.apply_remote(&theirs).await.expect("apply");
+    assert_eq!(
+        store.peer_lag(peer).await.expect("lag"),
+        (5, Some(theirs[0].wall_ms)),
+        "three of mine and two of theirs"
+    );
+    acked.observe(other, theirs[0].hlc);
+    acked.observe(me, mine[4].hlc);
+    store.record_ack(peer, &acked).await.expect("ack");
+    assert_eq!(
+        store.peer_lag(peer).await.expect("lag"),
+        (1, Some(theirs[1].wall_ms))
+    );
+    acked.observe(other, theirs[1].hlc);
+    store.record_ack(peer, &acked).await.expect("ack");
+    assert_eq!(store.peer_lag(peer).await.expect("lag"), (0, None));
+    store.close().await;
+}
+
 /// An event every waited-for peer is known to hold is stored already synced,
 /// with no `synced_at` pass: the sending peer holds what it sent, an origin
 /// holds its own events, and any other peer must have acknowledged it.
@@ -2853,6 +2915,7 @@ suite!(
         bad_remote_events_hold_their_origin,
         events_after_a_vector,
         synced_when_every_peer_acked,
+        peer_lag_counts_what_the_peer_lacks,
         received_events_every_peer_holds_arrive_synced,
         compaction_keeps_every_current_version,
         compaction_keeps_concurrent_versions_and_blocked_events,

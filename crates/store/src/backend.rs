@@ -96,6 +96,17 @@ pub struct Tombstones<'a> {
     pub acked: &'a VersionVector,
 }
 
+/// The first event of an origin after some HLC (see
+/// [`Backend::first_of_origin_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirstEvent {
+    /// Its wall time, ms since the Unix epoch.
+    pub wall_ms: i64,
+    /// Its number in the origin's sequence; `None` for an event stamped before
+    /// positions.
+    pub seq: Option<u64>,
+}
+
 /// What a daemon write transaction may touch (see [`Backend::begin`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxScope {
@@ -483,13 +494,20 @@ pub trait Backend: Send + Sync + 'static {
         after: Hlc,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
-    /// Number of events of `origin` above `after`, and the wall time (ms) of the
-    /// first of them.
-    fn lag_of_origin(
+    /// The first event of `origin` above `after` (one index read, however many
+    /// follow).
+    fn first_of_origin_after(
         &self,
         origin: Ulid,
         after: Hlc,
-    ) -> impl Future<Output = Result<(u64, Option<i64>)>> + Send;
+    ) -> impl Future<Output = Result<Option<FirstEvent>>> + Send;
+    /// Number of events of `origin` above `after`, counted in the log: a scan
+    /// of them, for when their numbers cannot tell.
+    fn count_of_origin_after(
+        &self,
+        origin: Ulid,
+        after: Hlc,
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// Events of one record, in the total order.
     fn record_events(
         &self,

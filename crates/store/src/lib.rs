@@ -41,7 +41,7 @@ use std::sync::Arc;
 use tidemark_hlc::{Clock, Hlc};
 use ulid::Ulid;
 
-pub use backend::{Backend, RowWrite, TxScope};
+pub use backend::{Backend, FirstEvent, RowWrite, TxScope};
 pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, Retain, STAMP_COLUMNS};
 pub use error::{DbError, Result, StoreError};
 pub use memory::MemoryBackend;

@@ -30,7 +30,9 @@ use tidemark_hlc::Hlc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use ulid::Ulid;
 
-use crate::backend::{Backend, Compacted, RowWrite, SavepointOp, TableShape, Tombstones, TxScope};
+use crate::backend::{
+    Backend, Compacted, FirstEvent, RowWrite, SavepointOp, TableShape, Tombstones, TxScope,
+};
 use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
@@ -1198,19 +1200,20 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    async fn lag_of_origin(&self, origin: Ulid, after: Hlc) -> Result<(u64, Option<i64>)> {
+    async fn first_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<Option<FirstEvent>> {
         let s = self.state.lock().await;
-        let mut range = origin_range(&s, origin, after);
-        let first = range
+        let first = origin_range(&s, origin, after)
             .next()
-            .and_then(|(_, _, id)| s.events.get(id))
-            .map(|e| e.event.wall_ms);
-        let count = if first.is_some() {
-            1 + range.count() as u64
-        } else {
-            0
-        };
-        Ok((count, first))
+            .and_then(|(_, _, id)| s.events.get(id));
+        Ok(first.map(|e| FirstEvent {
+            wall_ms: e.event.wall_ms,
+            seq: e.event.seq().ok().flatten(),
+        }))
+    }
+
+    async fn count_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<u64> {
+        let s = self.state.lock().await;
+        Ok(origin_range(&s, origin, after).count() as u64)
     }
 
     async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {

@@ -18,7 +18,7 @@ use tidemark_hlc::Hlc;
 use ulid::Ulid;
 
 use crate::backend::{
-    Backend, Compacted, RowWrite, TableShape, Tombstones, TxScope, tombstone_goes_sql,
+    Backend, Compacted, FirstEvent, RowWrite, TableShape, Tombstones, TxScope, tombstone_goes_sql,
 };
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
@@ -1630,22 +1630,17 @@ impl Backend for PostgresBackend {
         rows.into_iter().map(ChangeEvent::try_from).collect()
     }
 
-    async fn lag_of_origin(&self, origin: Ulid, after: Hlc) -> Result<(u64, Option<i64>)> {
-        // The oldest one from the index, not a bitmap of the whole range
-        // sorted for its first row (see `events_of_origin_after`).
+    async fn first_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<Option<FirstEvent>> {
+        // From the index, not a bitmap of the whole range sorted for its
+        // first row (see `events_of_origin_after`).
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET LOCAL enable_bitmapscan = off")
             .execute(&mut *tx)
             .await?;
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM change_events WHERE node_id = $1::bpchar AND hlc_timestamp > $2",
-        )
-        .bind(origin.to_string())
-        .bind(after.encode())
-        .fetch_one(&mut *tx)
-        .await?;
-        let first: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {WALL_MS} FROM change_events WHERE node_id = $1::bpchar AND hlc_timestamp > $2 \
+        let first: Option<(i64, Option<i64>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {WALL_MS}, CASE WHEN jsonb_typeof(metadata -> 'seq') = 'number' \
+             THEN trunc((metadata ->> 'seq')::numeric)::bigint END \
+             FROM change_events WHERE node_id = $1::bpchar AND hlc_timestamp > $2 \
              ORDER BY hlc_timestamp LIMIT 1"
         )))
         .bind(origin.to_string())
@@ -1653,7 +1648,21 @@ impl Backend for PostgresBackend {
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((n.max(0) as u64, first.map(|f| f.0)))
+        Ok(first.map(|(wall_ms, seq)| FirstEvent {
+            wall_ms,
+            seq: seq.and_then(|s| u64::try_from(s).ok()),
+        }))
+    }
+
+    async fn count_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM change_events WHERE node_id = $1::bpchar AND hlc_timestamp > $2",
+        )
+        .bind(origin.to_string())
+        .bind(after.encode())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
     }
 
     async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {

@@ -43,7 +43,7 @@ const CACHED_UPSERT_ROWS: usize = 8;
 pub const SCHEMA_SQL: &str = include_str!("../migrations/sqlite/0001_init.up.sql");
 
 use crate::backend::{
-    Backend, Compacted, RowWrite, TableShape, Tombstones, TxScope, tombstone_goes_sql,
+    Backend, Compacted, FirstEvent, RowWrite, TableShape, Tombstones, TxScope, tombstone_goes_sql,
 };
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
@@ -1778,7 +1778,24 @@ impl Backend for SqliteBackend {
         rows.into_iter().map(ChangeEvent::try_from).collect()
     }
 
-    async fn lag_of_origin(&self, origin: Ulid, after: Hlc) -> Result<(u64, Option<i64>)> {
+    async fn first_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<Option<FirstEvent>> {
+        let first: Option<(i64, Option<i64>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {WALL_MS}, CASE WHEN json_valid(metadata) \
+             THEN CAST(json_extract(metadata, '$.seq') AS INTEGER) END \
+             FROM change_events WHERE node_id = $1 AND hlc_timestamp > $2 \
+             ORDER BY hlc_timestamp LIMIT 1"
+        )))
+        .bind(origin.to_string())
+        .bind(after.encode())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(first.map(|(wall_ms, seq)| FirstEvent {
+            wall_ms,
+            seq: seq.and_then(|s| u64::try_from(s).ok()),
+        }))
+    }
+
+    async fn count_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<u64> {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM change_events WHERE node_id = $1 AND hlc_timestamp > $2",
         )
@@ -1786,15 +1803,7 @@ impl Backend for SqliteBackend {
         .bind(after.encode())
         .fetch_one(&self.pool)
         .await?;
-        let first: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {WALL_MS} FROM change_events WHERE node_id = $1 AND hlc_timestamp > $2 \
-             ORDER BY hlc_timestamp LIMIT 1"
-        )))
-        .bind(origin.to_string())
-        .bind(after.encode())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok((n.max(0) as u64, first.map(|f| f.0)))
+        Ok(n.max(0) as u64)
     }
 
     async fn record_events(&self, table: &str, id: Ulid) -> Result<Vec<ChangeEvent>> {
