@@ -13,7 +13,7 @@
 //! oldest of them (origin wall time to now, never negative). An idle, synced
 //! cluster therefore shows zero lag however long it stays idle.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 const REFRESH: Duration = Duration::from_secs(1);
+/// Longest pause between two readings of a costly gauge (below
+/// [`GAUGE_IDLE`], and set from its last reading in between anyway).
+const COSTLY_PAUSE_MAX: Duration = Duration::from_secs(20);
 
 /// How long a gauge nobody sets stays exported (see [`install_recorder`]).
 pub const GAUGE_IDLE: Duration = Duration::from_secs(45);
@@ -444,6 +447,7 @@ pub async fn refresh(
     handle: PrometheusHandle,
     cancel: CancellationToken,
 ) {
+    let mut unsynced = Costly::default();
     loop {
         let peers = sender.peers().current();
         // Gauges set once or on change are set again, so only those of
@@ -459,7 +463,7 @@ pub async fn refresh(
         }
         sender.publish_gauges();
         publish_catch_up(&sender.catch_up().status(&store.positions()));
-        if let Err(e) = refresh_once(&store, &peers).await {
+        if let Err(e) = refresh_once(&store, &peers, &mut unsynced).await {
             metrics::counter!("tidemark_store_errors_total", "op" => "metrics").increment(1);
             debug!(error = %e, "refreshing metrics failed");
         }
@@ -480,7 +484,41 @@ pub(crate) fn count_captures(store: &Store) {
     metrics::counter!("tidemark_captures_set_aside_total").absolute(set_aside);
 }
 
-async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<()> {
+/// A gauge whose reading costs time in proportion to what it counts (the
+/// unsynced events: a scan of them, which grows for as long as a peer is away):
+/// read again only after about a hundred times what the last reading took
+/// (from 1 s to [`COSTLY_PAUSE_MAX`]), so reading it takes about 1% of a core
+/// at most, and set from the last reading in between.
+#[derive(Debug, Default)]
+struct Costly {
+    last: f64,
+    next: Option<Instant>,
+}
+
+impl Costly {
+    async fn refresh<F>(&mut self, read: F) -> tidemark_store::Result<f64>
+    where
+        F: std::future::Future<Output = tidemark_store::Result<u64>>,
+    {
+        let now = Instant::now();
+        if self.next.is_none_or(|next| now >= next) {
+            self.last = read.await? as f64;
+            self.next = Some(now + costly_pause(now.elapsed()));
+        }
+        Ok(self.last)
+    }
+}
+
+/// The pause after a costly reading that took `took`.
+fn costly_pause(took: Duration) -> Duration {
+    took.saturating_mul(100).clamp(REFRESH, COSTLY_PAUSE_MAX)
+}
+
+async fn refresh_once(
+    store: &Store,
+    peers: &[Peer],
+    unsynced: &mut Costly,
+) -> tidemark_store::Result<()> {
     count_captures(store);
     let now = tidemark_hlc::system_wall_ms();
     for peer in peers {
@@ -499,10 +537,38 @@ async fn refresh_once(store: &Store, peers: &[Peer]) -> tidemark_store::Result<(
             .set(position.seq as f64);
     }
     metrics::gauge!("tidemark_hlc_wall_seconds").set(store.clock().now().wall_ms() as f64 / 1000.0);
-    metrics::gauge!("tidemark_unsynced_events").set(store.count_unsynced().await? as f64);
+    metrics::gauge!("tidemark_unsynced_events")
+        .set(unsynced.refresh(store.count_unsynced()).await?);
     metrics::gauge!("tidemark_pending_captures").set(store.pending_captures().await? as f64);
     metrics::gauge!("tidemark_quarantined_events").set(store.count_quarantined().await? as f64);
     metrics::gauge!("tidemark_unreplicated_captures").set(store.count_set_aside().await? as f64);
     metrics::gauge!("tidemark_blocked_records").set(store.count_blocked().await? as f64);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costly_gauges_pause_a_hundred_times_their_cost() {
+        assert_eq!(costly_pause(Duration::from_micros(300)), REFRESH);
+        assert_eq!(
+            costly_pause(Duration::from_millis(50)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(costly_pause(Duration::from_secs(3)), COSTLY_PAUSE_MAX);
+        assert!(COSTLY_PAUSE_MAX < GAUGE_IDLE);
+    }
+
+    #[tokio::test]
+    async fn a_costly_gauge_is_read_again_only_after_its_pause() {
+        let mut gauge = Costly::default();
+        assert_eq!(gauge.refresh(async { Ok(7) }).await.expect("read"), 7.0);
+        // Within the pause (at least a second): the last reading, unread.
+        let unread = async { panic!("read again within the pause") };
+        assert_eq!(gauge.refresh(unread).await.expect("cached"), 7.0);
+        gauge.next = Some(Instant::now());
+        assert_eq!(gauge.refresh(async { Ok(9) }).await.expect("read"), 9.0);
+    }
 }
