@@ -118,10 +118,12 @@ pub enum TxScope {
     Log,
 }
 
-#[derive(Debug, Clone)]
-pub struct RowWrite {
+/// A row to write: its values are borrowed from whoever holds them (an event
+/// being applied, a record's winning version), never copied for the write.
+#[derive(Debug, Clone, Copy)]
+pub struct RowWrite<'a> {
     pub id: Ulid,
-    pub values: Values,
+    pub values: &'a Values,
     pub hlc: Hlc,
     pub node_id: Ulid,
 }
@@ -262,7 +264,7 @@ pub trait Backend: Send + Sync + 'static {
         async move {
             let row = RowWrite {
                 id,
-                values: values.clone(),
+                values,
                 hlc,
                 node_id,
             };
@@ -292,7 +294,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        rows: &[RowWrite],
+        rows: &[RowWrite<'_>],
     ) -> impl Future<Output = Result<()>> + Send;
     /// Deletes many rows of one table.
     fn delete_rows(
@@ -370,7 +372,7 @@ pub trait Backend: Send + Sync + 'static {
     fn insert_events(
         &self,
         tx: &mut Self::Tx,
-        events: &[ChangeEvent],
+        events: &[&ChangeEvent],
         synced: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> impl Future<Output = Result<()>> + Send;
     /// Raises each origin's applied-vector entry to at least the given HLC.

@@ -780,7 +780,7 @@ impl Backend for MemoryBackend {
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        rows: &[RowWrite],
+        rows: &[RowWrite<'_>],
     ) -> Result<()> {
         Self::registered(&tx.state, table)?;
         for r in rows {
@@ -961,7 +961,7 @@ impl Backend for MemoryBackend {
     async fn insert_events(
         &self,
         tx: &mut Self::Tx,
-        events: &[ChangeEvent],
+        events: &[&ChangeEvent],
         synced: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> Result<()> {
         for e in events {
@@ -972,7 +972,7 @@ impl Backend for MemoryBackend {
                 events_field,
                 e.event_id,
                 Some(StoredEvent {
-                    event: e.clone(),
+                    event: (*e).clone(),
                     synced_at: synced(e.event_id).then(|| self.now()),
                 }),
             );

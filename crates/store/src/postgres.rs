@@ -893,7 +893,7 @@ impl Backend for PostgresBackend {
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        rows: &[RowWrite],
+        rows: &[RowWrite<'_>],
     ) -> Result<()> {
         let Some(first) = rows.first() else {
             return Ok(());
@@ -1071,7 +1071,7 @@ impl Backend for PostgresBackend {
     async fn insert_events(
         &self,
         tx: &mut Self::Tx,
-        events: &[ChangeEvent],
+        events: &[&ChangeEvent],
         synced: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> Result<()> {
         // One statement per chunk: a column array each, UNNEST-ed into rows.

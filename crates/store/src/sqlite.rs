@@ -579,6 +579,25 @@ fn conflict_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConflictRow> {
     })
 }
 
+/// `change_events.wall_timestamp` of a wall time in ms since the epoch, the
+/// text `strftime('%Y-%m-%dT%H:%M:%fZ', ms / 1000.0, 'unixepoch')` makes
+/// (every SQLite node stores the same text), written here instead of by a date
+/// function in each event's `INSERT`.
+fn wall_text(ms: i64) -> Result<String> {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| StoreError::invalid("wall_ms", format!("{ms}: {e}")))?;
+    Ok(format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    ))
+}
+
 /// JSON text of a value bound as a parameter (what sqlx's `Json` binds).
 fn json_text(v: &impl serde::Serialize) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::from(sqlx::Error::Encode(Box::new(e))))
@@ -1135,7 +1154,7 @@ impl Backend for SqliteBackend {
         &self,
         tx: &mut Self::Tx,
         table: &TableInfo,
-        rows: &[RowWrite],
+        rows: &[RowWrite<'_>],
     ) -> Result<()> {
         let Some(first) = rows.first() else {
             return Ok(());
@@ -1254,7 +1273,7 @@ impl Backend for SqliteBackend {
     async fn insert_events(
         &self,
         tx: &mut Self::Tx,
-        events: &[ChangeEvent],
+        events: &[&ChangeEvent],
         synced: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> Result<()> {
         // One cached statement run per event: on the direct connection a step
@@ -1265,8 +1284,7 @@ impl Backend for SqliteBackend {
             .prepare_cached(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata, synced_at) \
-                 VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', ?3 / 1000.0, 'unixepoch'), \
-                 ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
                  CASE WHEN ?13 THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END) \
                  ON CONFLICT (event_id) DO NOTHING",
             )
@@ -1276,7 +1294,7 @@ impl Backend for SqliteBackend {
             stmt.execute(params![
                 e.event_id.to_string(),
                 e.hlc.encode(),
-                e.wall_ms,
+                wall_text(e.wall_ms)?,
                 e.node_id.to_string(),
                 e.table_name,
                 e.record_id.to_string(),
@@ -2174,5 +2192,50 @@ impl FromStr for SqliteOptions {
             });
         }
         Ok(SqliteOptions::new(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The text SQLite's own date function makes of `ms`.
+    fn strftime(conn: &rusqlite::Connection, ms: i64) -> String {
+        conn.query_row(
+            "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', ?1 / 1000.0, 'unixepoch')",
+            [ms],
+            |r| r.get(0),
+        )
+        .expect("strftime")
+    }
+
+    #[test]
+    fn wall_text_at_the_edges_of_the_range() {
+        let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
+        // The epoch, a leap day, the last ms of a minute, of 9999 (the latest an
+        // event may carry), and a time of today.
+        for ms in [
+            0,
+            951_782_400_000,
+            1_700_000_059_999,
+            253_402_300_799_999,
+            1_764_628_808_123,
+        ] {
+            assert_eq!(
+                wall_text(ms).expect("in range"),
+                strftime(&conn, ms),
+                "{ms}"
+            );
+        }
+        assert_eq!(wall_text(0).expect("in range"), "1970-01-01T00:00:00.000Z");
+    }
+
+    proptest! {
+        #[test]
+        fn wall_text_is_what_strftime_writes(ms in 0i64..=253_402_300_799_999) {
+            let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
+            prop_assert_eq!(wall_text(ms).expect("in range"), strftime(&conn, ms));
+        }
     }
 }

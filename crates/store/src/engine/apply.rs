@@ -213,7 +213,7 @@ impl<B: Backend> Engine<B> {
                 continue;
             }
             match self.check_remote(event) {
-                Ok((table, checked)) => accepted.push((checked, table)),
+                Ok((table, checked)) => accepted.push((Arc::new(checked), table)),
                 Err(e @ StoreError::UnknownTable { .. }) => {
                     hold(RejectKind::UnknownTable, e.to_string(), HOLD_INVALID_MS)
                 }
@@ -279,7 +279,7 @@ impl<B: Backend> Engine<B> {
         &self,
         peer: Ulid,
         waited: &[Ulid],
-        accepted: &[(ChangeEvent, Arc<TableInfo>)],
+        accepted: &[(Arc<ChangeEvent>, Arc<TableInfo>)],
     ) -> HashSet<Ulid> {
         let acks = lock(&self.acks);
         accepted
@@ -301,7 +301,7 @@ impl<B: Backend> Engine<B> {
     pub(super) async fn apply_in(
         &self,
         tx: &mut B::Tx,
-        accepted: &[(ChangeEvent, Arc<TableInfo>)],
+        accepted: &[(Arc<ChangeEvent>, Arc<TableInfo>)],
         careful: bool,
         synced: &HashSet<Ulid>,
     ) -> Result<ApplyOutcome> {
@@ -369,7 +369,7 @@ impl<B: Backend> Engine<B> {
     pub(super) async fn apply_one(
         &self,
         tx: &mut B::Tx,
-        event: &ChangeEvent,
+        event: &Arc<ChangeEvent>,
         table: &Arc<TableInfo>,
         cache: &mut VersionCache,
         careful: bool,
@@ -380,10 +380,10 @@ impl<B: Backend> Engine<B> {
         // flushes before conflict bookkeeping), so one that conflicts with it
         // finds its values.
         match cache.pending.as_mut() {
-            Some(p) => p.events.push(event.clone()),
+            Some(p) => p.events.push(Arc::clone(event)),
             None => {
                 let synced = &cache.synced;
-                self.insert_events(tx, std::slice::from_ref(event), &|id| synced.contains(&id))
+                self.insert_events(tx, &[&**event], &|id| synced.contains(&id))
                     .await?
             }
         }
@@ -409,13 +409,13 @@ impl<B: Backend> Engine<B> {
             let Some(p) = cache.pending.as_mut() else {
                 return Err(StoreError::corrupt("apply", "the write buffer vanished"));
             };
-            p.rows.push(match &event.new_values {
+            p.rows.push(match RowValues::of_event(event) {
                 Some(values) => RowOp::upsert(
                     table.clone(),
                     event.event_id,
-                    RowWrite {
+                    PendingRow {
                         id: event.record_id,
-                        values: values.clone(),
+                        values,
                         hlc: event.hlc,
                         node_id: event.node_id,
                     },

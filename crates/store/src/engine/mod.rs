@@ -113,8 +113,44 @@ struct QueuedWrite {
 struct Pending {
     /// The latest version of each record written.
     versions: BTreeMap<(String, Ulid), Version>,
-    events: Vec<ChangeEvent>,
+    /// Shared with the batch being applied, not copies of its events.
+    events: Vec<Arc<ChangeEvent>>,
     rows: Vec<RowOp>,
+}
+
+/// A row to write once its run is flushed (see [`RowOp::row`]).
+#[derive(Debug, Clone)]
+struct PendingRow {
+    id: Ulid,
+    values: RowValues,
+    hlc: Hlc,
+    node_id: Ulid,
+}
+
+/// The values of a pending row.
+#[derive(Debug, Clone)]
+enum RowValues {
+    Own(Values),
+    /// Those of the event the row follows, shared with it; made only from an
+    /// event that has new values ([`RowValues::of_event`]).
+    Event(Arc<ChangeEvent>),
+}
+
+impl RowValues {
+    fn of_event(event: &Arc<ChangeEvent>) -> Option<RowValues> {
+        event
+            .new_values
+            .is_some()
+            .then(|| RowValues::Event(event.clone()))
+    }
+
+    fn get(&self) -> &Values {
+        static NONE: std::sync::LazyLock<Values> = std::sync::LazyLock::new(Values::new);
+        match self {
+            RowValues::Own(values) => values,
+            RowValues::Event(event) => event.new_values.as_ref().unwrap_or(&NONE),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,7 +158,7 @@ enum RowOp {
     Upsert {
         table: Arc<TableInfo>,
         event_id: Ulid,
-        row: RowWrite,
+        row: PendingRow,
     },
     Delete {
         table: Arc<TableInfo>,
@@ -138,7 +174,7 @@ enum RowOp {
 }
 
 impl RowOp {
-    fn upsert(table: Arc<TableInfo>, event_id: Ulid, row: RowWrite) -> RowOp {
+    fn upsert(table: Arc<TableInfo>, event_id: Ulid, row: PendingRow) -> RowOp {
         RowOp::Upsert {
             table,
             event_id,
@@ -161,8 +197,8 @@ impl RowOp {
         }
         match (self, other) {
             (RowOp::Upsert { row: a, .. }, RowOp::Upsert { row: b, .. }) => {
-                a.values.len() == b.values.len()
-                    && a.values.keys().all(|k| b.values.contains_key(k))
+                let (a, b) = (a.values.get(), b.values.get());
+                a.len() == b.len() && a.keys().all(|k| b.contains_key(k))
             }
             (RowOp::Delete { .. }, RowOp::Delete { .. }) => true,
             (RowOp::Stamp { .. }, RowOp::Stamp { .. }) => true,
@@ -523,7 +559,7 @@ impl<B: Backend> Engine<B> {
     async fn insert_events(
         &self,
         tx: &mut B::Tx,
-        events: &[ChangeEvent],
+        events: &[&ChangeEvent],
         synced: &(dyn Fn(Ulid) -> bool + Sync),
     ) -> Result<()> {
         self.backend.insert_events(tx, events, synced).await?;

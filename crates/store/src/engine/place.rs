@@ -301,9 +301,9 @@ impl<B: Backend> Engine<B> {
                 .await?;
             }
         }
-        let row = RowWrite {
+        let row = PendingRow {
             id: record,
-            values: values.clone(),
+            values: RowValues::Own(values.clone()),
             hlc: winner.order.hlc,
             node_id: winner.order.node_id,
         };

@@ -369,7 +369,8 @@ impl<B: Backend> Engine<B> {
         }
         if !pending.events.is_empty() {
             let synced = &cache.synced;
-            self.insert_events(tx, &pending.events, &|id| synced.contains(&id))
+            let events: Vec<&ChangeEvent> = pending.events.iter().map(|e| &**e).collect();
+            self.insert_events(tx, &events, &|id| synced.contains(&id))
                 .await?;
         }
         Ok(())
@@ -384,10 +385,15 @@ impl<B: Backend> Engine<B> {
         let (written, event_id) = match first {
             RowOp::Upsert { event_id, .. } => {
                 let event_id = *event_id;
-                let rows: Vec<RowWrite> = run
-                    .into_iter()
+                let rows: Vec<RowWrite<'_>> = run
+                    .iter()
                     .filter_map(|op| match op {
-                        RowOp::Upsert { row, .. } => Some(row),
+                        RowOp::Upsert { row, .. } => Some(RowWrite {
+                            id: row.id,
+                            values: row.values.get(),
+                            hlc: row.hlc,
+                            node_id: row.node_id,
+                        }),
                         _ => None,
                     })
                     .collect();
