@@ -101,6 +101,8 @@ pub struct SqliteBackend {
     pool: SqlitePool,
     /// The write connection of the daemon's write transactions.
     writer: Writer,
+    /// The read connection of the sender's pages (see [`writer::Reader`]).
+    reader: writer::Reader,
     busy_timeout: Duration,
     synchronous_full: bool,
     /// `<database>-tidemark.lock`, locked while this backend is open: one
@@ -216,6 +218,10 @@ impl SqliteBackend {
             target: format!("SQLite database {}", opts.path.display()),
             source: writer::sqlx_error(e).into(),
         })?;
+        let reader = writer::open_reader(opts).map_err(|e| StoreError::Connect {
+            target: format!("SQLite database {}", opts.path.display()),
+            source: writer::sqlx_error(e).into(),
+        })?;
         let checkpoint =
             checkpoint::Checkpointer::start(&opts.path, opts.busy_timeout).map_err(|source| {
                 StoreError::Connect {
@@ -226,6 +232,7 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             pool,
             writer: std::sync::Arc::new(tokio::sync::Mutex::new(Some(writer))),
+            reader: std::sync::Arc::new(tokio::sync::Mutex::new(Some(reader))),
             busy_timeout: opts.busy_timeout,
             synchronous_full: opts.synchronous_full,
             lock: std::sync::Arc::new(std::sync::Mutex::new(Some(lock))),
@@ -1785,14 +1792,15 @@ impl Backend for SqliteBackend {
         // hlc_timestamp) index gives the order without a sorter.
         let sql = format!(
             "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
-             WHERE node_id = $1 AND hlc_timestamp > $2 ORDER BY hlc_timestamp LIMIT $3"
+             WHERE node_id = ?1 AND hlc_timestamp > ?2 ORDER BY hlc_timestamp LIMIT ?3"
         );
-        let rows: Vec<EventRow> = sqlx::query_as(AssertSqlSafe(sql))
-            .bind(origin.to_string())
-            .bind(after.encode())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let origin = origin.to_string();
+        let rows: Vec<EventRow> = writer::read(&self.reader, self.busy_timeout, |conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            stmt.query_map(params![origin, after.encode(), limit], event_row)?
+                .collect()
+        })
+        .await?;
         rows.into_iter().map(ChangeEvent::try_from).collect()
     }
 
@@ -2117,6 +2125,7 @@ impl Backend for SqliteBackend {
         // open), then the checkpoint thread's, so the pool's last connection
         // is the file's last.
         drop(self.writer.lock().await.take());
+        drop(self.reader.lock().await.take());
         let checkpoint = self
             .checkpoint
             .lock()

@@ -78,6 +78,59 @@ pub(super) fn open(opts: &SqliteOptions) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The read connection of the reads that follow every commit (the sender's
+/// page of an origin's events): read-only, run inline like the write
+/// connection's statements, with no hand-off to sqlx's worker thread and no
+/// row-by-row channel back from it.
+pub(super) type Reader = Arc<Mutex<Option<Connection>>>;
+
+/// Opens the read connection (the write connection made the file and set WAL).
+pub(super) fn open_reader(opts: &SqliteOptions) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        &opts.path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_PRIVATE_CACHE,
+    )?;
+    // Busy is retried in `read` with async sleeps, never by SQLite's handler
+    // (which would sleep on a runtime thread).
+    conn.busy_timeout(Duration::ZERO)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Runs `f` on the read connection, on the calling task. A database busy
+/// for a moment (WAL recovery) is retried after async sleeps until `timeout`,
+/// as SQLite's busy handler would.
+pub(super) async fn read<T>(
+    reader: &Reader,
+    timeout: Duration,
+    f: impl Fn(&Connection) -> rusqlite::Result<T>,
+) -> Result<T> {
+    let guard = reader.clone().lock_owned().await;
+    let deadline = Instant::now() + timeout;
+    let mut attempt = 0;
+    loop {
+        // No borrow of the connection lives across the sleep below.
+        let Some(conn) = guard.as_ref() else {
+            return Err(sqlx::Error::PoolClosed.into());
+        };
+        match f(conn) {
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && Instant::now() < deadline =>
+            {
+                let delay =
+                    Duration::from_millis(BUSY_DELAYS_MS[attempt.min(BUSY_DELAYS_MS.len() - 1)]);
+                attempt += 1;
+                tokio::time::sleep(delay.min(deadline - Instant::now())).await;
+            }
+            done => return done.map_err(db_error),
+        }
+    }
+}
+
 /// A busy timeout SQLite takes (milliseconds in an `i32`).
 fn busy_timeout(d: Duration) -> Duration {
     d.min(Duration::from_millis(i32::MAX as u64))
