@@ -148,6 +148,9 @@ pub struct ReplicationOptions {
     /// Approximate byte budget of one batch (at least one event is always sent).
     pub max_batch_bytes: usize,
     /// Most batches sent to one peer and not yet acknowledged (backpressure).
+    /// Enough that a peer catching up always has the next transaction's
+    /// batches arriving while it commits one (the receiver coalesces what has
+    /// arrived): with 4, a catch-up stalled between commits.
     pub max_unacked_batches: usize,
     /// Most events a received batch may hold.
     pub max_batch_events: usize,
@@ -185,7 +188,7 @@ impl Default for ReplicationOptions {
         ReplicationOptions {
             batch_size: 500,
             max_batch_bytes: 1 << 20,
-            max_unacked_batches: 4,
+            max_unacked_batches: 8,
             max_batch_events: 10_000,
             max_message_bytes: 16 << 20,
             connect_timeout_ms: 5_000,
