@@ -118,7 +118,8 @@ struct Pending {
     rows: Vec<RowOp>,
 }
 
-/// A row to write once its run is flushed (see [`RowOp::row`]).
+/// A row to write when its run of [`RowOp`]s is flushed (`Engine::write_rows`
+/// lends its values to the backend as a [`RowWrite`]).
 #[derive(Debug, Clone)]
 struct PendingRow {
     id: Ulid,
@@ -145,6 +146,8 @@ impl RowValues {
     }
 
     fn get(&self) -> &Values {
+        // `NONE` is never lent: an `Event` is made only from an event that
+        // has new values, and an event's values do not change once shared.
         static NONE: std::sync::LazyLock<Values> = std::sync::LazyLock::new(Values::new);
         match self {
             RowValues::Own(values) => values,
