@@ -1022,14 +1022,8 @@ impl Backend for PostgresBackend {
             let nodes: Vec<String> = chunk.iter().map(|(_, v)| v.node_id.to_string()).collect();
             let events: Vec<String> = chunk.iter().map(|(_, v)| v.event_id.to_string()).collect();
             let deleted: Vec<bool> = chunk.iter().map(|(_, v)| v.deleted).collect();
-            let vvs: Vec<String> = chunk
-                .iter()
-                .map(|(_, v)| v.vv.to_json().to_string())
-                .collect();
-            let frontiers: Vec<String> = chunk
-                .iter()
-                .map(|(_, v)| v.frontier_json().to_string())
-                .collect();
+            let vvs: Vec<String> = chunk.iter().map(|(_, v)| v.vv.to_json_text()).collect();
+            let frontiers: Vec<String> = chunk.iter().map(|(_, v)| v.frontier_text()).collect();
             sqlx::query(
                 "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
                  SELECT $1, r, h, n, e, d, vv::jsonb, f::jsonb \

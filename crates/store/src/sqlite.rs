@@ -586,25 +586,6 @@ fn conflict_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConflictRow> {
     })
 }
 
-/// `change_events.wall_timestamp` of a wall time in ms since the epoch, the
-/// text `strftime('%Y-%m-%dT%H:%M:%fZ', ms / 1000.0, 'unixepoch')` makes
-/// (every SQLite node stores the same text), written here instead of by a date
-/// function in each event's `INSERT`.
-fn wall_text(ms: i64) -> Result<String> {
-    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map_err(|e| StoreError::invalid("wall_ms", format!("{ms}: {e}")))?;
-    Ok(format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.millisecond()
-    ))
-}
-
 /// JSON text of a value bound as a parameter (what sqlx's `Json` binds).
 fn json_text(v: &impl serde::Serialize) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::from(sqlx::Error::Encode(Box::new(e))))
@@ -1149,8 +1130,8 @@ impl Backend for SqliteBackend {
                 v.node_id.to_string(),
                 v.event_id.to_string(),
                 i64::from(v.deleted),
-                v.vv.to_json().to_string(),
-                v.frontier_json().to_string(),
+                v.vv.to_json_text(),
+                v.frontier_text(),
             ])
             .map_err(db_error)?;
         }
@@ -1301,7 +1282,9 @@ impl Backend for SqliteBackend {
             stmt.execute(params![
                 e.event_id.to_string(),
                 e.hlc.encode(),
-                wall_text(e.wall_ms)?,
+                // The text strftime('%Y-%m-%dT%H:%M:%fZ', ms / 1000.0, 'unixepoch')
+                // makes (see the tests), without a date function per insert.
+                crate::model::iso8601(e.wall_ms),
                 e.node_id.to_string(),
                 e.table_name,
                 e.record_id.to_string(),
@@ -2206,7 +2189,6 @@ impl FromStr for SqliteOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use proptest::prelude::*;
 
     /// The text SQLite's own date function makes of `ms`.
@@ -2220,7 +2202,7 @@ mod tests {
     }
 
     #[test]
-    fn wall_text_at_the_edges_of_the_range() {
+    fn iso8601_is_what_strftime_writes_at_the_edges() {
         let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
         // The epoch, a leap day, the last ms of a minute, of 9999 (the latest an
         // event may carry), and a time of today.
@@ -2231,20 +2213,15 @@ mod tests {
             253_402_300_799_999,
             1_764_628_808_123,
         ] {
-            assert_eq!(
-                wall_text(ms).expect("in range"),
-                strftime(&conn, ms),
-                "{ms}"
-            );
+            assert_eq!(crate::model::iso8601(ms), strftime(&conn, ms), "{ms}");
         }
-        assert_eq!(wall_text(0).expect("in range"), "1970-01-01T00:00:00.000Z");
     }
 
     proptest! {
         #[test]
-        fn wall_text_is_what_strftime_writes(ms in 0i64..=253_402_300_799_999) {
+        fn iso8601_is_what_strftime_writes(ms in 0i64..=253_402_300_799_999) {
             let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
-            prop_assert_eq!(wall_text(ms).expect("in range"), strftime(&conn, ms));
+            prop_assert_eq!(crate::model::iso8601(ms), strftime(&conn, ms));
         }
     }
 }
