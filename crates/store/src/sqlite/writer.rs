@@ -37,6 +37,35 @@ const STATEMENT_CACHE: usize = 256;
 /// last one repeats.
 const BUSY_DELAYS_MS: [u64; 12] = [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
 
+/// SQLite's busy handler's schedule, slept by the caller on the runtime
+/// instead of by SQLite on the calling thread.
+struct BusyWait {
+    deadline: Instant,
+    attempt: usize,
+}
+
+impl BusyWait {
+    fn new(timeout: Duration) -> Self {
+        BusyWait {
+            deadline: Instant::now() + timeout,
+            attempt: 0,
+        }
+    }
+
+    /// How long to sleep before trying again after `e`; `None` when `e` is not
+    /// SQLITE_BUSY or the timeout has passed.
+    fn next_delay(&mut self, e: &rusqlite::Error) -> Option<Duration> {
+        let now = Instant::now();
+        if e.sqlite_error_code() != Some(rusqlite::ErrorCode::DatabaseBusy) || now >= self.deadline
+        {
+            return None;
+        }
+        let delay = BUSY_DELAYS_MS[self.attempt.min(BUSY_DELAYS_MS.len() - 1)];
+        self.attempt += 1;
+        Some(Duration::from_millis(delay).min(self.deadline - now))
+    }
+}
+
 /// The write connection, `None` once the backend is closed.
 pub(super) type Writer = Arc<Mutex<Option<Connection>>>;
 
@@ -109,24 +138,18 @@ pub(super) async fn read<T>(
     f: impl Fn(&Connection) -> rusqlite::Result<T>,
 ) -> Result<T> {
     let guard = reader.clone().lock_owned().await;
-    let deadline = Instant::now() + timeout;
-    let mut attempt = 0;
+    let mut busy = BusyWait::new(timeout);
     loop {
         // No borrow of the connection lives across the sleep below.
         let Some(conn) = guard.as_ref() else {
             return Err(sqlx::Error::PoolClosed.into());
         };
         match f(conn) {
-            Err(e)
-                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
-                    && Instant::now() < deadline =>
-            {
-                let delay =
-                    Duration::from_millis(BUSY_DELAYS_MS[attempt.min(BUSY_DELAYS_MS.len() - 1)]);
-                attempt += 1;
-                tokio::time::sleep(delay.min(deadline - Instant::now())).await;
-            }
-            done => return done.map_err(db_error),
+            Ok(done) => return Ok(done),
+            Err(e) => match busy.next_delay(&e) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(db_error(e)),
+            },
         }
     }
 }
@@ -179,21 +202,14 @@ pub(super) async fn begin(writer: &Writer, timeout: Duration, scope: TxScope) ->
         conn: guard,
         guarded: scope == TxScope::Rows,
     };
-    let deadline = Instant::now() + timeout;
-    let mut attempt = 0;
+    let mut busy = BusyWait::new(timeout);
     loop {
         match try_begin(tx.conn(), timeout) {
             Ok(()) => break,
-            Err(e)
-                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
-                    && Instant::now() < deadline =>
-            {
-                let delay =
-                    Duration::from_millis(BUSY_DELAYS_MS[attempt.min(BUSY_DELAYS_MS.len() - 1)]);
-                attempt += 1;
-                tokio::time::sleep(delay.min(deadline - Instant::now())).await;
-            }
-            Err(e) => return Err(db_error(e)),
+            Err(e) => match busy.next_delay(&e) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(db_error(e)),
+            },
         }
     }
     if tx.guarded {
