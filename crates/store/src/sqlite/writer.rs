@@ -82,7 +82,7 @@ pub(super) fn open(opts: &SqliteOptions) -> rusqlite::Result<Connection> {
             | OpenFlags::SQLITE_OPEN_PRIVATE_CACHE,
     )?;
     conn.busy_timeout(busy_timeout(opts.busy_timeout))?;
-    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    keep_plans(&conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(
@@ -125,8 +125,29 @@ pub(super) fn open_reader(opts: &SqliteOptions) -> rusqlite::Result<Connection> 
     // Busy is retried in `read` with async sleeps, never by SQLite's handler
     // (which would sleep on a runtime thread).
     conn.busy_timeout(Duration::ZERO)?;
-    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    keep_plans(&conn)?;
     Ok(conn)
+}
+
+/// Statements stay prepared, and a prepared statement keeps its plan
+/// whatever is bound to it. Without the query planner stability guarantee
+/// (QPSG), SQLite (built with STAT4) marks a statement whose plan may depend on
+/// a parameter (`LIMIT ?`, `LIKE ?`) expired at every new binding and prepares
+/// it again at its next step: the sender's page read (`... LIMIT ?3`) was
+/// compiled anew on every call.
+fn keep_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(())
+}
+
+/// Runs a statement without parameters or rows (transaction control) from the
+/// statement cache: `execute_batch` would compile it at every call.
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// Runs `f` on the read connection, on the calling task. A database busy
@@ -183,7 +204,7 @@ impl Drop for SqliteTx {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.as_ref()
             && !conn.is_autocommit()
-            && let Err(e) = conn.execute_batch("ROLLBACK")
+            && let Err(e) = run(conn, "ROLLBACK")
         {
             tracing::warn!(error = %e, "rolling back an abandoned write transaction failed");
         }
@@ -213,10 +234,11 @@ pub(super) async fn begin(writer: &Writer, timeout: Duration, scope: TxScope) ->
         }
     }
     if tx.guarded {
-        tx.conn()
-            .prepare_cached("UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1")
-            .and_then(|mut s| s.execute([]))
-            .map_err(db_error)?;
+        run(
+            tx.conn(),
+            "UPDATE tidemark_capture_guard SET active = 1 WHERE id = 1",
+        )
+        .map_err(db_error)?;
     }
     Ok(tx)
 }
@@ -225,10 +247,10 @@ pub(super) async fn begin(writer: &Writer, timeout: Duration, scope: TxScope) ->
 /// connection writes.
 fn try_begin(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
     if !conn.is_autocommit() {
-        conn.execute_batch("ROLLBACK")?;
+        run(conn, "ROLLBACK")?;
     }
     conn.busy_timeout(Duration::ZERO)?;
-    let begun = conn.execute_batch("BEGIN IMMEDIATE");
+    let begun = run(conn, "BEGIN IMMEDIATE");
     conn.busy_timeout(busy_timeout(timeout))?;
     begun
 }
@@ -239,13 +261,15 @@ fn try_begin(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
 pub(super) fn commit(tx: SqliteTx, synchronous_full: bool) -> Result<()> {
     let conn = tx.conn();
     if tx.guarded {
-        conn.prepare_cached("UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1")
-            .and_then(|mut s| s.execute([]))
-            .map_err(db_error)?;
+        run(
+            conn,
+            "UPDATE tidemark_capture_guard SET active = 0 WHERE id = 1",
+        )
+        .map_err(db_error)?;
     }
     let multi_threaded = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    let commit = || conn.execute_batch("COMMIT");
+    let commit = || run(conn, "COMMIT");
     if synchronous_full && multi_threaded {
         tokio::task::block_in_place(commit)
     } else {
@@ -256,7 +280,7 @@ pub(super) fn commit(tx: SqliteTx, synchronous_full: bool) -> Result<()> {
 }
 
 pub(super) fn rollback(tx: SqliteTx) -> Result<()> {
-    tx.conn().execute_batch("ROLLBACK").map_err(db_error)
+    run(tx.conn(), "ROLLBACK").map_err(db_error)
 }
 
 // ---- statements ------------------------------------------------------------------
