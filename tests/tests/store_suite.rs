@@ -726,6 +726,65 @@ async fn identical_rows_registered_on_two_nodes_are_no_conflicts(db: TestDb) {
     }
 }
 
+/// A remote batch of any size writes every row, whatever statements the backend
+/// cuts it into (SQLite upserts in statements of 32, 16, ..., 1 rows): inserts
+/// of new records, then updates of all of them with each record written twice
+/// in one batch (the later write is the row).
+async fn remote_batches_of_any_size_write_every_row(db: TestDb) {
+    let store = with_notes(&db, Ulid::generate()).await;
+    let origin = Ulid::from_parts(1, 7);
+    let base = tidemark_hlc::system_wall_ms() - 60_000;
+    let mut tick = 0i64;
+    let mut next_hlc = || {
+        tick += 1;
+        Hlc::from_parts(base + tick, 0).expect("hlc")
+    };
+    let mut first = 0u128;
+    let mut total = 0;
+    for n in [1u128, 2, 3, 31, 32, 33, 63, 65, 100] {
+        let records: Vec<Ulid> = (first..first + n).map(|i| id(10_000 + i)).collect();
+        first += n;
+        let inserts: Vec<ChangeEvent> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let values =
+                    json!({"title": format!("new {n}/{i}"), "body": format!("b{i}"), "stars": i});
+                remote_event(origin, next_hlc(), *r, Operation::Insert, Some(values))
+            })
+            .collect();
+        let out = store.apply_remote(&inserts).await.expect("apply inserts");
+        assert_eq!(out.applied as u128, n, "inserts of a batch of {n}");
+        total += n as usize;
+        assert_eq!(count_notes(&db).await, total, "rows after a batch of {n}");
+        let mut updates = Vec::new();
+        for round in ["first", "second"] {
+            for (i, r) in records.iter().enumerate() {
+                let values =
+                    json!({"title": format!("{round} {n}/{i}"), "body": null, "stars": 1000 + i});
+                updates.push(remote_event(
+                    origin,
+                    next_hlc(),
+                    *r,
+                    Operation::Update,
+                    Some(values),
+                ));
+            }
+        }
+        // Each update carries the record's whole history from this origin.
+        let out = store.apply_remote(&updates).await.expect("apply updates");
+        assert_eq!(out.applied as u128, 2 * n, "updates of a batch of {n}");
+        for (i, r) in records.iter().enumerate() {
+            let row = store.get("notes", *r).await.expect("get").expect("row");
+            assert_eq!(row.get("title"), Some(&json!(format!("second {n}/{i}"))));
+            assert_eq!(row.get("body"), Some(&Value::Null));
+            assert_eq!(row.get("stars"), Some(&json!(1000 + i)));
+        }
+    }
+    assert_eq!(count_notes(&db).await, total);
+    store.close().await;
+}
+
 async fn remote_apply_is_idempotent_and_lww(db: TestDb) {
     let me = Ulid::generate();
     let store = with_notes(&db, me).await;
@@ -2911,6 +2970,7 @@ suite!(
         api_input_is_checked,
         registration_checks_the_key,
         remote_apply_is_idempotent_and_lww,
+        remote_batches_of_any_size_write_every_row,
         concurrent_versions_converge_in_any_order,
         bad_remote_events_hold_their_origin,
         events_after_a_vector,

@@ -33,10 +33,11 @@ use writer::{Writer, db_error, execute, query};
 const BULK_CHUNK: usize = 1000;
 /// Most parameters one statement binds (SQLite's SQLITE_MAX_VARIABLE_NUMBER is 32766).
 const MAX_BINDS: usize = 32_000;
-/// Most rows of a multi-row upsert kept prepared on the write connection; a
-/// larger one (a rare shape, prepared at a cost its rows amortise) is prepared
-/// for its one use.
-const CACHED_UPSERT_ROWS: usize = 8;
+/// Most rows of one multi-row upsert. Every upsert runs in statements of a
+/// power of two rows up to this (32, 16, ..., 1), so a table and column set
+/// needs at most six shapes, all kept prepared on the write connection: a
+/// larger statement made for each batch was compiled at every use.
+const UPSERT_ROWS: usize = 32;
 
 /// The SQL of the first SQLite migration (the whole schema), for tools that build
 /// a bare database of the same shape (the raw baseline of `tidemark bench`).
@@ -1168,18 +1169,30 @@ impl Backend for SqliteBackend {
             .collect();
         let per_row = cols.len() + 2;
         let placeholders = format!("({})", vec!["?"; per_row].join(", "));
-        let chunk_rows = (MAX_BINDS / per_row).clamp(1, BULK_CHUNK);
+        let most_rows = (MAX_BINDS / per_row).clamp(1, UPSERT_ROWS);
+        let head = format!(
+            "INSERT INTO {t} ({names}, node_id, hlc_modified) VALUES ",
+            t = q(&table.table_name),
+            names = names.join(", "),
+        );
+        let tail = format!(
+            " ON CONFLICT ({pk}) DO UPDATE SET {updates}",
+            pk = q(&table.primary_key),
+            updates = updates.join(", "),
+        );
         let conn = tx.conn();
-        for chunk in rows.chunks(chunk_rows) {
-            let sql = format!(
-                "INSERT INTO {t} ({names}, node_id, hlc_modified) VALUES {values} \
-                 ON CONFLICT ({pk}) DO UPDATE SET {updates}",
-                t = q(&table.table_name),
-                names = names.join(", "),
-                values = vec![placeholders.as_str(); chunk.len()].join(", "),
-                pk = q(&table.primary_key),
-                updates = updates.join(", "),
-            );
+        let mut rest = rows;
+        while !rest.is_empty() {
+            // The largest power of two that fits: a handful of shapes, each cached.
+            let n = 1 << rest.len().min(most_rows).ilog2();
+            let (chunk, after) = rest.split_at(n);
+            rest = after;
+            let sql = [
+                head.as_str(),
+                &vec![placeholders.as_str(); n].join(", "),
+                &tail,
+            ]
+            .concat();
             let mut binds = Vec::with_capacity(chunk.len() * per_row);
             for r in chunk {
                 for (c, ty) in &cols {
@@ -1195,15 +1208,7 @@ impl Backend for SqliteBackend {
                 binds.push(rusqlite::types::Value::Text(r.node_id.to_string()));
                 binds.push(rusqlite::types::Value::Integer(r.hlc.encode()));
             }
-            let params = rusqlite::params_from_iter(binds);
-            if chunk.len() <= CACHED_UPSERT_ROWS {
-                execute(conn, &sql, params)?;
-            } else {
-                // Large statements are rare shapes: prepared for this use only.
-                conn.prepare(&sql)
-                    .and_then(|mut stmt| stmt.execute(params))
-                    .map_err(db_error)?;
-            }
+            execute(conn, &sql, rusqlite::params_from_iter(binds))?;
         }
         Ok(())
     }
@@ -1272,12 +1277,14 @@ impl Backend for SqliteBackend {
             .prepare_cached(
                 "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, record_id, \
                  operation, action, user_id, old_values, new_values, metadata, synced_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-                 CASE WHEN ?13 THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
                  ON CONFLICT (event_id) DO NOTHING",
             )
             .map_err(db_error)?;
         let text = |v: Option<&Values>| v.map(json_text).transpose();
+        // `synced_at` of the events stored already synced: the time of this
+        // call, as strftime('%Y-%m-%dT%H:%M:%fZ', 'now') writes it.
+        let now = crate::model::iso8601(tidemark_hlc::system_wall_ms());
         for e in events {
             stmt.execute(params![
                 e.event_id.to_string(),
@@ -1294,7 +1301,7 @@ impl Backend for SqliteBackend {
                 text(e.old_values.as_ref())?,
                 text(e.new_values.as_ref())?,
                 e.metadata.as_ref().map(Value::to_string),
-                synced(e.event_id),
+                synced(e.event_id).then_some(now.as_str()),
             ])
             .map_err(db_error)?;
         }
