@@ -1772,13 +1772,7 @@ async fn received_events_every_peer_holds_arrive_synced(db: TestDb) {
         let (store, e, waited) = (store.clone(), e.clone(), waited.to_vec());
         async move {
             let out = store
-                .apply_from(
-                    Some(from),
-                    std::slice::from_ref(&e),
-                    Vec::new(),
-                    &|_| true,
-                    &waited,
-                )
+                .apply_from(Some(from), vec![e.clone()], Vec::new(), &|_| true, &waited)
                 .await
                 .expect("apply");
             assert_eq!(out.applied, 1);
@@ -1862,7 +1856,7 @@ async fn quarantined_events_list_and_discard(db: TestDb) {
     store
         .apply_from(
             Some(peer),
-            &[],
+            Vec::new(),
             vec![rejected(1), rejected(2)],
             &|_| true,
             &[],

@@ -367,7 +367,7 @@ impl Inner {
             .store
             .apply_from(
                 Some(sender),
-                &events,
+                events,
                 rejected,
                 &allowed,
                 // Every configured peer (released ones included, which only

@@ -329,7 +329,7 @@ impl Store {
     pub async fn apply_from(
         &self,
         peer: Option<Ulid>,
-        events: &[ChangeEvent],
+        events: Vec<ChangeEvent>,
         rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
         waited: &[Ulid],

@@ -347,7 +347,12 @@ impl ColumnType {
 
     /// Whether values of this class are stored as text on SQLite.
     pub fn is_text_stored(&self) -> bool {
-        !matches!(
+        !(self.is_number_or_bool() || *self == ColumnType::Bytes)
+    }
+
+    /// The integer, float and boolean classes.
+    fn is_number_or_bool(&self) -> bool {
+        matches!(
             self,
             ColumnType::Int16
                 | ColumnType::Int32
@@ -355,7 +360,6 @@ impl ColumnType {
                 | ColumnType::Float32
                 | ColumnType::Float64
                 | ColumnType::Bool
-                | ColumnType::Bytes
         )
     }
 
@@ -620,53 +624,77 @@ impl ColumnType {
         Ok(float_value(f))
     }
 
+    /// [`ColumnType::check`] of a value the caller gives up: a string of a
+    /// text or JSON column that is canonical already is kept, not copied (the
+    /// apply of a received batch checks every value of every event).
+    pub fn check_owned(&self, v: Value) -> Result<Value, String> {
+        match v {
+            Value::String(s) if self.carried_as_text() => {
+                self.text_class_owned(s).map(Value::String)
+            }
+            v => self.check(&v),
+        }
+    }
+
+    /// The classes whose values travel as strings of their text (not numbers,
+    /// decimals or booleans): the ones [`ColumnType::text_class`] reads.
+    fn carried_as_text(&self) -> bool {
+        !(self.is_number_or_bool() || matches!(self, ColumnType::Decimal { .. }))
+    }
+
     /// The classes carried as strings, from their text.
     fn text_class(&self, s: &str) -> Result<Value, String> {
-        Ok(Value::String(match self {
+        self.text_class_owned(s.to_owned()).map(Value::String)
+    }
+
+    /// The canonical text of a class carried as a string; `s` itself when it is
+    /// canonical already (text, char without trailing spaces, JSON).
+    fn text_class_owned(&self, mut s: String) -> Result<String, String> {
+        Ok(match self {
             ColumnType::Text { max_chars } => {
-                no_nul(s)?;
+                no_nul(&s)?;
                 if let Some(max) = max_chars {
                     let n = s.chars().count();
                     if n > *max as usize {
                         return Err(format!("{n} characters, more than the column's {max}"));
                     }
                 }
-                s.to_owned()
+                s
             }
             ColumnType::Char { len } => {
-                no_nul(s)?;
-                let t = s.trim_end_matches(' ');
-                let n = t.chars().count();
+                no_nul(&s)?;
+                s.truncate(s.trim_end_matches(' ').len());
+                let n = s.chars().count();
                 if n > *len as usize {
                     return Err(format!("{n} characters, more than the column's {len}"));
                 }
-                t.to_owned()
+                s
             }
-            ColumnType::Date => date(s)?,
+            ColumnType::Date => date(&s)?,
             ColumnType::Time => {
-                let (h, m, sec, frac) = time_of_day(s)?;
+                let (h, m, sec, frac) = time_of_day(&s)?;
                 format_time(h, m, sec, frac)
             }
-            ColumnType::Timestamp => timestamp(s, false)?,
-            ColumnType::TimestampTz => timestamp(s, true)?,
-            ColumnType::Uuid => uuid(s)?,
+            ColumnType::Timestamp => timestamp(&s, false)?,
+            ColumnType::TimestampTz => timestamp(&s, true)?,
+            ColumnType::Uuid => uuid(&s)?,
             ColumnType::Json => {
                 if s.contains("\\u0000") {
                     return Err(nul_in_json());
                 }
-                serde_json::from_str::<&RawValue>(s)
+                serde_json::from_str::<&RawValue>(&s)
                     .map_err(|e| format!("not a JSON document: {e}"))?;
-                json_number_fits(s)?;
-                s.to_owned()
+                json_number_fits(&s)?;
+                s
             }
             ColumnType::Bytes => {
                 let bytes = BASE64
-                    .decode(s)
+                    .decode(&s)
                     .map_err(|e| format!("not standard base64: {e}"))?;
                 BASE64.encode(bytes)
             }
             other => return Err(format!("a {other} value is not a string")),
-        }))
+        })
     }
 }
 
@@ -1375,6 +1403,36 @@ mod tests {
                 other => other.parse::<f64>().expect("pg text"),
             };
             prop_assert_eq!(parsed.to_bits(), f.to_bits());
+        }
+
+        /// The owned check gives what the borrowing one gives (value or
+        /// error), for every class and any value.
+        #[test]
+        fn owned_check_is_check(
+            class in 0usize..17,
+            v in prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                "[ a-z0-9.:{}\\[\\]\"T+/=Z\u{0}-]{0,12}".prop_map(Value::String),
+                prop_oneof![
+                    Just("2024-02-29"), Just("12:30:00.5"), Just("2024-02-29T12:30:00"),
+                    Just("2024-02-29T12:30:00+02:00"), Just("{\"a\": [1, 2.5]}"), Just("aGVsbG8="),
+                    Just("6F9619FF-8B86-D011-B42D-00C04FC964FF"), Just("abc  "), Just("-12.50"),
+                    Just("Infinity"), Just("-0"),
+                ].prop_map(|s| Value::String(s.to_owned())),
+            ],
+        ) {
+            let classes = [
+                "int16", "int32", "int64", "float32", "float64", "decimal(6,2)", "decimal",
+                "text", "text(3)", "char(4)", "bool", "date", "time", "timestamp",
+                "timestamptz", "uuid", "json",
+            ];
+            let t: ColumnType = classes[class].parse().expect("class");
+            prop_assert_eq!(t.check_owned(v.clone()), t.check(&v));
+            let b = ColumnType::Bytes;
+            prop_assert_eq!(b.check_owned(v.clone()), b.check(&v));
         }
 
         #[test]

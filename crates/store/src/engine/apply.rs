@@ -20,11 +20,11 @@ impl<B: Backend> Engine<B> {
     /// Validates a remote event against the registry and the strictest backend
     /// before anything is written; returns its table and the event with its values
     /// in canonical form (old values are not kept: events are state-based).
-    pub(super) fn check_remote(
-        &self,
-        event: &ChangeEvent,
-    ) -> Result<(Arc<TableInfo>, ChangeEvent)> {
-        let field = |f: &str| format!("event {} {f}", event.event_id);
+    /// The event is taken, not copied: its values move into their canonical
+    /// form.
+    pub(super) fn check_remote(&self, event: ChangeEvent) -> Result<(Arc<TableInfo>, ChangeEvent)> {
+        let event_id = event.event_id;
+        let field = |f: &str| format!("event {event_id} {f}");
         if let Some(action) = &event.action
             && (action.chars().count() > 20 || action.contains('\0'))
         {
@@ -63,7 +63,9 @@ impl<B: Backend> Engine<B> {
         } else {
             self.table(&event.table_name)?
         };
-        let new_values = match (event.operation, &event.new_values) {
+        // Checked here, reported after the values as before: the values move below.
+        let vector = event.vector().map(drop);
+        let new_values = match (event.operation, event.new_values) {
             (Operation::Delete, Some(_)) => {
                 return Err(StoreError::invalid(
                     field("new_values"),
@@ -78,8 +80,13 @@ impl<B: Backend> Engine<B> {
             }
             (_, None) => None,
             (_, Some(values)) => {
-                let canonical = Self::canonical_values(&table, event.record_id, values)?;
-                if let Some(missing) = table.columns.iter().find(|c| !values.contains_key(*c)) {
+                let missing = table
+                    .columns
+                    .iter()
+                    .find(|c| !values.contains_key(*c))
+                    .cloned();
+                let canonical = Self::canonical_values_owned(&table, event.record_id, values)?;
+                if let Some(missing) = missing {
                     return Err(StoreError::invalid(
                         field("new_values"),
                         format!("column {missing} is missing: an event carries the whole row"),
@@ -96,24 +103,13 @@ impl<B: Backend> Engine<B> {
                 "must be a JSON object",
             ));
         }
-        event.vector()?;
-        // Field by field: `..event.clone()` would copy both value maps only to
-        // drop them.
+        vector?;
         Ok((
             table,
             ChangeEvent {
-                event_id: event.event_id,
-                hlc: event.hlc,
-                wall_ms: event.wall_ms,
-                node_id: event.node_id,
-                table_name: event.table_name.clone(),
-                record_id: event.record_id,
-                operation: event.operation,
-                action: event.action.clone(),
-                user_id: event.user_id,
                 old_values: None,
                 new_values,
-                metadata: event.metadata.clone(),
+                ..event
             },
         ))
     }
@@ -121,7 +117,7 @@ impl<B: Backend> Engine<B> {
     /// Applies events from a peer in one transaction (see [`Engine::apply_from`]),
     /// accepting every origin.
     pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
-        self.apply_from(None, events, Vec::new(), &|_| true, &[])
+        self.apply_from(None, events.to_vec(), Vec::new(), &|_| true, &[])
             .await
     }
 
@@ -143,11 +139,12 @@ impl<B: Backend> Engine<B> {
     /// is known to hold is stored already synced, instead of being updated
     /// once more by the next `synced_at` pass: `peer` holds what it sent, the
     /// origin holds its own events, and any other must have acknowledged it.
-    /// In a pair, every received event is synced on arrival.
+    /// In a pair, every received event is synced on arrival. The events are
+    /// taken: their values move into the transaction's rows and log entries.
     pub async fn apply_from(
         &self,
         peer: Option<Ulid>,
-        events: &[ChangeEvent],
+        events: Vec<ChangeEvent>,
         rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
         waited: &[Ulid],
@@ -161,11 +158,12 @@ impl<B: Backend> Engine<B> {
             if held.iter().any(|h| h.origin == event.node_id) {
                 continue;
             }
+            let (origin, hlc, event_id) = (event.node_id, event.hlc, event.event_id);
             let mut hold = |kind, reason: String, retry_after_ms: u64| {
                 held.push(Held {
-                    origin: event.node_id,
-                    hlc: event.hlc,
-                    event_id: event.event_id.to_string(),
+                    origin,
+                    hlc,
+                    event_id: event_id.to_string(),
                     kind,
                     reason,
                     retry_after_ms,

@@ -22,29 +22,35 @@ impl<B: Backend> Engine<B> {
 
     /// Checks a write's values, one column at a time, with `read` turning each
     /// into its canonical form; returns them with the primary key set to `id`.
-    pub(super) fn checked_values<'v, V: 'v>(
+    /// Names and values may be borrowed (copied as they are read) or owned
+    /// (moved into the result).
+    pub(super) fn checked_values<K, V>(
         table: &TableInfo,
         id: Ulid,
-        values: impl IntoIterator<Item = (&'v String, &'v V)>,
-        read: impl Fn(ColumnType, &V) -> std::result::Result<Value, String>,
-    ) -> Result<Values> {
+        values: impl IntoIterator<Item = (K, V)>,
+        read: impl Fn(ColumnType, V) -> std::result::Result<Value, String>,
+    ) -> Result<Values>
+    where
+        K: AsRef<str> + Into<String>,
+    {
         let mut out = Values::new();
         let key = id.to_string();
         for (k, v) in values {
-            let ty = Self::writable_column(table, k)?;
+            let name = k.as_ref();
+            let ty = Self::writable_column(table, name)?;
             let v = read(ty, v).map_err(|reason| StoreError::InvalidValue {
                 table: table.table_name.clone(),
-                column: k.clone(),
+                column: name.to_owned(),
                 class: ty.to_string(),
                 reason,
             })?;
-            if k == &table.primary_key && v.as_str() != Some(key.as_str()) {
+            if name == table.primary_key && v.as_str() != Some(key.as_str()) {
                 return Err(StoreError::invalid(
-                    format!("column {k}"),
+                    format!("column {name}"),
                     format!("primary key value {v} does not match record id {id}"),
                 ));
             }
-            out.insert(k.clone(), v);
+            out.insert(k.into(), v);
         }
         out.insert(table.primary_key.clone(), Value::String(key));
         Ok(out)
@@ -53,6 +59,16 @@ impl<B: Backend> Engine<B> {
     /// Values in the log's form (see [`crate::value`]), checked against the table.
     pub(super) fn canonical_values(table: &TableInfo, id: Ulid, values: &Values) -> Result<Values> {
         Self::checked_values(table, id, values, |ty, v| ty.check(v))
+    }
+
+    /// [`Engine::canonical_values`] of values the caller gives up: names and
+    /// canonical strings move into the result instead of being copied.
+    pub(super) fn canonical_values_owned(
+        table: &TableInfo,
+        id: Ulid,
+        values: Values,
+    ) -> Result<Values> {
+        Self::checked_values(table, id, values, |ty, v| ty.check_owned(v))
     }
 
     /// Values as an application wrote them, checked against the table.
