@@ -245,7 +245,7 @@ fuzz_target!(|batch: Batch| {
     let allowed = move |origin: Ulid| relay || origin == peer;
     let result = env
         .rt
-        .block_on(env.store.apply_from(Some(peer), &events, rejected, &allowed, &[]));
+        .block_on(env.store.apply_from(Some(peer), events, rejected, &allowed, &[]));
     match result {
         Ok(o) => {
             let accounted = o.applied + o.superseded + o.duplicates + o.quarantined.len() as u64;
