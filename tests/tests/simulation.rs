@@ -872,6 +872,10 @@ async fn log_of(db: &MemoryBackend) -> Result<BTreeMap<Ulid, Vec<ChangeEvent>>, 
         let events = db
             .events_of_origin_after(*origin, Hlc::ZERO, u32::MAX)
             .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(ChangeEvent::try_from)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         out.insert(*origin, events);
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
 use tidemark_store::{
-    ChangeEvent, Operation, Position, TableInfo, Values, VersionVector, values_text,
+    ChangeEvent, LoggedEvent, Operation, Position, TableInfo, Values, VersionVector, values_text,
 };
 use ulid::Ulid;
 
@@ -114,6 +114,26 @@ pub fn event_to_pb(e: &ChangeEvent) -> pb::Event {
         old_values_json: None,
         new_values_json: e.new_values.as_ref().map(values_text),
         metadata_json: e.metadata.as_ref().map(Value::to_string),
+    }
+}
+
+/// An event as the log stores it, onto the wire: its values and metadata
+/// text moves into the message as stored (old values are not sent, as in
+/// [`event_to_pb`]).
+pub fn logged_to_pb(e: LoggedEvent) -> pb::Event {
+    pb::Event {
+        event_id: e.event_id.to_string(),
+        hlc: e.hlc.encode(),
+        wall_ms: e.wall_ms,
+        node_id: e.node_id.to_string(),
+        table_name: e.table_name,
+        record_id: e.record_id.to_string(),
+        operation: operation_to_pb(e.operation) as i32,
+        action: e.action,
+        user_id: e.user_id.map(|u| u.to_string()),
+        old_values_json: None,
+        new_values_json: e.new_values,
+        metadata_json: e.metadata,
     }
 }
 
@@ -327,6 +347,19 @@ mod tests {
     fn round_trip() {
         let e = event_from_pb(sample()).expect("valid");
         assert_eq!(event_from_pb(event_to_pb(&e)).expect("again"), e);
+    }
+
+    /// An event streamed as the log stores it is the message of the parsed
+    /// event: the same fields, the same text.
+    #[test]
+    fn logged_events_go_out_as_parsed_ones_would() {
+        let mut e = event_from_pb(sample()).expect("valid");
+        e.action = Some("edit".into());
+        e.user_id = Some(Ulid::generate());
+        let logged = LoggedEvent::from(&e);
+        assert_eq!(logged_to_pb(logged.clone()), event_to_pb(&e));
+        let parsed = ChangeEvent::try_from(logged).expect("parse");
+        assert_eq!(event_from_pb(event_to_pb(&parsed)).expect("again"), e);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use ulid::Ulid;
 
-use crate::convert::{event_to_pb, positions_from_pb, tables_to_pb};
+use crate::convert::{logged_to_pb, positions_from_pb, tables_to_pb};
 use crate::pb::{self, receiver_message, sender_message};
 use crate::receiver::peer_vector;
 use crate::{LocalNode, PROTOCOL_VERSION, Peer, ReplicationOptions};
@@ -729,10 +729,8 @@ impl SenderInner {
                     // catch it up.
                     wanted.0.insert(peer.node_id, tidemark_hlc::Hlc::MAX);
                 }
-                let events = self
-                    .store
-                    .events_after(&wanted, self.opts.batch_size)
-                    .await?;
+                // As the log stores them: values go out as the text read.
+                let events = self.store.log_after(&wanted, self.opts.batch_size).await?;
                 if events.is_empty() {
                     break;
                 }
@@ -746,32 +744,33 @@ impl SenderInner {
                 };
                 let mut bytes = 0usize;
                 let mut cut = false;
-                for e in &events {
+                for e in events {
                     if holds.is_held(e.node_id) {
                         continue;
                     }
-                    let pe = event_to_pb(e);
+                    let (origin, event_id, hlc) = (e.node_id, e.event_id, e.hlc);
+                    let pe = logged_to_pb(e);
                     let len = pe.encoded_len();
                     if len > max_event {
                         // No message can carry it to this peer (its limit is
                         // lower than the origin's): hold the origin here, send
                         // the rest, and say so.
                         error!(
-                            origin = %e.node_id,
-                            event_id = %e.event_id,
+                            origin = %origin,
+                            event_id = %event_id,
                             bytes = len,
                             limit = max_event,
                             "event larger than replication.max_message_bytes allows: its origin is held for this peer; raise the limit on every node"
                         );
-                        holds.hold(e.node_id, MAX_HOLD);
+                        holds.hold(origin, MAX_HOLD);
                         self.update(peer.node_id, |s| {
-                            s.held.retain(|h| h.origin != e.node_id);
+                            s.held.retain(|h| h.origin != origin);
                             s.held.push(HeldOrigin {
-                                origin: e.node_id,
+                                origin,
                                 code: "RESOURCE_EXHAUSTED".into(),
                                 reason: format!(
                                     "event {} is {len} bytes, over the {max_event} bytes a message may carry",
-                                    e.event_id
+                                    event_id
                                 ),
                                 retry_at_ms: tidemark_hlc::system_wall_ms()
                                     + MAX_HOLD.as_millis() as i64,
@@ -784,7 +783,7 @@ impl SenderInner {
                         break;
                     }
                     bytes += len;
-                    cursor.observe(e.node_id, e.hlc);
+                    cursor.observe(origin, hlc);
                     batch.events.push(pe);
                 }
                 if batch.events.is_empty() {

@@ -19,7 +19,8 @@ use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
-    Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version, VersionVector,
+    LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
+    VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -489,13 +490,14 @@ pub trait Backend: Send + Sync + 'static {
     fn sequences(&self) -> impl Future<Output = Result<Sequences>> + Send;
     /// Highest HLC in `change_events` (zero when empty).
     fn max_hlc(&self) -> impl Future<Output = Result<Hlc>> + Send;
-    /// Events of `origin` with HLC above `after`, ascending, at most `limit`.
+    /// Events of `origin` with HLC above `after`, ascending, at most `limit`,
+    /// their values and metadata as the stored text.
     fn events_of_origin_after(
         &self,
         origin: Ulid,
         after: Hlc,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<ChangeEvent>>> + Send;
+    ) -> impl Future<Output = Result<Vec<LoggedEvent>>> + Send;
     /// The first event of `origin` above `after` (one index read, however many
     /// follow).
     fn first_of_origin_after(

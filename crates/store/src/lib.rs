@@ -47,9 +47,9 @@ pub use error::{DbError, Result, StoreError};
 pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,
-    ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, Member,
-    Operation, Position, Quarantined, RejectKind, Rejected, ResolveChoice, Sequences, SetAside,
-    TableInfo, Values, Version, VersionVector, values_text,
+    ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, LoggedEvent,
+    Member, Operation, Position, Quarantined, RejectKind, Rejected, ResolveChoice, Sequences,
+    SetAside, TableInfo, Values, Version, VersionVector, values_text,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
@@ -401,6 +401,12 @@ impl Store {
 
     pub async fn events_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<ChangeEvent>> {
         dispatch!(self, e => e.events_after(have, limit).await)
+    }
+
+    /// [`Store::events_after`] with values and metadata as the log stores
+    /// them (see [`LoggedEvent`]).
+    pub async fn log_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<LoggedEvent>> {
+        dispatch!(self, e => e.log_after(have, limit).await)
     }
 
     pub async fn record_ack(&self, peer: Ulid, vector: &VersionVector) -> Result<()> {

@@ -37,8 +37,8 @@ use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus,
-    ForeignKey, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
-    VersionVector,
+    ForeignKey, LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values,
+    Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -1192,11 +1192,11 @@ impl Backend for MemoryBackend {
         origin: Ulid,
         after: Hlc,
         limit: u32,
-    ) -> Result<Vec<ChangeEvent>> {
+    ) -> Result<Vec<LoggedEvent>> {
         let s = self.state.lock().await;
         Ok(origin_range(&s, origin, after)
             .take(limit as usize)
-            .filter_map(|(_, _, id)| s.events.get(id).map(|e| e.event.clone()))
+            .filter_map(|(_, _, id)| s.events.get(id).map(|e| LoggedEvent::from(&e.event)))
             .collect())
     }
 

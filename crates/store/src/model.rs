@@ -259,6 +259,117 @@ pub struct ChangeEvent {
     pub metadata: Option<Value>,
 }
 
+/// An event as the log stores it, its values and metadata left as the JSON
+/// text stored: what a sender streams (the receiver parses and checks it, so
+/// the sender need not parse it only to write it out again). Converting it
+/// into a [`ChangeEvent`] parses the text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    pub event_id: Ulid,
+    pub hlc: Hlc,
+    /// Wall time of the write at its origin, ms since the Unix epoch.
+    pub wall_ms: i64,
+    /// Origin node.
+    pub node_id: Ulid,
+    pub table_name: String,
+    pub record_id: Ulid,
+    pub operation: Operation,
+    pub action: Option<String>,
+    pub user_id: Option<Ulid>,
+    /// The text of a JSON object; `None` for SQL NULL and for JSON `null`.
+    pub old_values: Option<String>,
+    /// The text of a JSON object; `None` for SQL NULL and for JSON `null`.
+    pub new_values: Option<String>,
+    /// The text of a JSON value; `None` for SQL NULL and for JSON `null`.
+    pub metadata: Option<String>,
+}
+
+impl LoggedEvent {
+    /// A stored JSON column's text: SQL NULL and JSON `null` are both absent.
+    pub fn json_text(text: Option<String>) -> Option<String> {
+        text.filter(|t| t.trim() != "null")
+    }
+}
+
+impl From<&ChangeEvent> for LoggedEvent {
+    /// The event as a log would store it (the in-memory backend's log holds
+    /// parsed events).
+    fn from(e: &ChangeEvent) -> Self {
+        LoggedEvent {
+            event_id: e.event_id,
+            hlc: e.hlc,
+            wall_ms: e.wall_ms,
+            node_id: e.node_id,
+            table_name: e.table_name.clone(),
+            record_id: e.record_id,
+            operation: e.operation,
+            action: e.action.clone(),
+            user_id: e.user_id,
+            old_values: e.old_values.as_ref().map(values_text),
+            new_values: e.new_values.as_ref().map(values_text),
+            metadata: e
+                .metadata
+                .as_ref()
+                .filter(|m| !m.is_null())
+                .map(Value::to_string),
+        }
+    }
+}
+
+impl TryFrom<LoggedEvent> for ChangeEvent {
+    type Error = StoreError;
+
+    /// Parses the stored text; an error names `change_events` and what did
+    /// not parse.
+    fn try_from(e: LoggedEvent) -> Result<Self, StoreError> {
+        let corrupt = |column: &str, reason: String| {
+            StoreError::corrupt(
+                "change_events",
+                format!("event {} {column}: {reason}", e.event_id),
+            )
+        };
+        let object = |column: &str, text: &Option<String>| -> Result<Option<Values>, StoreError> {
+            let Some(text) = text else { return Ok(None) };
+            match serde_json::from_str::<Value>(text) {
+                Ok(Value::Null) => Ok(None),
+                Ok(Value::Object(m)) => Ok(Some(m)),
+                Ok(other) => Err(corrupt(
+                    column,
+                    format!(
+                        "expected a JSON object, found {}",
+                        truncate(&other.to_string())
+                    ),
+                )),
+                Err(err) => Err(corrupt(column, err.to_string())),
+            }
+        };
+        let old_values = object("old_values", &e.old_values)?;
+        let new_values = object("new_values", &e.new_values)?;
+        let metadata = match &e.metadata {
+            None => None,
+            Some(text) => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Null) => None,
+                Ok(v) => Some(v),
+                Err(err) => return Err(corrupt("metadata", err.to_string())),
+            },
+        };
+        Ok(ChangeEvent {
+            event_id: e.event_id,
+            hlc: e.hlc,
+            wall_ms: e.wall_ms,
+            node_id: e.node_id,
+            table_name: e.table_name,
+            record_id: e.record_id,
+            operation: e.operation,
+            action: e.action,
+            user_id: e.user_id,
+            old_values,
+            new_values,
+            metadata,
+        })
+    }
+}
+
 impl ChangeEvent {
     /// Position in the total order of writes.
     pub fn order(&self) -> WriteOrder {
@@ -1104,6 +1215,79 @@ pub fn hlc_time(hlc: Hlc) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample_event() -> ChangeEvent {
+        let values: Values = serde_json::from_str(
+            r#"{"id":"01J0000000000000000000000A","title":"caf\u00e9 \"q\"","r":0.30000000000000004,"n":null,"big":-9223372036854775808}"#,
+        )
+        .expect("values");
+        ChangeEvent {
+            event_id: Ulid::from_parts(1, 1),
+            hlc: Hlc::from_parts(1_700_000_000_000, 3).expect("hlc"),
+            wall_ms: 1_700_000_000_000,
+            node_id: Ulid::from_parts(1, 2),
+            table_name: "notes".into(),
+            record_id: Ulid::from_parts(1, 3),
+            operation: Operation::Update,
+            action: Some("edit".into()),
+            user_id: Some(Ulid::from_parts(1, 4)),
+            old_values: Some(values.clone()),
+            new_values: Some(values),
+            metadata: Some(serde_json::json!({"vv": {"01J0000000000000000000000B": 5}, "seq": 9})),
+        }
+    }
+
+    /// An event written as the log stores it and read back is the same event;
+    /// its stored text is the one text form of its values.
+    #[test]
+    fn logged_events_parse_back_to_the_event() {
+        let e = sample_event();
+        let logged = LoggedEvent::from(&e);
+        assert_eq!(
+            logged.new_values.as_deref(),
+            Some(values_text(e.new_values.as_ref().expect("values")).as_str())
+        );
+        assert_eq!(ChangeEvent::try_from(logged).expect("parse"), e);
+        let bare = ChangeEvent {
+            old_values: None,
+            new_values: None,
+            metadata: None,
+            ..sample_event()
+        };
+        assert_eq!(
+            ChangeEvent::try_from(LoggedEvent::from(&bare)).expect("parse"),
+            bare
+        );
+    }
+
+    /// Stored text that is not what the log writes is reported with the event
+    /// and the column; JSON `null` is read as no value, as SQL NULL is.
+    #[test]
+    fn corrupt_logged_text_names_the_column() {
+        let mut logged = LoggedEvent::from(&sample_event());
+        logged.new_values = Some("[1, 2]".into());
+        let err = ChangeEvent::try_from(logged.clone())
+            .expect_err("array")
+            .to_string();
+        assert!(
+            err.contains("new_values") && err.contains("expected a JSON object"),
+            "{err}"
+        );
+        logged.new_values = None;
+        logged.metadata = Some("{not json".into());
+        let err = ChangeEvent::try_from(logged.clone())
+            .expect_err("metadata")
+            .to_string();
+        assert!(
+            err.contains("metadata") && err.contains(&Ulid::from_parts(1, 1).to_string()),
+            "{err}"
+        );
+        assert_eq!(LoggedEvent::json_text(Some(" null ".into())), None);
+        assert_eq!(
+            LoggedEvent::json_text(Some("{}".into())).as_deref(),
+            Some("{}")
+        );
+    }
 
     #[test]
     fn iso8601_matches_known_dates() {

@@ -24,12 +24,12 @@ use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
-    Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version, VersionVector,
-    values_text,
+    LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
+    VersionVector, values_text,
 };
 use crate::rows::{
-    BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
-    ULID_FIRST, ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, sequences_from_rows,
+    BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EventRow, TableRow, ULID_FIRST,
+    ULID_REST, VersionRow, hlc as decode_hlc, rows_to_values, sequences_from_rows,
     vector_from_rows,
 };
 use crate::value::ColumnType;
@@ -46,7 +46,7 @@ pub const CAPTURE_CHANNEL: &str = "tidemark_capture";
 /// A record's events in the total order (`$1` table, `$2` record).
 fn record_events_sql() -> String {
     format!(
-        "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+        "SELECT {PG_EVENT_COLUMNS}, {WALL_MS} FROM change_events \
          WHERE table_name = $1 AND record_id = $2::bpchar ORDER BY hlc_timestamp, node_id, event_id"
     )
 }
@@ -54,6 +54,10 @@ fn record_events_sql() -> String {
 const PG_CONFLICT_TIMES: &str = "to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at, \
      to_char(resolved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS resolved_at";
 const WALL_MS: &str = "CAST(round(extract(epoch FROM wall_timestamp) * 1000) AS BIGINT) AS wall_ms";
+/// [`crate::rows::EVENT_COLUMNS`] with the JSONB columns as their text: an event read
+/// for a sender is streamed as stored, and every other read parses it once.
+const PG_EVENT_COLUMNS: &str = "event_id, hlc_timestamp, node_id, table_name, record_id, operation, action, user_id, \
+     old_values::text AS old_values, new_values::text AS new_values, metadata::text AS metadata";
 const PG_BLOCKED: &str = "table_name::text AS table_name, record_id::text AS record_id, \
      event_id::text AS event_id, kind::text AS kind, reason, blocker_table::text AS blocker_table, \
      blocker_id::text AS blocker_id, \
@@ -1610,12 +1614,12 @@ impl Backend for PostgresBackend {
         origin: Ulid,
         after: Hlc,
         limit: u32,
-    ) -> Result<Vec<ChangeEvent>> {
+    ) -> Result<Vec<LoggedEvent>> {
         // An origin's HLCs are unique in the log (each origin stamps strictly
         // increasing, and apply holds an origin whose events are not), so the
         // (node_id, hlc_timestamp) index gives the order and the page ends.
         let sql = format!(
-            "SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events \
+            "SELECT {PG_EVENT_COLUMNS}, {WALL_MS} FROM change_events \
              WHERE node_id = $1::bpchar AND hlc_timestamp > $2 ORDER BY hlc_timestamp LIMIT $3"
         );
         let mut tx = self.index_order_read().await?;
@@ -1626,7 +1630,7 @@ impl Backend for PostgresBackend {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        rows.into_iter().map(ChangeEvent::try_from).collect()
+        rows.into_iter().map(LoggedEvent::try_from).collect()
     }
 
     async fn first_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<Option<FirstEvent>> {

@@ -8,8 +8,8 @@ use ulid::Ulid;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictPolicy, ConflictSide, Member,
-    Operation, TableInfo, Values, Version, VersionVector,
+    Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictPolicy, ConflictSide,
+    LoggedEvent, Member, Operation, TableInfo, Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -34,7 +34,8 @@ fn object(what: &str, v: Option<Json<Value>>) -> Result<Option<Values>> {
 }
 
 /// Column list matching [`EventRow`]; `{wall_ms}` is the backend's expression for
-/// `wall_timestamp` in ms since the epoch.
+/// `wall_timestamp` in ms since the epoch. The JSON columns are read as their
+/// text (PostgreSQL casts them, see its backend).
 pub const EVENT_COLUMNS: &str = "event_id, hlc_timestamp, node_id, table_name, record_id, operation, action, user_id, old_values, new_values, metadata";
 
 #[derive(Debug, sqlx::FromRow)]
@@ -48,17 +49,17 @@ pub struct EventRow {
     pub operation: String,
     pub action: Option<String>,
     pub user_id: Option<String>,
-    pub old_values: Option<Json<Value>>,
-    pub new_values: Option<Json<Value>>,
-    pub metadata: Option<Json<Value>>,
+    pub old_values: Option<String>,
+    pub new_values: Option<String>,
+    pub metadata: Option<String>,
 }
 
-impl TryFrom<EventRow> for ChangeEvent {
+impl TryFrom<EventRow> for LoggedEvent {
     type Error = StoreError;
 
     fn try_from(r: EventRow) -> Result<Self> {
         let what = "change_events";
-        Ok(ChangeEvent {
+        Ok(LoggedEvent {
             event_id: ulid(what, &r.event_id)?,
             hlc: hlc(what, r.hlc_timestamp)?,
             wall_ms: r.wall_ms,
@@ -71,10 +72,18 @@ impl TryFrom<EventRow> for ChangeEvent {
                 .map_err(|e: StoreError| StoreError::corrupt(what, e.to_string()))?,
             action: r.action,
             user_id: r.user_id.as_deref().map(|u| ulid(what, u)).transpose()?,
-            old_values: object(what, r.old_values)?,
-            new_values: object(what, r.new_values)?,
-            metadata: r.metadata.map(|j| j.0),
+            old_values: LoggedEvent::json_text(r.old_values),
+            new_values: LoggedEvent::json_text(r.new_values),
+            metadata: LoggedEvent::json_text(r.metadata),
         })
+    }
+}
+
+impl TryFrom<EventRow> for ChangeEvent {
+    type Error = StoreError;
+
+    fn try_from(r: EventRow) -> Result<Self> {
+        LoggedEvent::try_from(r)?.try_into()
     }
 }
 

@@ -50,8 +50,8 @@ use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
     Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
-    ForeignKey, Operation, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
-    VersionVector,
+    ForeignKey, LoggedEvent, Operation, Quarantined, Rejected, Sequences, SetAside, TableInfo,
+    Values, Version, VersionVector,
 };
 use crate::rows::{
     BLOCKED_COLUMNS, BlockedRow, CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
@@ -541,20 +541,23 @@ fn blocked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlockedRow> {
 }
 
 /// A row of `SELECT {EVENT_COLUMNS}, {WALL_MS}`.
+/// Columns are read by position, in [`EVENT_COLUMNS`]' order (the test
+/// `event_columns_are_read_in_order` pins it): finding each by name compared
+/// column names for every value of every row the sender reads.
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
-        event_id: r.get("event_id")?,
-        hlc_timestamp: r.get("hlc_timestamp")?,
-        wall_ms: r.get("wall_ms")?,
-        node_id: r.get("node_id")?,
-        table_name: r.get("table_name")?,
-        record_id: r.get("record_id")?,
-        operation: r.get("operation")?,
-        action: r.get("action")?,
-        user_id: r.get("user_id")?,
-        old_values: writer::json(r, "old_values")?,
-        new_values: writer::json(r, "new_values")?,
-        metadata: writer::json(r, "metadata")?,
+        event_id: r.get(0)?,
+        hlc_timestamp: r.get(1)?,
+        node_id: r.get(2)?,
+        table_name: r.get(3)?,
+        record_id: r.get(4)?,
+        operation: r.get(5)?,
+        action: r.get(6)?,
+        user_id: r.get(7)?,
+        old_values: r.get(8)?,
+        new_values: r.get(9)?,
+        metadata: r.get(10)?,
+        wall_ms: r.get(11)?,
     })
 }
 
@@ -1777,7 +1780,7 @@ impl Backend for SqliteBackend {
         origin: Ulid,
         after: Hlc,
         limit: u32,
-    ) -> Result<Vec<ChangeEvent>> {
+    ) -> Result<Vec<LoggedEvent>> {
         // An origin's HLCs are unique in the log, so the (node_id,
         // hlc_timestamp) index gives the order without a sorter.
         let sql = format!(
@@ -1791,7 +1794,7 @@ impl Backend for SqliteBackend {
                 .collect()
         })
         .await?;
-        rows.into_iter().map(ChangeEvent::try_from).collect()
+        rows.into_iter().map(LoggedEvent::try_from).collect()
     }
 
     async fn first_of_origin_after(&self, origin: Ulid, after: Hlc) -> Result<Option<FirstEvent>> {
@@ -2197,6 +2200,42 @@ impl FromStr for SqliteOptions {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+
+    /// `event_row` reads by position: every field comes from its own column.
+    #[test]
+    fn event_columns_are_read_in_order() {
+        use super::{EVENT_COLUMNS, WALL_MS, event_row};
+        let conn = rusqlite::Connection::open_in_memory().expect("open");
+        conn.execute_batch(super::SCHEMA_SQL).expect("schema");
+        conn.execute(
+            "INSERT INTO change_events (event_id, hlc_timestamp, wall_timestamp, node_id, table_name, \
+             record_id, operation, action, user_id, old_values, new_values, metadata) \
+             VALUES ('EEEEEEEEEEEEEEEEEEEEEEEEEE', 77, '2026-12-02T01:02:03.456Z', \
+             'NNNNNNNNNNNNNNNNNNNNNNNNNN', 'notes', 'RRRRRRRRRRRRRRRRRRRRRRRRRR', 'UPDATE', 'act', \
+             'UUUUUUUUUUUUUUUUUUUUUUUUUU', '{\"old\":1}', '{\"new\":2}', '{\"seq\":3}')",
+            [],
+        )
+        .expect("insert");
+        let row = conn
+            .query_row(
+                &format!("SELECT {EVENT_COLUMNS}, {WALL_MS} FROM change_events"),
+                [],
+                event_row,
+            )
+            .expect("row");
+        assert_eq!(row.event_id, "EEEEEEEEEEEEEEEEEEEEEEEEEE");
+        assert_eq!(row.hlc_timestamp, 77);
+        assert_eq!(row.node_id, "NNNNNNNNNNNNNNNNNNNNNNNNNN");
+        assert_eq!(row.table_name, "notes");
+        assert_eq!(row.record_id, "RRRRRRRRRRRRRRRRRRRRRRRRRR");
+        assert_eq!(row.operation, "UPDATE");
+        assert_eq!(row.action.as_deref(), Some("act"));
+        assert_eq!(row.user_id.as_deref(), Some("UUUUUUUUUUUUUUUUUUUUUUUUUU"));
+        assert_eq!(row.old_values.as_deref(), Some(r#"{"old":1}"#));
+        assert_eq!(row.new_values.as_deref(), Some(r#"{"new":2}"#));
+        assert_eq!(row.metadata.as_deref(), Some(r#"{"seq":3}"#));
+        assert_eq!(row.wall_ms, 1_796_173_323_456);
+    }
 
     /// The text SQLite's own date function makes of `ms`.
     fn strftime(conn: &rusqlite::Connection, ms: i64) -> String {

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
-use tidemark_hlc::{Clock, Hlc};
+use tidemark_hlc::{Clock, Hlc, WriteOrder};
 use tokio::sync::{Mutex, watch};
 use ulid::Ulid;
 
@@ -19,9 +19,9 @@ use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     ApplyOutcome, BlockKind, Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter,
-    ConflictKind, ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, Held, Operation,
-    Position, RejectKind, Rejected, ResolveChoice, Sequences, SetAside, TableInfo, Values, Version,
-    VersionVector, parse_ulid,
+    ConflictKind, ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, Held, LoggedEvent,
+    Operation, Position, RejectKind, Rejected, ResolveChoice, Sequences, SetAside, TableInfo,
+    Values, Version, VersionVector, parse_ulid,
 };
 use crate::rules::{Causality, Resolution, resolve};
 use crate::value::ColumnType;

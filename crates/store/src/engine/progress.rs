@@ -132,6 +132,16 @@ impl<B: Backend> Engine<B> {
     /// total order (oldest first). Per origin they are a contiguous run after
     /// `have`'s entry, which keeps the receiver's vector a true prefix summary.
     pub async fn events_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<ChangeEvent>> {
+        self.log_after(have, limit)
+            .await?
+            .into_iter()
+            .map(ChangeEvent::try_from)
+            .collect()
+    }
+
+    /// [`Engine::events_after`] with the values and metadata left as the log
+    /// stores them: what a sender streams.
+    pub async fn log_after(&self, have: &VersionVector, limit: u32) -> Result<Vec<LoggedEvent>> {
         let mine = self.applied_vector();
         let mut all = Vec::new();
         for (origin, top) in &mine.0 {
@@ -145,7 +155,11 @@ impl<B: Backend> Engine<B> {
                     .await?,
             );
         }
-        all.sort_by_key(ChangeEvent::order);
+        all.sort_by_key(|e| WriteOrder {
+            hlc: e.hlc,
+            node_id: e.node_id,
+            event_id: e.event_id,
+        });
         all.truncate(limit as usize);
         Ok(all)
     }

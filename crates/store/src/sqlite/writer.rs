@@ -331,16 +331,27 @@ pub(super) fn cell(v: ValueRef<'_>) -> SqlCell {
 }
 
 /// A JSON text column, decoded like sqlx decodes `Json<Value>`.
-pub(super) fn json(row: &Row<'_>, name: &str) -> rusqlite::Result<Option<Json<Value>>> {
-    let Some(text) = row.get::<_, Option<String>>(name)? else {
-        return Ok(None);
+pub(super) fn json(
+    row: &Row<'_>,
+    column: impl rusqlite::RowIndex,
+) -> rusqlite::Result<Option<Json<Value>>> {
+    let index = column.idx(row.as_ref())?;
+    // Parsed from SQLite's own buffer: no copy of the text first.
+    let text = match row.get_ref(index)? {
+        ValueRef::Null => return Ok(None),
+        ValueRef::Text(text) => text,
+        other => {
+            let name = row.as_ref().column_name(index)?.to_owned();
+            return Err(rusqlite::Error::InvalidColumnType(
+                index,
+                name,
+                other.data_type(),
+            ));
+        }
     };
-    serde_json::from_str(&text)
+    serde_json::from_slice(text)
         .map(|v| Some(Json(v)))
-        .map_err(|e| {
-            let index = row.as_ref().column_index(name).unwrap_or_default();
-            rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e))
-        })
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e)))
 }
 
 /// A JSON text column that may not be NULL.
