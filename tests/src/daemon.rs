@@ -45,29 +45,10 @@ pub fn tidemark_bin() -> &'static Path {
     })
 }
 
-/// A port no other test of this process was given, below the kernel's
-/// ephemeral range (32768 and up): a port picked by binding to port 0 and
-/// released can be taken by an outgoing connection (a daemon dialling its
-/// peer) before the daemon meant to listen on it starts.
+/// A free loopback port below the kernel's ephemeral range (see
+/// [`tidemark::ports::free_port`]).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    // Each test process starts at its own place in the range.
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(2_654_435_761) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port between {LOW} and {}", LOW + SPAN)
+    tidemark::ports::free_port().expect("a free loopback port")
 }
 
 /// The test application's table, as created on every node.

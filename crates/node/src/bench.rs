@@ -182,12 +182,6 @@ fn body(i: u64) -> String {
     )
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn open(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(30))?;
@@ -612,8 +606,8 @@ impl<'pg> Cluster<'pg> {
             db.create_notes().await?;
             nodes.push(BenchNode {
                 id: Ulid::generate(),
-                grpc_port: free_port()?,
-                metrics_port: free_port()?,
+                grpc_port: crate::ports::free_port()?,
+                metrics_port: crate::ports::free_port()?,
                 config: dir.join(format!("{label}.toml")),
                 log: dir.join(format!("{label}.log")),
                 db,

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod http;
 pub mod peers;
 pub mod pgserver;
+pub mod ports;
 pub mod records;
 
 use std::net::SocketAddr;

@@ -94,12 +94,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl PgServer {
     /// Creates and starts a server; fails with the reason (binaries missing,
     /// `initdb` or `pg_ctl` output).
@@ -113,7 +107,7 @@ impl PgServer {
             .context("creating a directory for PostgreSQL under /tmp")?
             .keep();
         let mut server = PgServer {
-            port: free_port()?,
+            port: crate::ports::free_port()?,
             dir,
             bin,
             run_as,
