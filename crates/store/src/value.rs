@@ -76,6 +76,42 @@ pub enum ColumnType {
     Bytes,
 }
 
+/// Whether two JSON documents hold the same data, numbers compared by value:
+/// PostgreSQL's `jsonb` writes the number 8.58924006224188e16 as
+/// `85892400622418800`, SQLite keeps the text written, and both are one number.
+fn same_document(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => same_number(x, y),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_document(v, w))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_document(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// Two JSON numbers are equal as numbers: integers exactly, an integer and a
+/// float only when the float is that very integer, floats as doubles.
+fn same_number(x: &Number, y: &Number) -> bool {
+    let int = |n: &Number| {
+        n.as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+    };
+    // An integral double below 2^127 converts to i128 exactly.
+    let integral = |f: f64| (f.fract() == 0.0 && f.abs() < 1.0e38).then_some(f as i128);
+    match (int(x), int(y), x.as_f64(), y.as_f64()) {
+        (Some(i), Some(j), _, _) => i == j,
+        (Some(i), None, _, Some(g)) | (None, Some(i), Some(g), _) => integral(g) == Some(i),
+        (None, None, Some(f), Some(g)) => f == g,
+        _ => false,
+    }
+}
+
 /// A value as SQLite stores it (its storage class).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SqlCell {
@@ -428,7 +464,7 @@ impl ColumnType {
                     Value::String(s) => serde_json::from_str::<Value>(s).ok(),
                     _ => None,
                 };
-                matches!((doc(a), doc(b)), (Some(x), Some(y)) if x == y)
+                matches!((doc(a), doc(b)), (Some(x), Some(y)) if same_document(&x, &y))
             }
             _ => matches!(
                 (self.check(a), self.check(b)),
@@ -1148,6 +1184,15 @@ mod tests {
             &json!(r#"{"a": -0.0005, "b": [1, null]}"#)
         ));
         assert!(!j.same(&json!(r#"{"a":1}"#), &json!(r#"{"a":2}"#)));
+        // PostgreSQL's jsonb writes an integral double as an integer.
+        assert!(j.same(
+            &json!(r#"{"x": 85892400622418800, "l": [1.0]}"#),
+            &json!(r#"{"x":8.58924006224188e+16,"l":[1]}"#)
+        ));
+        assert!(!j.same(&json!(r#"{"x": 1}"#), &json!(r#"{"x": 1.5}"#)));
+        assert!(!j.same(&json!("9007199254740993"), &json!("9007199254740992.0")));
+        assert!(!j.same(&json!(r#"[1, 2]"#), &json!(r#"[1, 2, 3]"#)));
+        assert!(!j.same(&json!(r#"{"a": 1}"#), &json!(r#"{"b": 1}"#)));
         let t = ColumnType::Text { max_chars: None };
         assert!(t.same(&json!("x"), &json!("x")));
         assert!(!t.same(&json!("x"), &json!("x ")));
