@@ -285,6 +285,15 @@ pub struct LoggedEvent {
 }
 
 impl LoggedEvent {
+    /// Position in the total order of writes (as [`ChangeEvent::order`]).
+    pub fn order(&self) -> WriteOrder {
+        WriteOrder {
+            hlc: self.hlc,
+            node_id: self.node_id,
+            event_id: self.event_id,
+        }
+    }
+
     /// A stored JSON column's text: SQL NULL and JSON `null` are both absent.
     pub fn json_text(text: Option<String>) -> Option<String> {
         text.filter(|t| t.trim() != "null")

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
-use tidemark_hlc::{Clock, Hlc, WriteOrder};
+use tidemark_hlc::{Clock, Hlc};
 use tokio::sync::{Mutex, watch};
 use ulid::Ulid;
 

@@ -155,11 +155,7 @@ impl<B: Backend> Engine<B> {
                     .await?,
             );
         }
-        all.sort_by_key(|e| WriteOrder {
-            hlc: e.hlc,
-            node_id: e.node_id,
-            event_id: e.event_id,
-        });
+        all.sort_by_key(LoggedEvent::order);
         all.truncate(limit as usize);
         Ok(all)
     }
