@@ -204,8 +204,9 @@ impl Node {
                 .timeout(Duration::from_secs(10))
         });
         let builder = || {
+            // `tcp_nodelay` here would apply only to listeners tonic binds
+            // itself; ours come bound, see `accepting`.
             tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(settings.replication.keepalive_interval()))
                 .http2_keepalive_timeout(Some(settings.replication.keepalive_timeout()))
                 .max_concurrent_streams(Some(settings.max_concurrent_streams))
@@ -239,7 +240,7 @@ impl Node {
                     .add_service(reflection)
                     .add_service(reflection_alpha)
                     .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(admin_listener),
+                        accepting(admin_listener),
                         cancel.clone().cancelled_owned(),
                     );
                 tracker.spawn(async move {
@@ -248,7 +249,7 @@ impl Node {
                     }
                 });
                 let server = peer_router.serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    accepting(listener),
                     cancel.clone().cancelled_owned(),
                 );
                 tracker.spawn(async move {
@@ -266,7 +267,7 @@ impl Node {
                     .add_service(reflection)
                     .add_service(reflection_alpha)
                     .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        accepting(listener),
                         cancel.clone().cancelled_owned(),
                     );
                 tracker.spawn(async move {
@@ -437,6 +438,16 @@ impl PeerControl {
 /// Health (every service SERVING) and reflection (v1 and v1alpha), for operators
 /// and generic clients.
 #[allow(clippy::type_complexity)]
+/// Connections accepted on a bound listener, with Nagle's algorithm off.
+///
+/// tonic sets `TCP_NODELAY` only on listeners it binds itself; on ours a small
+/// message (a peer's ack, a unary reply) written while an earlier segment is
+/// unacknowledged would wait for the other side's delayed ACK, about 40 ms,
+/// and stall a replication session that keeps one batch in flight.
+fn accepting(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 async fn operator_services() -> anyhow::Result<(
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     tonic_reflection::server::v1::ServerReflectionServer<
@@ -821,5 +832,22 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
         _ = term.recv() => info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    /// Accepted peer and API connections send small messages at once.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = accepting(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
