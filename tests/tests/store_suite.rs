@@ -2741,6 +2741,134 @@ async fn concurrent_api_writes_commit_in_groups(db: TestDb) {
     store.close().await;
 }
 
+/// API writes in groups beside received batches applied at the same time:
+/// every received event and exactly the accepted writes are logged, a write
+/// the table refuses fails alone (the batches and the other writes commit),
+/// and the node's own numbers stay gap-free with its vector at its last write.
+async fn api_writes_beside_received_batches(db: TestDb) {
+    let me = Ulid::generate();
+    let origin = Ulid::generate();
+    let store = with_notes(&db, me).await;
+    let start = hlc_at(-60_000, 0).wall_ms();
+    let applier = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for b in 0..40u128 {
+                let batch: Vec<ChangeEvent> = (0..5u128)
+                    .map(|k| {
+                        let n = b * 5 + k;
+                        let hlc = Hlc::from_parts(start + n as i64, 0).expect("hlc");
+                        remote_event(
+                            origin,
+                            hlc,
+                            id(5000 + n),
+                            Operation::Insert,
+                            Some(json!({"title": format!("remote {n}")})),
+                        )
+                    })
+                    .collect();
+                sent.extend(batch.iter().map(|e| e.event_id));
+                store.apply_remote(&batch).await.expect("apply");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            sent
+        })
+    };
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..90u128 {
+        // In waves beside the batches: valid writes only at first (groups
+        // that commit whole), then every third refused (groups that fall
+        // back to one transaction each).
+        if i % 10 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let store = store.clone();
+        writes.spawn(async move {
+            // Every third later write lacks the NOT NULL title: refused by the table.
+            let (record, values) = if i >= 45 && i % 3 == 2 {
+                (id(2000 + i), json!({"body": "no title"}))
+            } else {
+                (id(1000 + i), json!({"title": format!("note {i}")}))
+            };
+            let values: Values = serde_json::from_value(values).expect("values");
+            let result = store.put("notes", record, &values).await;
+            tokio::task::yield_now().await;
+            (i, record, result)
+        });
+    }
+    let mut accepted = Vec::new();
+    while let Some(joined) = writes.join_next().await {
+        let (i, record, result) = joined.expect("write task");
+        let refused = i >= 45 && i % 3 == 2;
+        match result {
+            Ok(event) if !refused => {
+                assert_eq!(event.record_id, record);
+                accepted.push(event.event_id);
+            }
+            Ok(event) => panic!("write {i} without a title was accepted: {event:?}"),
+            Err(e) if refused => assert!(
+                matches!(e, StoreError::Db(_) | StoreError::Constraint { .. }),
+                "write {i}: {e}"
+            ),
+            Err(e) => panic!("write {i} failed: {e}"),
+        }
+    }
+    let sent = applier.await.expect("applier");
+    assert_eq!(accepted.len(), 75);
+    let log = all_events(&store).await;
+    let received: Vec<Ulid> = log
+        .iter()
+        .filter(|e| e.node_id == origin)
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        sorted(received),
+        sorted(sent),
+        "every received event is logged"
+    );
+    let mut own: Vec<&ChangeEvent> = log.iter().filter(|e| e.node_id == me).collect();
+    own.sort_by_key(|e| e.hlc);
+    assert_eq!(
+        sorted(own.iter().map(|e| e.event_id).collect()),
+        sorted(accepted),
+        "exactly the accepted writes are logged"
+    );
+    let numbers: Vec<u64> = own
+        .iter()
+        .map(|e| e.seq().expect("seq").expect("numbered"))
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=75).collect::<Vec<u64>>(),
+        "own numbers without gaps"
+    );
+    assert_eq!(store.positions()[&me].seq, 75);
+    assert_eq!(
+        store.vector().await.expect("vector").get(me),
+        own.last().expect("own events").hlc
+    );
+    for n in 0..200u128 {
+        assert!(
+            store
+                .get("notes", id(5000 + n))
+                .await
+                .expect("get")
+                .is_some()
+        );
+    }
+    for i in (45..90u128).filter(|i| i % 3 == 2) {
+        assert!(
+            store
+                .get("notes", id(2000 + i))
+                .await
+                .expect("get")
+                .is_none()
+        );
+    }
+    store.close().await;
+}
+
 /// Every event a node stamps carries its number in the node's own sequence:
 /// 1, 2, 3... in HLC order, with no gap, whether writes commit alone or in a
 /// group. A write that fails after it was numbered gives its number back, and
@@ -2983,6 +3111,7 @@ suite!(
         policy_switch_moves_conflicts,
         one_batch_with_policy_and_concurrent_versions,
         concurrent_api_writes_commit_in_groups,
+        api_writes_beside_received_batches,
         quarantined_events_list_and_discard,
         own_events_are_numbered_without_gaps,
         received_numbers_raise_positions,
