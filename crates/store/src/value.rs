@@ -94,21 +94,65 @@ fn same_document(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// Two JSON numbers are equal as numbers: integers exactly, an integer and a
-/// float only when the float is that very integer, floats as doubles.
+/// Two JSON numbers are equal as numbers: their [`number_form`]s match.
 fn same_number(x: &Number, y: &Number) -> bool {
-    let int = |n: &Number| {
-        n.as_i64()
-            .map(i128::from)
-            .or_else(|| n.as_u64().map(i128::from))
-    };
-    // An integral double below 2^127 converts to i128 exactly.
-    let integral = |f: f64| (f.fract() == 0.0 && f.abs() < 1.0e38).then_some(f as i128);
-    match (int(x), int(y), x.as_f64(), y.as_f64()) {
-        (Some(i), Some(j), _, _) => i == j,
-        (Some(i), None, _, Some(g)) | (None, Some(i), Some(g), _) => integral(g) == Some(i),
-        (None, None, Some(f), Some(g)) => f == g,
-        _ => false,
+    number_form(x) == number_form(y)
+}
+
+/// One spelling per JSON number, the same for what SQLite keeps and what
+/// PostgreSQL's `jsonb` writes back: an integer serde_json reads as one (up to
+/// 64 bits) in its digits; any other number as the double it reads as, in the
+/// shortest digits that round-trip, written out without an exponent (-0 as 0).
+/// `jsonb` keeps a number's exact decimal and writes `1.6324675820123441e+19`
+/// as `16324675820123441000`: the shortest digits of that double, the
+/// integer's digits. (A number written with more digits than its double
+/// holds, which `jsonb` keeps and serde_json rounds, reads differently.)
+fn number_form(n: &Number) -> String {
+    if let Some(i) = n.as_i64() {
+        return i.to_string();
+    }
+    if let Some(u) = n.as_u64() {
+        return u.to_string();
+    }
+    match n.as_f64() {
+        Some(f) if f == 0.0 => "0".to_owned(),
+        // `Display` for f64: the shortest round-trip digits, no exponent.
+        Some(f) => f.to_string(),
+        None => n.to_string(),
+    }
+}
+
+/// A JSON document written one way for [`ColumnType::hash_form`]: object keys
+/// sorted, no whitespace, strings as serde_json writes them, numbers in their
+/// [`number_form`].
+fn document_hash_text(doc: &Value, out: &mut String) {
+    match doc {
+        Value::Number(n) => out.push_str(&number_form(n)),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                document_hash_text(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                document_hash_text(v, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -443,9 +487,9 @@ impl ColumnType {
     /// log holds it), are the same value to the application, whichever backend
     /// wrote them: floats compare as numbers (SQLite cannot keep -0.0 apart
     /// from 0.0), JSON documents as parsed JSON (PostgreSQL's `jsonb` respells
-    /// and reorders a document; numbers inside one compare as serde_json reads
-    /// them, so two integers past 2^64 that round to the same double compare
-    /// equal), everything else by its canonical form.
+    /// and reorders a document; numbers inside one compare by their
+    /// [`number_form`], so two integers past 2^64 that serde_json reads as the
+    /// same double compare equal), everything else by its canonical form.
     pub fn same(&self, a: &Value, b: &Value) -> bool {
         if a == b {
             return true;
@@ -470,6 +514,40 @@ impl ColumnType {
                 (self.check(a), self.check(b)),
                 (Ok(x), Ok(y)) if x == y
             ),
+        }
+    }
+
+    /// A value's form in row hashes (`tidemark admin check`): two values of
+    /// this class hash alike exactly when [`ColumnType::same`] says they are the
+    /// same, whichever backend wrote them. Floats by their double (-0.0 as
+    /// 0.0), JSON documents respelled one way (keys sorted, no spaces, strings
+    /// escaped as serde_json escapes them, numbers in their [`number_form`]),
+    /// everything else in its canonical form.
+    pub fn hash_form(&self, v: &Value) -> Value {
+        match self {
+            ColumnType::Float32 | ColumnType::Float64 => {
+                let f = match v {
+                    Value::Number(n) => number_to_f64(n).ok(),
+                    Value::String(s) => special_float(s).ok(),
+                    _ => None,
+                };
+                match f {
+                    Some(f) if f.is_finite() => Value::from(if f == 0.0 { 0.0 } else { f }),
+                    _ => v.clone(),
+                }
+            }
+            ColumnType::Json => match v {
+                Value::String(s) => match serde_json::from_str::<Value>(s) {
+                    Ok(doc) => {
+                        let mut out = String::with_capacity(s.len());
+                        document_hash_text(&doc, &mut out);
+                        Value::String(out)
+                    }
+                    Err(_) => v.clone(),
+                },
+                _ => v.clone(),
+            },
+            _ => self.check(v).unwrap_or_else(|_| v.clone()),
         }
     }
 
@@ -1172,32 +1250,59 @@ mod tests {
 
     #[test]
     fn the_same_value_whichever_backend_spelled_it() {
+        // (class, a, b, the same value?) — row hashes agree with `same`.
         let f = ColumnType::Float64;
-        assert!(f.same(&json!("-0"), &json!(0.0)));
-        assert!(f.same(&json!(1.5), &json!(1.5)));
-        assert!(f.same(&json!(1e18), &json!(1_000_000_000_000_000_000_i64)));
-        assert!(!f.same(&json!(1.5), &json!(2.5)));
-        assert!(!f.same(&json!("Infinity"), &json!("-Infinity")));
         let j = ColumnType::Json;
-        assert!(j.same(
-            &json!(r#"{"b":[1,null],"a":-0.5e-3}"#),
-            &json!(r#"{"a": -0.0005, "b": [1, null]}"#)
-        ));
-        assert!(!j.same(&json!(r#"{"a":1}"#), &json!(r#"{"a":2}"#)));
-        // PostgreSQL's jsonb writes an integral double as an integer.
-        assert!(j.same(
-            &json!(r#"{"x": 85892400622418800, "l": [1.0]}"#),
-            &json!(r#"{"x":8.58924006224188e+16,"l":[1]}"#)
-        ));
-        assert!(!j.same(&json!(r#"{"x": 1}"#), &json!(r#"{"x": 1.5}"#)));
-        assert!(!j.same(&json!("9007199254740993"), &json!("9007199254740992.0")));
-        assert!(!j.same(&json!(r#"[1, 2]"#), &json!(r#"[1, 2, 3]"#)));
-        assert!(!j.same(&json!(r#"{"a": 1}"#), &json!(r#"{"b": 1}"#)));
         let t = ColumnType::Text { max_chars: None };
-        assert!(t.same(&json!("x"), &json!("x")));
-        assert!(!t.same(&json!("x"), &json!("x ")));
-        assert!(!t.same(&json!("x"), &Value::Null));
-        assert!(t.same(&Value::Null, &Value::Null));
+        let doc = |s: &str| json!(s);
+        let cases = [
+            (f, json!("-0"), json!(0.0), true),
+            (f, json!(-0.0), json!(0.0), true),
+            (f, json!(1.5), json!(1.5), true),
+            (f, json!(1e18), json!(1_000_000_000_000_000_000_i64), true),
+            (f, json!(1.5), json!(2.5), false),
+            (f, json!("Infinity"), json!("-Infinity"), false),
+            (
+                j,
+                doc(r#"{"b":[1,null],"a":-0.5e-3}"#),
+                doc(r#"{"a": -0.0005, "b": [1, null]}"#),
+                true,
+            ),
+            (j, doc(r#"{"a":1}"#), doc(r#"{"a":2}"#), false),
+            // PostgreSQL's jsonb writes a number's exact decimal: an integral
+            // double as an integer.
+            (
+                j,
+                doc(r#"{"x": 85892400622418800, "l": [1.0]}"#),
+                doc(r#"{"x":8.58924006224188e+16,"l":[1]}"#),
+                true,
+            ),
+            (
+                j,
+                doc(r#"{"x":1.6324675820123441e+19}"#),
+                doc(r#"{"x": 16324675820123441000}"#),
+                true,
+            ),
+            (j, doc("1e20"), doc("100000000000000000000"), true),
+            (j, doc(r#"["\u00e9"]"#), doc(r#"["é"]"#), true),
+            (j, doc(r#"{"x": 1}"#), doc(r#"{"x": 1.5}"#), false),
+            (j, doc("9007199254740993"), doc("9007199254740992.0"), false),
+            (j, doc(r#"[1, 2]"#), doc(r#"[1, 2, 3]"#), false),
+            (j, doc(r#"{"a": 1}"#), doc(r#"{"b": 1}"#), false),
+            (j, doc(r#"["1"]"#), doc("[1]"), false),
+            (t, json!("x"), json!("x"), true),
+            (t, json!("x"), json!("x "), false),
+            (t, json!("x"), Value::Null, false),
+            (t, Value::Null, Value::Null, true),
+        ];
+        for (class, a, b, same) in cases {
+            assert_eq!(class.same(&a, &b), same, "{class}: {a} and {b}");
+            assert_eq!(
+                class.hash_form(&a) == class.hash_form(&b),
+                same,
+                "{class} hash forms: {a} and {b}"
+            );
+        }
     }
 
     fn raw(s: &str) -> Box<RawValue> {

@@ -90,9 +90,20 @@ pub fn split_range(from: Option<Ulid>, to: Option<Ulid>, parts: u32) -> Vec<Opti
 }
 
 /// A row's hash: SHA-256 of its id, a newline, and its values as a JSON object
-/// with sorted keys.
-pub fn row_hash(id: Ulid, values: &Values) -> Result<[u8; 32]> {
-    let sorted: BTreeMap<&str, &Value> = values.iter().map(|(k, v)| (k.as_str(), v)).collect();
+/// with sorted keys, each value in its class's hash form
+/// ([`crate::value::ColumnType::hash_form`]: a float or JSON document that
+/// two backends spell differently hashes alike).
+pub fn row_hash(id: Ulid, table: &TableInfo, values: &Values) -> Result<[u8; 32]> {
+    let sorted: BTreeMap<&str, Value> = values
+        .iter()
+        .map(|(k, v)| {
+            let form = match table.column_type(k) {
+                Some(ty) => ty.hash_form(v),
+                None => v.clone(),
+            };
+            (k.as_str(), form)
+        })
+        .collect();
     let mut hasher = Sha256::new();
     hasher.update(id.to_string().as_bytes());
     hasher.update(b"\n");
@@ -155,7 +166,7 @@ impl<B: Backend> Engine<B> {
                 }
                 let (count, hasher) = &mut sums[part];
                 *count += 1;
-                hasher.update(row_hash(*id, values)?);
+                hasher.update(row_hash(*id, &info, values)?);
             }
             match rows.last() {
                 Some((last, _)) if rows.len() == CHUNK as usize => {
@@ -199,7 +210,7 @@ impl<B: Backend> Engine<B> {
             .map(|(id, values)| {
                 Ok(RecordHash {
                     id: *id,
-                    hash: hex(&row_hash(*id, values)?),
+                    hash: hex(&row_hash(*id, &info, values)?),
                 })
             })
             .collect::<Result<_>>()?;
@@ -295,15 +306,79 @@ mod tests {
         }
     }
 
+    fn table() -> TableInfo {
+        use crate::value::ColumnType;
+        TableInfo {
+            datatype_id: Ulid::from(1u128),
+            table_name: "t".into(),
+            primary_key: "id".into(),
+            columns: ["id", "a", "b", "f", "j"].map(String::from).to_vec(),
+            types: vec![
+                ColumnType::Text { max_chars: None },
+                ColumnType::Text { max_chars: None },
+                ColumnType::Int64,
+                ColumnType::Float64,
+                ColumnType::Json,
+            ],
+            declared: ["TEXT", "TEXT", "INTEGER", "REAL", "JSON"]
+                .map(String::from)
+                .to_vec(),
+            conflict_policy: crate::model::ConflictPolicy::Lww,
+            uniques: Vec::new(),
+            foreign_keys: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_row_hash_ignores_key_order_and_sees_every_value() {
         let id = Ulid::from(42u128);
+        let t = table();
         let a: Values = serde_json::from_str(r#"{"id":"x","b":1,"a":"t"}"#).expect("json");
         let b: Values = serde_json::from_str(r#"{"a":"t","id":"x","b":1}"#).expect("json");
         let c: Values = serde_json::from_str(r#"{"a":"t","id":"x","b":2}"#).expect("json");
-        let hash = |v: &Values| row_hash(id, v).expect("hash");
+        let hash = |v: &Values| row_hash(id, &t, v).expect("hash");
         assert_eq!(hash(&a), hash(&b));
         assert_ne!(hash(&a), hash(&c));
-        assert_ne!(hash(&a), row_hash(Ulid::from(43u128), &a).expect("hash"));
+        assert_ne!(
+            hash(&a),
+            row_hash(Ulid::from(43u128), &t, &a).expect("hash")
+        );
+    }
+
+    /// What SQLite and PostgreSQL hold for the same row: -0.0 (SQLite keeps
+    /// 0.0), a JSON document as written and as `jsonb` respells it.
+    #[test]
+    fn a_row_hash_is_the_same_for_both_backends_spellings() {
+        let id = Ulid::from(42u128);
+        let t = table();
+        let row = |f: serde_json::Value, j: &str| -> Values {
+            serde_json::from_value(serde_json::json!({"id": "x", "f": f, "j": j})).expect("row")
+        };
+        let hash = |v: &Values| row_hash(id, &t, v).expect("hash");
+        let lite = row(
+            serde_json::json!(0.0),
+            r#"{"z":[1.0,-0.5e-3,"é"],"a":{"n":85892400622418800}}"#,
+        );
+        let pg = row(
+            serde_json::json!("-0"),
+            r#"{"a": {"n": 8.58924006224188e16}, "z": [1, -0.0005, "é"]}"#,
+        );
+        assert_eq!(hash(&lite), hash(&pg));
+        // Values that differ still hash apart.
+        let other_float = row(
+            serde_json::json!(0.5),
+            r#"{"a": {"n": 8.58924006224188e16}, "z": [1, -0.0005, "é"]}"#,
+        );
+        let other_doc = row(
+            serde_json::json!("-0"),
+            r#"{"a": {"n": 8.58924006224188e16}, "z": [1, -0.0005, "e"]}"#,
+        );
+        let other_number = row(
+            serde_json::json!("-0"),
+            r#"{"a": {"n": 8.58924006224188e16}, "z": [1.5, -0.0005, "é"]}"#,
+        );
+        for other in [other_float, other_doc, other_number] {
+            assert_ne!(hash(&lite), hash(&other));
+        }
     }
 }
