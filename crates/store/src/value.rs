@@ -115,9 +115,8 @@ fn number_form(n: &Number) -> String {
         return u.to_string();
     }
     match n.as_f64() {
-        Some(f) if f == 0.0 => "0".to_owned(),
         // `Display` for f64: the shortest round-trip digits, no exponent.
-        Some(f) => f.to_string(),
+        Some(f) => (if f == 0.0 { 0.0 } else { f }).to_string(),
         None => n.to_string(),
     }
 }

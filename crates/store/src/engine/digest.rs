@@ -365,19 +365,13 @@ mod tests {
         );
         assert_eq!(hash(&lite), hash(&pg));
         // Values that differ still hash apart.
-        let other_float = row(
-            serde_json::json!(0.5),
-            r#"{"a": {"n": 8.58924006224188e16}, "z": [1, -0.0005, "é"]}"#,
-        );
-        let other_doc = row(
-            serde_json::json!("-0"),
-            r#"{"a": {"n": 8.58924006224188e16}, "z": [1, -0.0005, "e"]}"#,
-        );
-        let other_number = row(
-            serde_json::json!("-0"),
-            r#"{"a": {"n": 8.58924006224188e16}, "z": [1.5, -0.0005, "é"]}"#,
-        );
-        for other in [other_float, other_doc, other_number] {
+        let pg_doc = r#"{"a": {"n": 8.58924006224188e16}, "z": [1, -0.0005, "é"]}"#;
+        let others = [
+            row(serde_json::json!(0.5), pg_doc),
+            row(serde_json::json!("-0"), &pg_doc.replace('é', "e")),
+            row(serde_json::json!("-0"), &pg_doc.replace("[1,", "[1.5,")),
+        ];
+        for other in others {
             assert_ne!(hash(&lite), hash(&other));
         }
     }
