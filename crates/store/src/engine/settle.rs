@@ -166,6 +166,16 @@ impl<B: Backend> Engine<B> {
                             if before.is_some() {
                                 moot.push(c.conflict_id);
                             }
+                            // No version conflict takes the id of a clash the
+                            // loser was blocked by while it was the record's
+                            // winner; the clash is over all the same (it no
+                            // longer is the winner; a node that got the
+                            // winner first never placed it).
+                            if stored.get(&l.event_id).is_some_and(|s| {
+                                s.kind != ConflictKind::Version && s.resolution_event_id.is_none()
+                            }) {
+                                over.push(l.event_id);
+                            }
                         } else {
                             changed.push(c);
                         }
