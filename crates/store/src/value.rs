@@ -121,6 +121,16 @@ fn number_form(n: &Number) -> String {
     }
 }
 
+/// The double a float column's value (a number, or one of the special
+/// strings) stands for.
+fn float_of(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => number_to_f64(n).ok(),
+        Value::String(s) => special_float(s).ok(),
+        _ => None,
+    }
+}
+
 /// A JSON document written one way for [`ColumnType::hash_form`]: object keys
 /// sorted, no whitespace, strings as serde_json writes them, numbers in their
 /// [`number_form`].
@@ -495,12 +505,7 @@ impl ColumnType {
         }
         match self {
             ColumnType::Float32 | ColumnType::Float64 => {
-                let float = |v: &Value| match v {
-                    Value::Number(n) => number_to_f64(n).ok(),
-                    Value::String(s) => special_float(s).ok(),
-                    _ => None,
-                };
-                matches!((float(a), float(b)), (Some(x), Some(y)) if x == y)
+                matches!((float_of(a), float_of(b)), (Some(x), Some(y)) if x == y)
             }
             ColumnType::Json => {
                 let doc = |v: &Value| match v {
@@ -524,17 +529,10 @@ impl ColumnType {
     /// everything else in its canonical form.
     pub fn hash_form(&self, v: &Value) -> Value {
         match self {
-            ColumnType::Float32 | ColumnType::Float64 => {
-                let f = match v {
-                    Value::Number(n) => number_to_f64(n).ok(),
-                    Value::String(s) => special_float(s).ok(),
-                    _ => None,
-                };
-                match f {
-                    Some(f) if f.is_finite() => Value::from(if f == 0.0 { 0.0 } else { f }),
-                    _ => v.clone(),
-                }
-            }
+            ColumnType::Float32 | ColumnType::Float64 => match float_of(v) {
+                Some(f) if f.is_finite() => Value::from(if f == 0.0 { 0.0 } else { f }),
+                _ => v.clone(),
+            },
             ColumnType::Json => match v {
                 Value::String(s) => match serde_json::from_str::<Value>(s) {
                     Ok(doc) => {
