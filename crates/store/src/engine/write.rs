@@ -3,6 +3,11 @@
 use super::place::{Placing, Winner};
 use super::*;
 
+/// The most writes one group commit holds: writes queued beyond it wait for
+/// the next transaction, so a steady stream of callers cannot keep one
+/// transaction open.
+pub(super) const MAX_GROUP: usize = 256;
+
 impl<B: Backend> Engine<B> {
     /// The class of a column a write may set (known, replicated, not a stamp).
     pub(super) fn writable_column(table: &TableInfo, column: &str) -> Result<ColumnType> {
@@ -153,10 +158,13 @@ impl<B: Backend> Engine<B> {
     /// Writes through the API from concurrent callers share transactions (group
     /// commit): a caller queues its write, and whoever gets the writer lock next
     /// writes everything queued in one transaction, each write exactly as it
-    /// would be alone, in queue order. If any of them fails, the group is rolled
-    /// back and each write runs in its own transaction, so one caller's error is
-    /// never another's. The group runs in its own task: a caller that goes away
-    /// does not abandon the writes of the others.
+    /// would be alone, in queue order; writes queued while the group runs join
+    /// it before it commits (up to [`MAX_GROUP`]), so a caller whose write
+    /// arrives mid-transaction shares the next commit instead of waiting for a
+    /// commit of its own. If any of them fails, the group is rolled back and
+    /// each write runs in its own transaction, so one caller's error is never
+    /// another's. The group runs in its own task: a caller that goes away does
+    /// not abandon the writes of the others.
     pub(super) async fn write_queued(
         self: &Arc<Self>,
         table: Arc<TableInfo>,
@@ -171,7 +179,11 @@ impl<B: Backend> Engine<B> {
             reply,
         });
         let guard = self.writer.clone().lock_owned().await;
-        let group = std::mem::take(&mut *self.queue());
+        let group: Vec<QueuedWrite> = {
+            let mut queue = self.queue();
+            let n = queue.len().min(MAX_GROUP);
+            queue.drain(..n).collect()
+        };
         if group.is_empty() {
             // An earlier group took this write and has answered it.
             drop(guard);
@@ -192,18 +204,16 @@ impl<B: Backend> Engine<B> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) async fn write_group(&self, group: Vec<QueuedWrite>) {
-        if group.len() > 1 {
-            match self.try_group(&group).await {
-                Ok(events) => {
-                    for (w, event) in group.into_iter().zip(events) {
-                        let _ = w.reply.send(Ok(event));
-                    }
-                    return;
+    pub(super) async fn write_group(&self, mut group: Vec<QueuedWrite>) {
+        match self.try_group(&mut group).await {
+            Ok(events) => {
+                for (w, event) in group.into_iter().zip(events) {
+                    let _ = w.reply.send(Ok(event));
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, writes = group.len(), "grouped write failed; writing one by one");
-                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, writes = group.len(), "grouped write failed; writing one by one");
             }
         }
         for w in group {
@@ -212,9 +222,10 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The group in one transaction; `group` grows by the writes that join it.
     pub(super) async fn try_group(
         &self,
-        group: &[QueuedWrite],
+        group: &mut Vec<QueuedWrite>,
     ) -> Result<Vec<Option<ChangeEvent>>> {
         let mut tx = self.begin_tx().await?;
         match self.group_in(&mut tx, group).await {
@@ -236,24 +247,42 @@ impl<B: Backend> Engine<B> {
     pub(super) async fn group_in(
         &self,
         tx: &mut B::Tx,
-        group: &[QueuedWrite],
+        group: &mut Vec<QueuedWrite>,
     ) -> Result<(Vec<Option<ChangeEvent>>, VersionVector)> {
         self.drain_in(tx).await?;
         let mut cache = VersionCache::new();
         let mut own = VersionVector::new();
         let mut results = Vec::with_capacity(group.len());
-        for w in group {
-            let event = self
-                .write_in(tx, &mut cache, &w.table, w.id, w.values.clone())
-                .await?;
-            if let Some(e) = &event {
-                self.insert_events(tx, &[e], &|_| false).await?;
-                own.observe(self.node_id, e.hlc);
+        loop {
+            for w in &group[results.len()..] {
+                let event = self
+                    .write_in(tx, &mut cache, &w.table, w.id, w.values.clone())
+                    .await?;
+                if let Some(e) = &event {
+                    self.insert_events(tx, &[e], &|_| false).await?;
+                    own.observe(self.node_id, e.hlc);
+                }
+                results.push(event);
             }
-            results.push(event);
+            if !self.join_queued(group) {
+                break;
+            }
         }
         self.finish_blocks(tx, &mut cache).await?;
         Ok((results, own))
+    }
+
+    /// Moves writes queued since the group formed into it, up to
+    /// [`MAX_GROUP`] writes in all; whether any joined.
+    fn join_queued(&self, group: &mut Vec<QueuedWrite>) -> bool {
+        let room = MAX_GROUP.saturating_sub(group.len());
+        if room == 0 {
+            return false;
+        }
+        let mut queue = self.queue();
+        let joining = queue.len().min(room);
+        group.extend(queue.drain(..joining));
+        joining > 0
     }
 
     /// The write itself, inside `tx`: row, version and conflicts (the event is
