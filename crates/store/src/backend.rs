@@ -46,14 +46,16 @@ impl SavepointOp {
 /// [`Backend::compact_events`]), as an SQL expression both SQL backends use:
 /// `before` is the placeholder of the HLC it must be older than (0 when
 /// tombstones stay), `acked` an expression for what every peer acknowledged
-/// of `e`'s origin, `frontier_len` one for the length of `v.frontier`.
+/// of `e`'s origin, `frontier_len` one for the length of `v.frontier` (0 in
+/// the stored short form of a single version, see
+/// [`crate::model::Version::stored_frontier_text`]).
 pub(crate) fn tombstone_goes_sql(before: &str, acked: &str, frontier_len: &str) -> String {
     format!(
         "(e.operation = 'DELETE' AND e.hlc_timestamp < {before} \
          AND e.hlc_timestamp < (SELECT n.max_hlc FROM tidemark_nodes n WHERE n.node_id = e.node_id) \
          AND EXISTS (SELECT 1 FROM tidemark_record_versions v \
            WHERE v.table_name = e.table_name AND v.record_id = e.record_id AND v.event_id = e.event_id \
-           AND v.deleted AND {frontier_len} = 1) \
+           AND v.deleted AND {frontier_len} <= 1) \
          AND NOT EXISTS (SELECT 1 FROM change_events o \
            WHERE o.table_name = e.table_name AND o.record_id = e.record_id AND o.event_id <> e.event_id) \
          AND NOT EXISTS (SELECT 1 FROM tidemark_conflicts c WHERE c.status = 'open' \

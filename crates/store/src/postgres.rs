@@ -1027,7 +1027,10 @@ impl Backend for PostgresBackend {
             let events: Vec<String> = chunk.iter().map(|(_, v)| v.event_id.to_string()).collect();
             let deleted: Vec<bool> = chunk.iter().map(|(_, v)| v.deleted).collect();
             let vvs: Vec<String> = chunk.iter().map(|(_, v)| v.vv.to_json_text()).collect();
-            let frontiers: Vec<String> = chunk.iter().map(|(_, v)| v.frontier_text()).collect();
+            let frontiers: Vec<String> = chunk
+                .iter()
+                .map(|(_, v)| v.stored_frontier_text())
+                .collect();
             sqlx::query(
                 "INSERT INTO tidemark_record_versions (table_name, record_id, hlc, node_id, event_id, deleted, vv, frontier) \
                  SELECT $1, r, h, n, e, d, vv::jsonb, f::jsonb \

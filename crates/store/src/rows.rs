@@ -359,3 +359,66 @@ pub fn sequences_from_rows(rows: Vec<(String, i64)>) -> Result<crate::model::Seq
 /// The regular expression / GLOB class of a canonical ULID's characters.
 pub const ULID_FIRST: &str = "0-7";
 pub const ULID_REST: &str = "0-9A-HJKMNP-TV-Z";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Member;
+
+    fn member(event: u128, hlc: i64, node: u128, deleted: bool, vv: &[(u128, i64)]) -> Member {
+        Member {
+            event_id: Ulid(event),
+            hlc: Hlc::decode(hlc).expect("in range"),
+            node_id: Ulid(node),
+            deleted,
+            vv: VersionVector(
+                vv.iter()
+                    .map(|&(o, h)| (Ulid(o), Hlc::decode(h).expect("in range")))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A version as a backend stores it and reads it back.
+    fn stored_and_read(v: &Version) -> Version {
+        let row = VersionRow {
+            record_id: Ulid(7).to_string(),
+            hlc: v.hlc.encode(),
+            node_id: v.node_id.to_string(),
+            event_id: v.event_id.to_string(),
+            deleted: v.deleted,
+            vv: Json(serde_json::from_str(&v.vv.to_json_text()).expect("vv")),
+            frontier: Json(serde_json::from_str(&v.stored_frontier_text()).expect("frontier")),
+        };
+        let (id, read) = row.into_version().expect("reads back");
+        assert_eq!(id, Ulid(7));
+        read
+    }
+
+    #[test]
+    fn a_single_version_is_stored_short_and_read_back_whole() {
+        for deleted in [false, true] {
+            let v = Version::single(member(11, 5 << 16, 3, deleted, &[(3, 5 << 16), (4, 9)]));
+            assert_eq!(v.stored_frontier_text(), "[]");
+            assert_eq!(stored_and_read(&v), v);
+        }
+    }
+
+    #[test]
+    fn other_versions_are_stored_whole() {
+        let a = member(11, 5 << 16, 3, false, &[(3, 5 << 16)]);
+        let b = member(12, 6 << 16, 4, true, &[(4, 6 << 16)]);
+        // Two concurrent members; the winner is the last.
+        let mut concurrent = Version::single(b.clone());
+        concurrent.vv.observe(Ulid(3), a.hlc);
+        concurrent.frontier = vec![a.clone(), b.clone()];
+        // One member that is not the row's own version (its vector is smaller).
+        let mut wider = Version::single(a.clone());
+        wider.vv.observe(Ulid(4), b.hlc);
+        for v in [concurrent, wider] {
+            assert_ne!(v.stored_frontier_text(), "[]");
+            assert_eq!(v.stored_frontier_text(), v.frontier_text());
+            assert_eq!(stored_and_read(&v), v);
+        }
+    }
+}

@@ -1135,7 +1135,7 @@ impl Backend for SqliteBackend {
                 v.event_id.to_string(),
                 i64::from(v.deleted),
                 v.vv.to_json_text(),
-                v.frontier_text(),
+                v.stored_frontier_text(),
             ])
             .map_err(db_error)?;
         }
