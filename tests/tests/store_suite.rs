@@ -2994,6 +2994,24 @@ async fn received_numbers_raise_positions(db: TestDb) {
     let store = open(&db, me).await;
     let position = store.positions()[&origin];
     assert_eq!((position.seq, position.hlc), (2, e2.hlc), "after a restart");
+    // The numbers held tell a new event from one in the log without a
+    // lookup: after the restart, numbered events already held and the
+    // unnumbered one are still found in the log, resent in order with a new
+    // one (twice).
+    let before = all_events(&store).await.len();
+    let e3 = event(5, json!(3));
+    let out = store
+        .apply_remote(&[old.clone(), e1.clone(), e2.clone(), e3.clone(), e3.clone()])
+        .await
+        .expect("apply after restart");
+    assert_eq!((out.applied, out.duplicates), (1, 4));
+    assert_eq!(all_events(&store).await.len(), before + 1);
+    assert_eq!(store.positions()[&origin].seq, 3);
+    let rows = notes_rows(&db).await;
+    let again = store.apply_remote(&[e2, e3]).await.expect("all held");
+    assert_eq!((again.applied, again.duplicates), (0, 2));
+    assert_eq!(all_events(&store).await.len(), before + 1);
+    assert_eq!(notes_rows(&db).await, rows);
     store.close().await;
 }
 

@@ -307,8 +307,23 @@ impl<B: Backend> Engine<B> {
             drained: self.drain_in(tx).await?.events,
             ..ApplyOutcome::default()
         };
-        let ids: Vec<Ulid> = accepted.iter().map(|(e, _)| e.event_id).collect();
-        let mut seen = self.backend.existing_events(tx, &ids).await?;
+        // Only events that may be in the log are looked up: one numbered above
+        // the last number held of its origin is not (see `held_numbers`), so a
+        // batch of new events (the steady state) costs no lookup at all.
+        let held = self.held_numbers();
+        let ids: Vec<Ulid> = accepted
+            .iter()
+            .filter(|(e, _)| match e.seq() {
+                Ok(Some(seq)) => held.get(&e.node_id).is_some_and(|h| seq <= *h),
+                _ => true,
+            })
+            .map(|(e, _)| e.event_id)
+            .collect();
+        let mut seen = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            self.backend.existing_events(tx, &ids).await?
+        };
         let mut cache = VersionCache::buffered();
         cache.synced = synced.clone();
         let records = accepted

@@ -576,6 +576,23 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// Per origin, the highest number of any event in the log, as the open
+    /// write transaction sees it (committed, or inserted earlier in it). Every
+    /// event enters the log through [`Engine::insert_events`], which raises
+    /// these in the same transaction; they are loaded when the store opens
+    /// (migration 0006 counted them from the log) and never rewind, compaction
+    /// included. So an event numbered above its origin's entry, or of an
+    /// origin with none, is not in the log. Events without a number (stamped
+    /// before positions) are not covered.
+    pub(super) fn held_numbers(&self) -> Sequences {
+        let mut held = lock(&self.sequences).clone();
+        for (origin, seq) in lock(&self.pending_sequences).iter() {
+            let at = held.entry(*origin).or_default();
+            *at = (*at).max(*seq);
+        }
+        held
+    }
+
     /// The number of this node's next own event in the open write
     /// transaction: one past the last held, committed or earlier in it.
     pub(super) fn next_own_seq(&self) -> u64 {
