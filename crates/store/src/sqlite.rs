@@ -1936,7 +1936,7 @@ impl Backend for SqliteBackend {
         limit: u32,
     ) -> Result<Compacted> {
         let (tomb_before, peers) = match tombstones {
-            Some(t) => (t.before.encode(), t.acked.to_json().to_string()),
+            Some(t) => (t.before.encode(), t.acked.to_json_text()),
             None => (0, "{}".to_owned()),
         };
         let tombstone_goes = tombstone_goes_sql(
