@@ -232,7 +232,7 @@ fuzz_target!(|batch: Batch| {
         let json = event_json(&raw);
         let event_id = raw.event_id.clone();
         match event_from_pb(raw) {
-            Ok(e) => events.push(e),
+            Ok(e) => events.push(env.store.check_event(e)),
             Err(err) => rejected.push(Rejected {
                 event_id,
                 kind: RejectKind::Invalid,

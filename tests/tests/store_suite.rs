@@ -1772,7 +1772,13 @@ async fn received_events_every_peer_holds_arrive_synced(db: TestDb) {
         let (store, e, waited) = (store.clone(), e.clone(), waited.to_vec());
         async move {
             let out = store
-                .apply_from(Some(from), vec![e.clone()], Vec::new(), &|_| true, &waited)
+                .apply_from(
+                    Some(from),
+                    vec![store.check_event(e)],
+                    Vec::new(),
+                    &|_| true,
+                    &waited,
+                )
                 .await
                 .expect("apply");
             assert_eq!(out.applied, 1);

@@ -1,21 +1,24 @@
 //! The receiving side of a replication session: the `Replication` gRPC service.
 //!
-//! Each stream is served by a task that applies batches in arrival order: the
-//! batches that have already arrived (up to [`COALESCE_EVENTS`] events) are
-//! applied together in one store transaction, and each is acknowledged only
-//! after it committed. On shutdown the task finishes the batches in hand
-//! (commit, then ack) and ends the stream.
+//! Each stream is served by two tasks in a pipeline. The reader decodes the
+//! sender's messages and checks their events against the registry (work that
+//! needs no transaction); the applier applies what the reader hands it in
+//! arrival order, the batches that arrived together (up to
+//! [`COALESCE_EVENTS`] events) in one store transaction, and acknowledges each
+//! batch only after it committed. While the applier writes one transaction the
+//! reader prepares the next, on the runtime's other threads. On shutdown the
+//! applier finishes the batches in hand (commit, then ack) and ends the stream.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, Stream};
+use futures::Stream;
 use std::collections::{BTreeMap, HashMap};
 
 use tidemark_hlc::Hlc;
 use tidemark_store::model::parse_ulid;
-use tidemark_store::{ChangeEvent, Held, Position, RejectKind, Store, VersionVector};
+use tidemark_store::{ChangeEvent, CheckedEvent, Held, Position, RejectKind, Store, VersionVector};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +46,38 @@ const HOLD_SECOND_WRITER_MS: u64 = 60_000;
 /// together (a sender ahead of this node pipelines several).
 const COALESCE_EVENTS: usize = 4_000;
 
-type Inbound = Result<Option<pb::SenderMessage>, Status>;
+/// One event of a received batch, as the reader hands it to the applier.
+// Nearly every item is an `Event`: boxing it would add an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Received {
+    /// Decoded and checked (the check's verdict counts at the event's turn).
+    Event(CheckedEvent),
+    /// Could not be decoded. With its origin and HLC known (`identity`), the
+    /// origin is held at it; otherwise it goes to the quarantine as `json`.
+    Malformed {
+        identity: Option<(Ulid, Hlc)>,
+        event_id: String,
+        reason: String,
+        json: Option<serde_json::Value>,
+    },
+}
+
+/// Batches that arrived together, for one transaction.
+#[derive(Debug, Default)]
+struct Gathered {
+    batch_ids: Vec<u64>,
+    events: Vec<Received>,
+}
+
+/// What the reader hands the applier.
+#[derive(Debug)]
+enum Step {
+    Apply(Gathered),
+    /// The stream ended: the sender closed it (`None`), or the error to send
+    /// it.
+    End(Option<Status>),
+}
 
 /// The `Replication` service.
 #[derive(Debug, Clone)]
@@ -277,15 +311,41 @@ impl Inner {
         Ok(sender)
     }
 
-    /// Applies one batch and builds its Ack. `holds` are this session's held
-    /// origins (origin -> the HLC it was held at): the sender may have pipelined
-    /// more of a held origin's events before it learned of the hold; they are
-    /// skipped until it resends from the held event, which lifts the hold.
+    /// Decodes one received event and checks it against the registry: the
+    /// reader's share of the work, done while the applier writes.
+    fn receive_event(&self, raw: pb::Event) -> Received {
+        let identity = match (
+            parse_ulid("node_id", &raw.node_id),
+            tidemark_hlc::Hlc::decode(raw.hlc),
+        ) {
+            (Ok(origin), Ok(hlc)) => Some((origin, hlc)),
+            _ => None,
+        };
+        let event_id = raw.event_id.clone();
+        // Kept only for an event that cannot even be identified (it goes to the
+        // quarantine as sent); a held one is sent again.
+        let json = identity.is_none().then(|| crate::convert::event_json(&raw));
+        match event_from_pb(raw) {
+            Ok(e) => Received::Event(self.store.check_event(e)),
+            Err(e) => Received::Malformed {
+                identity,
+                event_id,
+                reason: e.to_string(),
+                json,
+            },
+        }
+    }
+
+    /// Applies batches that arrived together and builds their Acks. `holds`
+    /// are this session's held origins (origin -> the HLC it was held at): the
+    /// sender may have pipelined more of a held origin's events before it
+    /// learned of the hold; they are skipped until it resends from the held
+    /// event, which lifts the hold.
     async fn apply_batches(
         &self,
         sender: Ulid,
         compacted: &VersionVector,
-        batches: Vec<pb::Batch>,
+        gathered: Gathered,
         holds: &mut HashMap<Ulid, Hlc>,
     ) -> Result<Vec<pb::Ack>, Status> {
         let peer = sender.to_string();
@@ -296,32 +356,18 @@ impl Inner {
             )));
         };
         let may_relay = configured.may_relay;
-        for batch in &batches {
-            if batch.events.len() > self.opts.max_batch_events {
-                return Err(Status::invalid_argument(format!(
-                    "batch {} has {} events, more than the limit of {}",
-                    batch.batch_id,
-                    batch.events.len(),
-                    self.opts.max_batch_events
-                )));
-            }
-            if !batch.events.is_empty() {
-                metrics::histogram!("tidemark_batch_events", "peer" => peer.clone())
-                    .record(batch.events.len() as f64);
-            }
-        }
-        let ids: Vec<u64> = batches.iter().map(|b| b.batch_id).collect();
-        let received: usize = batches.iter().map(|b| b.events.len()).sum();
-        let mut events: Vec<ChangeEvent> = Vec::with_capacity(received);
+        let Gathered {
+            batch_ids: ids,
+            events: items,
+        } = gathered;
+        let received = items.len();
+        let mut events: Vec<CheckedEvent> = Vec::with_capacity(received);
         let mut rejected = Vec::new();
         let mut held: Vec<Held> = Vec::new();
-        for raw in batches.into_iter().flat_map(|b| b.events) {
-            let identity = match (
-                parse_ulid("node_id", &raw.node_id),
-                tidemark_hlc::Hlc::decode(raw.hlc),
-            ) {
-                (Ok(origin), Ok(hlc)) => Some((origin, hlc)),
-                _ => None,
+        for item in items {
+            let identity = match &item {
+                Received::Event(c) => Some((c.event().node_id, c.event().hlc)),
+                Received::Malformed { identity, .. } => *identity,
             };
             if let Some((origin, hlc)) = identity {
                 if let Some(&at) = holds.get(&origin) {
@@ -337,31 +383,45 @@ impl Inner {
                     continue;
                 }
             }
-            let event_id = raw.event_id.clone();
-            // Kept only for an event that cannot even be identified (it goes
-            // to the quarantine as sent); a held one is sent again.
-            let json = identity.is_none().then(|| crate::convert::event_json(&raw));
-            match (event_from_pb(raw), identity) {
-                (Ok(e), _) => events.push(e),
-                (Err(e), Some((origin, hlc))) => held.push(Held {
+            match item {
+                Received::Event(c) => events.push(c),
+                Received::Malformed {
+                    identity: Some((origin, hlc)),
+                    event_id,
+                    reason,
+                    ..
+                } => held.push(Held {
                     origin,
                     hlc,
                     event_id,
                     kind: RejectKind::Invalid,
-                    reason: e.to_string(),
+                    reason,
                     retry_after_ms: HOLD_MALFORMED_MS,
                 }),
-                (Err(e), None) => rejected.push(tidemark_store::Rejected {
+                Received::Malformed {
+                    identity: None,
+                    event_id,
+                    reason,
+                    json,
+                } => rejected.push(tidemark_store::Rejected {
                     event_id,
                     kind: RejectKind::Invalid,
-                    reason: e.to_string(),
+                    reason,
                     event: json.unwrap_or_default(),
                 }),
             }
         }
-        held.extend(hold_gaps(&self.store.positions(), compacted, &mut events));
+        held.extend(hold_gaps(
+            &self.store.positions(),
+            compacted,
+            &mut events,
+            CheckedEvent::event,
+        ));
         // An origin held at a malformed event or a gap: its later events wait too.
-        events.retain(|e| held.iter().all(|h| h.origin != e.node_id || e.hlc < h.hlc));
+        events.retain(|c| {
+            let e = c.event();
+            held.iter().all(|h| h.origin != e.node_id || e.hlc < h.hlc)
+        });
         let allowed = move |origin: Ulid| may_relay || origin == sender;
         let outcome = match self
             .store
@@ -493,78 +553,134 @@ impl Inner {
         Ok(acks)
     }
 
-    /// Serves one accepted stream until the sender closes it, an error, or shutdown.
+    /// The reader of one accepted stream: decodes the sender's messages and
+    /// checks their events (see [`Inner::receive_event`]), gathering the
+    /// batches that arrive while the applier is busy into the next
+    /// transaction's (up to [`COALESCE_EVENTS`] events). Ends with the stream,
+    /// at shutdown, or when the applier stops.
+    async fn read(
+        self: Arc<Self>,
+        sender: Ulid,
+        mut inbound: Streaming<pb::SenderMessage>,
+        steps: mpsc::Sender<Step>,
+    ) {
+        let peer = sender.to_string();
+        let mut pending: Option<Gathered> = None;
+        let mut end: Option<Option<Status>> = None;
+        loop {
+            if pending.is_none()
+                && let Some(end) = end.take()
+            {
+                let _ = steps.send(Step::End(end)).await;
+                return;
+            }
+            let room = pending
+                .as_ref()
+                .is_none_or(|g| g.events.len() < COALESCE_EVENTS);
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                _ = steps.closed() => return,
+                permit = steps.reserve(), if pending.is_some() => match (permit, pending.take()) {
+                    (Ok(permit), Some(gathered)) => permit.send(Step::Apply(gathered)),
+                    _ => return,
+                },
+                msg = inbound.message(), if end.is_none() && room => {
+                    end = self.gather(&peer, msg, &mut pending).err();
+                }
+            }
+        }
+    }
+
+    /// Adds one message from the sender to `pending`; `Err` when the stream
+    /// ends with it (`Err(None)`: the sender closed it).
+    fn gather(
+        &self,
+        peer: &str,
+        msg: Result<Option<pb::SenderMessage>, Status>,
+        pending: &mut Option<Gathered>,
+    ) -> Result<(), Option<Status>> {
+        let batch = match msg {
+            Ok(Some(pb::SenderMessage {
+                kind: Some(sender_message::Kind::Batch(b)),
+            })) => b,
+            Ok(Some(_)) => {
+                return Err(Some(Status::invalid_argument(
+                    "expected a batch: hello is only the first message",
+                )));
+            }
+            Ok(None) => {
+                debug!("sender closed the stream");
+                return Err(None);
+            }
+            Err(status) => {
+                // A transport failure, or a message the server refused to decode
+                // (over max_message_bytes): tell the sender why, if it listens.
+                if status.code() == tonic::Code::OutOfRange {
+                    warn!(message = status.message(), "message from sender refused");
+                } else {
+                    debug!(%status, "stream from sender failed");
+                }
+                return Err(Some(status));
+            }
+        };
+        if batch.events.len() > self.opts.max_batch_events {
+            let status = Status::invalid_argument(format!(
+                "batch {} has {} events, more than the limit of {}",
+                batch.batch_id,
+                batch.events.len(),
+                self.opts.max_batch_events
+            ));
+            warn!(batch_id = batch.batch_id, code = ?status.code(), message = status.message(), "batch refused");
+            return Err(Some(status));
+        }
+        if !batch.events.is_empty() {
+            metrics::histogram!("tidemark_batch_events", "peer" => peer.to_owned())
+                .record(batch.events.len() as f64);
+        }
+        let gathered = pending.get_or_insert_with(Gathered::default);
+        gathered.batch_ids.push(batch.batch_id);
+        gathered
+            .events
+            .extend(batch.events.into_iter().map(|raw| self.receive_event(raw)));
+        Ok(())
+    }
+    /// The applier of one accepted stream: applies what its reader (spawned
+    /// here) hands it, in order, and acknowledges each batch after its commit.
+    /// Ends when the stream ends, at an error (sent to the sender), or at
+    /// shutdown (after the transaction in hand).
     async fn serve(
         self: Arc<Self>,
         sender: Ulid,
         compacted: VersionVector,
-        mut inbound: Streaming<pb::SenderMessage>,
+        inbound: Streaming<pb::SenderMessage>,
         out: mpsc::Sender<Result<pb::ReceiverMessage, Status>>,
     ) {
+        // One transaction's batches wait here while the reader gathers the next.
+        let (steps, mut ready) = mpsc::channel(1);
+        self.tracker
+            .spawn(self.clone().read(sender, inbound, steps).in_current_span());
         let mut holds: HashMap<Ulid, Hlc> = HashMap::new();
-        // A message read while gathering batches that ends the gathering.
-        let mut next: Option<Inbound> = None;
         loop {
-            let msg = match next.take() {
-                Some(msg) => msg,
-                None => tokio::select! {
-                    biased;
-                    _ = self.cancel.cancelled() => {
-                        debug!("shutting down: closing stream");
-                        return;
-                    }
-                    msg = inbound.message() => msg,
-                },
+            let step = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => {
+                    debug!("shutting down: closing stream");
+                    return;
+                }
+                step = ready.recv() => step,
             };
-            let batch = match msg {
-                Ok(Some(pb::SenderMessage {
-                    kind: Some(sender_message::Kind::Batch(b)),
-                })) => b,
-                Ok(Some(_)) => {
-                    let _ = out
-                        .send(Err(Status::invalid_argument(
-                            "expected a batch: hello is only the first message",
-                        )))
-                        .await;
-                    return;
-                }
-                Ok(None) => {
-                    debug!("sender closed the stream");
-                    return;
-                }
-                Err(status) => {
-                    // A transport failure, or a message the server refused to decode
-                    // (over max_message_bytes): tell the sender why, if it listens.
-                    if status.code() == tonic::Code::OutOfRange {
-                        warn!(message = status.message(), "message from sender refused");
-                    } else {
-                        debug!(%status, "stream from sender failed");
-                    }
+            let gathered = match step {
+                Some(Step::Apply(gathered)) => gathered,
+                Some(Step::End(Some(status))) => {
                     let _ = out.send(Err(status)).await;
                     return;
                 }
+                Some(Step::End(None)) | None => return,
             };
-            // Batches that have already arrived join this one's transaction.
-            let mut batches = vec![batch];
-            let mut gathered = batches[0].events.len();
-            while gathered < COALESCE_EVENTS {
-                match inbound.message().now_or_never() {
-                    None => break,
-                    Some(Ok(Some(pb::SenderMessage {
-                        kind: Some(sender_message::Kind::Batch(b)),
-                    }))) => {
-                        gathered += b.events.len();
-                        batches.push(b);
-                    }
-                    Some(other) => {
-                        next = Some(other);
-                        break;
-                    }
-                }
-            }
-            let batch_id = batches.last().map_or(0, |b| b.batch_id);
+            let batch_id = gathered.batch_ids.last().copied().unwrap_or_default();
             let replies: Vec<Result<pb::ReceiverMessage, Status>> = match self
-                .apply_batches(sender, &compacted, batches, &mut holds)
+                .apply_batches(sender, &compacted, gathered, &mut holds)
                 .await
             {
                 Ok(acks) => acks
@@ -730,14 +846,16 @@ impl pb::replication_server::Replication for ReceiverService {
 /// A number already held that comes with an HLC newer than any held cannot
 /// come from the origin's one writer: the origin is held
 /// ([`RejectKind::SecondWriter`]).
-fn hold_gaps(
+fn hold_gaps<T>(
     positions: &BTreeMap<Ulid, Position>,
     compacted: &VersionVector,
-    events: &mut Vec<ChangeEvent>,
+    events: &mut Vec<T>,
+    event_of: impl Fn(&T) -> &ChangeEvent,
 ) -> Vec<Held> {
     let mut at: BTreeMap<Ulid, Position> = BTreeMap::new();
     let mut held = Vec::new();
-    events.retain(|event| {
+    events.retain(|item| {
+        let event = event_of(item);
         let origin = event.node_id;
         if held.iter().any(|h: &Held| h.origin == origin) {
             return false;
@@ -834,12 +952,12 @@ mod tests {
         let none = VersionVector::new();
         // A number held, with an older HLC: a duplicate, for the store to skip.
         let mut events = vec![numbered(origin, 900, 4), numbered(origin, 1_100, 6)];
-        assert!(hold_gaps(&positions, &none, &mut events).is_empty());
+        assert!(hold_gaps(&positions, &none, &mut events, |e| e).is_empty());
         assert_eq!(events.len(), 2);
         // A number held, with an HLC newer than any held: another writer.
         let clone = numbered(origin, 1_050, 5);
         let mut events = vec![clone.clone(), numbered(origin, 1_100, 6)];
-        let held = hold_gaps(&positions, &none, &mut events);
+        let held = hold_gaps(&positions, &none, &mut events, |e| e);
         assert!(events.is_empty(), "the origin's later events wait too");
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].kind, RejectKind::SecondWriter);
@@ -858,6 +976,6 @@ mod tests {
             },
         )]);
         let mut events = vec![numbered(origin, 1_100, 1)];
-        assert!(hold_gaps(&fresh, &none, &mut events).is_empty());
+        assert!(hold_gaps(&fresh, &none, &mut events, |e| e).is_empty());
     }
 }

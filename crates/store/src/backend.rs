@@ -18,9 +18,9 @@ use ulid::Ulid;
 use crate::error::Result;
 use crate::ident::Ident;
 use crate::model::{
-    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
-    LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
-    VersionVector,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, EventExtras,
+    ForeignKey, LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values,
+    Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -369,14 +369,15 @@ pub trait Backend: Send + Sync + 'static {
         tx: &mut Self::Tx,
         ids: &[Ulid],
     ) -> impl Future<Output = Result<HashSet<Ulid>>> + Send;
-    /// Keeps new events (an id already present is skipped). Those `synced`
-    /// picks are stored with `synced_at` already set: every peer `synced_at`
-    /// waits for is known to hold them.
+    /// Keeps new events (an id already present is skipped). Those `extras`
+    /// name synced are stored with `synced_at` already set (every peer
+    /// `synced_at` waits for is known to hold them); text `extras` holds is
+    /// bound as it is, not rendered again.
     fn insert_events(
         &self,
         tx: &mut Self::Tx,
         events: &[&ChangeEvent],
-        synced: &(dyn Fn(Ulid) -> bool + Sync),
+        extras: &EventExtras,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Raises each origin's applied-vector entry to at least the given HLC.
     fn raise_vector(

@@ -42,14 +42,16 @@ use tidemark_hlc::{Clock, Hlc};
 use ulid::Ulid;
 
 pub use backend::{Backend, FirstEvent, RowWrite, TxScope};
-pub use engine::{DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, Retain, STAMP_COLUMNS};
+pub use engine::{
+    CheckedEvent, DEFAULT_MAX_EVENT_BYTES, Engine, IdSource, RawValues, Retain, STAMP_COLUMNS,
+};
 pub use error::{DbError, Result, StoreError};
 pub use memory::MemoryBackend;
 pub use model::{
     ApplyOutcome, BlockKind, Blocked, ChangeEvent, Conflict, ConflictFilter, ConflictKind,
-    ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, ForeignKey, Held, LoggedEvent,
-    Member, Operation, Position, Quarantined, RejectKind, Rejected, ResolveChoice, Sequences,
-    SetAside, TableInfo, Values, Version, VersionVector, values_text,
+    ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, EventExtras, EventText, ForeignKey,
+    Held, LoggedEvent, Member, Operation, Position, Quarantined, RejectKind, Rejected,
+    ResolveChoice, Sequences, SetAside, TableInfo, Values, Version, VersionVector, values_text,
 };
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::{SqliteBackend, SqliteOptions};
@@ -324,12 +326,18 @@ impl Store {
         dispatch!(self, e => e.apply_remote(events).await)
     }
 
+    /// Checks a remote event against the registry ahead of its transaction
+    /// (see [`Engine::check_event`]); no database is read.
+    pub fn check_event(&self, event: ChangeEvent) -> CheckedEvent {
+        dispatch!(self, e => e.check_event(event))
+    }
+
     /// Applies a batch from `peer`, quarantining what cannot be applied (see
     /// [`Engine::apply_from`]).
     pub async fn apply_from(
         &self,
         peer: Option<Ulid>,
-        events: Vec<ChangeEvent>,
+        events: Vec<CheckedEvent>,
         rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
         waited: &[Ulid],

@@ -37,8 +37,8 @@ use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ConflictStatus,
-    ForeignKey, LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values,
-    Version, VersionVector,
+    EventExtras, ForeignKey, LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo,
+    Values, Version, VersionVector,
 };
 use crate::value::ColumnType;
 
@@ -962,7 +962,7 @@ impl Backend for MemoryBackend {
         &self,
         tx: &mut Self::Tx,
         events: &[&ChangeEvent],
-        synced: &(dyn Fn(Ulid) -> bool + Sync),
+        extras: &EventExtras,
     ) -> Result<()> {
         for e in events {
             if tx.state.events.contains_key(&e.event_id) {
@@ -973,7 +973,7 @@ impl Backend for MemoryBackend {
                 e.event_id,
                 Some(StoredEvent {
                     event: (*e).clone(),
-                    synced_at: synced(e.event_id).then(|| self.now()),
+                    synced_at: extras.synced(e.event_id).then(|| self.now()),
                 }),
             );
             tx.add_origin_entry((e.node_id, e.hlc, e.event_id));

@@ -1,6 +1,6 @@
 //! Plain data types shared by every backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -257,6 +257,56 @@ pub struct ChangeEvent {
     pub new_values: Option<Values>,
     /// Replication metadata; holds the record's version vector under `"vv"`.
     pub metadata: Option<Value>,
+}
+
+/// The JSON text an event's new values and metadata are stored as, rendered
+/// once: a received event's while the batch before it is written, so its
+/// transaction only binds the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventText {
+    pub new_values: Option<String>,
+    pub metadata: Option<String>,
+}
+
+impl EventText {
+    pub fn of(event: &ChangeEvent) -> EventText {
+        EventText {
+            new_values: event.new_values.as_ref().map(values_text),
+            metadata: event.metadata.as_ref().map(json_value_text),
+        }
+    }
+}
+
+/// The JSON text of a metadata value (written straight into bytes, not
+/// through `Display`'s formatter).
+pub fn json_value_text(value: &Value) -> String {
+    serde_json::to_string(value).expect("a JSON value always serialises")
+}
+
+/// What [`crate::Backend::insert_events`] stores for events besides their
+/// fields. Both sets are keyed by event id; an event in neither is stored
+/// unsynced and rendered at insert.
+#[derive(Debug, Default)]
+pub struct EventExtras {
+    /// Events stored with `synced_at` already set: every peer `synced_at`
+    /// waits for is known to hold them.
+    pub synced: HashSet<Ulid>,
+    /// Text rendered ahead of the transaction.
+    pub text: HashMap<Ulid, EventText>,
+}
+
+impl EventExtras {
+    pub fn synced(&self, id: Ulid) -> bool {
+        self.synced.contains(&id)
+    }
+
+    /// The event's new values' and metadata's text: rendered ahead, or now.
+    pub fn text<'a>(&'a self, event: &ChangeEvent) -> std::borrow::Cow<'a, EventText> {
+        match self.text.get(&event.event_id) {
+            Some(t) => std::borrow::Cow::Borrowed(t),
+            None => std::borrow::Cow::Owned(EventText::of(event)),
+        }
+    }
 }
 
 /// An event as the log stores it, its values and metadata left as the JSON

@@ -23,9 +23,9 @@ use crate::backend::{
 use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
-    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, ForeignKey,
-    LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values, Version,
-    VersionVector, values_text,
+    Blocked, Capture, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy, EventExtras,
+    ForeignKey, LoggedEvent, Quarantined, Rejected, Sequences, SetAside, TableInfo, Values,
+    Version, VersionVector, values_text,
 };
 use crate::rows::{
     BlockedRow, CONFLICT_COLUMNS, CaptureRow, ConflictRow, EventRow, TableRow, ULID_FIRST,
@@ -1073,17 +1073,17 @@ impl Backend for PostgresBackend {
         &self,
         tx: &mut Self::Tx,
         events: &[&ChangeEvent],
-        synced: &(dyn Fn(Ulid) -> bool + Sync),
+        extras: &EventExtras,
     ) -> Result<()> {
         // One statement per chunk: a column array each, UNNEST-ed into rows.
-        let text = |v: Option<&Values>| v.map(values_text);
         for chunk in events.chunks(BULK_CHUNK) {
             let mut cols: [Vec<Option<String>>; 10] = Default::default();
             let mut hlcs = Vec::with_capacity(chunk.len());
             let mut walls = Vec::with_capacity(chunk.len());
             let mut synceds = Vec::with_capacity(chunk.len());
             for e in chunk {
-                synceds.push(synced(e.event_id));
+                synceds.push(extras.synced(e.event_id));
+                let text = extras.text(e).into_owned();
                 hlcs.push(e.hlc.encode());
                 walls.push(e.wall_ms);
                 let row = [
@@ -1094,9 +1094,9 @@ impl Backend for PostgresBackend {
                     Some(e.operation.as_str().to_owned()),
                     e.action.clone(),
                     e.user_id.map(|u| u.to_string()),
-                    text(e.old_values.as_ref()),
-                    text(e.new_values.as_ref()),
-                    e.metadata.as_ref().map(Value::to_string),
+                    e.old_values.as_ref().map(values_text),
+                    text.new_values,
+                    text.metadata,
                 ];
                 for (col, v) in cols.iter_mut().zip(row) {
                     col.push(v);

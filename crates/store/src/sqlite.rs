@@ -50,8 +50,8 @@ use crate::error::{Result, StoreError};
 use crate::ident::{Ident, q};
 use crate::model::{
     Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter, ConflictPolicy,
-    ForeignKey, LoggedEvent, Operation, Quarantined, Rejected, Sequences, SetAside, TableInfo,
-    Values, Version, VersionVector,
+    EventExtras, ForeignKey, LoggedEvent, Operation, Quarantined, Rejected, Sequences, SetAside,
+    TableInfo, Values, Version, VersionVector, values_text,
 };
 use crate::rows::{
     BLOCKED_COLUMNS, BlockedRow, CONFLICT_COLUMNS, ConflictRow, EVENT_COLUMNS, EventRow, TableRow,
@@ -1270,7 +1270,7 @@ impl Backend for SqliteBackend {
         &self,
         tx: &mut Self::Tx,
         events: &[&ChangeEvent],
-        synced: &(dyn Fn(Ulid) -> bool + Sync),
+        extras: &EventExtras,
     ) -> Result<()> {
         // One cached statement run per event: on the direct connection a step
         // costs less than packing the batch into JSON for `json_each` and
@@ -1284,11 +1284,11 @@ impl Backend for SqliteBackend {
                  ON CONFLICT (event_id) DO NOTHING",
             )
             .map_err(db_error)?;
-        let text = |v: Option<&Values>| v.map(json_text).transpose();
         // `synced_at` of the events stored already synced: the time of this
         // call, as strftime('%Y-%m-%dT%H:%M:%fZ', 'now') writes it.
         let now = crate::model::iso8601(tidemark_hlc::system_wall_ms());
         for e in events {
+            let text = extras.text(e);
             stmt.execute(params![
                 e.event_id.to_string(),
                 e.hlc.encode(),
@@ -1301,10 +1301,10 @@ impl Backend for SqliteBackend {
                 e.operation.as_str(),
                 e.action,
                 e.user_id.map(|u| u.to_string()),
-                text(e.old_values.as_ref())?,
-                text(e.new_values.as_ref())?,
-                e.metadata.as_ref().map(Value::to_string),
-                synced(e.event_id).then_some(now.as_str()),
+                e.old_values.as_ref().map(values_text),
+                text.new_values.as_deref(),
+                text.metadata.as_deref(),
+                extras.synced(e.event_id).then_some(now.as_str()),
             ])
             .map_err(db_error)?;
         }

@@ -16,13 +16,43 @@ const HOLD_NOT_ALLOWED_MS: u64 = 60_000;
 /// date functions, and so `change_events.wall_timestamp`, stop there).
 const MAX_WALL_MS: i64 = 253_402_300_799_999;
 
+/// A remote event checked against the registry ahead of its transaction
+/// ([`Engine::check_event`]): its values in canonical form and its table, or
+/// why the event cannot be taken (kept for its turn in
+/// [`Engine::apply_from`], which holds its origin there).
+#[derive(Debug)]
+pub struct CheckedEvent {
+    event: ChangeEvent,
+    table: Result<Arc<TableInfo>>,
+    /// The log's text of the checked values and metadata, rendered with the
+    /// check (see [`EventText`]).
+    text: Option<EventText>,
+}
+
+impl CheckedEvent {
+    /// The event (its values canonical when the check passed).
+    pub fn event(&self) -> &ChangeEvent {
+        &self.event
+    }
+}
+
 impl<B: Backend> Engine<B> {
+    /// Checks a remote event ahead of its transaction (see [`CheckedEvent`]).
+    /// Pure: no database is read, so a receiver checks the next batch while
+    /// the current one is written.
+    pub fn check_event(&self, mut event: ChangeEvent) -> CheckedEvent {
+        let table = self.check_remote(&mut event);
+        let text = table.is_ok().then(|| EventText::of(&event));
+        CheckedEvent { event, table, text }
+    }
+
     /// Validates a remote event against the registry and the strictest backend
-    /// before anything is written; returns its table and the event with its values
-    /// in canonical form (old values are not kept: events are state-based).
-    /// The event is taken, not copied: its values move into their canonical
-    /// form.
-    pub(super) fn check_remote(&self, event: ChangeEvent) -> Result<(Arc<TableInfo>, ChangeEvent)> {
+    /// before anything is written; returns its table and leaves the event with
+    /// its values in canonical form (old values are not kept: events are
+    /// state-based). The values move into their canonical form, not copied; on
+    /// an error the event keeps its identity (ids, HLC, metadata), which is
+    /// all a hold needs.
+    fn check_remote(&self, event: &mut ChangeEvent) -> Result<Arc<TableInfo>> {
         let event_id = event.event_id;
         let field = |f: &str| format!("event {event_id} {f}");
         if let Some(action) = &event.action
@@ -65,7 +95,8 @@ impl<B: Backend> Engine<B> {
         };
         // Checked here, reported after the values as before: the values move below.
         let vector = event.vector().map(drop);
-        let new_values = match (event.operation, event.new_values) {
+        event.old_values = None;
+        let new_values = match (event.operation, event.new_values.take()) {
             (Operation::Delete, Some(_)) => {
                 return Err(StoreError::invalid(
                     field("new_values"),
@@ -104,20 +135,15 @@ impl<B: Backend> Engine<B> {
             ));
         }
         vector?;
-        Ok((
-            table,
-            ChangeEvent {
-                old_values: None,
-                new_values,
-                ..event
-            },
-        ))
+        event.new_values = new_values;
+        Ok(table)
     }
 
     /// Applies events from a peer in one transaction (see [`Engine::apply_from`]),
     /// accepting every origin.
     pub async fn apply_remote(&self, events: &[ChangeEvent]) -> Result<ApplyOutcome> {
-        self.apply_from(None, events.to_vec(), Vec::new(), &|_| true, &[])
+        let checked = events.iter().map(|e| self.check_event(e.clone())).collect();
+        self.apply_from(None, checked, Vec::new(), &|_| true, &[])
             .await
     }
 
@@ -139,12 +165,15 @@ impl<B: Backend> Engine<B> {
     /// is known to hold is stored already synced, instead of being updated
     /// once more by the next `synced_at` pass: `peer` holds what it sent, the
     /// origin holds its own events, and any other must have acknowledged it.
-    /// In a pair, every received event is synced on arrival. The events are
-    /// taken: their values move into the transaction's rows and log entries.
+    /// In a pair, every received event is synced on arrival. The events,
+    /// checked beforehand by [`Engine::check_event`], are taken: their values
+    /// move into the transaction's rows and log entries. A check's verdict
+    /// counts where the event's turn comes, after its origin's order, the
+    /// relay rule and the drift bound.
     pub async fn apply_from(
         &self,
         peer: Option<Ulid>,
-        events: Vec<ChangeEvent>,
+        events: Vec<CheckedEvent>,
         rejected: Vec<Rejected>,
         allowed: &(dyn Fn(Ulid) -> bool + Sync),
         waited: &[Ulid],
@@ -154,7 +183,13 @@ impl<B: Backend> Engine<B> {
         let mut last_per_origin: BTreeMap<Ulid, (Hlc, Ulid)> = BTreeMap::new();
         let now_ms = self.clock.wall_ms();
         let max_drift_ms = self.clock.max_drift_ms() as i64;
-        for event in events {
+        let mut text = HashMap::new();
+        for CheckedEvent {
+            event,
+            table,
+            text: rendered,
+        } in events
+        {
             if held.iter().any(|h| h.origin == event.node_id) {
                 continue;
             }
@@ -210,8 +245,13 @@ impl<B: Backend> Engine<B> {
                 hold(kind, reason, wait as u64);
                 continue;
             }
-            match self.check_remote(event) {
-                Ok((table, checked)) => accepted.push((Arc::new(checked), table)),
+            match table {
+                Ok(table) => {
+                    if let Some(rendered) = rendered {
+                        text.insert(event.event_id, rendered);
+                    }
+                    accepted.push((Arc::new(event), table));
+                }
                 Err(e @ StoreError::UnknownTable { .. }) => {
                     hold(RejectKind::UnknownTable, e.to_string(), HOLD_INVALID_MS)
                 }
@@ -237,19 +277,22 @@ impl<B: Backend> Engine<B> {
                 *table = self.table(&table.table_name)?;
             }
         }
-        let synced = match peer {
-            Some(peer) if !waited.is_empty() => self.held_by_all(peer, waited, &accepted),
-            _ => HashSet::new(),
-        };
+        let extras = Arc::new(EventExtras {
+            synced: match peer {
+                Some(peer) if !waited.is_empty() => self.held_by_all(peer, waited, &accepted),
+                _ => HashSet::new(),
+            },
+            text,
+        });
         let mut tx = self.begin_tx().await?;
-        let mut outcome = match self.apply_in(&mut tx, &accepted, false, &synced).await {
+        let mut outcome = match self.apply_in(&mut tx, &accepted, false, &extras).await {
             Ok(o) => o,
             // A row the table refused: start over, each row under a savepoint, and
             // block the records whose rows are refused.
             Err(StoreError::RowRefused { .. }) => {
                 self.backend.rollback(tx).await?;
                 tx = self.begin_tx().await?;
-                self.apply_in(&mut tx, &accepted, true, &synced).await?
+                self.apply_in(&mut tx, &accepted, true, &extras).await?
             }
             Err(e) => return Err(e),
         };
@@ -301,7 +344,7 @@ impl<B: Backend> Engine<B> {
         tx: &mut B::Tx,
         accepted: &[(Arc<ChangeEvent>, Arc<TableInfo>)],
         careful: bool,
-        synced: &HashSet<Ulid>,
+        extras: &Arc<EventExtras>,
     ) -> Result<ApplyOutcome> {
         let mut outcome = ApplyOutcome {
             drained: self.drain_in(tx).await?.events,
@@ -325,7 +368,7 @@ impl<B: Backend> Engine<B> {
             self.backend.existing_events(tx, &ids).await?
         };
         let mut cache = VersionCache::buffered();
-        cache.synced = synced.clone();
+        cache.extras = Arc::clone(extras);
         let records = accepted
             .iter()
             .filter(|(e, _)| !seen.contains(&e.event_id))
@@ -394,11 +437,7 @@ impl<B: Backend> Engine<B> {
         // finds its values.
         match cache.pending.as_mut() {
             Some(p) => p.events.push(Arc::clone(event)),
-            None => {
-                let synced = &cache.synced;
-                self.insert_events(tx, &[&**event], &|id| synced.contains(&id))
-                    .await?
-            }
+            None => self.insert_events(tx, &[&**event], &cache.extras).await?,
         }
         if !res.incoming_wins {
             return Ok(res);

@@ -70,8 +70,12 @@ impl<B: Backend> Engine<B> {
                 for e in &events {
                     own.observe(e.node_id, e.hlc);
                 }
-                self.insert_events(tx, &events.iter().collect::<Vec<_>>(), &|_| false)
-                    .await?;
+                self.insert_events(
+                    tx,
+                    &events.iter().collect::<Vec<_>>(),
+                    &EventExtras::default(),
+                )
+                .await?;
                 self.raise_vector(tx, &own).await?;
             }
             if !set_aside.is_empty() {

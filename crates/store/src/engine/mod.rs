@@ -19,9 +19,9 @@ use crate::error::{Result, StoreError};
 use crate::ident::Ident;
 use crate::model::{
     ApplyOutcome, BlockKind, Blocked, Capture, CapturedRow, ChangeEvent, Conflict, ConflictFilter,
-    ConflictKind, ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, Held, LoggedEvent,
-    Operation, Position, RejectKind, Rejected, ResolveChoice, Sequences, SetAside, TableInfo,
-    Values, Version, VersionVector, parse_ulid,
+    ConflictKind, ConflictPolicy, ConflictSide, ConflictStatus, DrainOutcome, EventExtras,
+    EventText, Held, LoggedEvent, Operation, Position, RejectKind, Rejected, ResolveChoice,
+    Sequences, SetAside, TableInfo, Values, Version, VersionVector, parse_ulid,
 };
 use crate::rules::{Causality, Resolution, resolve};
 use crate::value::ColumnType;
@@ -36,6 +36,7 @@ mod retain;
 mod settle;
 mod write;
 
+pub use apply::CheckedEvent;
 pub use registry::datatype_id;
 pub use retain::Retain;
 
@@ -71,8 +72,9 @@ struct VersionCache {
     cleared: std::collections::BTreeSet<(String, Ulid)>,
     /// Records blocked in this transaction (each once).
     blocked: std::collections::BTreeSet<(String, Ulid)>,
-    /// Events to store with `synced_at` already set (see [`Engine::apply_from`]).
-    synced: HashSet<Ulid>,
+    /// Events to store with `synced_at` already set, and text rendered ahead
+    /// (see [`Engine::apply_from`]).
+    extras: Arc<EventExtras>,
 }
 
 impl VersionCache {
@@ -201,7 +203,10 @@ impl RowOp {
         match (self, other) {
             (RowOp::Upsert { row: a, .. }, RowOp::Upsert { row: b, .. }) => {
                 let (a, b) = (a.values.get(), b.values.get());
-                a.len() == b.len() && a.keys().all(|k| b.contains_key(k))
+                // Maps keep their keys sorted: one pass in step, no lookups
+                // (were the order ever not canonical, rows would only join
+                // less).
+                a.len() == b.len() && a.keys().eq(b.keys())
             }
             (RowOp::Delete { .. }, RowOp::Delete { .. }) => true,
             (RowOp::Stamp { .. }, RowOp::Stamp { .. }) => true,
@@ -563,9 +568,9 @@ impl<B: Backend> Engine<B> {
         &self,
         tx: &mut B::Tx,
         events: &[&ChangeEvent],
-        synced: &(dyn Fn(Ulid) -> bool + Sync),
+        extras: &EventExtras,
     ) -> Result<()> {
-        self.backend.insert_events(tx, events, synced).await?;
+        self.backend.insert_events(tx, events, extras).await?;
         let mut pending = lock(&self.pending_sequences);
         for e in events {
             if let Some(seq) = e.seq()? {

@@ -378,10 +378,8 @@ impl<B: Backend> Engine<B> {
             self.backend.put_versions(tx, &table, &versions).await?;
         }
         if !pending.events.is_empty() {
-            let synced = &cache.synced;
             let events: Vec<&ChangeEvent> = pending.events.iter().map(|e| &**e).collect();
-            self.insert_events(tx, &events, &|id| synced.contains(&id))
-                .await?;
+            self.insert_events(tx, &events, &cache.extras).await?;
         }
         Ok(())
     }

@@ -259,7 +259,8 @@ impl<B: Backend> Engine<B> {
                     .write_in(tx, &mut cache, &w.table, w.id, w.values.clone())
                     .await?;
                 if let Some(e) = &event {
-                    self.insert_events(tx, &[e], &|_| false).await?;
+                    self.insert_events(tx, &[e], &EventExtras::default())
+                        .await?;
                     own.observe(self.node_id, e.hlc);
                 }
                 results.push(event);
@@ -366,7 +367,8 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(super) async fn commit_local(&self, mut tx: B::Tx, event: &ChangeEvent) -> Result<()> {
-        self.insert_events(&mut tx, &[event], &|_| false).await?;
+        self.insert_events(&mut tx, &[event], &EventExtras::default())
+            .await?;
         let mut own = VersionVector::new();
         own.observe(self.node_id, event.hlc);
         self.raise_vector(&mut tx, &own).await?;
