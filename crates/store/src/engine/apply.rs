@@ -36,6 +36,22 @@ impl CheckedEvent {
     }
 }
 
+/// Batches at least this large are freed off the write path.
+const RELEASE_ELSEWHERE_EVENTS: usize = 256;
+
+/// Frees a committed batch's events (thousands of small allocations: values,
+/// metadata, rendered text) on the runtime's blocking pool, so the session
+/// that applied them goes on to its acks and its next transaction at once.
+/// Small batches, and calls outside a runtime, free in place.
+fn release_elsewhere<T: Send + 'static>(batch: T, events: usize) {
+    if events < RELEASE_ELSEWHERE_EVENTS {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn_blocking(move || drop(batch));
+    }
+}
+
 impl<B: Backend> Engine<B> {
     /// Checks a remote event ahead of its transaction (see [`CheckedEvent`]).
     /// Pure: no database is read, so a receiver checks the next batch while
@@ -311,6 +327,8 @@ impl<B: Backend> Engine<B> {
         if policies_changed {
             self.reload_tables().await?;
         }
+        let events = accepted.len();
+        release_elsewhere((accepted, extras), events);
         Ok(outcome)
     }
 
