@@ -163,7 +163,7 @@ impl<B: Backend> Engine<B> {
     /// arrives mid-transaction shares the next commit instead of waiting for a
     /// commit of its own. If any of them fails, the group is rolled back and
     /// each write runs in its own transaction, so one caller's error is never
-    /// another's. The group runs in its own task: a caller that goes away does
+    /// another's (a group of one answers with its error at once). The group runs in its own task: a caller that goes away does
     /// not abandon the writes of the others.
     pub(super) async fn write_queued(
         self: &Arc<Self>,
@@ -210,6 +210,13 @@ impl<B: Backend> Engine<B> {
                 for (w, event) in group.into_iter().zip(events) {
                     let _ = w.reply.send(Ok(event));
                 }
+                return;
+            }
+            Err(e) if group.len() == 1 => {
+                // A group of one ran the steps `write_alone` would: its error
+                // is the write's own.
+                let w = group.remove(0);
+                let _ = w.reply.send(Err(e));
                 return;
             }
             Err(e) => {
