@@ -712,12 +712,19 @@ impl SenderInner {
         let mut holds = Holds::default();
         // Room in one message for an event's ids and stamps besides its values.
         let max_event = self.opts.max_message_bytes.saturating_sub(64 << 10);
+        // The last read of the log found less than a full batch: the session
+        // is tailing new commits, not catching the peer up.
+        let mut at_tail = false;
         loop {
             if holds.release_due() {
                 self.show_holds(peer.node_id, &holds);
             }
-            // Fill the window with what the peer lacks.
-            while inflight.len() < window {
+            // Fill the window with what the peer lacks. At the tail, one batch
+            // is in flight at a time and the next grows until its ack: commits
+            // that land meanwhile go out together, one message and one
+            // transaction at the peer instead of one each (the peer would only
+            // queue them behind the batch it is applying).
+            while inflight.len() < window && !(at_tail && !inflight.is_empty()) {
                 let mut wanted = holds.skipping(&cursor);
                 // Origins with a live session of their own to the peer: their
                 // events reach it straight from them.
@@ -732,12 +739,14 @@ impl SenderInner {
                 // As the log stores them: values go out as the text read.
                 let events = self.store.log_after(&wanted, self.opts.batch_size).await?;
                 if events.is_empty() {
+                    at_tail = true;
                     break;
                 }
                 // Fewer than asked for: the log held no more when read. A commit
                 // after that read bumps `commits`, so nothing is missed by not
                 // asking again now (one query round per wake-up instead of two).
                 let drained = events.len() < self.opts.batch_size as usize;
+                at_tail = drained;
                 let mut batch = pb::Batch {
                     batch_id: next_batch + 1,
                     events: Vec::with_capacity(events.len()),
@@ -799,7 +808,8 @@ impl SenderInner {
                 .await
                 .map_err(|_| SessionError::Closed)?;
                 inflight.push_back((next_batch, n, Instant::now()));
-                if drained && !cut {
+                at_tail = drained && !cut;
+                if at_tail {
                     break;
                 }
             }
