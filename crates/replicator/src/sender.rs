@@ -724,7 +724,11 @@ impl SenderInner {
             // that land meanwhile go out together, one message and one
             // transaction at the peer instead of one each (the peer would only
             // queue them behind the batch it is applying).
-            while inflight.len() < window && !(at_tail && !inflight.is_empty()) {
+            let room = |inflight: &VecDeque<_>, at_tail: bool| match at_tail {
+                true => inflight.is_empty(),
+                false => inflight.len() < window,
+            };
+            while room(&inflight, at_tail) {
                 let mut wanted = holds.skipping(&cursor);
                 // Origins with a live session of their own to the peer: their
                 // events reach it straight from them.
