@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tidemark_hlc::{Clock, Hlc, WallClock};
 use tidemark_store::memory::Column;
 use tidemark_store::{
-    Backend, ChangeEvent, ConflictFilter, ConflictPolicy, ConflictStatus, Operation, ResolveChoice,
+    Backend, ChangeEvent, ConflictFilter, ConflictPolicy, ConflictStatus, LoggedEvent, Operation,
+    ResolveChoice,
     Retain, Store, StoreError, StoreUrl, Values, VersionVector, snapshot,
 };
 use tidemark_tests::TestDb;
@@ -659,6 +660,48 @@ async fn registration_snapshots_existing_rows(db: TestDb) {
         Some(&json!("x"))
     );
     store.close().await;
+}
+
+/// A received event is logged exactly as its origin logged it: the text of
+/// its values and metadata (rendered once, ahead of the receiver's
+/// transaction) is the origin's, byte for byte, for inserts, updates and
+/// deletes, with text that JSON escapes.
+async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
+    let origin = with_notes(&db, Ulid::generate()).await;
+    let other = db.another();
+    let receiver = with_notes(&other, Ulid::generate()).await;
+    let writes = [
+        (1, json!({"title": "tab\t quote\" backslash\\ é 😀", "body": null, "stars": 7})),
+        (2, json!({"title": "second", "body": "line\nbreak"})),
+        (1, json!({"body": "\u{1} control", "stars": -3})),
+    ];
+    for (n, values) in writes {
+        origin.put("notes", id(n), &obj(values)).await.expect("put");
+    }
+    origin.delete("notes", id(2)).await.expect("delete");
+    let own = |log: Vec<LoggedEvent>| -> Vec<LoggedEvent> {
+        log.into_iter()
+            .filter(|e| e.node_id == origin.node_id())
+            .collect()
+    };
+    let sent = own(origin.log_after(&VersionVector::new(), 100).await.expect("log"));
+    assert!(sent.len() >= 4, "{} events", sent.len());
+    let events: Vec<ChangeEvent> = sent
+        .iter()
+        .cloned()
+        .map(|e| ChangeEvent::try_from(e).expect("a logged event parses"))
+        .collect();
+    let out = receiver.apply_remote(&events).await.expect("apply");
+    assert_eq!(out.applied, sent.len() as u64);
+    let logged = own(receiver.log_after(&VersionVector::new(), 100).await.expect("log"));
+    assert_eq!(logged.len(), sent.len());
+    for (a, b) in sent.iter().zip(&logged) {
+        assert_eq!(a.event_id, b.event_id);
+        assert_eq!(a.new_values, b.new_values, "values of event {}", a.event_id);
+        assert_eq!(a.metadata, b.metadata, "metadata of event {}", a.event_id);
+    }
+    origin.close().await;
+    receiver.close().await;
 }
 
 /// Rows that already exist on two nodes when `notes` is registered on each:
@@ -3116,6 +3159,7 @@ suite!(
         api_input_is_checked,
         registration_checks_the_key,
         remote_apply_is_idempotent_and_lww,
+        received_events_are_logged_as_their_origin_logged_them,
         remote_batches_of_any_size_write_every_row,
         concurrent_versions_converge_in_any_order,
         bad_remote_events_hold_their_origin,
