@@ -10,8 +10,7 @@ use tidemark_hlc::{Clock, Hlc, WallClock};
 use tidemark_store::memory::Column;
 use tidemark_store::{
     Backend, ChangeEvent, ConflictFilter, ConflictPolicy, ConflictStatus, LoggedEvent, Operation,
-    ResolveChoice,
-    Retain, Store, StoreError, StoreUrl, Values, VersionVector, snapshot,
+    ResolveChoice, Retain, Store, StoreError, StoreUrl, Values, VersionVector, snapshot,
 };
 use tidemark_tests::TestDb;
 use ulid::Ulid;
@@ -671,7 +670,10 @@ async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
     let other = db.another();
     let receiver = with_notes(&other, Ulid::generate()).await;
     let writes = [
-        (1, json!({"title": "tab\t quote\" backslash\\ é 😀", "body": null, "stars": 7})),
+        (
+            1,
+            json!({"title": "tab\t quote\" backslash\\ é 😀", "body": null, "stars": 7}),
+        ),
         (2, json!({"title": "second", "body": "line\nbreak"})),
         (1, json!({"body": "\u{1} control", "stars": -3})),
     ];
@@ -684,7 +686,10 @@ async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
             .filter(|e| e.node_id == origin.node_id())
             .collect()
     };
-    let sent = own(origin.log_after(&VersionVector::new(), 100).await.expect("log"));
+    let sent = own(origin
+        .log_after(&VersionVector::new(), 100)
+        .await
+        .expect("log"));
     assert!(sent.len() >= 4, "{} events", sent.len());
     let events: Vec<ChangeEvent> = sent
         .iter()
@@ -693,7 +698,10 @@ async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
         .collect();
     let out = receiver.apply_remote(&events).await.expect("apply");
     assert_eq!(out.applied, sent.len() as u64);
-    let logged = own(receiver.log_after(&VersionVector::new(), 100).await.expect("log"));
+    let logged = own(receiver
+        .log_after(&VersionVector::new(), 100)
+        .await
+        .expect("log"));
     assert_eq!(logged.len(), sent.len());
     for (a, b) in sent.iter().zip(&logged) {
         assert_eq!(a.event_id, b.event_id);
