@@ -35,13 +35,20 @@ impl<B: Backend> Engine<B> {
     /// every new event of this origin sorts after the lost ones, and the
     /// advertised vector asks peers for them until the log holds `hlc`.
     /// Returns whether the log lacked it.
+    ///
+    /// The peer counts as heard from only once what it said is recorded: a
+    /// start-up check that sees the peer heard from also sees the events it
+    /// holds that the log lacks, so it never opens writes in between.
     pub async fn peer_holds_own(&self, peer: Ulid, hlc: Hlc) -> Result<bool> {
-        self.own
-            .heard_from
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer);
+        let heard = || {
+            self.own
+                .heard_from
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(peer);
+        };
         if hlc <= self.own.at_open || self.holds_own(hlc).await? {
+            heard();
             return Ok(false);
         }
         {
@@ -55,6 +62,7 @@ impl<B: Backend> Engine<B> {
         // Beyond the drift bound only if the clock went back since the lost
         // events were stamped: then nothing sorts new events after them.
         let _ = self.clock.observe(hlc);
+        heard();
         Ok(true)
     }
 
