@@ -681,6 +681,122 @@ async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
         origin.put("notes", id(n), &obj(values)).await.expect("put");
     }
     origin.delete("notes", id(2)).await.expect("delete");
+    assert_logged_alike(&origin, &receiver, 4).await;
+    origin.close().await;
+    receiver.close().await;
+}
+
+/// Creates `gauges`, a column of each class besides text and integers
+/// (double, exact decimal, boolean, date, instant, UUID, JSON, bytes), and
+/// registers it on a new node's store.
+async fn with_gauges(db: &TestDb) -> Store {
+    let sqlite = db.kind() == "sqlite";
+    match db.memory_db() {
+        Some(m) => m
+            .create_table(
+                "gauges",
+                [
+                    "float64",
+                    "decimal",
+                    "bool",
+                    "date",
+                    "timestamptz",
+                    "uuid",
+                    "json",
+                    "bytes",
+                ]
+                .iter()
+                .zip(["f", "d", "b", "dt", "ts", "u", "j", "bl"])
+                .fold(
+                    vec![Column::new("id", "TEXT").primary_key()],
+                    |mut cols, (ty, c)| {
+                        cols.push(Column::new(c, ty));
+                        cols
+                    },
+                ),
+            )
+            .await
+            .expect("create gauges"),
+        None if sqlite => {
+            db.sql(
+                "CREATE TABLE gauges (id TEXT PRIMARY KEY, f REAL, d TEXT, b BOOLEAN, dt DATE, \
+                 ts TIMESTAMP, u UUID, j JSON, bl BLOB)",
+            );
+        }
+        None => {
+            db.sql(
+                "CREATE TABLE gauges (id CHAR(26) PRIMARY KEY, f DOUBLE PRECISION, d NUMERIC, \
+                 b BOOLEAN, dt DATE, ts TIMESTAMPTZ, u UUID, j JSONB, bl BYTEA)",
+            );
+        }
+    }
+    let store = open(db, Ulid::generate()).await;
+    let overrides = if sqlite {
+        std::collections::BTreeMap::from([("d".to_owned(), "decimal".parse().expect("class"))])
+    } else {
+        Default::default()
+    };
+    store
+        .register_table_with("gauges", ConflictPolicy::Lww, &overrides)
+        .await
+        .expect("register gauges");
+    store
+}
+
+/// The same as [`received_events_are_logged_as_their_origin_logged_them`] for
+/// values of every class, their edge values among them (the double nearest
+/// 0.1 + 0.2, infinities, the smallest subnormal, a 29-digit decimal, a
+/// leap day, microseconds, JSON with escapes, bytes that are not UTF-8).
+async fn received_typed_events_are_logged_as_their_origin_logged_them(db: TestDb) {
+    let origin = with_gauges(&db).await;
+    let other = db.another();
+    let receiver = with_gauges(&other).await;
+    let writes = [
+        (
+            1,
+            json!({"f": 0.30000000000000004, "d": "-12345678901234567890.123456789",
+                   "b": true, "dt": "2024-02-29", "ts": "2024-02-29T23:59:59.999999Z",
+                   "u": "0189c3f4-8e1a-7b2c-9d3e-4f5a6b7c8d9e",
+                   "j": {"a": [1, 2.5, "x\ty"], "b": null, "é": "\u{1}"}, "bl": "AP9/gA=="}),
+        ),
+        (
+            2,
+            json!({"f": "-Infinity", "d": "0.000000000000000000000000000001", "b": false,
+                   "dt": "0001-01-01", "ts": "1970-01-01T00:00:00Z",
+                   "u": "ffffffff-ffff-ffff-ffff-ffffffffffff", "j": [], "bl": ""}),
+        ),
+        (
+            1,
+            json!({"f": 5e-324, "d": "1e-3", "j": "just a string", "bl": null}),
+        ),
+        (3, json!({"f": "Infinity", "d": null, "j": null})),
+    ];
+    for (n, values) in writes {
+        origin
+            .put_raw("gauges", id(n), raw_obj(values))
+            .await
+            .unwrap_or_else(|e| panic!("put on {}: {e}", db.kind()));
+    }
+    origin.delete("gauges", id(2)).await.expect("delete");
+    // The first event is logged with its exact values, not rounded ones.
+    let first = origin
+        .log_after(&VersionVector::new(), 1)
+        .await
+        .expect("log")
+        .remove(0);
+    let text = first.new_values.expect("new values");
+    for exact in ["0.30000000000000004", "12345678901234567890.123456789"] {
+        assert!(text.contains(exact), "{exact} is not in {text}");
+    }
+    assert_logged_alike(&origin, &receiver, 5).await;
+    origin.close().await;
+    receiver.close().await;
+}
+
+/// Applies the events `origin` wrote (at least `least` of them) on `receiver`
+/// and checks the receiver logged each with the origin's values and metadata,
+/// byte for byte.
+async fn assert_logged_alike(origin: &Store, receiver: &Store, least: usize) {
     let own = |log: Vec<LoggedEvent>| -> Vec<LoggedEvent> {
         log.into_iter()
             .filter(|e| e.node_id == origin.node_id())
@@ -690,7 +806,7 @@ async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
         .log_after(&VersionVector::new(), 100)
         .await
         .expect("log"));
-    assert!(sent.len() >= 4, "{} events", sent.len());
+    assert!(sent.len() >= least, "{} events", sent.len());
     let events: Vec<ChangeEvent> = sent
         .iter()
         .cloned()
@@ -708,8 +824,6 @@ async fn received_events_are_logged_as_their_origin_logged_them(db: TestDb) {
         assert_eq!(a.new_values, b.new_values, "values of event {}", a.event_id);
         assert_eq!(a.metadata, b.metadata, "metadata of event {}", a.event_id);
     }
-    origin.close().await;
-    receiver.close().await;
 }
 
 /// Rows that already exist on two nodes when `notes` is registered on each:
@@ -3168,6 +3282,7 @@ suite!(
         registration_checks_the_key,
         remote_apply_is_idempotent_and_lww,
         received_events_are_logged_as_their_origin_logged_them,
+        received_typed_events_are_logged_as_their_origin_logged_them,
         remote_batches_of_any_size_write_every_row,
         concurrent_versions_converge_in_any_order,
         bad_remote_events_hold_their_origin,
