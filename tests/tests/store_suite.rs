@@ -251,9 +251,13 @@ async fn direct_writes_are_captured_exactly_once(db: TestDb) {
         "UPDATE notes SET title = 'first!', stars = 4 WHERE id = '{a}'"
     ));
     db.sql(&format!("DELETE FROM notes WHERE id = '{b}'"));
-    // An update that changes nothing replicated is not captured.
+    // An update that changes nothing replicated is not captured, nor one
+    // that sets only the stamp columns.
     db.sql(&format!(
         "UPDATE notes SET title = 'first!' WHERE id = '{a}'"
+    ));
+    db.sql(&format!(
+        "UPDATE notes SET hlc_modified = 1 WHERE id = '{a}'"
     ));
     assert_eq!(store.pending_captures().await.expect("pending"), 4);
 

@@ -422,8 +422,20 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
     }
     let mut targets = vec![format!("{pk} = NEW.{pk}")];
     targets.extend(clashes);
+    // Update triggers name their columns (`UPDATE OF`): SQLite leaves a
+    // trigger out of an UPDATE that sets none of them when it compiles the
+    // statement, so the daemon's stamp of `node_id` and `hlc_modified` on a
+    // captured row runs no trigger at all. An update that sets none of the
+    // replicated columns changes none of them: it was never captured.
+    let mut of: Vec<String> = info.columns.iter().map(|c| q(c)).collect();
+    for col in info.uniques.iter().flatten() {
+        if !info.has_column(col) {
+            of.push(q(col));
+        }
+    }
+    let of = of.join(", ");
     replaces.push(format!(
-        "CREATE TRIGGER {} BEFORE UPDATE ON {} WHEN {guard} BEGIN {}; END",
+        "CREATE TRIGGER {} BEFORE UPDATE OF {of} ON {} WHEN {guard} BEGIN {}; END",
         q(&upd_replaces),
         q(t),
         maybe_replaced(format!(
@@ -440,7 +452,7 @@ fn trigger_sql(info: &TableInfo) -> Vec<String> {
         ),
         // An update that changes no replicated column is not captured.
         format!(
-            "CREATE TRIGGER {} AFTER UPDATE ON {} WHEN {guard} AND ({}) BEGIN {checks} \
+            "CREATE TRIGGER {} AFTER UPDATE OF {of} ON {} WHEN {guard} AND ({}) BEGIN {checks} \
              {} WHERE OLD.{pk} IS NEW.{pk}; \
              {insert_delete} WHERE OLD.{pk} IS NOT NEW.{pk}; \
              {} WHERE OLD.{pk} IS NOT NEW.{pk}; END",
