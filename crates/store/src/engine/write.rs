@@ -178,6 +178,9 @@ impl<B: Backend> Engine<B> {
             values,
             reply,
         });
+        // Requests other tasks are decoding this moment queue theirs first
+        // and share this commit.
+        tokio::task::yield_now().await;
         let guard = self.writer.clone().lock_owned().await;
         let group: Vec<QueuedWrite> = {
             let mut queue = self.queue();
