@@ -1000,6 +1000,18 @@ impl Backend for PostgresBackend {
             pk = q(&table.primary_key),
             cast = key_cast(table),
         );
+        // Each stamp is a probe of the key index. While a table is young (no
+        // ANALYZE yet: a bulk load into a fresh database), the planner took a
+        // few hundred stamps against a table it thought small for a hash join
+        // over a scan of the whole table, at every drain, and the scans grew
+        // with the table (1.7M rows read by 79 stamps of one 200k-row run).
+        // Only the stamp's plan is steered: the settings go back after it.
+        for setting in [
+            "SET LOCAL enable_hashjoin = off",
+            "SET LOCAL enable_mergejoin = off",
+        ] {
+            sqlx::query(setting).execute(&mut **tx).await?;
+        }
         for chunk in stamps.chunks(BULK_CHUNK) {
             let ids: Vec<String> = chunk.iter().map(|(id, _, _)| id.to_string()).collect();
             let hlcs: Vec<i64> = chunk.iter().map(|(_, h, _)| h.encode()).collect();
@@ -1010,6 +1022,9 @@ impl Backend for PostgresBackend {
                 .bind(nodes)
                 .execute(&mut **tx)
                 .await?;
+        }
+        for setting in ["RESET enable_hashjoin", "RESET enable_mergejoin"] {
+            sqlx::query(setting).execute(&mut **tx).await?;
         }
         Ok(())
     }
